@@ -1,0 +1,1 @@
+"""moe-tui terminal app (Textual)."""

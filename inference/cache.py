@@ -1,0 +1,129 @@
+"""Per-layer expert slot bookkeeping and eviction policies; pure numpy, no MLX, so simulators reuse it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+POLICIES = ("lru", "lfu", "decay")
+DECAY_HALF_LIFE = 128.0  # steps; priority = uses weighted by 0.5 ** (age / half_life)
+
+
+class LayerCache:
+    """Which expert sits in which slot of one MoE layer, and who to evict next.
+
+    `access(needed, step)` makes every expert in `needed` resident (evicting by policy, never a
+    pinned expert nor one needed in the same step) and returns the (expert, slot) pairs to load.
+    """
+
+    def __init__(self, num_experts: int, capacity: int, policy: str = "lru") -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if not 1 <= capacity <= num_experts:
+            raise ValueError(f"capacity {capacity} must be between 1 and {num_experts}")
+        self.num_experts = num_experts
+        self.capacity = capacity
+        self.policy = policy
+        self.slot_of = np.full(num_experts, -1, dtype=np.int32)
+        self.expert_in_slot = np.full(capacity, -1, dtype=np.int32)
+        self.pinned: set[int] = set()
+        self.last_use = np.full(num_experts, -1.0)
+        self.use_count = np.zeros(num_experts)
+        self.decayed = np.zeros(num_experts)  # decayed score as of last_use
+
+    # ---- policy state
+    def touch(self, experts: Iterable[int], step: int) -> None:
+        for e in experts:
+            age = step - self.last_use[e] if self.last_use[e] >= 0 else 0.0
+            self.decayed[e] = self.decayed[e] * 0.5 ** (age / DECAY_HALF_LIFE) + 1.0
+            self.last_use[e] = step
+            self.use_count[e] += 1
+
+    def priority(self, experts: np.ndarray, step: int) -> np.ndarray:
+        """Higher = keep. Ties break towards evicting the lower expert id (deterministic)."""
+        if self.policy == "lru":
+            return self.last_use[experts]
+        if self.policy == "lfu":
+            return self.use_count[experts]
+        age = np.maximum(step - self.last_use[experts], 0)
+        return self.decayed[experts] * 0.5 ** (age / DECAY_HALF_LIFE)
+
+    # ---- residency
+    def resident(self) -> np.ndarray:
+        return np.sort(self.expert_in_slot[self.expert_in_slot >= 0])
+
+    def free_slots(self) -> np.ndarray:
+        return np.flatnonzero(self.expert_in_slot < 0)
+
+    def victims(self, count: int, protected: set[int], step: int) -> list[int]:
+        """`count` resident experts to evict, lowest priority first."""
+        candidates = np.array(
+            [e for e in self.expert_in_slot if e >= 0 and e not in protected and e not in self.pinned],
+            dtype=np.int64,
+        )
+        if len(candidates) < count:
+            raise RuntimeError(
+                f"cache of {self.capacity} slots cannot make room for {count} experts "
+                f"({len(self.pinned)} pinned)"
+            )
+        order = np.lexsort((candidates, self.priority(candidates, step)))
+        return [int(e) for e in candidates[order[:count]]]
+
+    def access(self, needed: Iterable[int], step: int, touch: bool = True) -> list[tuple[int, int, int]]:
+        """Make `needed` resident. Returns (expert, slot, evicted_expert or -1) for each miss."""
+        needed = [int(e) for e in needed]
+        if touch:
+            self.touch(needed, step)
+        missing = [e for e in needed if self.slot_of[e] < 0]
+        return self.admit(missing, protected=set(needed), step=step)
+
+    def admit(self, experts: list[int], protected: set[int], step: int) -> list[tuple[int, int, int]]:
+        """Give each expert in `experts` (not resident) a slot, evicting by policy where full."""
+        if len(experts) > self.capacity:
+            raise ValueError(f"{len(experts)} experts cannot fit in {self.capacity} slots at once")
+        free = list(self.free_slots())
+        shortfall = max(0, len(experts) - len(free))
+        evicted = self.victims(shortfall, protected, step) if shortfall else []
+        placements = []
+        for e in experts:
+            if free:
+                slot, old = int(free.pop(0)), -1
+            else:
+                old = evicted.pop(0)
+                slot = int(self.slot_of[old])
+                self.slot_of[old] = -1
+            self.slot_of[e] = slot
+            self.expert_in_slot[slot] = e
+            placements.append((e, slot, old))
+        return placements
+
+    def pin(self, experts: Iterable[int]) -> None:
+        experts = [int(e) for e in experts]
+        if len(set(experts) | self.pinned) > self.capacity:
+            raise ValueError(f"cannot pin {len(experts)} experts in {self.capacity} slots")
+        self.pinned.update(experts)
+
+
+class LayerCounters:
+    """Counters for every MoE layer x expert; owned by the inference thread, copied into snapshots."""
+
+    FIELDS = ("requests", "hits", "misses", "fallbacks", "loads", "evictions")
+
+    def __init__(self, num_layers: int, num_experts: int, recent_half_life: float = 64.0) -> None:
+        shape = (num_layers, num_experts)
+        for name in self.FIELDS:
+            setattr(self, name, np.zeros(shape, dtype=np.int64))
+        self.bytes_read = np.zeros(num_layers, dtype=np.int64)
+        self.load_seconds = np.zeros(num_layers, dtype=np.float64)
+        self.recent = np.zeros(shape, dtype=np.float64)  # routing counts decayed per step
+        self.recent_decay = 0.5 ** (1.0 / recent_half_life)
+        self.last_missed = np.zeros(shape, dtype=bool)
+
+    def reset(self) -> None:
+        for name in self.FIELDS:
+            getattr(self, name)[:] = 0
+        self.bytes_read[:] = 0
+        self.load_seconds[:] = 0
+        self.recent[:] = 0
+        self.last_missed[:] = False

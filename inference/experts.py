@@ -1,0 +1,127 @@
+"""Where each expert's bytes live in the checkpoint, and reading them into MLX arrays.
+
+Two layouts: stacked (`...switch_mlp.gate_proj.weight` of shape [E, out, in], one expert = one row)
+and per-expert as in original HF checkpoints (`...experts.7.w1.weight`, `...experts.7.gate_proj.weight`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import ModelLoadError
+from .moe import MoEBlock
+from .safetensors_io import RangeReader, TensorInfo
+
+# Names the per-expert HF layout uses for each stacked projection.
+ALIASES = {
+    "gate_proj": ("gate_proj", "w1"),
+    "up_proj": ("up_proj", "w3"),
+    "down_proj": ("down_proj", "w2"),
+}
+MX_DTYPES = {
+    "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32,
+    "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "F64": mx.float32,
+}
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    """One per-expert parameter (e.g. gate_proj.weight) of one layer: stacked tensor or one per expert."""
+
+    projection: str
+    param: str
+    expert_shape: tuple[int, ...]
+    file_dtype: str
+    stacked: TensorInfo | None
+    per_expert: tuple[TensorInfo, ...] = ()
+
+    @property
+    def expert_nbytes(self) -> int:
+        info = self.stacked or self.per_expert[0]
+        return info.row_bytes() if self.stacked else info.nbytes
+
+
+def locate(block: MoEBlock, params: dict[str, list[str]], model_shapes: dict[str, tuple[int, ...]],
+           tensors: dict[str, TensorInfo], num_experts: int) -> list[ParamSource]:
+    """Map every expert parameter of one MoE layer to checkpoint bytes, checking shapes."""
+    sources = []
+    parent = block.path.rsplit(".", 1)[0]
+    for proj, names in params.items():
+        for name in names:
+            key = f"{block.path}.{proj}.{name}"
+            expected = model_shapes[key]
+            info = tensors.get(key)
+            if info is not None:
+                if info.shape != expected:
+                    raise ModelLoadError(
+                        f"{info.path}: {key} has shape {list(info.shape)} but config.json implies "
+                        f"{list(expected)}; the config and weights disagree (re-download or fix config.json)"
+                    )
+                sources.append(ParamSource(proj, name, expected[1:], info.dtype, info))
+                continue
+            per_expert = None
+            for alias in ALIASES.get(proj, (proj,)):
+                keys = [f"{parent}.experts.{e}.{alias}.{name}" for e in range(num_experts)]
+                if keys[0] in tensors:
+                    missing = [k for k in keys if k not in tensors]
+                    if missing:
+                        raise ModelLoadError(
+                            f"{tensors[keys[0]].path.parent}: checkpoint lacks {missing[0]} "
+                            f"({len(missing)} expert tensors missing); re-download the model"
+                        )
+                    per_expert = tuple(tensors[k] for k in keys)
+                    break
+            if per_expert is None:
+                raise ModelLoadError(
+                    f"no checkpoint tensor for {key} (nor per-expert '{parent}.experts.N.*'): this "
+                    "expert layout is not supported; convert the model with mlx_lm.convert first"
+                )
+            for info in per_expert:
+                if info.shape != expected[1:]:
+                    raise ModelLoadError(
+                        f"{info.path}: {info.name} has shape {list(info.shape)} but config.json implies "
+                        f"{list(expected[1:])}; the config and weights disagree"
+                    )
+            sources.append(ParamSource(proj, name, expected[1:], per_expert[0].dtype, None, per_expert))
+    return sources
+
+
+class ExpertReader:
+    """Reads a batch of experts of one layer from disk into MLX arrays of the slot dtype."""
+
+    def __init__(self, reader: RangeReader) -> None:
+        self.reader = reader
+
+    def read(self, sources: list[ParamSource], experts: list[int],
+             slot_dtypes: dict[tuple[str, str], mx.Dtype]) -> tuple[dict[tuple[str, str], mx.array], int]:
+        """Returns ({(projection, param): array [len(experts), ...]}, bytes read)."""
+        before = self.reader.bytes_read
+        out = {}
+        for src in sources:
+            raw = self._read_raw(src, experts)
+            arr = mx.array(raw)
+            if src.file_dtype == "BF16":
+                arr = arr.view(mx.bfloat16)
+            target = slot_dtypes[(src.projection, src.param)]
+            out[(src.projection, src.param)] = arr if arr.dtype == target else arr.astype(target)
+        return out, self.reader.bytes_read - before
+
+    def _read_raw(self, src: ParamSource, experts: list[int]) -> np.ndarray:
+        if src.stacked is None:
+            return np.stack([self.reader.read_tensor(src.per_expert[e]) for e in experts])
+        # Coalesce runs of consecutive expert ids into one read each.
+        order = np.argsort(experts, kind="stable")
+        sorted_ids = [experts[i] for i in order]
+        parts: list[np.ndarray] = []
+        run_start = 0
+        for i in range(1, len(sorted_ids) + 1):
+            if i == len(sorted_ids) or sorted_ids[i] != sorted_ids[i - 1] + 1:
+                parts.append(self.reader.read_rows(src.stacked, sorted_ids[run_start], i - run_start))
+                run_start = i
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return rows[inverse]
