@@ -39,7 +39,8 @@ MODES = ("exact", "fast")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token",
               "n_activated_experts", "moe_k")
 MEMORY_FRACTION = 0.6  # share of available memory an automatic capacity may use
-DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
+DRAIN_EVERY = 16
+LOAD_CHUNK_BYTES = 4 << 20  # steps between host-side stats updates when no step needs them sooner
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class Engine:
         self._reader = RangeReader()
         self._experts = ExpertReader(self._reader)
         self.kv_bits = kv_bits
+        self._kv_group_size = _kv_group_size(config) if kv_bits else 64
         self._mode = mode
         try:
             self._attach(tensors, capacity, policy, max_loads_per_step)
@@ -160,10 +162,10 @@ class Engine:
         dtypes = {k: v.dtype for k, v in tree_flatten(self.model.parameters())}
         num_experts = blocks[0].num_experts if blocks else 0
         layer_params = [expert_param_names(b) for b in blocks]
-        sources = [locate(b, p, shapes, tensors, num_experts) for b, p in zip(blocks, layer_params)]
+        sources = [locate(b, p, shapes, tensors, num_experts) for b, p in zip(blocks, layer_params, strict=False)]
         runtimes = [ExpertLayerRuntime(b) for b in blocks]  # reads projection shapes: before the swap
         # Drop the lazy full expert tensors before anything is evaluated: they are never read.
-        for block, params in zip(blocks, layer_params):
+        for block, params in zip(blocks, layer_params, strict=False):
             for proj, names in params.items():
                 for name in names:
                     block.projections[proj][name] = mx.zeros((1, 1), dtype=mx.float32)
@@ -173,7 +175,7 @@ class Engine:
         self._layers: list[_Layer] = []
         normalizes = False
         top_k = int(next((self.config[k] for k in TOP_K_KEYS if isinstance(self.config.get(k), int)), 0))
-        for block, src, runtime in zip(blocks, sources, runtimes):
+        for block, src, runtime in zip(blocks, sources, runtimes, strict=False):
             install(block, runtime)
             slot_dtypes = {}
             for s in src:
@@ -211,7 +213,7 @@ class Engine:
         self.trace: list[list[np.ndarray]] = [[] for _ in blocks]
         self._step = 0
         self._policy = policy
-        self.max_loads_per_step = max_loads_per_step or max(2 * max(top_k, 1), 4)
+        self.max_loads_per_step = max_loads_per_step or max(top_k, 1)
         self._capacity = 0
         if blocks:
             self.set_capacity(capacity)
@@ -284,17 +286,15 @@ class Engine:
         self._drain()
         for layer in self._layers:
             old_cache = layer.cache
-            keep = list(old_cache.resident())
-            if len(keep) > new:
-                pinned = [e for e in keep if e in old_cache.pinned][:new]
-                rest = [e for e in keep if e not in old_cache.pinned]
-                prio = old_cache.priority(np.array(rest, dtype=np.int64), self._step) if rest else []
-                rest = [e for _, e in sorted(zip(prio, rest), key=lambda t: (-t[0], t[1]))]
-                keep = pinned + rest[: new - len(pinned)]
+            resident = [int(e) for e in old_cache.resident()]
+            prio = old_cache.priority(np.array(resident, dtype=np.int64), self._step) if resident else []
+            by_priority = [e for _, e in sorted(zip(prio, resident, strict=False), key=lambda t: (-t[0], t[1]))]
+            pins = [e for e in by_priority if e in old_cache.pinned][: max(new - self.layout.top_k, 0)]
+            keep = pins + [e for e in by_priority if e not in pins][: new - len(pins)]
             cache = LayerCache(old_cache.num_experts, new, self._policy)
             for attr in ("last_use", "use_count", "decayed"):
                 setattr(cache, attr, getattr(old_cache, attr).copy())
-            cache.pinned = {e for e in old_cache.pinned if e in keep}
+            cache.pinned = set(pins)
             layer.cache = cache
             for s in layer.sources:
                 layer.block.projections[s.projection][s.param] = mx.zeros(
@@ -304,6 +304,7 @@ class Engine:
             layer.wanted.clear()
         self._capacity = new
         mx.eval(self.model.parameters())
+        mx.clear_cache()
         self._reset_prompt_cache()
 
     def set_mode(self, mode: str) -> None:
@@ -326,13 +327,20 @@ class Engine:
         if not placements:
             return
         started = time.perf_counter()
+        placements = sorted(placements)  # ascending expert ids: adjacent experts are read in one call
         experts = [e for e, _, _ in placements]
-        slots = mx.array([s for _, s, _ in placements], dtype=mx.int32)
-        arrays, nbytes = self._experts.read(layer.sources, experts, layer.slot_dtypes)
-        for (proj, param), values in arrays.items():
-            target = layer.block.projections[proj][param]
-            target[slots] = values
-        mx.eval([layer.block.projections[p][n] for p, n in arrays])
+        bytes_before = self._reader.bytes_read
+        # Bounded read buffers: at most LOAD_CHUNK_BYTES of one parameter is held outside the cache.
+        per_chunk = max(1, LOAD_CHUNK_BYTES // max(s.expert_nbytes for s in layer.sources))
+        for start in range(0, len(placements), per_chunk):
+            chunk = placements[start : start + per_chunk]
+            reads = self._experts.read(layer.sources, [e for e, _, _ in chunk], layer.slot_dtypes)
+            for (proj, param), values in reads:
+                target = layer.block.projections[proj][param]
+                for (_, slot, _), value in zip(chunk, values, strict=False):
+                    target[slot] = value  # integer-index updates run in place; a scatter copies the tensor
+                    mx.eval(target)
+        nbytes = self._reader.bytes_read - bytes_before
         i = layer.block.index
         if count:
             self.counters.loads[i, experts] += 1
@@ -342,23 +350,39 @@ class Engine:
         self.counters.bytes_read[i] += nbytes
         self.counters.load_seconds[i] += time.perf_counter() - started
 
+    def warm(self, experts: Sequence[Sequence[int]] | None = None, batch: int | None = None) -> None:
+        """Load experts ahead of use: per layer the given ids (default: as many as fit, lowest ids first),
+        `batch` experts per read (default: all of a layer's at once, coalescing adjacent ones)."""
+        for i, layer in enumerate(self._layers):
+            wanted = list(experts[i]) if experts is not None else list(range(layer.cache.capacity))
+            wanted = [e for e in wanted if layer.cache.slot_of[e] < 0][: layer.cache.capacity]
+            step = batch or max(len(wanted), 1)
+            for start in range(0, len(wanted), step):
+                group = wanted[start : start + step]
+                self._load(layer, layer.cache.admit(group, set(group), self._step))
+            layer.lut = mx.array(layer.cache.slot_of)
+        mx.clear_cache()  # hand bulk-load read buffers back to the OS instead of MLX's buffer pool
+
     # ------------------------------------------------------------------ forward (called by swapped switches)
 
     def _forward(self, runtime: ExpertLayerRuntime, stock, x: mx.array, indices: mx.array) -> mx.array:
         layer = self._layers[runtime.block.index]
         if runtime.block.index == 0:
             self._step += 1
-        all_resident = len(layer.cache.resident()) == layer.cache.num_experts
-        if self._mode == "fast" or all_resident:
-            return self._forward_lut(layer, stock, x, indices, drop=not all_resident)
+        cache = layer.cache
+        if len(cache.resident()) == cache.num_experts:
+            return self._forward_lut(layer, stock, x, indices, drop=False)
+        # At full capacity nothing is ever evicted, so fast mode loads misses like exact mode (once each).
+        if self._mode == "fast" and cache.capacity < cache.num_experts:
+            return self._forward_lut(layer, stock, x, indices, drop=True)
         return self._forward_exact(layer, stock, x, indices)
 
     def _forward_lut(self, layer: _Layer, stock, x, indices, drop: bool) -> mx.array:
         """Device-side expert -> slot lookup; no host sync. Misses are dropped (fast mode only)."""
         slots = layer.lut[indices]
         layer.pending.append((self._step, indices, layer.lut))
-        if len(layer.pending) > 4 * DRAIN_EVERY:
-            self._drain()
+        if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
+            self._drain(before_step=self._step)
         if not drop:
             return stock(x, slots)
         hit = slots >= 0
@@ -378,22 +402,26 @@ class Engine:
         inds = np.array(indices)
         needed = np.unique(inds)
         self._account(layer, self._step, inds, layer.cache.slot_of.copy(), fast=False)
-        capacity = layer.cache.capacity
-        if len(needed) <= capacity:
-            self._load(layer, layer.cache.access(needed, self._step))
-            layer.lut = mx.array(layer.cache.slot_of)
-            return stock(x, mx.array(layer.cache.slot_of[inds]))
-        # More distinct experts than slots (long prefill): run the layer in cache-sized groups.
+        cache = layer.cache
+        pinned_needed = [int(e) for e in needed if int(e) in cache.pinned]
+        others = [int(e) for e in needed if int(e) not in cache.pinned]
+        room = cache.capacity - len(cache.pinned)  # >= top_k: pins are capped at capacity - top_k
+        if len(others) <= room:
+            self._load(layer, cache.access(needed, self._step))
+            layer.lut = mx.array(cache.slot_of)
+            return stock(x, mx.array(cache.slot_of[inds]))
+        # More distinct experts than free slots (long prefill): run the layer in cache-sized groups.
+        cache.touch(pinned_needed, self._step)
         out = None
-        for start in range(0, len(needed), capacity):
-            group = needed[start : start + capacity]
-            self._load(layer, layer.cache.access(group, self._step))
+        for start in range(0, len(others), room):
+            group = others[start : start + room] + (pinned_needed if start == 0 else [])
+            self._load(layer, cache.access(group, self._step))
             in_group = np.isin(inds, group)
-            slots = np.where(in_group, np.maximum(layer.cache.slot_of[inds], 0), 0)
+            slots = np.where(in_group, np.maximum(cache.slot_of[inds], 0), 0)
             y = mx.where(mx.array(in_group)[..., None], stock(x, mx.array(slots)), 0)
             out = y if out is None else out + y
             mx.eval(out)
-        layer.lut = mx.array(layer.cache.slot_of)
+        layer.lut = mx.array(cache.slot_of)
         return out
 
     # ------------------------------------------------------------------ stats
@@ -420,13 +448,23 @@ class Engine:
         if self.record_trace:
             self.trace[i].append(needed.astype(np.int16 if c.requests.shape[1] < 2**15 else np.int32))
 
-    def _drain(self) -> None:
-        """Fold deferred routing records (lookup-table path) into the counters; refill in fast mode."""
+    def _drain(self, before_step: int | None = None) -> None:
+        """Fold deferred routing records (lookup-table path) into the counters; refill in fast mode.
+
+        `before_step` leaves records of that step and later alone: mlx-lm builds the next token's graph
+        before yielding this one, and reading its routing now would stall the pipeline.
+        """
         for layer in self._layers:
             if not layer.pending:
                 continue
-            records, layer.pending = layer.pending, []
-            mx.eval([r[1] for r in records] + [r[2] for r in records if r[2] is not None])
+            if before_step is None:
+                records, layer.pending = layer.pending, []
+            else:
+                records = [r for r in layer.pending if r[0] < before_step]
+                layer.pending = [r for r in layer.pending if r[0] >= before_step]
+            if not records:
+                continue
+            mx.eval([r[1] for r in records] + [r[2] for r in records])
             for step, indices, lut in records:
                 self._account(layer, step, np.array(indices), np.array(lut), fast=True)
         if self._mode == "fast":
@@ -451,7 +489,7 @@ class Engine:
     def after_step(self) -> None:
         """Between tokens: fast mode folds stats and refills every step; exact mode every few steps."""
         if self._mode == "fast" or self._step % DRAIN_EVERY == 0:
-            self._drain()
+            self._drain(before_step=self._step)
 
     def reset_stats(self) -> None:
         self._drain()
@@ -493,12 +531,13 @@ class Engine:
 
         data = load_profile(profile) if not isinstance(profile, dict) else profile
         plan = warm_plan(data, self.layout, self._capacity)
-        for layer, (warm, pins) in zip(self._layers, plan):
+        for layer, (warm, pins) in zip(self._layers, plan, strict=False):
             layer.cache.pinned = set()
             missing = [e for e in warm if layer.cache.slot_of[e] < 0]
             self._load(layer, layer.cache.admit(missing, set(warm), self._step), count=False)
             layer.cache.pin(pins)
             layer.lut = mx.array(layer.cache.slot_of)
+        mx.clear_cache()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None) -> dict[str, dict[str, float]]:
         """Hit rate every policy and Belady's MIN would get on this session's trace."""
@@ -539,7 +578,8 @@ class Engine:
         text, generated, finish = "", [], "length"
         started = time.perf_counter()
         first_token_at = None
-        kv = {"kv_bits": self.kv_bits, "kv_group_size": 64, "quantized_kv_start": 0} if self.kv_bits else {}
+        kv = ({"kv_bits": self.kv_bits, "kv_group_size": self._kv_group_size, "quantized_kv_start": 0}
+              if self.kv_bits else {})
         response = None
         for response in stream_generate(self.model, self.tokenizer, tokens[reuse:], max_tokens=max_tokens,
                                         sampler=sampler, prompt_cache=self._prompt_cache, **kv):
@@ -571,7 +611,7 @@ class Engine:
             text=text, finish_reason=finish, prompt_tokens=len(tokens), prefilled_tokens=len(tokens) - reuse,
             generated_tokens=len(generated), prefill_tps=self._speed["prefill_tps"],
             decode_tps=self._speed["decode_tps"],
-            ttft_s=(first_token_at - started) if first_token_at else 0.0,
+            ttft_s=(first_token_at - started) if first_token_at else 0.0, tokens=tuple(generated),
         )
 
     def _sync_cached_tokens(self, known: list[int]) -> None:
@@ -595,7 +635,7 @@ class Engine:
         if cache is None or not self._cached_tokens:
             return 0
         common = 0
-        for a, b in zip(self._cached_tokens, tokens):
+        for a, b in zip(self._cached_tokens, tokens, strict=False):
             if a != b:
                 break
             common += 1
@@ -610,6 +650,16 @@ class Engine:
 
     def close(self) -> None:
         self._reader.close()
+
+
+def _kv_group_size(config: dict) -> int:
+    """The KV-quantization group size: 64, or 32 where the head dimension needs it."""
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    for size in (64, 32):
+        if head_dim and head_dim % size == 0:
+            return size
+    raise ValueError(f"kv_bits needs a head dimension divisible by 32; this model's is {head_dim}")
 
 
 def _stop_at(text: str, stop: Sequence[str]) -> int | None:

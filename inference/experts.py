@@ -6,6 +6,7 @@ and per-expert as in original HF checkpoints (`...experts.7.w1.weight`, `...expe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -13,7 +14,7 @@ import numpy as np
 
 from .errors import ModelLoadError
 from .moe import MoEBlock
-from .safetensors_io import RangeReader, TensorInfo
+from .safetensors_io import DTYPES, RangeReader, TensorInfo
 
 # Names the per-expert HF layout uses for each stacked projection.
 ALIASES = {
@@ -96,32 +97,36 @@ class ExpertReader:
         self.reader = reader
 
     def read(self, sources: list[ParamSource], experts: list[int],
-             slot_dtypes: dict[tuple[str, str], mx.Dtype]) -> tuple[dict[tuple[str, str], mx.array], int]:
-        """Returns ({(projection, param): array [len(experts), ...]}, bytes read)."""
-        before = self.reader.bytes_read
-        out = {}
+             slot_dtypes: dict[tuple[str, str], mx.Dtype]) -> Iterator[tuple[tuple[str, str], Iterator[mx.array]]]:
+        """Yields ((projection, param), per-expert arrays) one parameter at a time.
+
+        Bytes are read in as few calls as possible (adjacent experts together) but converted to MLX one
+        expert at a time, so only one parameter's raw buffer and one expert's array are alive at once.
+        """
         for src in sources:
             raw = self._read_raw(src, experts)
-            arr = mx.array(raw)
-            if src.file_dtype == "BF16":
-                arr = arr.view(mx.bfloat16)
             target = slot_dtypes[(src.projection, src.param)]
-            out[(src.projection, src.param)] = arr if arr.dtype == target else arr.astype(target)
-        return out, self.reader.bytes_read - before
+            yield (src.projection, src.param), (_to_mx(row, src.file_dtype, target) for row in raw)
 
     def _read_raw(self, src: ParamSource, experts: list[int]) -> np.ndarray:
+        """Rows for `experts` in the order given; runs of consecutive ids are read with one call each."""
+        info = src.stacked or src.per_expert[0]
+        out = np.empty((len(experts), *src.expert_shape), dtype=DTYPES[info.dtype][0])
         if src.stacked is None:
-            return np.stack([self.reader.read_tensor(src.per_expert[e]) for e in experts])
-        # Coalesce runs of consecutive expert ids into one read each.
-        order = np.argsort(experts, kind="stable")
-        sorted_ids = [experts[i] for i in order]
-        parts: list[np.ndarray] = []
-        run_start = 0
-        for i in range(1, len(sorted_ids) + 1):
-            if i == len(sorted_ids) or sorted_ids[i] != sorted_ids[i - 1] + 1:
-                parts.append(self.reader.read_rows(src.stacked, sorted_ids[run_start], i - run_start))
-                run_start = i
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return rows[inverse]
+            for j, e in enumerate(experts):
+                self.reader.read_into(src.per_expert[e].path, src.per_expert[e].offset, out[j])
+            return out
+        start = 0
+        for i in range(1, len(experts) + 1):
+            if i == len(experts) or experts[i] != experts[i - 1] + 1:
+                offset = src.stacked.offset + experts[start] * src.stacked.row_bytes()
+                self.reader.read_into(src.stacked.path, offset, out[start:i])
+                start = i
+        return out
+
+
+def _to_mx(raw: np.ndarray, file_dtype: str, target: mx.Dtype) -> mx.array:
+    arr = mx.array(raw)
+    if file_dtype == "BF16":
+        arr = arr.view(mx.bfloat16)
+    return arr if arr.dtype == target else arr.astype(target)

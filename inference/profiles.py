@@ -71,7 +71,7 @@ def warm_plan(profile: dict, layout: Any, capacity: int) -> list[tuple[list[int]
         )
     plan = []
     max_pins = max(capacity - layout.top_k, 0)
-    for counts, universal in zip(profile["counts"], profile["universal"]):
+    for counts, universal in zip(profile["counts"], profile["universal"], strict=False):
         order = sorted(range(layout.num_experts), key=lambda e: (-counts[e], e))
         pins = sorted(universal, key=lambda e: (-counts[e], e))[:max_pins]
         warm = pins + [e for e in order if e not in pins][: capacity - len(pins)]

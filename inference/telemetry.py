@@ -30,6 +30,7 @@ class GenerationDone:
     prefill_tps: float
     decode_tps: float
     ttft_s: float
+    tokens: tuple[int, ...] = ()  # every generated token id, including ones that added no text yet
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ def encode_docs(docs: list[str], tokenizer_path: Path):
     eot = tok.token_to_id("<|endoftext|>")
     ids: list[int] = []
     n_bytes = 0
-    for enc, doc in zip(tok.encode_batch(docs), docs):
+    for enc, doc in zip(tok.encode_batch(docs), docs, strict=False):
         ids.extend(enc.ids)
         ids.append(eot)
         n_bytes += len(doc.encode("utf-8"))
@@ -200,7 +200,7 @@ def build_model(cfg: dict):
     from torch import nn
 
     D, H, KV, HD = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    E, K, I = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+    E, K, FF = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
     eps = cfg["rms_norm_eps"]
 
     class RMSNorm(nn.Module):
@@ -248,9 +248,9 @@ def build_model(cfg: dict):
     class SwitchGLU(nn.Module):
         def __init__(self):
             super().__init__()
-            self.gate_proj = SwitchLinearT(D, I)
-            self.up_proj = SwitchLinearT(D, I)
-            self.down_proj = SwitchLinearT(I, D)
+            self.gate_proj = SwitchLinearT(D, FF)
+            self.up_proj = SwitchLinearT(D, FF)
+            self.down_proj = SwitchLinearT(FF, D)
 
         def forward(self, x_sorted, offs):
             def mm(a, w):
@@ -258,7 +258,7 @@ def build_model(cfg: dict):
                     return F.grouped_mm(a, w.to(a.dtype).transpose(-1, -2), offs=offs)
                 # float32 reference path (export check): one matmul per expert
                 bounds = [0, *offs.tolist()]
-                return torch.cat([a[s:e] @ w[i].T for i, (s, e) in enumerate(zip(bounds, bounds[1:]))])
+                return torch.cat([a[s:e] @ w[i].T for i, (s, e) in enumerate(zip(bounds, bounds[1:], strict=False))])
 
             h = F.silu(mm(x_sorted, self.gate_proj.weight)) * mm(x_sorted, self.up_proj.weight)
             return mm(h, self.down_proj.weight)
@@ -464,14 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="where the exported model goes")
     parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
     parser.add_argument("--docs", type=Path, default=Path("/usr/share/doc/python3.11/html/_sources"))
-    parser.add_argument("--tokens", type=int, default=14_000_000, help="training token budget")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=13_000_000, help="training token budget")
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--ckpt-every", type=int, default=100)
+    parser.add_argument("--ckpt-every", type=int, default=200)
     args = parser.parse_args(argv)
     random.seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)

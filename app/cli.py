@@ -1,0 +1,206 @@
+"""The `moe` command: chat (the app), generate, info, profile and bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from inference.demo_paths import DEMO_MODEL, DEMO_PROFILE
+
+
+def _capacity(value: str) -> int | float:
+    """'12' -> 12 experts; '0.5' or '50%' -> that fraction of the experts."""
+    value = value.strip()
+    try:
+        if value.endswith("%"):
+            return float(value[:-1]) / 100
+        return float(value) if "." in value else int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"capacity must be a count (12), fraction (0.5) or percent (50%), not {value!r}") from exc
+
+
+def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
+    if model_optional:
+        p.add_argument("model", nargs="?", default=None, help="model folder or Hugging Face repo id (default: demo)")
+    else:
+        p.add_argument("model", help="model folder or Hugging Face repo id")
+    p.add_argument("--capacity", type=_capacity, default=None,
+                   help="experts cached per MoE layer: count, fraction or percent (default: fit available memory)")
+    p.add_argument("--mode", choices=("exact", "fast"), default="exact")
+    p.add_argument("--policy", choices=("lru", "lfu", "decay"), default="lru")
+    p.add_argument("--profile", type=Path, default=None, help="expert profile JSON to warm and pin from")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
+
+
+def _load(args):
+    from inference.engine import Engine
+
+    model = args.model or str(DEMO_MODEL)
+    profile = args.profile
+    if profile is None and args.model is None and DEMO_PROFILE.exists():
+        profile = DEMO_PROFILE
+    return Engine.load(model, capacity=args.capacity, mode=args.mode, policy=args.policy, profile=profile,
+                       kv_bits=args.kv_bits)
+
+
+def cmd_info(args) -> int:
+    engine = _load(args)
+    layout = engine.layout
+    info = {**layout.__dict__, "moe_layers": list(layout.moe_layers), "capacity": engine.capacity,
+            "cache_bytes": engine.cache_bytes(), "all_experts_bytes": layout.all_experts_bytes}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from inference.telemetry import GenerationDone
+
+    engine = _load(args)
+    messages = [{"role": "user", "content": args.prompt}]
+    for event in engine.stream(messages if not args.raw else args.prompt, max_tokens=args.max_tokens,
+                               temperature=args.temperature):
+        if isinstance(event, GenerationDone):
+            snap = engine.snapshot()
+            print(f"\n[{event.generated_tokens} tokens, prefill {event.prefill_tps:.1f} tok/s, decode "
+                  f"{event.decode_tps:.1f} tok/s, hit rate {snap.hit_rate:.1%}, {snap.bytes_read / 2**20:.1f} MiB "
+                  f"of experts read]", file=sys.stderr)
+        else:
+            print(event.text, end="", flush=True)
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from inference.profiles import build_profile
+
+    engine = _load(args)
+    engine.set_capacity(1.0)
+    prompts = _read_prompts(args.prompts)
+    per_prompt, tokens = [], 0
+    for prompt in prompts:
+        engine.reset_stats()
+        engine._reset_prompt_cache()
+        for _event in engine.stream([{"role": "user", "content": prompt}], max_tokens=args.max_tokens):
+            pass
+        snap = engine.snapshot()
+        per_prompt.append(snap.requests.copy())
+        tokens += int(snap.requests[0].sum()) // max(engine.layout.top_k, 1) if snap.num_moe_layers else 0
+    profile = build_profile(args.model or "demo", engine.layout, per_prompt, tokens)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(profile, indent=1) + "\n")
+    print(f"wrote {args.out}: {len(prompts)} prompts, {tokens} tokens, "
+          f"{sum(len(u) for u in profile['universal'])} universal experts", file=sys.stderr)
+    return 0
+
+
+def _read_prompts(path: Path) -> list[str]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise SystemExit(f"{path}: expected a JSON list of prompt strings")
+        return prompts
+    prompts = [block.strip() for block in text.split("\n\n") if block.strip()]
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts (one per paragraph, separated by blank lines)")
+    return prompts
+
+
+def cmd_chat(args) -> int:
+    """Until the Textual app lands: a line-based chat on the engine, with a cache summary per reply."""
+    from inference.telemetry import GenerationDone
+
+    engine = _load(args)
+    layout = engine.layout
+    print(f"{args.model or 'demo model'}: {len(layout.moe_layers)} MoE layers x {layout.num_experts} experts "
+          f"(top-{layout.top_k}), cache {engine.capacity}/layer, mode {engine.mode}. Ctrl-D quits.")
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for event in engine.stream(messages, max_tokens=args.max_tokens, temperature=args.temperature):
+            if isinstance(event, GenerationDone):
+                snap = engine.snapshot()
+                print(f"\n[{event.decode_tps:.0f} tok/s, prefilled {event.prefilled_tokens}/{event.prompt_tokens} "
+                      f"tokens, hit rate {snap.hit_rate:.0%}]")
+            else:
+                reply += event.text
+                print(event.text, end="", flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe", description="Run and watch Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("chat", help="chat with a model (default: the built-in demo)")
+    _add_engine_args(p, model_optional=True)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="generate one reply and print cache stats")
+    _add_engine_args(p, model_optional=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="no chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="model layout and cache size as JSON")
+    _add_engine_args(p, model_optional=True)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("profile", help="record expert routing on prompts into a profile JSON")
+    _add_engine_args(p, model_optional=True)
+    p.add_argument("--prompts", type=Path, required=True, help="text file (blank-line separated) or JSON list")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--synthetic", action="store_true", help="benchmark a generated model (experts ~95%% of weights)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def _bench(args) -> int:
+    from inference.bench import main as bench_main
+
+    if not args.synthetic and args.model is None:
+        args.model = str(DEMO_MODEL)
+    return bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from inference.errors import ModelLoadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["chat", *(argv or sys.argv[1:])])
+    try:
+        return args.func(args)
+    except ModelLoadError as exc:
+        print(f"moe: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"moe: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

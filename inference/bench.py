@@ -1,0 +1,243 @@
+"""`moe bench`: stock mlx-lm vs the engine at several capacities and modes, measured in one run.
+
+JSON goes to stdout, a readable table to stderr. Peak memory is MLX's peak active memory for each
+configuration (reset between them; the previous model is freed first).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .engine import Engine, resolve_model_path
+from .safetensors_io import weight_files
+
+BENCH_PROMPT = (
+    "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n"
+    "    result = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n"
+)
+
+
+def drop_page_cache(files: list[Path]) -> None:
+    """Ask the OS to forget cached pages of `files` so the next read comes from the disk."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sequential_read_bandwidth(files: list[Path], chunk: int = 16 << 20) -> float:
+    """Bytes/s reading whole files in large chunks, cold (page cache dropped first)."""
+    drop_page_cache(files)
+    total, started = 0, time.perf_counter()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while data := os.read(fd, chunk):
+                total += len(data)
+        finally:
+            os.close(fd)
+    return total / (time.perf_counter() - started)
+
+
+def _prompt_tokens(tokenizer, n: int) -> list[int]:
+    ids = list(tokenizer.encode(BENCH_PROMPT))
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def _run_stock(path: Path, prompt: list[int], decode_tokens: int) -> tuple[dict, list[int]]:
+    from mlx_lm import load
+    from mlx_lm.generate import stream_generate
+
+    model, tokenizer = load(str(path))
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32, lambda d: mx.issubdtype(d, mx.floating) and d != mx.float32)
+    mx.reset_peak_memory()
+    tokens, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=decode_tokens):
+        if last.finish_reason in (None, "length"):
+            tokens.append(last.token)
+    result = {"prefill_tps": last.prompt_tps, "decode_tps": last.generation_tps,
+              "peak_memory_bytes": mx.get_peak_memory()}
+    del model
+    return result, tokens
+
+
+def _generate(engine: Engine, prompt: list[int], decode_tokens: int):
+    done = None
+    for event in engine.stream(prompt, max_tokens=decode_tokens):
+        done = event
+    return done
+
+
+def _run_engine(path: Path, prompt: list[int], decode_tokens: int, capacity, mode: str) -> tuple[dict, Engine]:
+    """A cold pass (empty cache, as after loading), then a measured warm pass (a follow-up request)."""
+    engine = Engine.load(path, capacity=capacity, mode=mode)
+    mx.reset_peak_memory()
+    cold = _generate(engine, prompt, decode_tokens)
+    cold_snap = engine.snapshot()
+    engine._reset_prompt_cache()  # the warm pass prefills again, with whatever experts stayed cached
+    engine.reset_stats()
+    done = _generate(engine, prompt, decode_tokens)
+    snap = engine.snapshot()
+    result = {
+        "mode": mode, "capacity": engine.capacity, "capacity_fraction": engine.capacity / engine.layout.num_experts,
+        "prefill_tps": done.prefill_tps, "decode_tps": done.decode_tps, "peak_memory_bytes": mx.get_peak_memory(),
+        "hit_rate": snap.hit_rate, "fallback_rate": snap.fallback_rate, "bytes_read": snap.bytes_read,
+        "expert_load_bandwidth": snap.load_bandwidth, "generated_tokens": done.generated_tokens,
+        "cold": {"prefill_tps": cold.prefill_tps, "decode_tps": cold.decode_tps, "ttft_s": cold.ttft_s,
+                 "hit_rate": cold_snap.hit_rate, "bytes_read": cold_snap.bytes_read},
+        "tokens": list(done.tokens),
+    }
+    return result, engine
+
+
+def run_bench(model: str | Path, fractions=(1.0, 0.5, 0.25), prompt_len: int = 64, decode_tokens: int = 64,
+              repeats: int = 2) -> dict:
+    path = resolve_model_path(model)
+    files = weight_files(path)
+    probe = Engine.load(path, capacity=1.0)
+    layout = probe.layout
+    prompt = _prompt_tokens(probe.tokenizer, prompt_len)
+    probe.close()
+    del probe
+    gc.collect()
+    mx.clear_cache()
+    report: dict = {
+        "model": str(model), "layout": {**layout.__dict__, "moe_layers": list(layout.moe_layers)},
+        "expert_share_of_weights": layout.all_experts_bytes / max(layout.all_experts_bytes + layout.dense_bytes, 1),
+        "prompt_tokens": prompt_len, "decode_tokens": decode_tokens, "device": str(mx.default_device()),
+    }
+    # Best of `repeats` for throughput, each configuration interleaved with stock to share the noise.
+    stock_runs, stock_tokens = [], None
+    configs = [(mode, f) for mode in ("exact", "fast") for f in fractions]
+    results: dict[tuple[str, float], list[dict]] = {c: [] for c in configs}
+    engines_trace = None
+    for _ in range(repeats):
+        r, stock_tokens = _run_stock(path, prompt, decode_tokens)
+        stock_runs.append(r)
+        gc.collect()
+        mx.clear_cache()
+        for mode, fraction in configs:
+            drop_page_cache(files)
+            r, engine = _run_engine(path, prompt, decode_tokens, fraction, mode)
+            r["matches_stock_tokens"] = r.pop("tokens") == stock_tokens
+            results[(mode, fraction)].append(r)
+            if mode == "exact" and fraction == min(fractions):
+                engines_trace = engine.hit_rates_vs_optimum()
+            engine.close()
+            del engine
+            gc.collect()
+            mx.clear_cache()
+    stock = _best(stock_runs)
+    report["stock"] = stock
+    report["engine"] = []
+    for runs in results.values():
+        best = _best(runs)
+        best["decode_vs_stock"] = best["decode_tps"] / stock["decode_tps"]
+        best["prefill_vs_stock"] = best["prefill_tps"] / stock["prefill_tps"]
+        best["peak_memory_vs_stock"] = best["peak_memory_bytes"] / stock["peak_memory_bytes"]
+        report["engine"].append(best)
+    report["policy_vs_belady"] = {"capacity_fraction": min(fractions), **(engines_trace or {})}
+    report["io"] = io_bandwidth(path, files, layout)
+    return report
+
+
+def _best(runs: list[dict]) -> dict:
+    best = dict(max(runs, key=lambda r: r["decode_tps"]))
+    best["prefill_tps"] = max(r["prefill_tps"] for r in runs)
+    best["peak_memory_bytes"] = min(r["peak_memory_bytes"] for r in runs)
+    best["runs"] = len(runs)
+    return best
+
+
+def io_bandwidth(path: Path, files: list[Path], layout) -> dict:
+    """Cold sequential read of the checkpoint vs the engine loading every expert cold, one miss at a time."""
+    sequential = sequential_read_bandwidth(files)
+    result = {"sequential_read_bandwidth": sequential}
+    for name, batch in (("one_expert_per_load", 1), ("whole_layer_per_load", None)):
+        engine = Engine.load(path, capacity=1.0)
+        engine.reset_stats()
+        drop_page_cache(files)
+        engine.warm(batch=batch)
+        snap = engine.snapshot()
+        engine.close()
+        result[name] = {
+            "bandwidth": snap.load_bandwidth,
+            "vs_sequential": snap.load_bandwidth / sequential if sequential else 0.0,
+            "bytes": snap.bytes_read,
+            "seconds": snap.load_seconds,
+        }
+    return result
+
+
+def make_synthetic(path: Path) -> Path:
+    """A qwen3_moe whose experts are ~95% of its weights (the benchmark's reference shape)."""
+    from .synthetic import make_checkpoint
+
+    return make_checkpoint(path, "qwen3_moe", hidden_size=256, num_hidden_layers=4, num_experts=16,
+                           moe_intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=64, router_scale=6.0, seed=7)
+
+
+def format_table(report: dict) -> str:
+    stock = report["stock"]
+    lines = [
+        f"model {report['model']}  experts {report['expert_share_of_weights']:.0%} of weights  "
+        f"device {report['device']}",
+        f"{'config':<14}{'prefill tok/s':>14}{'decode tok/s':>13}{'x stock':>8}{'peak MiB':>10}{'x stock':>8}"
+        f"{'hit':>7}{'fallback':>9}{'MiB read':>9}{'tokens=':>8}",
+        f"{'stock mlx-lm':<14}{stock['prefill_tps']:>14.1f}{stock['decode_tps']:>13.1f}{1:>8.2f}"
+        f"{stock['peak_memory_bytes'] / 2**20:>10.1f}{1:>8.2f}",
+    ]
+    for r in report["engine"]:
+        lines.append(
+            f"{r['mode'] + '@' + format(r['capacity_fraction'], '.0%'):<14}{r['prefill_tps']:>14.1f}"
+            f"{r['decode_tps']:>13.1f}{r['decode_vs_stock']:>8.2f}{r['peak_memory_bytes'] / 2**20:>10.1f}"
+            f"{r['peak_memory_vs_stock']:>8.2f}{r['hit_rate']:>7.1%}{r['fallback_rate']:>9.1%}"
+            f"{r['bytes_read'] / 2**20:>9.1f}{'yes' if r['matches_stock_tokens'] else 'no':>8}"
+        )
+    pvb = report["policy_vs_belady"]
+    rates = "  ".join(f"{k} {v['hit_rate']:.1%}" for k, v in pvb.items() if isinstance(v, dict))
+    lines.append(f"hit rates at {pvb['capacity_fraction']:.0%} capacity (exact-mode trace): {rates}")
+    io = report["io"]
+    for name in ("one_expert_per_load", "whole_layer_per_load"):
+        lines.append(
+            f"cold expert load ({name.replace('_', ' ')}) {io[name]['bandwidth'] / 2**20:.0f} MiB/s vs "
+            f"sequential read {io['sequential_read_bandwidth'] / 2**20:.0f} MiB/s ({io[name]['vs_sequential']:.0%})"
+        )
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    if args.synthetic:
+        tmp = Path(tempfile.mkdtemp(prefix="moe-bench-"))
+        model = make_synthetic(tmp / "synthetic-qwen3-moe")
+    else:
+        model = args.model
+    report = run_bench(model, prompt_len=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                       repeats=args.repeats)
+    print(format_table(report), file=sys.stderr)
+    json.dump(report, sys.stdout, indent=2, default=_json_default)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)

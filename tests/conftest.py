@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random checkpoints built once per test session (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.synthetic import make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(arch, quant_bits=None, layout="stacked", shards=1, **overrides) -> Path, cached."""
+    built = {}
+
+    def build(arch: str, quant_bits: int | None = None, layout: str = "stacked", shards: int = 1, **overrides):
+        key = (arch, quant_bits, layout, shards, tuple(sorted(overrides.items())))
+        if key not in built:
+            name = f"{arch}-q{quant_bits}-{layout}-s{shards}-{len(built)}"
+            built[key] = make_checkpoint(tmp_path_factory.mktemp("ckpt") / name, arch, quant_bits=quant_bits,
+                                         layout=layout, shards=shards, router_scale=4.0, **overrides)
+        return built[key]
+
+    return build

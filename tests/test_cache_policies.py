@@ -1,0 +1,97 @@
+"""Eviction policies, pinning, and live capacity / mode / policy changes."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from inference import Engine
+from inference.cache import LayerCache
+
+PROMPT = [5, 17, 99, 3, 42, 7, 8, 200, 31, 11]
+
+
+def test_lru_evicts_least_recently_used():
+    cache = LayerCache(8, 3, "lru")
+    for step, e in enumerate([0, 1, 2]):
+        cache.access([e], step)
+    cache.access([0], 3)  # 1 is now the oldest
+    placements = cache.access([5], 4)
+    assert placements == [(5, int(cache.slot_of[5]), 1)]
+    assert list(cache.resident()) == [0, 2, 5]
+
+
+def test_lfu_evicts_least_frequently_used():
+    cache = LayerCache(8, 2, "lfu")
+    for step, e in enumerate([0, 0, 0, 1]):
+        cache.access([e], step)
+    cache.access([2], 5)
+    assert list(cache.resident()) == [0, 2]
+
+
+def test_decay_forgets_old_frequency():
+    cache = LayerCache(8, 2, "decay")
+    for step in range(5):
+        cache.access([0], step)  # heavily used long ago
+    cache.access([1], 2000)
+    cache.access([1], 2001)
+    cache.access([2], 2002)  # 0's decayed score is now below 1's
+    assert list(cache.resident()) == [1, 2]
+
+
+def test_pinned_expert_is_never_evicted():
+    cache = LayerCache(8, 2, "lru")
+    cache.access([4], 0)
+    cache.pin([4])
+    for step, e in enumerate([0, 1, 2, 3, 5, 6], start=1):
+        cache.access([e], step)
+        assert cache.slot_of[4] >= 0
+    with pytest.raises(ValueError):
+        cache.pin([0, 1, 2])
+
+
+def test_unknown_policy_and_mode_are_rejected(checkpoint):
+    with pytest.raises(ValueError, match="policy"):
+        LayerCache(8, 2, "random")
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4)
+    with pytest.raises(ValueError, match="policy"):
+        engine.set_policy("fifo")
+    with pytest.raises(ValueError, match="mode"):
+        engine.set_mode("turbo")
+
+
+def test_live_changes_without_reloading(checkpoint):
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4)
+    model = engine.model
+    ref = engine.model(mx.array([PROMPT]))
+    resident_before = engine.snapshot().resident.sum(axis=1)
+    engine.set_capacity(2)
+    snap = engine.snapshot()
+    assert snap.capacity == 2 and (snap.resident.sum(axis=1) <= 2).all()
+    assert (snap.resident.sum(axis=1) == np.minimum(resident_before, 2)).all()  # kept what fit
+    engine.set_policy("lfu")
+    engine.set_mode("fast")
+    assert (engine.mode, engine.policy, engine.snapshot().policy) == ("fast", "lfu", "lfu")
+    engine.set_mode("exact")
+    engine.set_capacity(8)
+    assert engine.model is model  # same stock model object throughout
+    assert float(mx.abs(engine.model(mx.array([PROMPT])) - ref).max()) <= 1e-5
+
+
+def test_snapshot_is_frozen_and_independent(checkpoint):
+    engine = Engine.load(checkpoint("olmoe"), capacity=3)
+    engine.model(mx.array([PROMPT]))
+    snap = engine.snapshot()
+    with pytest.raises(ValueError):
+        snap.hits[0, 0] = 99  # read-only copy
+    before = snap.requests.sum()
+    engine.model(mx.array([PROMPT]))
+    assert snap.requests.sum() == before  # later work does not leak into an old snapshot
+    assert engine.snapshot().requests.sum() > before
+    layer = snap.layer(0)
+    assert len(layer.resident) <= 3 and 0 <= layer.hit_rate <= 1
+    assert snap.memory.rss_bytes > 0 and snap.memory.expert_cache_bytes == engine.cache_bytes()
+    assert isinstance(snap.to_dict()["hits"], list)
+    engine.reset_stats()
+    assert engine.snapshot().requests.sum() == 0

@@ -1,0 +1,67 @@
+"""`moe profile` writes a profile that `Engine.load(profile=...)` warms and pins from; CLI basics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from app.cli import main
+from inference import Engine, ModelLoadError
+
+
+def test_profile_round_trip(checkpoint, tmp_path, capsys):
+    path = checkpoint("qwen3_moe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n    return a + b\n\nimport os\n\nThe quick brown fox")
+    out = tmp_path / "profiles" / "tiny.json"
+    assert main(["profile", str(path), "--prompts", str(prompts), "--out", str(out), "--max-tokens", "8"]) == 0
+    profile = json.loads(out.read_text())
+    assert profile["num_experts"] == 8 and profile["moe_layers"] == [0, 1] and profile["prompts"] == 3
+    counts = profile["counts"]
+    assert len(counts) == 2 and all(len(row) == 8 for row in counts) and sum(map(sum, counts)) > 0
+    for layer, universal in enumerate(profile["universal"]):
+        assert all(counts[layer][e] > 0 for e in universal)
+
+    engine = Engine.load(path, capacity=4, profile=out)
+    snap = engine.snapshot()
+    for layer in range(2):
+        top = sorted(range(8), key=lambda e: (-counts[layer][e], e))[:4]
+        assert sorted(snap.layer(layer).resident) == sorted(top)  # warmed with the most used experts
+        most_used_universal = sorted(profile["universal"][layer], key=lambda e: (-counts[layer][e], e))
+        assert set(snap.layer(layer).pinned) == set(most_used_universal[:2])  # at most capacity - top_k pins
+    # Pinned experts survive a run at this capacity.
+    for _ in engine.stream(list(range(3, 90, 3)), max_tokens=16):
+        pass
+    after = engine.snapshot()
+    assert (after.resident | ~after.pinned).all()
+
+
+def test_profile_for_another_model_is_refused(checkpoint, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"num_experts": 64, "moe_layers": [0], "counts": [[0] * 64], "universal": [[]]}))
+    with pytest.raises(ModelLoadError, match="make one for this model"):
+        Engine.load(checkpoint("qwen3_moe"), capacity=4, profile=bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        Engine.load(checkpoint("qwen3_moe"), capacity=4, profile=broken)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "app.cli", "info", str(tmp_path / "missing")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("moe: ") and "Traceback" not in result.stderr
+
+
+def test_cli_generate_and_info(checkpoint, capsys):
+    path = str(checkpoint("olmoe"))
+    assert main(["info", path, "--capacity", "50%"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["capacity"] == 4 and info["num_experts"] == 8
+    assert main(["generate", path, "--prompt", "def f():", "--max-tokens", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens" in err and "hit rate" in err
