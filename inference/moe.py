@@ -68,13 +68,15 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
 
 
 def _find_router(block: nn.Module, switch: nn.Module, num_experts: int) -> nn.Module | None:
-    """The block's child producing one score per expert: a linear layer or a gate owning [E, D] weights."""
+    """The block's child producing one score per expert: a linear layer with E outputs, or a gate module
+    that owns one (e.g. DeepSeek's MoEGate, Bailing's gate wrapping `gate_proj`)."""
     for child in _children(block).values():
         if child is switch:
             continue
-        weight = child.get("weight") if isinstance(child, dict) else None
-        if isinstance(weight, mx.array) and weight.ndim == 2 and weight.shape[0] == num_experts:
-            return child
+        for _, sub in child.named_modules():
+            weight = sub.get("weight") if isinstance(sub, dict) else None
+            if isinstance(weight, mx.array) and weight.ndim == 2 and weight.shape[0] == num_experts:
+                return child
     return None
 
 
@@ -214,8 +216,10 @@ def probe_block(runtime: ExpertLayerRuntime, hidden_size: int, dtype: mx.Dtype, 
 
 
 def _candidates(router_out: Any, indices: mx.array) -> dict[str, mx.array]:
-    if isinstance(router_out, tuple):
-        return {"scores": router_out[1].astype(mx.float32)}
+    if isinstance(router_out, tuple):  # a gate returning (indices, scores) in either order
+        scores = [a for a in router_out if isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.floating)
+                  and a.shape == indices.shape]
+        return {"scores": scores[0].astype(mx.float32)} if len(scores) == 1 else {}
     if not isinstance(router_out, mx.array):
         return {}
     logits = mx.take_along_axis(router_out.astype(mx.float32), indices, axis=-1)

@@ -37,6 +37,26 @@ ARCHS: dict[str, dict[str, Any]] = {
     "gpt_oss": {"num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 16, "sliding_window": 32,
                 "layer_types": ["sliding_attention", "full_attention"]},
 }
+# More mlx-lm MoE architectures (hybrid attention/SSM, shared experts, unnormalized routers), tested
+# stacked and unquantized to check the structural discovery beyond the six above.
+MORE_ARCHS: dict[str, dict[str, Any]] = {
+    "phimoe": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    "minimax": {"num_local_experts": 8, "num_experts_per_tok": 2, "rotary_dim": 8, "head_dim": 16,
+                "shared_intermediate_size": 0},
+    "qwen3_next": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16,
+                   "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                   "norm_topk_prob": True, "linear_num_value_heads": 4, "linear_num_key_heads": 2,
+                   "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4,
+                   "full_attention_interval": 2, "partial_rotary_factor": 0.25},
+    "dots1": {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 32,
+              "first_k_dense_replace": 1, "num_hidden_layers": 3, "n_group": 1, "topk_group": 1, "head_dim": 16,
+              "routed_scaling_factor": 1.0, "norm_topk_prob": True},
+    "bailing_moe": {"num_experts": 8, "num_experts_per_tok": 2, "num_shared_experts": 1, "moe_intermediate_size": 32,
+                    "first_k_dense_replace": 1, "num_hidden_layers": 3, "norm_topk_prob": True},
+    "jamba": {"num_experts": 8, "num_experts_per_tok": 2, "expert_layer_period": 1, "expert_layer_offset": 0,
+              "attn_layer_period": 2, "attn_layer_offset": 1, "mamba_d_state": 8, "mamba_d_conv": 4,
+              "mamba_expand": 2},
+}
 # Per-expert (original HF) names of the stacked projections, where they differ.
 HF_EXPERT_NAMES = {"mixtral": {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}}
 # Stock sanitize() stacks per-expert quantized tensors only for these.
@@ -73,7 +93,7 @@ def write_tokenizer(path: Path, vocab_size: int = 400) -> None:
 
 
 def make_config(arch: str, **overrides: Any) -> dict:
-    config = {**BASE, **ARCHS[arch], "model_type": arch, **overrides}
+    config = {**BASE, **{**ARCHS, **MORE_ARCHS}[arch], "model_type": arch, **overrides}
     config["eos_token_id"] = 2
     return config
 

@@ -10,7 +10,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from inference import Engine
-from inference.synthetic import ARCHS, PER_EXPERT_OK, PER_EXPERT_QUANTIZED_OK
+from inference.synthetic import ARCHS, MORE_ARCHS, PER_EXPERT_OK, PER_EXPERT_QUANTIZED_OK
 
 PROMPT = [5, 17, 99, 3, 42, 7, 8, 200, 31, 11, 64, 90, 13, 250, 77, 4]
 GREEDY_TOKENS = 32
@@ -135,3 +135,17 @@ def test_pinned_experts_with_long_prefill_stay_exact(checkpoint):
     assert snap.resident[:, 0].all()  # the pinned expert was never evicted
     engine.set_capacity(2)  # pins are capped at capacity - top_k
     assert engine.snapshot().pinned.sum() == 0
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_ARCHS))
+def test_architectures_found_structurally(checkpoint, arch):
+    """Hybrid attention/SSM layers, dense first layers, shared experts, gate modules: no per-model code."""
+    path = checkpoint(arch)
+    stock, _ = load(str(path))
+    ref = stock(mx.array([PROMPT]))
+    engine = Engine.load(path, capacity=2)
+    assert len(engine.layout.moe_layers) == 2
+    assert float(mx.abs(engine.model(mx.array([PROMPT])) - ref).max()) <= 1e-4
+    fast = Engine.load(path, capacity=2, mode="fast")
+    assert not bool(mx.isnan(fast.model(mx.array([PROMPT]))).any())
+    assert fast.snapshot().fallbacks.sum() > 0
