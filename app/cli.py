@@ -10,16 +10,23 @@ from pathlib import Path
 from inference.demo_paths import DEMO_MODEL, DEMO_PROFILE
 
 
-def _capacity(value: str) -> int | float:
+def parse_capacity(value: str) -> int | float:
     """'12' -> 12 experts; '0.5' or '50%' -> that fraction of the experts."""
     value = value.strip()
     try:
-        if value.endswith("%"):
-            return float(value[:-1]) / 100
-        return float(value) if "." in value else int(value)
+        number = float(value[:-1]) / 100 if value.endswith("%") else float(value) if "." in value else int(value)
+    except ValueError:
+        raise ValueError(f"capacity must be a count (12), fraction (0.5) or percent (50%), not {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"capacity must be positive, not {value!r}")
+    return number
+
+
+def _capacity(value: str) -> int | float:
+    try:
+        return parse_capacity(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"capacity must be a count (12), fraction (0.5) or percent (50%), not {value!r}") from exc
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
@@ -109,43 +116,31 @@ def _read_prompts(path: Path) -> list[str]:
 
 
 def cmd_chat(args) -> int:
-    """Until the Textual app lands: a line-based chat on the engine, with a cache summary per reply."""
-    from inference.telemetry import GenerationDone
+    """Open the Textual app on a model (default: the built-in demo)."""
+    from .main import MoeApp
+    from .settings import load_settings
+    from .worker import EngineSpec
 
-    engine = _load(args)
-    layout = engine.layout
-    print(f"{args.model or 'demo model'}: {len(layout.moe_layers)} MoE layers x {layout.num_experts} experts "
-          f"(top-{layout.top_k}), cache {engine.capacity}/layer, mode {engine.mode}. Ctrl-D quits.")
-    messages: list[dict] = []
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = ""
-        for event in engine.stream(messages, max_tokens=args.max_tokens, temperature=args.temperature):
-            if isinstance(event, GenerationDone):
-                snap = engine.snapshot()
-                print(f"\n[{event.decode_tps:.0f} tok/s, prefilled {event.prefilled_tokens}/{event.prompt_tokens} "
-                      f"tokens, hit rate {snap.hit_rate:.0%}]")
-            else:
-                reply += event.text
-                print(event.text, end="", flush=True)
-        messages.append({"role": "assistant", "content": reply})
+    settings = load_settings()
+    if args.data_dir:
+        settings.data_dir = str(args.data_dir)
+    model = args.model or settings.default_model or str(DEMO_MODEL)
+    profile = args.profile
+    if profile is None and model == str(DEMO_MODEL) and DEMO_PROFILE.exists():
+        profile = DEMO_PROFILE
+    spec = EngineSpec(model=model, capacity=args.capacity, mode=args.mode, policy=args.policy,
+                      profile=str(profile) if profile else None, kv_bits=args.kv_bits)
+    MoeApp(spec, settings).run()
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description="Run and watch Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command")
 
-    p = sub.add_parser("chat", help="chat with a model (default: the built-in demo)")
+    p = sub.add_parser("chat", help="open the app on a model (default: the built-in demo)")
     _add_engine_args(p, model_optional=True)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--data-dir", type=Path, default=None, help="where chats are stored (default: user data dir)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate one reply and print cache stats")

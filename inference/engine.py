@@ -539,12 +539,14 @@ class Engine:
             layer.lut = mx.array(layer.cache.slot_of)
         mx.clear_cache()
 
-    def hit_rates_vs_optimum(self, capacity: int | None = None) -> dict[str, dict[str, float]]:
-        """Hit rate every policy and Belady's MIN would get on this session's trace."""
+    def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None,
+                             ) -> dict[str, dict[str, float]]:
+        """Hit rate every policy and Belady's MIN would get on this session's trace (or its last steps)."""
         from .oracle import compare
 
         self._drain()
-        return compare(self.trace, self.layout.num_experts, capacity or self._capacity)
+        trace = self.trace if last_steps is None else [layer[-last_steps:] for layer in self.trace]
+        return compare(trace, self.layout.num_experts, capacity or self._capacity)
 
     # ------------------------------------------------------------------ generation
 

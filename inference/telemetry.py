@@ -65,7 +65,7 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class LayerView:
     """One MoE layer of a snapshot."""
 
@@ -84,7 +84,7 @@ class LayerView:
         return float(self.hits.sum()) / total if total else 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
 class CacheSnapshot:
     """The expert cache and engine state at one moment; every array is a read-only copy.
 

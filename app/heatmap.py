@@ -1,0 +1,151 @@
+"""Pure heatmap renderer: a CacheSnapshot -> lines of Rich segments (rows = MoE layers, columns = experts).
+
+No App needed: the widget (app/widgets/heatmap.py) only scrolls, moves a cursor and asks for lines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from rich.color import Color
+from rich.segment import Segment
+from rich.style import Style
+
+from inference import CacheSnapshot
+
+UNICODE_MARKS = {"missed": "×", "pinned": "◆", "resident": "•", "none": " "}
+ASCII_MARKS = {"missed": "x", "pinned": "P", "resident": "o", "none": " "}
+ASCII_DENSITY = " .:-=+*#%@"
+LABEL_WIDTH = 5  # "L12 "
+RATE_WIDTH = 5  # " 87%"
+
+
+@dataclass(frozen=True)
+class HeatmapStyle:
+    gradient: tuple[str, ...] = ("#0b1a33", "#1f4e79", "#2e8b57", "#e0b000", "#ff4500")
+    mark_color: str = "#ffffff"
+    label_color: str = "#a0a0a0"
+    unicode: bool = True  # False: plain ASCII glyphs and no colours (dumb terminals)
+
+
+@dataclass(frozen=True)
+class View:
+    """Which part of the matrix to draw."""
+
+    width: int  # terminal cells available
+    first_expert: int = 0  # horizontal scroll (in experts)
+    experts_per_column: int | None = None  # None: bin to fit the width
+    half_blocks: bool = False  # two layers per row (no marks)
+    cursor: tuple[int, int] | None = None  # (moe layer index, column)
+
+
+def gradient_color(stops: tuple[str, ...], t: float) -> Color:
+    t = min(max(t, 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(t), len(stops) - 2)
+    a, b = (Color.parse(stops[i]).get_truecolor(), Color.parse(stops[i + 1]).get_truecolor())
+    f = t - i
+    return Color.from_rgb(a.red + (b.red - a.red) * f, a.green + (b.green - a.green) * f,
+                          a.blue + (b.blue - a.blue) * f)
+
+
+def columns_for(num_experts: int, view: View, style: HeatmapStyle) -> tuple[int, int]:
+    """(experts per column, number of columns) for this view."""
+    cell = 1 if style.unicode else 2
+    room = max((view.width - LABEL_WIDTH - RATE_WIDTH) // cell, 1)
+    per = view.experts_per_column or max(1, math.ceil((num_experts - view.first_expert) / room))
+    cols = min(room, math.ceil((num_experts - view.first_expert) / per))
+    return per, max(cols, 0)
+
+
+def binned(snapshot: CacheSnapshot, view: View, style: HeatmapStyle) -> dict[str, np.ndarray]:
+    """Per (layer, column): routing heat in [0, 1] and which marks apply."""
+    per, cols = columns_for(snapshot.num_experts, view, style)
+    start = view.first_expert
+    stop = min(snapshot.num_experts, start + per * cols)
+    pad = start + per * cols - stop
+
+    def fold(a: np.ndarray, how) -> np.ndarray:
+        part = a[:, start:stop].astype(float)
+        if pad:
+            part = np.pad(part, ((0, 0), (0, pad)))
+        return how(part.reshape(part.shape[0], cols, per), axis=2)
+
+    recent = fold(snapshot.recent, np.sum)
+    peak = float(recent.max()) if recent.size else 0.0
+    return {
+        "heat": recent / peak if peak > 0 else recent,
+        "resident": fold(snapshot.resident, np.max) > 0,
+        "pinned": fold(snapshot.pinned, np.max) > 0,
+        "missed": fold(snapshot.just_missed, np.max) > 0,
+        "per": np.array(per),
+    }
+
+
+def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapStyle()) -> list[list[Segment]]:
+    """One list of segments per screen row."""
+    if snapshot.num_moe_layers == 0:
+        return [[Segment("no MoE layers: this model is dense")]]
+    cells = binned(snapshot, view, style)
+    label_style = Style(color=style.label_color) if style.unicode else Style()
+    rates = [snapshot.layer(i).hit_rate for i in range(snapshot.num_moe_layers)]
+    lines = []
+    if view.half_blocks and style.unicode:
+        for top in range(0, snapshot.num_moe_layers, 2):
+            bottom = top + 1 if top + 1 < snapshot.num_moe_layers else None
+            label = f"L{snapshot.layer_ids[top]:<3}"[:LABEL_WIDTH - 1] + " "
+            row = [Segment(label, label_style)]
+            for c in range(cells["heat"].shape[1]):
+                fg = gradient_color(style.gradient, cells["heat"][top, c])
+                bg = gradient_color(style.gradient, cells["heat"][bottom, c]) if bottom is not None else None
+                row.append(Segment("▀", Style(color=fg, bgcolor=bg)))
+            rate = (rates[top] + (rates[bottom] if bottom is not None else rates[top])) / 2
+            row.append(Segment(f" {rate:>3.0%}", label_style))
+            lines.append(row)
+        return lines
+    marks = UNICODE_MARKS if style.unicode else ASCII_MARKS
+    for i in range(snapshot.num_moe_layers):
+        row = [Segment(f"L{snapshot.layer_ids[i]:<3}"[:LABEL_WIDTH - 1] + " ", label_style)]
+        for c in range(cells["heat"].shape[1]):
+            kind = ("missed" if cells["missed"][i, c] else "pinned" if cells["pinned"][i, c]
+                    else "resident" if cells["resident"][i, c] else "none")
+            selected = view.cursor == (i, c)
+            if style.unicode:
+                cell_style = Style(color=style.mark_color, bgcolor=gradient_color(style.gradient, cells["heat"][i, c]),
+                                   reverse=selected, bold=kind == "missed")
+                row.append(Segment(marks[kind], cell_style))
+            else:
+                density = ASCII_DENSITY[int(round(cells["heat"][i, c] * (len(ASCII_DENSITY) - 1)))]
+                text = density + marks[kind]
+                row.append(Segment(text, Style(reverse=selected)))
+        row.append(Segment(f" {rates[i]:>3.0%}", label_style))
+        lines.append(row)
+    return lines
+
+
+def legend(style: HeatmapStyle = HeatmapStyle(), width: int = 60) -> list[Segment]:
+    if not style.unicode:
+        return [Segment(f"heat '{ASCII_DENSITY.strip()}' low->high  o cached  P pinned  x missed"[:width])]
+    segs = [Segment("low ")]
+    for j in range(8):
+        segs.append(Segment(" ", Style(bgcolor=gradient_color(style.gradient, j / 7))))
+    segs.append(Segment(" high  • cached  ◆ pinned  × missed  % = layer hit rate"[: max(width - 12, 0)]))
+    return segs
+
+
+def describe(snapshot: CacheSnapshot, view: View, style: HeatmapStyle, layer: int, column: int) -> str:
+    """What the cell at (layer, column) covers, for the details line under the heatmap."""
+    per, _ = columns_for(snapshot.num_experts, view, style)
+    first = view.first_expert + column * per
+    experts = range(first, min(first + per, snapshot.num_experts))
+    if not experts:
+        return ""
+    sl = slice(experts.start, experts.stop)
+    who = f"expert {first}" if per == 1 else f"experts {first}-{experts.stop - 1}"
+    resident = int(snapshot.resident[layer, sl].sum())
+    pinned = int(snapshot.pinned[layer, sl].sum())
+    return (f"layer {snapshot.layer_ids[layer]} {who}: requests {int(snapshot.requests[layer, sl].sum())}, "
+            f"hits {int(snapshot.hits[layer, sl].sum())}, misses {int(snapshot.misses[layer, sl].sum())}, "
+            f"{'resident' if resident == len(experts) else f'{resident}/{len(experts)} resident'}"
+            f"{', pinned' if pinned else ''}")

@@ -1,0 +1,393 @@
+"""The moe-tui Textual app: chat on the left, the expert cache on the right. A thin shell over the worker."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.command import Hit, Hits, Provider
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Footer, Header, Markdown
+
+from .heatmap import HeatmapStyle
+from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
+from .settings import Settings, save_settings
+from .store import ChatStore
+from .themes import load_themes
+from .widgets.chat import MessageView, PromptInput
+from .widgets.gauges import StatsPanel
+from .widgets.heatmap import HeatmapView
+from .worker import Configure, EngineSpec, Generate, InferenceWorker
+
+HELP = """\
+**Keys**: Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate · Ctrl+E edit last ·
+Ctrl+N new chat · Ctrl+P command palette · F2 toggle cache panel · Tab focus heatmap (arrows, +/-, [ ], h)
+
+**Commands**: `/capacity N|F|P%` · `/mode exact|fast` · `/policy lru|lfu|decay` · `/reset` (stats) ·
+`/theme NAME` · `/new` · `/chats` · `/switch ID` · `/rename TITLE` · `/delete` · `/search TEXT` ·
+`/export md|json PATH` · `/system TEXT` · `/temp X` · `/clear` · `/help`
+"""
+
+
+class MoeCommands(Provider):
+    """Command palette entries for every engine and chat action."""
+
+    def _commands(self) -> list[tuple[str, str, object]]:
+        app: MoeApp = self.app  # type: ignore[assignment]
+        cmds = [
+            ("New chat", "start an empty chat", app.action_new_chat),
+            ("Reset statistics", "zero the cache counters", partial(app.run_command, "/reset")),
+            ("Clear chat", "delete this chat's messages", partial(app.run_command, "/clear")),
+            ("List chats", "show stored chats", partial(app.run_command, "/chats")),
+            ("Help", "keys and slash commands", partial(app.run_command, "/help")),
+        ]
+        for mode in ("exact", "fast"):
+            cmds.append((f"Mode: {mode}", f"switch the engine to {mode} mode",
+                         partial(app.run_command, f"/mode {mode}")))
+        for policy in ("lru", "lfu", "decay"):
+            cmds.append((f"Policy: {policy}", "eviction policy", partial(app.run_command, f"/policy {policy}")))
+        for pct in (25, 50, 75, 100):
+            cmds.append((f"Capacity: {pct}%", f"cache {pct}% of each layer's experts",
+                         partial(app.run_command, f"/capacity {pct}%")))
+        for name in app.theme_gradients:
+            cmds.append((f"Theme: {name}", "switch theme", partial(app.run_command, f"/theme {name}")))
+        return cmds
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, help_text, callback in self._commands():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+
+
+class MoeApp(App):
+    TITLE = "moe-tui"
+    COMMANDS = App.COMMANDS | {MoeCommands}
+    CSS = """
+    #main { height: 1fr; }
+    #chat { width: 3fr; min-width: 40; }
+    #messages { height: 1fr; }
+    #side { width: 2fr; min-width: 36; border-left: solid $panel; padding: 0 1; }
+    #side.hidden { display: none; }
+    """
+    BINDINGS = [
+        Binding("escape", "cancel", "cancel reply", id="app.cancel"),
+        Binding("ctrl+r", "regenerate", "regenerate", id="app.regenerate"),
+        Binding("ctrl+e", "edit_last", "edit last", id="app.edit_last"),
+        Binding("ctrl+n", "new_chat", "new chat", id="app.new_chat"),
+        Binding("f2", "toggle_side", "cache panel", id="app.toggle_side"),
+        Binding("ctrl+q", "quit", "quit", id="app.quit"),
+    ]
+
+    def __init__(self, spec: EngineSpec, settings: Settings, store_path: Path | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.settings = settings
+        self.store = ChatStore(store_path or settings.resolved_data_dir() / "chats.sqlite3")
+        self.worker = InferenceWorker(self, spec, stats_interval=1.0 / max(settings.refresh_hz, 0.1))
+        self.theme_gradients: dict[str, tuple[str, ...]] = {}
+        self.chat_id: int | None = None
+        self.generating = False
+        self.reply_view: MessageView | None = None
+        self.reply_stream = None
+        self.reply_id: int | None = None
+        self.reply_text = ""
+        self.context_length = 0
+        self.last_snapshot = None
+
+    # ---- layout
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="chat"):
+                yield VerticalScroll(id="messages")
+                yield PromptInput(id="prompt")
+            with VerticalScroll(id="side"):
+                yield HeatmapView(HeatmapStyle(unicode=self.settings.unicode()), id="heatmap")
+                yield StatsPanel(unicode=self.settings.unicode(), id="stats")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for name, (theme, gradient) in load_themes().items():
+            self.register_theme(theme)
+            self.theme_gradients[name] = gradient
+        self.apply_theme(self.settings.theme if self.settings.theme in self.theme_gradients else "moe-dark")
+        if self.settings.keymap:
+            self.set_keymap(self.settings.keymap)
+        self.title = Path(self.spec.model).name or self.spec.model
+        self.sub_title = "loading model..."
+        chats = self.store.chats()
+        self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
+        self.query_one(PromptInput).focus()
+        self.worker.start()
+
+    def on_unmount(self) -> None:
+        self.worker.stop()
+        self.worker.join(timeout=5)
+        self.store.close()
+
+    # ---- chats
+    def open_chat(self, chat_id: int) -> None:
+        self.chat_id = chat_id
+        box = self.query_one("#messages", VerticalScroll)
+        box.remove_children()
+        views = [MessageView(m.role if m.status == "complete" else "cancelled", _shown(m.content, m.status), m.id)
+                 for m in self.store.messages(chat_id)]
+        if views:
+            box.mount_all(views)
+        box.scroll_end(animate=False)
+
+    def history(self) -> list[dict]:
+        chat = self.store.chat(self.chat_id)
+        messages = [{"role": "system", "content": chat.system_prompt}] if chat.system_prompt else []
+        messages += [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat_id)
+                     if m.role in ("user", "assistant") and m.content]
+        return messages
+
+    def add_view(self, view: MessageView) -> MessageView:
+        box = self.query_one("#messages", VerticalScroll)
+        box.mount(view)
+        box.scroll_end(animate=False)
+        return view
+
+    def notice(self, text: str, severity: str = "information") -> None:
+        self.notify(text, severity=severity, timeout=4)
+
+    # ---- sending
+    @on(PromptInput.Submitted)
+    def on_submit(self, event: PromptInput.Submitted) -> None:
+        text = event.text.strip()
+        if text.startswith("/"):
+            self.run_command(text)
+            return
+        if self.generating:
+            self.notice("a reply is still streaming: Esc cancels it", "warning")
+            self.query_one(PromptInput).text = event.text
+            return
+        message_id = self.store.add_message(self.chat_id, "user", text)
+        chat = self.store.chat(self.chat_id)
+        if chat.title == "New chat":
+            self.store.update_chat(self.chat_id, title=text.splitlines()[0][:60])
+        self.add_view(MessageView("user", text, message_id))
+        self.start_reply()
+
+    def start_reply(self) -> None:
+        settings = self.store.chat(self.chat_id).settings
+        self.generating = True
+        self.reply_text = ""
+        self.reply_id = self.store.add_message(self.chat_id, "assistant", "", status="partial")
+        self.reply_view = self.add_view(MessageView("assistant", "", self.reply_id))
+        self.reply_stream = Markdown.get_stream(self.reply_view)
+        self.worker.submit(Generate(self.chat_id, self.history(),
+                                    max_tokens=int(settings.get("max_tokens", self.settings.max_tokens)),
+                                    temperature=float(settings.get("temperature", self.settings.temperature))))
+
+    @on(ReplyChunk)
+    async def on_reply_chunk(self, event: ReplyChunk) -> None:
+        if event.chat_id != self.chat_id or self.reply_stream is None:
+            self.reply_text += event.text
+            return
+        self.reply_text += event.text
+        await self.reply_stream.write(event.text)
+        self.store.update_message(self.reply_id, self.reply_text, "partial")
+        self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
+
+    @on(ReplyDone)
+    async def on_reply_done(self, event: ReplyDone) -> None:
+        self.generating = False
+        if self.reply_stream is not None:
+            await self.reply_stream.stop()
+            self.reply_stream = None
+        cancelled = event.done is not None and event.done.finish_reason == "cancelled"
+        status = "cancelled" if cancelled or event.error else "complete"
+        self.store.update_message(self.reply_id, event.text, status)
+        if self.reply_view is not None and event.chat_id == self.chat_id:
+            self.reply_view.text = event.text
+            if status != "complete":
+                self.reply_view.set_classes("cancelled")
+            await self.reply_view.update(_shown(event.text, status))  # one full render at the end
+        if event.error:
+            self.notice(f"generation failed: {event.error}", "error")
+
+    def action_cancel(self) -> None:
+        if self.generating:
+            self.worker.cancel()
+
+    def action_regenerate(self) -> None:
+        if self.generating:
+            return
+        stored = self.store.messages(self.chat_id)
+        if not stored or stored[-1].role != "assistant":
+            self.notice("nothing to regenerate", "warning")
+            return
+        self.store.delete_message(stored[-1].id)
+        self.open_chat(self.chat_id)
+        self.start_reply()
+
+    def action_edit_last(self) -> None:
+        if self.generating:
+            return
+        stored = self.store.messages(self.chat_id)
+        users = [m for m in stored if m.role == "user"]
+        if not users:
+            return
+        last_user = users[-1]
+        for m in stored:
+            if m.id >= last_user.id:
+                self.store.delete_message(m.id)
+        self.open_chat(self.chat_id)
+        prompt = self.query_one(PromptInput)
+        prompt.text = last_user.content
+        prompt.focus()
+
+    def action_new_chat(self) -> None:
+        if self.generating:
+            self.worker.cancel()
+        self.open_chat(self.store.create_chat(model=self.spec.model).id)
+
+    def action_toggle_side(self) -> None:
+        self.query_one("#side").toggle_class("hidden")
+
+    # ---- worker events
+    @on(EngineReady)
+    def on_engine_ready(self, event: EngineReady) -> None:
+        self.context_length = event.info.context_length
+        self.update_subtitle()
+
+    @on(EngineFailed)
+    def on_engine_failed(self, event: EngineFailed) -> None:
+        self.sub_title = "model failed to load"
+        self.add_view(MessageView("notice", f"**Could not load the model.** {event.error}"))
+
+    @on(EngineNotice)
+    def on_engine_notice(self, event: EngineNotice) -> None:
+        self.notice(event.text, event.severity)
+
+    @on(SnapshotReady)
+    def on_snapshot(self, event: SnapshotReady) -> None:
+        self.last_snapshot = event.snapshot
+        self.query_one(HeatmapView).snapshot = event.snapshot
+        self.query_one(StatsPanel).show(event.snapshot, event.optimum)
+        self.update_subtitle()
+
+    def update_subtitle(self) -> None:
+        s = self.last_snapshot
+        if s is not None:
+            self.sub_title = f"{s.mode} · {s.policy} · {s.capacity}/{s.num_experts} experts per layer"
+
+    # ---- themes
+    def apply_theme(self, name: str) -> None:
+        self.theme = name
+        self.query_one(HeatmapView).set_style(
+            HeatmapStyle(gradient=self.theme_gradients[name], unicode=self.settings.unicode()))
+
+    # ---- slash commands
+    def run_command(self, line: str) -> None:
+        name, _, arg = line.strip().lstrip("/").partition(" ")
+        arg = arg.strip()
+        handler = getattr(self, f"cmd_{name.replace('-', '_')}", None)
+        if handler is None:
+            self.notice(f"unknown command /{name}; /help lists them", "warning")
+            return
+        handler(arg)
+
+    def cmd_help(self, arg: str) -> None:
+        self.add_view(MessageView("notice", HELP))
+
+    def cmd_capacity(self, arg: str) -> None:
+        from .cli import parse_capacity
+
+        try:
+            self.worker.submit(Configure(capacity=parse_capacity(arg)))
+        except ValueError as exc:
+            self.notice(str(exc), "error")
+
+    def cmd_mode(self, arg: str) -> None:
+        self.worker.submit(Configure(mode=arg))
+
+    def cmd_policy(self, arg: str) -> None:
+        self.worker.submit(Configure(policy=arg))
+
+    def cmd_reset(self, arg: str) -> None:
+        self.worker.submit(Configure(reset_stats=True))
+
+    def cmd_theme(self, arg: str) -> None:
+        if arg not in self.theme_gradients:
+            self.notice(f"unknown theme {arg!r}; themes: {', '.join(self.theme_gradients)}", "error")
+            return
+        self.apply_theme(arg)
+        self.settings.theme = arg
+        save_settings(self.settings)
+
+    def cmd_new(self, arg: str) -> None:
+        self.action_new_chat()
+
+    def cmd_clear(self, arg: str) -> None:
+        for m in self.store.messages(self.chat_id):
+            self.store.delete_message(m.id)
+        self.open_chat(self.chat_id)
+
+    def cmd_chats(self, arg: str) -> None:
+        self.show_chat_list(self.store.chats())
+
+    def cmd_search(self, arg: str) -> None:
+        self.show_chat_list(self.store.chats(arg), f"chats matching {arg!r}")
+
+    def show_chat_list(self, chats, heading: str = "chats") -> None:
+        lines = [f"**{heading}** (`/switch ID`)", ""]
+        lines += [f"- `{c.id}` {c.title}{'  ← current' if c.id == self.chat_id else ''}" for c in chats]
+        self.add_view(MessageView("notice", "\n".join(lines) if chats else f"no {heading}"))
+
+    def cmd_switch(self, arg: str) -> None:
+        try:
+            self.open_chat(self.store.chat(int(arg)).id)
+        except (ValueError, KeyError):
+            self.notice(f"no chat {arg!r}; /chats lists them", "error")
+
+    def cmd_rename(self, arg: str) -> None:
+        if arg:
+            self.store.update_chat(self.chat_id, title=arg)
+            self.notice(f"renamed to {arg}")
+
+    def cmd_delete(self, arg: str) -> None:
+        self.store.delete_chat(self.chat_id)
+        chats = self.store.chats()
+        self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
+
+    def cmd_system(self, arg: str) -> None:
+        self.store.update_chat(self.chat_id, system_prompt=arg)
+        self.notice("system prompt set" if arg else "system prompt cleared")
+
+    def cmd_temp(self, arg: str) -> None:
+        try:
+            value = float(arg)
+        except ValueError:
+            self.notice("/temp needs a number, e.g. /temp 0.2", "error")
+            return
+        settings = {**self.store.chat(self.chat_id).settings, "temperature": value}
+        self.store.update_chat(self.chat_id, settings=settings)
+        self.notice(f"temperature {value} for this chat")
+
+    def cmd_export(self, arg: str) -> None:
+        kind, _, target = arg.partition(" ")
+        if kind not in ("md", "json") or not target.strip():
+            self.notice("usage: /export md|json PATH", "error")
+            return
+        text = self.store.export_markdown(self.chat_id) if kind == "md" else self.store.export_json(self.chat_id)
+        path = Path(target.strip()).expanduser()
+        try:
+            path.write_text(text)
+        except OSError as exc:
+            self.notice(f"could not write {path}: {exc}", "error")
+            return
+        self.notice(f"exported to {path}")
+
+
+def _shown(content: str, status: str) -> str:
+    return content + ("\n\n*(cancelled)*" if status == "cancelled" else "\n\n*(interrupted)*" if status == "partial"
+                      else "")
+

@@ -1,0 +1,155 @@
+"""Chat sessions in SQLite: WAL, schema versioned with PRAGMA user_version, one migration per version.
+
+Every message is committed as soon as it is complete; a reply in progress is stored as 'partial' and
+updated as it grows, so killing the app mid-reply keeps everything said so far.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    db.executescript("""
+        CREATE TABLE chats (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            title TEXT NOT NULL,
+            model TEXT NOT NULL DEFAULT '',
+            system_prompt TEXT NOT NULL DEFAULT '',
+            settings TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        );
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'complete',
+            created REAL NOT NULL
+        );
+        CREATE INDEX messages_by_chat ON messages(chat_id, id);
+    """)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]  # index i upgrades version i -> i + 1
+
+
+@dataclass(frozen=True)
+class Chat:
+    id: int
+    title: str
+    model: str
+    system_prompt: str
+    settings: dict
+    updated: float
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    role: str
+    content: str
+    status: str  # complete, partial (reply in progress or interrupted), cancelled
+
+
+class ChatStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise RuntimeError(f"{self.path}: written by a newer moe-tui (schema {version}); upgrade moe-tui")
+        for target in range(version, len(MIGRATIONS)):
+            with self.db:
+                self.db.execute("BEGIN")
+                MIGRATIONS[target](self.db)
+                self.db.execute(f"PRAGMA user_version={target + 1}")
+
+    # ---- chats
+    def create_chat(self, title: str = "New chat", model: str = "", system_prompt: str = "") -> Chat:
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT INTO chats(title, model, system_prompt, created, updated) VALUES (?, ?, ?, ?, ?)",
+            (title, model, system_prompt, now, now))
+        return self.chat(cur.lastrowid)
+
+    def chat(self, chat_id: int) -> Chat:
+        row = self.db.execute("SELECT id, title, model, system_prompt, settings, updated FROM chats WHERE id=?",
+                              (chat_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no chat {chat_id}")
+        return Chat(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+
+    def chats(self, query: str = "") -> list[Chat]:
+        if query:
+            rows = self.db.execute(
+                "SELECT DISTINCT c.id FROM chats c LEFT JOIN messages m ON m.chat_id = c.id "
+                "WHERE c.title LIKE ? OR m.content LIKE ? ORDER BY c.updated DESC",
+                (f"%{query}%", f"%{query}%")).fetchall()
+        else:
+            rows = self.db.execute("SELECT id FROM chats ORDER BY updated DESC").fetchall()
+        return [self.chat(r[0]) for r in rows]
+
+    def update_chat(self, chat_id: int, **fields) -> None:
+        allowed = {"title", "model", "system_prompt", "settings"}
+        for key, value in fields.items():
+            if key not in allowed:
+                raise KeyError(key)
+            self.db.execute(f"UPDATE chats SET {key}=?, updated=? WHERE id=?",
+                            (json.dumps(value) if key == "settings" else value, time.time(), chat_id))
+
+    def delete_chat(self, chat_id: int) -> None:
+        self.db.execute("DELETE FROM chats WHERE id=?", (chat_id,))
+
+    # ---- messages
+    def add_message(self, chat_id: int, role: str, content: str, status: str = "complete") -> int:
+        now = time.time()
+        cur = self.db.execute("INSERT INTO messages(chat_id, role, content, status, created) VALUES (?, ?, ?, ?, ?)",
+                              (chat_id, role, content, status, now))
+        self.db.execute("UPDATE chats SET updated=? WHERE id=?", (now, chat_id))
+        return cur.lastrowid
+
+    def update_message(self, message_id: int, content: str, status: str) -> None:
+        self.db.execute("UPDATE messages SET content=?, status=? WHERE id=?", (content, status, message_id))
+
+    def delete_message(self, message_id: int) -> None:
+        self.db.execute("DELETE FROM messages WHERE id=?", (message_id,))
+
+    def messages(self, chat_id: int) -> list[StoredMessage]:
+        rows = self.db.execute("SELECT id, role, content, status FROM messages WHERE chat_id=? ORDER BY id",
+                               (chat_id,)).fetchall()
+        return [StoredMessage(*r) for r in rows]
+
+    # ---- export
+    def export_markdown(self, chat_id: int) -> str:
+        chat = self.chat(chat_id)
+        parts = [f"# {chat.title}\n"]
+        if chat.system_prompt:
+            parts.append(f"**system**: {chat.system_prompt}\n")
+        for m in self.messages(chat_id):
+            note = "" if m.status == "complete" else f" ({m.status})"
+            parts.append(f"## {m.role}{note}\n\n{m.content}\n")
+        return "\n".join(parts)
+
+    def export_json(self, chat_id: int) -> str:
+        chat = self.chat(chat_id)
+        return json.dumps({
+            "title": chat.title, "model": chat.model, "system_prompt": chat.system_prompt,
+            "settings": chat.settings,
+            "messages": [{"role": m.role, "content": m.content, "status": m.status} for m in self.messages(chat_id)],
+        }, indent=2)
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,1 @@
+"""Textual widgets of the moe-tui app: thin views over engine snapshots."""

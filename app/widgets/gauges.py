@@ -1,0 +1,102 @@
+"""Memory gauges and routing/speed statistics, drawn from one CacheSnapshot at a time."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Sparkline, Static
+
+from inference import CacheSnapshot
+
+BAR_WIDTH = 18
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def bar(fraction: float, width: int = BAR_WIDTH, unicode: bool = True) -> Text:
+    """A threshold-coloured bar: green below 70%, yellow below 90%, red above."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    filled = round(fraction * width)
+    color = "green" if fraction < 0.7 else "yellow" if fraction < 0.9 else "red"
+    full, empty = ("█", "░") if unicode else ("#", ".")
+    return Text(full * filled, style=color) + Text(empty * (width - filled), style="dim")
+
+
+def memory_table(snap: CacheSnapshot, unicode: bool = True) -> Table:
+    m = snap.memory
+    total = m.system_used_bytes + m.system_available_bytes
+    rows = [
+        ("expert cache", m.expert_cache_bytes, m.expert_cache_budget_bytes),
+        ("process RSS", m.rss_bytes, total),
+        ("MLX active", m.mlx_active_bytes, total),
+        ("MLX peak", m.mlx_peak_bytes, total),
+        ("system RAM", m.system_used_bytes, total),
+    ]
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    for label, used, limit in rows:
+        table.add_row(label, bar(used / limit if limit else 0.0, unicode=unicode),
+                      f"{human_bytes(used)} / {human_bytes(limit)}")
+    table.add_row("MLX cache", "", human_bytes(m.mlx_cache_bytes))
+    return table
+
+
+def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Table:
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(no_wrap=True)
+    avg = sum(speeds) / len(speeds) if speeds else 0.0
+    top = max(speeds) if speeds else 0.0
+    table.add_row("decode", f"{snap.decode_tps:.1f} tok/s  (avg {avg:.1f}, max {top:.1f})")
+    table.add_row("prefill", f"{snap.prefill_tps:.1f} tok/s   TTFT {snap.ttft_s * 1000:.0f} ms")
+    table.add_row("tokens", f"{snap.tokens_generated}   steps {snap.steps}")
+    hit = f"{snap.hit_rate:.1%}"
+    if optimum:
+        hit += f"   Belady {optimum.get('belady', 0):.1%} (same capacity, last 1024 steps)"
+    table.add_row("hit rate", hit)
+    if snap.mode == "fast":
+        table.add_row("fallbacks", f"{snap.fallback_rate:.1%} of routings")
+    table.add_row("loaded", f"{int(snap.loads.sum())} experts, {human_bytes(snap.bytes_read)}, "
+                  f"{human_bytes(snap.load_bandwidth)}/s")
+    return table
+
+
+class StatsPanel(Vertical):
+    """Gauges, a decode tok/s sparkline and the routing numbers."""
+
+    DEFAULT_CSS = """
+    StatsPanel { height: auto; }
+    StatsPanel Sparkline { height: 2; margin: 0 1; }
+    StatsPanel Static { height: auto; }
+    """
+
+    def __init__(self, unicode: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.unicode = unicode
+        self.speeds: deque[float] = deque(maxlen=120)
+        self._last_tokens = -1
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="memory")
+        yield Sparkline([], id="speed")
+        yield Static(id="routing")
+
+    def show(self, snap: CacheSnapshot, optimum: dict | None) -> None:
+        if snap.tokens_generated != self._last_tokens and snap.decode_tps > 0:
+            self.speeds.append(snap.decode_tps)
+            self._last_tokens = snap.tokens_generated
+            self.query_one("#speed", Sparkline).data = list(self.speeds)
+        self.query_one("#memory", Static).update(memory_table(snap, self.unicode))
+        self.query_one("#routing", Static).update(stats_table(snap, optimum, self.speeds))

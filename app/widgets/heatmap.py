@@ -1,0 +1,118 @@
+"""Expert-cache heatmap widget: Line API over the pure renderer in app/heatmap.py."""
+
+from __future__ import annotations
+
+from rich.segment import Segment
+from textual.binding import Binding
+from textual.geometry import Size
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+from inference import CacheSnapshot
+
+from .. import heatmap as renderer
+
+
+class HeatmapView(ScrollView, can_focus=True):
+    """Rows = MoE layers, columns = experts (binned to fit). Arrows select a cell; +/- zoom; [ ] scroll."""
+
+    BINDINGS = [
+        Binding("left", "move(0, -1)", "cell left", show=False),
+        Binding("right", "move(0, 1)", "cell right", show=False),
+        Binding("up", "move(-1, 0)", "cell up", show=False),
+        Binding("down", "move(1, 0)", "cell down", show=False),
+        Binding("plus,equals_sign", "zoom(1)", "zoom in", id="heatmap.zoom_in"),
+        Binding("minus", "zoom(-1)", "zoom out", id="heatmap.zoom_out"),
+        Binding("left_square_bracket", "pan(-1)", "pan left", show=False, id="heatmap.pan_left"),
+        Binding("right_square_bracket", "pan(1)", "pan right", show=False, id="heatmap.pan_right"),
+        Binding("h", "toggle_half", "2 layers/row", id="heatmap.half_blocks"),
+    ]
+    DEFAULT_CSS = """
+    HeatmapView { height: auto; max-height: 60%; min-height: 4; }
+    """
+
+    snapshot: reactive[CacheSnapshot | None] = reactive(None, layout=True)
+
+    def __init__(self, style: renderer.HeatmapStyle | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.heat_style = style or renderer.HeatmapStyle()
+        self.cursor = (0, 0)
+        self.first_expert = 0
+        self.experts_per_column: int | None = None
+        self.half_blocks: bool | None = None  # None: automatic when rows are short
+        self._lines: list[Strip] = []
+
+    def set_style(self, style: renderer.HeatmapStyle) -> None:
+        self.heat_style = style
+        self._rebuild()
+
+    def watch_snapshot(self) -> None:
+        self._rebuild()
+
+    def on_resize(self) -> None:
+        self._rebuild()
+
+    def _view(self) -> renderer.View:
+        snap = self.snapshot
+        layers = snap.num_moe_layers if snap else 0
+        half = self.half_blocks
+        if half is None:
+            room = (self.parent.size.height if self.parent else self.size.height) // 2
+            half = layers + 2 > max(room, 4)
+        return renderer.View(width=max(self.size.width, 20), first_expert=self.first_expert,
+                             experts_per_column=self.experts_per_column, half_blocks=half,
+                             cursor=None if half else self.cursor)
+
+    def _rebuild(self) -> None:
+        snap = self.snapshot
+        if snap is None:
+            self._lines = [Strip([Segment("loading the model...")])]
+        else:
+            view = self._view()
+            rows = renderer.render(snap, view, self.heat_style)
+            rows.append(renderer.legend(self.heat_style, view.width))
+            if not view.half_blocks and snap.num_moe_layers:
+                rows.append([Segment(renderer.describe(snap, view, self.heat_style, *self.cursor)[: view.width])])
+            self._lines = [Strip(row) for row in rows]
+        self.virtual_size = Size(max((s.cell_length for s in self._lines), default=1), len(self._lines))
+        self.styles.height = len(self._lines)
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        index = y + scroll_y
+        if index >= len(self._lines):
+            return Strip.blank(self.size.width)
+        return self._lines[index].crop(scroll_x, scroll_x + self.size.width)
+
+    # ---- actions
+    def action_move(self, d_layer: int, d_col: int) -> None:
+        if not self.snapshot:
+            return
+        _, cols = renderer.columns_for(self.snapshot.num_experts, self._view(), self.heat_style)
+        layer = min(max(self.cursor[0] + d_layer, 0), self.snapshot.num_moe_layers - 1)
+        col = min(max(self.cursor[1] + d_col, 0), max(cols - 1, 0))
+        self.cursor = (layer, col)
+        self._rebuild()
+
+    def action_zoom(self, direction: int) -> None:
+        if not self.snapshot:
+            return
+        per, _ = renderer.columns_for(self.snapshot.num_experts, self._view(), self.heat_style)
+        per = max(1, per // 2) if direction > 0 else per * 2
+        self.experts_per_column = per
+        self.first_expert = min(self.first_expert, max(self.snapshot.num_experts - per, 0))
+        self._rebuild()
+
+    def action_pan(self, direction: int) -> None:
+        if not self.snapshot:
+            return
+        per, cols = renderer.columns_for(self.snapshot.num_experts, self._view(), self.heat_style)
+        step = max(per * max(cols // 2, 1), 1)
+        self.first_expert = min(max(self.first_expert + direction * step, 0), max(self.snapshot.num_experts - 1, 0))
+        self._rebuild()
+
+    def action_toggle_half(self) -> None:
+        self.half_blocks = not self._view().half_blocks
+        self._rebuild()

@@ -1,0 +1,193 @@
+"""The one long-lived inference thread: loads the engine, generates, and posts results to the UI.
+
+MLX streams are thread-local, so every MLX call happens here. The UI talks to it only through
+`submit(...)` (a queue) and `cancel()` (an Event); the thread never touches widgets.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference import Engine, GenerationDone, ModelLoadError
+
+from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
+
+CHUNK_INTERVAL = 0.05  # seconds between text chunks posted to the UI (<= 20 a second)
+OPTIMUM_WINDOW = 1024  # replay the last this-many steps of each layer's trace
+
+
+@dataclass(frozen=True)
+class Generate:
+    chat_id: int
+    messages: list[dict]
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.95
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Live engine changes: any field left None is unchanged."""
+
+    capacity: int | float | None = None
+    mode: str | None = None
+    policy: str | None = None
+    reset_stats: bool = False
+
+
+@dataclass
+class EngineSpec:
+    model: str
+    capacity: int | float | None = None
+    mode: str = "exact"
+    policy: str = "lru"
+    profile: str | None = None
+    kv_bits: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class InferenceWorker(threading.Thread):
+    def __init__(self, app, spec: EngineSpec, stats_interval: float = 0.5) -> None:
+        super().__init__(name="moe-inference", daemon=True)
+        self.app = app
+        self.spec = spec
+        self.stats_interval = stats_interval
+        self.requests: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._stopping = threading.Event()
+        self.engine: Engine | None = None
+        self.context_length = 4096
+        self._last_stats = 0.0
+        self._optimum_steps = 0
+        self._optimum: dict | None = None
+
+    # ---- called from the UI thread
+    def submit(self, request: Generate | Configure) -> None:
+        self.requests.put(request)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._cancel.set()
+        self.requests.put(None)
+
+    # ---- the thread
+    def run(self) -> None:
+        try:
+            s = self.spec
+            self.engine = Engine.load(s.model, capacity=s.capacity, mode=s.mode, policy=s.policy,
+                                      profile=s.profile, kv_bits=s.kv_bits)
+        except (ModelLoadError, ValueError, OSError) as exc:
+            self.app.post_message(EngineFailed(str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - shown to the user rather than killing the thread silently
+            self.app.post_message(EngineFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        layout = self.engine.layout
+        context = self.context_length = int(self.engine.config.get("max_position_embeddings") or 4096)
+        self.app.post_message(EngineReady(EngineInfo(
+            model=s.model, model_type=layout.model_type, num_layers=layout.num_layers,
+            moe_layers=layout.moe_layers, num_experts=layout.num_experts, top_k=layout.top_k,
+            expert_bytes=layout.expert_bytes, dense_bytes=layout.dense_bytes, context_length=context)))
+        self._post_stats(force=True)
+        while not self._stopping.is_set():
+            try:
+                request = self.requests.get(timeout=self.stats_interval)
+            except queue.Empty:
+                self._refresh_optimum()
+                self._post_stats()
+                continue
+            if request is None:
+                break
+            if isinstance(request, Generate):
+                self._generate(request)
+            elif isinstance(request, Configure):
+                self._configure(request)
+            self._post_stats(force=True)
+        if self.engine is not None:
+            self.engine.close()
+
+    def _configure(self, request: Configure) -> None:
+        engine = self.engine
+        try:
+            if request.capacity is not None:
+                engine.set_capacity(request.capacity)
+                self.app.post_message(EngineNotice(f"capacity {engine.capacity} experts per layer"))
+            if request.mode is not None:
+                engine.set_mode(request.mode)
+                self.app.post_message(EngineNotice(f"mode {engine.mode}"))
+            if request.policy is not None:
+                engine.set_policy(request.policy)
+                self.app.post_message(EngineNotice(f"policy {engine.policy}"))
+            if request.reset_stats:
+                engine.reset_stats()
+                self.app.post_message(EngineNotice("statistics reset"))
+        except (ValueError, ModelLoadError) as exc:
+            self.app.post_message(EngineNotice(str(exc), "error"))
+
+    def _fit_context(self, request: Generate) -> list[dict]:
+        """Drop the oldest turns (never the system prompt or the last message) until the prompt fits."""
+        messages = list(request.messages)
+        limit = self.context_length - request.max_tokens
+        dropped = 0
+        while len(self.engine.encode(messages)) > limit:
+            first = 1 if messages and messages[0]["role"] == "system" else 0
+            if len(messages) - first <= 1:
+                break
+            del messages[first]
+            dropped += 1
+        if dropped:
+            self.app.post_message(EngineNotice(
+                f"context window full: dropped the {dropped} oldest message(s) from the prompt", "warning"))
+        return messages
+
+    def _generate(self, request: Generate) -> None:
+        self._cancel.clear()
+        messages = self._fit_context(request)
+        text, pending, last_post = "", "", time.monotonic()
+        done: GenerationDone | None = None
+        try:
+            for event in self.engine.stream(messages, max_tokens=request.max_tokens,
+                                            temperature=request.temperature, top_p=request.top_p,
+                                            cancel=self._cancel):
+                if isinstance(event, GenerationDone):
+                    done = event
+                    break
+                pending += event.text
+                now = time.monotonic()
+                if now - last_post >= CHUNK_INTERVAL:
+                    self.app.post_message(ReplyChunk(request.chat_id, pending))
+                    text += pending
+                    pending, last_post = "", now
+                self._post_stats()
+        except Exception as exc:  # noqa: BLE001 - the reply shows the error; the thread keeps serving
+            traceback.print_exc()
+            self.app.post_message(ReplyDone(request.chat_id, text + pending, None, f"{type(exc).__name__}: {exc}"))
+            return
+        if pending:
+            self.app.post_message(ReplyChunk(request.chat_id, pending))
+        self.app.post_message(ReplyDone(request.chat_id, done.text if done else text + pending, done))
+
+    def _post_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < self.stats_interval:
+            return
+        self._last_stats = now
+        self.app.post_message(SnapshotReady(self.engine.snapshot(), self._optimum))
+
+    def _refresh_optimum(self) -> None:
+        """Replay the recent trace under every policy and Belady's MIN; only while idle (it costs CPU)."""
+        steps = self.engine.snapshot().trace_length
+        if not steps or steps == self._optimum_steps or not self.engine.layout.moe_layers:
+            return
+        rates = self.engine.hit_rates_vs_optimum(last_steps=OPTIMUM_WINDOW)
+        self._optimum = {name: r["hit_rate"] for name, r in rates.items()}
+        self._optimum_steps = steps
+        self._post_stats(force=True)
