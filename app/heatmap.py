@@ -145,7 +145,11 @@ def describe(snapshot: CacheSnapshot, view: View, style: HeatmapStyle, layer: in
     who = f"expert {first}" if per == 1 else f"experts {first}-{experts.stop - 1}"
     resident = int(snapshot.resident[layer, sl].sum())
     pinned = int(snapshot.pinned[layer, sl].sum())
+    if resident == len(experts):
+        residency = "resident"
+    else:
+        residency = "not resident" if len(experts) == 1 else f"{resident}/{len(experts)} resident"
     return (f"layer {snapshot.layer_ids[layer]} {who}: requests {int(snapshot.requests[layer, sl].sum())}, "
             f"hits {int(snapshot.hits[layer, sl].sum())}, misses {int(snapshot.misses[layer, sl].sum())}, "
-            f"{'resident' if resident == len(experts) else f'{resident}/{len(experts)} resident'}"
+            f"{residency}"
             f"{', pinned' if pinned else ''}")

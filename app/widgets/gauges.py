@@ -12,15 +12,15 @@ from textual.widgets import Sparkline, Static
 
 from inference import CacheSnapshot
 
-BAR_WIDTH = 18
+BAR_WIDTH = 12
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:.1f}T"
 
 
 def bar(fraction: float, width: int = BAR_WIDTH, unicode: bool = True) -> Text:
@@ -36,40 +36,39 @@ def memory_table(snap: CacheSnapshot, unicode: bool = True) -> Table:
     m = snap.memory
     total = m.system_used_bytes + m.system_available_bytes
     rows = [
-        ("expert cache", m.expert_cache_bytes, m.expert_cache_budget_bytes),
-        ("process RSS", m.rss_bytes, total),
-        ("MLX active", m.mlx_active_bytes, total),
+        ("experts", m.expert_cache_bytes, m.expert_cache_budget_bytes),
+        ("RSS", m.rss_bytes, total),
+        ("MLX", m.mlx_active_bytes, total),
         ("MLX peak", m.mlx_peak_bytes, total),
-        ("system RAM", m.system_used_bytes, total),
+        ("RAM", m.system_used_bytes, total),
     ]
     table = Table.grid(padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True)
+    table.add_column(style="bold", no_wrap=True, min_width=8)
     table.add_column(no_wrap=True)
     table.add_column(no_wrap=True)
     for label, used, limit in rows:
         table.add_row(label, bar(used / limit if limit else 0.0, unicode=unicode),
-                      f"{human_bytes(used)} / {human_bytes(limit)}")
+                      f"{human_bytes(used)}/{human_bytes(limit)}")
     table.add_row("MLX cache", "", human_bytes(m.mlx_cache_bytes))
     return table
 
 
 def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Table:
     table = Table.grid(padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True)
+    table.add_column(style="bold", no_wrap=True, min_width=8)
     table.add_column(no_wrap=True)
     avg = sum(speeds) / len(speeds) if speeds else 0.0
     top = max(speeds) if speeds else 0.0
-    table.add_row("decode", f"{snap.decode_tps:.1f} tok/s  (avg {avg:.1f}, max {top:.1f})")
-    table.add_row("prefill", f"{snap.prefill_tps:.1f} tok/s   TTFT {snap.ttft_s * 1000:.0f} ms")
-    table.add_row("tokens", f"{snap.tokens_generated}   steps {snap.steps}")
-    hit = f"{snap.hit_rate:.1%}"
+    table.add_row("decode", f"{snap.decode_tps:.1f} tok/s  avg {avg:.1f}  max {top:.1f}")
+    table.add_row("prefill", f"{snap.prefill_tps:.0f} tok/s  TTFT {snap.ttft_s * 1000:.0f} ms")
+    table.add_row("tokens", f"{snap.tokens_generated}  steps {snap.steps}")
+    table.add_row("hit rate", f"{snap.hit_rate:.1%}")
     if optimum:
-        hit += f"   Belady {optimum.get('belady', 0):.1%} (same capacity, last 1024 steps)"
-    table.add_row("hit rate", hit)
+        table.add_row("Belady", f"{optimum.get('belady', 0):.1%} at this capacity")
     if snap.mode == "fast":
-        table.add_row("fallbacks", f"{snap.fallback_rate:.1%} of routings")
-    table.add_row("loaded", f"{int(snap.loads.sum())} experts, {human_bytes(snap.bytes_read)}, "
-                  f"{human_bytes(snap.load_bandwidth)}/s")
+        table.add_row("fallback", f"{snap.fallback_rate:.1%} of routings")
+    table.add_row("loaded", f"{int(snap.loads.sum())} experts  {human_bytes(snap.bytes_read)}")
+    table.add_row("load bw", f"{human_bytes(snap.load_bandwidth)}/s")
     return table
 
 

@@ -1,0 +1,111 @@
+"""The heatmap renderer is a pure function of a snapshot: binning, marks, legend, glyph fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app import heatmap as hm
+from inference.telemetry import CacheSnapshot, MemorySample
+
+
+def snapshot(layers=3, experts=8, **arrays) -> CacheSnapshot:
+    zeros = np.zeros((layers, experts))
+    base = dict(resident=zeros.astype(bool), pinned=zeros.astype(bool), just_missed=zeros.astype(bool),
+                requests=zeros.astype(int), hits=zeros.astype(int), misses=zeros.astype(int),
+                fallbacks=zeros.astype(int), loads=zeros.astype(int), evictions=zeros.astype(int), recent=zeros)
+    base.update(arrays)
+    return CacheSnapshot.build(
+        model="m", mode="exact", policy="lru", capacity=4, num_experts=experts, top_k=2,
+        layer_ids=tuple(range(1, layers + 1)), bytes_read=0, load_seconds=0.0,
+        memory=MemorySample(1, 1, 1, 0, 1, 2, 1, 1), decode_tps=0.0, prefill_tps=0.0, ttft_s=0.0,
+        tokens_generated=0, steps=0, trace_length=0, **base)
+
+
+def text(line) -> str:
+    return "".join(seg.text for seg in line)
+
+
+def test_one_column_per_expert_with_marks_and_hit_rate():
+    resident = np.zeros((3, 8), bool)
+    resident[0, [1, 2]] = True
+    pinned = np.zeros((3, 8), bool)
+    pinned[0, 2] = True
+    missed = np.zeros((3, 8), bool)
+    missed[0, 5] = True
+    hits = np.zeros((3, 8), int)
+    misses = np.zeros((3, 8), int)
+    hits[0, 1], misses[0, 5] = 3, 1
+    snap = snapshot(resident=resident, pinned=pinned, just_missed=missed, hits=hits, misses=misses)
+    lines = hm.render(snap, hm.View(width=40))
+    assert len(lines) == 3
+    row = text(lines[0])
+    assert row.startswith("L1 ")
+    cells = row[hm.LABEL_WIDTH : hm.LABEL_WIDTH + 8]
+    assert cells == " •◆  ×  "
+    assert row.endswith(" 75%")  # 3 hits, 1 miss
+
+
+def test_wide_models_are_binned_to_fit():
+    experts = 512
+    recent = np.zeros((2, experts))
+    recent[0, 500] = 10.0
+    snap = snapshot(layers=2, experts=experts, recent=recent)
+    view = hm.View(width=74)
+    per, cols = hm.columns_for(experts, view, hm.HeatmapStyle())
+    assert cols <= 74 - hm.LABEL_WIDTH - hm.RATE_WIDTH and per * cols >= experts
+    cells = hm.binned(snap, view, hm.HeatmapStyle())
+    assert cells["heat"].shape == (2, cols)
+    assert cells["heat"][0, 500 // per] == 1.0 and cells["heat"].sum() == 1.0
+    assert all(len(text(line)) <= 74 for line in hm.render(snap, view))
+
+
+def test_zoom_and_scroll_select_a_range():
+    snap = snapshot(layers=1, experts=512)
+    view = hm.View(width=40, first_expert=256, experts_per_column=2)
+    per, cols = hm.columns_for(512, view, hm.HeatmapStyle())
+    assert per == 2 and cols == 40 - hm.LABEL_WIDTH - hm.RATE_WIDTH
+    assert "experts 260-261" in hm.describe(snap, view, hm.HeatmapStyle(), 0, 2)
+
+
+def test_half_blocks_draw_two_layers_per_row():
+    snap = snapshot(layers=5)
+    lines = hm.render(snap, hm.View(width=40, half_blocks=True))
+    assert len(lines) == 3
+    assert set(text(lines[0])[hm.LABEL_WIDTH : hm.LABEL_WIDTH + 8]) == {"▀"}
+
+
+def test_ascii_fallback_uses_plain_glyphs_and_no_colour():
+    resident = np.zeros((1, 4), bool)
+    resident[0, 0] = True
+    recent = np.array([[4.0, 0.0, 2.0, 0.0]])
+    snap = snapshot(layers=1, experts=4, resident=resident, recent=recent)
+    style = hm.HeatmapStyle(unicode=False)
+    line = hm.render(snap, hm.View(width=40), style)[0]
+    cells = text(line)[hm.LABEL_WIDTH : hm.LABEL_WIDTH + 8]
+    assert cells == "@o  =   "
+    assert all(ord(c) < 128 for c in text(line))
+    assert all(seg.style is None or seg.style.color is None and seg.style.bgcolor is None for seg in line)
+    assert all(ord(c) < 128 for c in text(hm.legend(style)))
+
+
+def test_cursor_cell_is_highlighted_and_described():
+    requests = np.zeros((3, 8), int)
+    requests[1, 3] = 7
+    snap = snapshot(requests=requests)
+    line = hm.render(snap, hm.View(width=40, cursor=(1, 3)))[1]
+    cell = line[1 + 3]
+    assert cell.style.reverse
+    assert hm.describe(snap, hm.View(width=40), hm.HeatmapStyle(), 1, 3).startswith(
+        "layer 2 expert 3: requests 7, hits 0, misses 0, not resident")
+
+
+def test_dense_model_message():
+    snap = snapshot(layers=0, experts=0)
+    assert "dense" in text(hm.render(snap, hm.View(width=40))[0])
+
+
+def test_gradient_endpoints():
+    stops = ("#000000", "#ffffff")
+    assert hm.gradient_color(stops, 0.0).get_truecolor() == (0, 0, 0)
+    assert hm.gradient_color(stops, 1.0).get_truecolor() == (255, 255, 255)
+    assert hm.gradient_color(stops, 0.5).get_truecolor().red in (127, 128)
