@@ -12,12 +12,14 @@ from textual.command import Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Markdown
 
+from . import coding
 from .heatmap import HeatmapStyle
 from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 from .settings import Settings, save_settings
 from .store import ChatStore
 from .themes import load_themes
 from .widgets.chat import MessageView, PromptInput
+from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
 from .widgets.heatmap import HeatmapView
 from .worker import Configure, EngineSpec, Generate, InferenceWorker
@@ -25,6 +27,9 @@ from .worker import Configure, EngineSpec, Generate, InferenceWorker
 HELP = """\
 **Keys**: Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate · Ctrl+E edit last ·
 Ctrl+N new chat · Ctrl+P command palette · F2 toggle cache panel · Tab focus heatmap (arrows, +/-, [ ], h)
+
+**Coding**: `/add PATH` or `@path` in a message attaches a file · `/files` · `/save N PATH` writes code block N
+of the last reply (diff and confirm before overwriting) · `/copy [N]` copies the last reply or its code block N
 
 **Commands**: `/capacity N|F|P%` · `/mode exact|fast` · `/policy lru|lfu|decay` · `/reset` (stats) ·
 `/theme NAME` · `/new` · `/chats` · `/switch ID` · `/rename TITLE` · `/delete` · `/search TEXT` ·
@@ -98,6 +103,8 @@ class MoeApp(App):
         self.reply_text = ""
         self.context_length = 0
         self.last_snapshot = None
+        self.attachments: list[coding.Attachment] = []
+        self.cwd = Path.cwd()
 
     # ---- layout
     def compose(self) -> ComposeResult:
@@ -168,10 +175,27 @@ class MoeApp(App):
             self.notice("a reply is still streaming: Esc cancels it", "warning")
             self.query_one(PromptInput).text = event.text
             return
+        mentioned = [p for p in coding.mentions(text) if coding.resolve(p, self.cwd)[0].is_file()]
+        outside = [p for p in mentioned if coding.resolve(p, self.cwd)[1]]
+
+        def proceed(allow_outside: bool | None = True) -> None:
+            for p in mentioned:
+                if allow_outside or p not in outside:
+                    self.attach(p)
+            self.send(text)
+
+        if outside:
+            self.push_screen(ConfirmScreen(f"Attach files outside {self.cwd}? {', '.join(outside)}"), proceed)
+        else:
+            proceed()
+
+    def send(self, typed: str) -> None:
+        text = "\n\n".join([a.as_prompt() for a in self.attachments] + [typed])
+        self.attachments = []
         message_id = self.store.add_message(self.chat_id, "user", text)
         chat = self.store.chat(self.chat_id)
         if chat.title == "New chat":
-            self.store.update_chat(self.chat_id, title=text.splitlines()[0][:60])
+            self.store.update_chat(self.chat_id, title=typed.splitlines()[0][:60])
         self.add_view(MessageView("user", text, message_id))
         self.start_reply()
 
@@ -371,6 +395,105 @@ class MoeApp(App):
         settings = {**self.store.chat(self.chat_id).settings, "temperature": value}
         self.store.update_chat(self.chat_id, settings=settings)
         self.notice(f"temperature {value} for this chat")
+
+    # ---- coding
+    def attach(self, path_text: str) -> None:
+        path, _ = coding.resolve(path_text, self.cwd)
+        try:
+            text = coding.read_text_file(path)
+        except coding.AttachmentError as exc:
+            self.notice(str(exc), "error")
+            return
+        engine = self.worker.engine
+        tokens = len(engine.tokenizer.encode(text)) if engine is not None else 0
+        self.attachments = [a for a in self.attachments if a.path != path] + [coding.Attachment(path, text, tokens)]
+        self.notice(f"attached {path} ({tokens} tokens); it goes with your next message")
+
+    def cmd_add(self, arg: str) -> None:
+        if not arg:
+            self.notice("usage: /add PATH", "error")
+            return
+        path, outside = coding.resolve(arg, self.cwd)
+        if outside:
+            self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Attach it?"),
+                             lambda ok: ok and self.attach(arg))
+        else:
+            self.attach(arg)
+
+    def cmd_files(self, arg: str) -> None:
+        if not self.attachments:
+            self.notice("no files attached; /add PATH or @path attaches one")
+            return
+        lines = ["**attached to your next message**", ""]
+        lines += [f"- `{a.path}` ({a.tokens} tokens)" for a in self.attachments]
+        self.add_view(MessageView("notice", "\n".join(lines)))
+
+    def last_reply(self) -> str | None:
+        replies = [m for m in self.store.messages(self.chat_id) if m.role == "assistant" and m.content]
+        return replies[-1].content if replies else None
+
+    def code_block(self, number: str) -> str | None:
+        reply = self.last_reply()
+        blocks = coding.code_blocks(reply or "")
+        try:
+            index = int(number) - 1
+        except ValueError:
+            index = -1
+        if not 0 <= index < len(blocks):
+            self.notice(f"the last reply has {len(blocks)} code block(s); give a number from 1", "error")
+            return None
+        return blocks[index][1]
+
+    def cmd_save(self, arg: str) -> None:
+        number, _, target = arg.partition(" ")
+        if not target.strip():
+            self.notice("usage: /save N PATH", "error")
+            return
+        code = self.code_block(number)
+        if code is None:
+            return
+        path, outside = coding.resolve(target.strip(), self.cwd)
+
+        def write(ok: bool | None = True) -> None:
+            if not ok:
+                self.notice("not saved")
+                return
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(code + "\n")
+            except OSError as exc:
+                self.notice(f"could not write {path}: {exc}", "error")
+                return
+            self.notice(f"saved code block {number} to {path}")
+
+        def check_existing(ok: bool | None = True) -> None:
+            if not ok:
+                self.notice("not saved")
+            elif path.exists():
+                old = path.read_text(errors="replace")
+                self.push_screen(ConfirmScreen(f"Overwrite {path}?", coding.diff(old, code + "\n", path)), write)
+            else:
+                write()
+
+        if outside:
+            self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Write there?"), check_existing)
+        else:
+            check_existing()
+
+    def cmd_copy(self, arg: str) -> None:
+        text = self.code_block(arg) if arg else self.last_reply()
+        if text is None:
+            if not arg:
+                self.notice("nothing to copy yet", "warning")
+            return
+        self.copy_to_clipboard(text)  # OSC 52: works in most terminals, over SSH too
+        fallback = self.settings.resolved_data_dir() / "clipboard.txt"
+        try:
+            fallback.parent.mkdir(parents=True, exist_ok=True)
+            fallback.write_text(text)
+            self.notice(f"copied ({len(text)} chars); also written to {fallback}")
+        except OSError:
+            self.notice(f"copied ({len(text)} chars)")
 
     def cmd_export(self, arg: str) -> None:
         kind, _, target = arg.partition(" ")

@@ -10,6 +10,7 @@ import pytest
 from app.main import MoeApp
 from app.settings import Settings
 from app.widgets.chat import MessageView, PromptInput
+from app.widgets.confirm import ConfirmScreen
 from app.widgets.heatmap import HeatmapView
 from app.worker import EngineSpec
 
@@ -131,3 +132,93 @@ async def test_small_terminal_and_theme_switch(make_app, tmp_path):
         await pilot.press("f2")
         assert app.query_one("#side").has_class("hidden")
     _ = asyncio  # pilot tests run on pytest-asyncio's loop
+
+
+async def test_add_attaches_file_with_token_count(make_app, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "util.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.chdir(project)
+    app = make_app(max_tokens=4)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/add util.py")
+        assert [a.path.name for a in app.attachments] == ["util.py"] and app.attachments[0].tokens > 0
+        app.run_command("/add missing.py")
+        assert len(app.attachments) == 1  # the error is a notice; nothing is lost
+        await send(pilot, app, "explain @util.py please")
+        await wait_until(pilot, lambda: replies(app) and not app.generating)
+        user = [m for m in app.store.messages(app.chat_id) if m.role == "user"][-1]
+        assert "File `" in user.content and "return 2 * x" in user.content
+        assert user.content.count("def twice") == 1  # /add and @ of the same file attach it once
+        assert app.store.chat(app.chat_id).title == "explain @util.py please"
+        assert app.attachments == []
+
+
+async def test_file_outside_cwd_needs_confirmation(make_app, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "secret.txt").write_text("outside")
+    monkeypatch.chdir(project)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/add ../secret.txt")
+        await pilot.pause(0.1)
+        await pilot.press("n")
+        await pilot.pause(0.1)
+        assert app.attachments == []
+        app.run_command("/add ../secret.txt")
+        await pilot.pause(0.1)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: len(app.attachments) == 1)
+
+
+async def test_save_code_block_asks_before_overwriting(make_app, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.store.add_message(app.chat_id, "user", "two functions")
+        reply = "First:\n```python\ndef a():\n    return 1\n```\nThen:\n```python\ndef b():\n    return 2\n```"
+        app.store.add_message(app.chat_id, "assistant", reply)
+        app.run_command("/save 2 out/b.py")
+        await pilot.pause(0.1)
+        assert (project / "out" / "b.py").read_text() == "def b():\n    return 2\n"
+        app.run_command("/save 1 out/b.py")  # exists: a diff and a question
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "-    return 2" in app.screen.diff and "+    return 1" in app.screen.diff
+        await pilot.press("n")
+        await pilot.pause(0.1)
+        assert "return 2" in (project / "out" / "b.py").read_text()
+        app.run_command("/save 1 out/b.py")
+        await pilot.pause(0.2)
+        await pilot.press("y")
+        await pilot.pause(0.1)
+        assert (project / "out" / "b.py").read_text() == "def a():\n    return 1\n"
+        app.run_command("/save 3 out/c.py")
+        assert not (project / "out" / "c.py").exists()
+        app.run_command("/copy 2")
+        assert app.clipboard == "def b():\n    return 2"
+        assert (tmp_path / "data" / "clipboard.txt").read_text() == "def b():\n    return 2"
+
+
+async def test_full_context_drops_oldest_turns_with_notice(make_app):
+    from app.worker import Generate
+
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.worker.context_length = 200
+        long_turns = []
+        for i in range(6):
+            long_turns += [{"role": "user", "content": f"question {i} " + "word " * 30},
+                           {"role": "assistant", "content": "answer " * 30}]
+        request = Generate(app.chat_id, long_turns + [{"role": "user", "content": "last"}], max_tokens=50)
+        kept = app.worker._fit_context(request)
+        assert kept[-1]["content"] == "last" and len(kept) < len(request.messages)
+        assert len(app.worker.engine.encode(kept)) <= 150
+        await wait_until(pilot, lambda: any("dropped" in n.message for n in app._notifications))
