@@ -88,12 +88,13 @@ class MoeApp(App):
         Binding("ctrl+q", "quit", "quit", id="app.quit"),
     ]
 
-    def __init__(self, spec: EngineSpec, settings: Settings, store_path: Path | None = None) -> None:
+    def __init__(self, spec: EngineSpec, settings: Settings, store_path: Path | None = None,
+                 worker: InferenceWorker | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.settings = settings
         self.store = ChatStore(store_path or settings.resolved_data_dir() / "chats.sqlite3")
-        self.worker = InferenceWorker(self, spec, stats_interval=1.0 / max(settings.refresh_hz, 0.1))
+        self.worker = worker or InferenceWorker(self, spec, stats_interval=1.0 / max(settings.refresh_hz, 0.1))
         self.theme_gradients: dict[str, tuple[str, ...]] = {}
         self.chat_id: int | None = None
         self.generating = False

@@ -12,7 +12,7 @@ from textual.widgets import Sparkline, Static
 
 from inference import CacheSnapshot
 
-BAR_WIDTH = 12
+BAR_WIDTH = 8
 
 
 def human_bytes(n: float) -> str:
