@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from inference.demo_paths import DEMO_MODEL, DEMO_PROFILE
+from inference.engine import resolve_model_path
+from inference.errors import ModelLoadError
 
 
 def parse_capacity(value: str) -> int | float:
@@ -42,10 +45,35 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
 
 
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def ensure_local(model: str) -> str:
+    """A local folder as is; a Hugging Face repo id from the hub cache, else downloaded with progress bars."""
+    path = Path(model).expanduser()
+    if path.exists() or model.count("/") != 1:
+        return model  # the engine reports a missing folder clearly
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, local_files_only=True, allow_patterns=HUB_PATTERNS)
+    except Exception:  # noqa: BLE001 - not (fully) cached: try the network below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelLoadError(f"{model}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
+                             f"download it with network access first (`hf download {model}`)")
+    print(f"moe: downloading {model} from the Hugging Face hub...", file=sys.stderr)
+    try:
+        return snapshot_download(model, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:  # noqa: BLE001 - hub errors vary: offline, 404, auth
+        raise ModelLoadError(f"{model}: could not download ({type(exc).__name__}: {exc}); check the network "
+                             "connection and the repo id, or pass a local folder") from exc
+
+
 def _load(args):
     from inference.engine import Engine
 
-    model = args.model or str(DEMO_MODEL)
+    model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
     profile = args.profile
     if profile is None and args.model is None and DEMO_PROFILE.exists():
         profile = DEMO_PROFILE
@@ -124,7 +152,9 @@ def cmd_chat(args) -> int:
     settings = load_settings()
     if args.data_dir:
         settings.data_dir = str(args.data_dir)
-    model = args.model or settings.default_model or str(DEMO_MODEL)
+    model = args.model or settings.default_model
+    model = ensure_local(model) if model else str(DEMO_MODEL)
+    resolve_model_path(model)  # a wrong path is a one-line error here, not a broken screen
     profile = args.profile
     if profile is None and model == str(DEMO_MODEL) and DEMO_PROFILE.exists():
         profile = DEMO_PROFILE
@@ -181,8 +211,6 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from inference.errors import ModelLoadError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,30 @@ def test_cli_generate_and_info(checkpoint, capsys):
     assert main(["generate", path, "--prompt", "def f():", "--max-tokens", "6"]) == 0
     err = capsys.readouterr().err
     assert "tokens" in err and "hit rate" in err
+
+
+def test_repo_id_resolves_from_the_local_hub_cache(checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from app.cli import ensure_local
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-moe" / "snapshots" / ("a" * 40)
+    shutil.copytree(checkpoint("olmoe"), snapshot)
+    (cache / "models--someone--tiny-moe" / "refs").mkdir()
+    (cache / "models--someone--tiny-moe" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    assert Path(ensure_local("someone/tiny-moe")) == snapshot
+    assert Engine.load(ensure_local("someone/tiny-moe"), capacity=2).layout.num_experts == 8
+
+
+def test_uncached_repo_offline_is_a_clear_message(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "app.cli", "info", "nobody/no-such-model"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert "not in the local Hugging Face cache" in result.stderr and "Traceback" not in result.stderr
