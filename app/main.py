@@ -104,6 +104,7 @@ class MoeApp(App):
         self.reply_text = ""
         self.context_length = 0
         self.last_snapshot = None
+        self.last_done = None  # GenerationDone of the latest reply (speeds, token counts)
         self.attachments: list[coding.Attachment] = []
         self.cwd = Path.cwd()
 
@@ -224,6 +225,7 @@ class MoeApp(App):
     @on(ReplyDone)
     async def on_reply_done(self, event: ReplyDone) -> None:
         self.generating = False
+        self.last_done = event.done
         if self.reply_stream is not None:
             await self.reply_stream.stop()
             self.reply_stream = None
