@@ -64,7 +64,7 @@ def layer_stats(trace: list[np.ndarray], num_experts: int, top_k: int, rng: np.r
     entropy = float(-(nz * np.log(nz)).sum() / math.log(num_experts))
 
     def overlap(steps) -> float:
-        return float(np.mean([len(set(a) & set(b)) / top_k for a, b in zip(steps, steps[1:])]))
+        return float(np.mean([len(set(a) & set(b)) / top_k for a, b in zip(steps[:-1], steps[1:], strict=True)]))
 
     shuffled = [trace[i] for i in rng.permutation(len(trace))]
     return {"max_share": float(share.max()), "min_share": float(share.min()), "normalized_entropy": entropy,
