@@ -49,6 +49,12 @@ class MoeCommands(Provider):
             ("List chats", "show stored chats", partial(app.run_command, "/chats")),
             ("Help", "keys and slash commands", partial(app.run_command, "/help")),
         ]
+        for command, what in (("rename", "rename this chat"), ("search", "search chats"), ("switch", "open a chat"),
+                              ("delete", "delete this chat"), ("export md", "export this chat to Markdown"),
+                              ("export json", "export this chat to JSON"), ("system", "set the system prompt"),
+                              ("temp", "set this chat's temperature"), ("add", "attach a file"),
+                              ("save", "save a code block of the last reply"), ("copy", "copy the last reply")):
+            cmds.append((f"/{command} ...", what, partial(app.prefill, f"/{command} ")))
         for mode in ("exact", "fast"):
             cmds.append((f"Mode: {mode}", f"switch the engine to {mode} mode",
                          partial(app.run_command, f"/mode {mode}")))
@@ -313,6 +319,13 @@ class MoeApp(App):
             HeatmapStyle(gradient=self.theme_gradients[name], unicode=self.settings.unicode()))
 
     # ---- slash commands
+    def prefill(self, text: str) -> None:
+        """Put a command that needs an argument into the prompt for the user to finish."""
+        prompt = self.query_one(PromptInput)
+        prompt.text = text
+        prompt.move_cursor(prompt.document.end)
+        prompt.focus()
+
     def run_command(self, line: str) -> None:
         name, _, arg = line.strip().lstrip("/").partition(" ")
         arg = arg.strip()

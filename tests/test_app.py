@@ -222,3 +222,21 @@ async def test_full_context_drops_oldest_turns_with_notice(make_app):
         assert kept[-1]["content"] == "last" and len(kept) < len(request.messages)
         assert len(app.worker.engine.encode(kept)) <= 150
         await wait_until(pilot, lambda: any("dropped" in n.message for n in app._notifications))
+
+
+async def test_keymap_from_settings_and_palette_prefill(make_app):
+    app = make_app(keymap={"app.new_chat": "ctrl+b"})
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        first = app.chat_id
+        await pilot.press("ctrl+b")
+        await wait_until(pilot, lambda: app.chat_id != first)
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        for ch in "/rename":
+            await pilot.press(ch)
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.query_one(PromptInput).text == "/rename ")
+        await pilot.press(*"sorting", "enter")
+        await wait_until(pilot, lambda: app.store.chat(app.chat_id).title == "sorting")
