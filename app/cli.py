@@ -164,6 +164,17 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from inference.server import serve
+
+    model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
+    profile = args.profile or (DEMO_PROFILE if args.model is None and DEMO_PROFILE.exists() else None)
+    serve(model, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+          max_tokens_cap=args.max_tokens_cap, capacity=args.capacity, mode=args.mode, policy=args.policy,
+          profile=profile, kv_bits=args.kv_bits)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description="Run and watch Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command")
@@ -191,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-tokens", type=int, default=64)
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with cache telemetry")
+    _add_engine_args(p, model_optional=True)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs an API key)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require this key (or set MOE_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
+    p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")
     p.add_argument("model", nargs="?", default=None)

@@ -577,7 +577,7 @@ class Engine:
             self._prompt_cache = make_prompt_cache(self.model)
             reuse = 0
         sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
-        text, generated, finish = "", [], "length"
+        text, generated, finish, matched = "", [], "length", None
         started = time.perf_counter()
         first_token_at = None
         kv = ({"kv_bits": self.kv_bits, "kv_group_size": self._kv_group_size, "quantized_kv_start": 0}
@@ -596,7 +596,8 @@ class Engine:
                 text += response.text
                 cut = _stop_at(text, stop)
                 if cut is not None:
-                    text, finish = text[:cut], "stop"
+                    matched = cut[1]
+                    text, finish = text[: cut[0]], "stop"
                     break
                 yield TokenDelta(response.text, response.token)
             self._speed["decode_tps"] = response.generation_tps
@@ -614,6 +615,7 @@ class Engine:
             generated_tokens=len(generated), prefill_tps=self._speed["prefill_tps"],
             decode_tps=self._speed["decode_tps"],
             ttft_s=(first_token_at - started) if first_token_at else 0.0, tokens=tuple(generated),
+            stop_sequence=matched,
         )
 
     def _sync_cached_tokens(self, known: list[int]) -> None:
@@ -664,6 +666,7 @@ def _kv_group_size(config: dict) -> int:
     raise ValueError(f"kv_bits needs a head dimension divisible by 32; this model's is {head_dim}")
 
 
-def _stop_at(text: str, stop: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stop if s and s in text]
+def _stop_at(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
+    """(where the earliest stop string starts, which one) or None."""
+    hits = [(text.find(s), s) for s in stop if s and s in text]
     return min(hits) if hits else None

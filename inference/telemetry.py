@@ -31,6 +31,7 @@ class GenerationDone:
     decode_tps: float
     ttft_s: float
     tokens: tuple[int, ...] = ()  # every generated token id, including ones that added no text yet
+    stop_sequence: str | None = None  # the stop string that ended generation, if one did
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,324 @@
+"""`moe serve`: OpenAI- and Anthropic-compatible HTTP API over one engine, with live cache telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..telemetry import GenerationDone, TokenDelta
+from .metrics import prometheus_text
+from .runner import EngineRunner, Job, QueueFull
+from .schemas import BadRequest, ChatRequest, openapi, parse_anthropic, parse_openai
+
+MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL = 0.25
+
+
+class ServerConfig:
+    def __init__(self, model_name: str, api_key: str | None = None, max_tokens_cap: int = 4096,
+                 max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = 16) -> None:
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_tokens_cap = max_tokens_cap
+        self.max_body_bytes = max_body_bytes
+        self.max_queue = max_queue
+
+
+# ---------------------------------------------------------------- errors in each API's own format
+
+def openai_error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+def anthropic_error(message: str, status: int, kind: str = "invalid_request_error",
+                    headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+ANTHROPIC_KINDS = {400: "invalid_request_error", 401: "authentication_error", 413: "request_too_large",
+                   429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
+OPENAI_KINDS = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+def error_for(request: Request, message: str, status: int, param: str | None = None,
+              headers: dict | None = None) -> JSONResponse:
+    if request.url.path == "/v1/messages":
+        return anthropic_error(message, status, ANTHROPIC_KINDS.get(status, "invalid_request_error"), headers)
+    return openai_error(message, status, param, OPENAI_KINDS.get(status, "invalid_request_error"), headers)
+
+
+# ---------------------------------------------------------------- the app
+
+def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
+    def authorized(request: Request) -> bool:
+        if not config.api_key:
+            return True
+        supplied = request.headers.get("x-api-key", "")
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            supplied = auth[7:].strip()
+        return hmac.compare_digest(supplied.encode(), config.api_key.encode())
+
+    async def read_json(request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise BadRequest(f"request body over {config.max_body_bytes} bytes", status=413)
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > config.max_body_bytes:
+                raise BadRequest(f"request body over {config.max_body_bytes} bytes", status=413)
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"malformed JSON: {exc}") from exc
+
+    def engine_or_error(request: Request) -> JSONResponse | None:
+        if runner.error is not None:
+            return error_for(request, f"the model failed to load: {runner.error}", 503)
+        if runner.engine is None:
+            return error_for(request, "the model is still loading", 503, headers={"Retry-After": "5"})
+        return None
+
+    async def prepare(request: Request, parse) -> tuple[ChatRequest, Job, int] | JSONResponse:
+        if not authorized(request):
+            return error_for(request, "invalid or missing API key", 401)
+        if (problem := engine_or_error(request)) is not None:
+            return problem
+        try:
+            chat = parse(await read_json(request), config.max_tokens_cap)
+            prompt_tokens = len(runner.engine.encode(chat.messages))
+        except BadRequest as exc:
+            return error_for(request, str(exc), exc.status, exc.param)
+        except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
+            return error_for(request, f"could not build the prompt: {exc}", 400)
+        context = int(runner.engine.config.get("max_position_embeddings") or 0)
+        if context and prompt_tokens + chat.max_tokens > context:
+            return error_for(request, f"prompt has {prompt_tokens} tokens and max_tokens is {chat.max_tokens}: "
+                             f"together over the context window of {context} tokens", 400, "messages")
+        job = Job(chat.messages, chat.max_tokens, chat.temperature, chat.top_p, chat.stop, chat.seed,
+                  asyncio.get_running_loop())
+        try:
+            runner.submit(job)
+        except QueueFull:
+            return error_for(request, "the server is busy: too many requests waiting", 429,
+                             headers={"Retry-After": "2"})
+        return chat, job, prompt_tokens
+
+    async def events(job: Job, request: Request | None) -> AsyncIterator[TokenDelta | GenerationDone]:
+        """The job's events; a client that goes away cancels it (the runner moves on at once)."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL)
+                except TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        job.cancel.set()
+                        return
+                    continue
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if isinstance(event, GenerationDone):
+                    return
+        finally:
+            job.cancel.set()  # no-op when finished; stops generation when the stream was abandoned
+
+    # ---- OpenAI
+    async def chat_completions(request: Request) -> Response:
+        prepared = await prepare(request, parse_openai)
+        if isinstance(prepared, Response):
+            return prepared
+        chat, job, prompt_tokens = prepared
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": cid, "created": created, "model": config.model_name}
+        if not chat.stream:
+            done = None
+            try:
+                async for event in events(job, request):
+                    done = event if isinstance(event, GenerationDone) else done
+            except Exception as exc:  # noqa: BLE001
+                return openai_error(f"generation failed: {exc}", 500, kind="server_error")
+            if done is None:
+                return openai_error("client disconnected", 499)
+            return JSONResponse({**base, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": done.text},
+                "finish_reason": openai_finish(done)}], "usage": usage(prompt_tokens, done)})
+
+        async def stream() -> AsyncIterator[str]:
+            chunk = {**base, "object": "chat.completion.chunk"}
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+            done = None
+            try:
+                async for event in events(job, None):
+                    if isinstance(event, TokenDelta):
+                        yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": event.text},
+                                                         "finish_reason": None}]})
+                    else:
+                        done = event
+            except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band, then end properly
+                yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error"}})
+            finish = openai_finish(done) if done else "stop"
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+            if chat.include_usage and done is not None:
+                yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, done)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- Anthropic
+    async def messages(request: Request) -> Response:
+        prepared = await prepare(request, parse_anthropic)
+        if isinstance(prepared, Response):
+            return prepared
+        chat, job, prompt_tokens = prepared
+        mid = f"msg_{uuid.uuid4().hex}"
+        if not chat.stream:
+            done = None
+            try:
+                async for event in events(job, request):
+                    done = event if isinstance(event, GenerationDone) else done
+            except Exception as exc:  # noqa: BLE001
+                return anthropic_error(f"generation failed: {exc}", 500, "api_error")
+            if done is None:
+                return anthropic_error("client disconnected", 499)
+            reason, sequence = anthropic_stop(done, chat.stop)
+            return JSONResponse({
+                "id": mid, "type": "message", "role": "assistant", "model": config.model_name,
+                "content": [{"type": "text", "text": done.text}], "stop_reason": reason,
+                "stop_sequence": sequence,
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": done.generated_tokens}})
+
+        async def stream() -> AsyncIterator[str]:
+            yield sse_event("message_start", {"type": "message_start", "message": {
+                "id": mid, "type": "message", "role": "assistant", "model": config.model_name, "content": [],
+                "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+            yield sse_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                    "content_block": {"type": "text", "text": ""}})
+            done = None
+            try:
+                async for event in events(job, None):
+                    if isinstance(event, TokenDelta):
+                        yield sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                                "delta": {"type": "text_delta", "text": event.text}})
+                    else:
+                        done = event
+            except Exception as exc:  # noqa: BLE001
+                yield sse_event("error", {"type": "error", "error": {"type": "api_error", "message": str(exc)}})
+            yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            reason, sequence = anthropic_stop(done, chat.stop) if done else ("end_turn", None)
+            yield sse_event("message_delta", {"type": "message_delta",
+                                              "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                              "usage": {"output_tokens": done.generated_tokens if done else 0}})
+            yield sse_event("message_stop", {"type": "message_stop"})
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- models, health, stats
+    async def models(request: Request) -> Response:
+        if not authorized(request):
+            return openai_error("invalid or missing API key", 401, kind="authentication_error")
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model_name, "object": "model", "created": 0, "owned_by": "moe-tui"}]})
+
+    async def health(request: Request) -> Response:
+        status = "error" if runner.error else "ok" if runner.engine else "loading"
+        return JSONResponse({"status": status, "model": config.model_name, "queued": runner.waiting(),
+                             "busy": runner.current is not None, "completed": runner.completed},
+                            status_code=503 if runner.error else 200)
+
+    def snapshot_json() -> dict | None:
+        snap = runner.snapshot
+        return None if snap is None else snap.to_dict()
+
+    async def stats(request: Request) -> Response:
+        if not authorized(request):
+            return openai_error("invalid or missing API key", 401, kind="authentication_error")
+        data = snapshot_json()
+        return JSONResponse(data) if data else openai_error("the model is still loading", 503)
+
+    async def stats_stream(request: Request) -> Response:
+        if not authorized(request):
+            return openai_error("invalid or missing API key", 401, kind="authentication_error")
+        try:
+            hz = float(request.query_params.get("hz", "2"))
+            limit = int(request.query_params["limit"]) if "limit" in request.query_params else None
+        except ValueError:
+            return openai_error("'hz' must be a number and 'limit' an integer", 400, "hz")
+        if not 0.1 <= hz <= 10 or (limit is not None and limit < 1):
+            return openai_error("'hz' must be between 0.1 and 10 and 'limit' at least 1", 400, "hz")
+
+        async def stream() -> AsyncIterator[str]:
+            sent = 0
+            while limit is None or sent < limit:
+                data = snapshot_json()
+                if data is not None:
+                    yield sse(data)
+                    sent += 1
+                await asyncio.sleep(1.0 / hz)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def metrics(request: Request) -> Response:
+        if not authorized(request):
+            return PlainTextResponse("unauthorized\n", status_code=401)
+        return PlainTextResponse(prometheus_text(runner.snapshot, runner), media_type="text/plain; version=0.0.4")
+
+    async def openapi_doc(request: Request) -> Response:
+        return JSONResponse(openapi(config.max_tokens_cap))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        runner.stop()  # in-flight streams end with their final events
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/health", health),
+        Route("/v1/stats", stats),
+        Route("/v1/stats/stream", stats_stream),
+        Route("/metrics", metrics),
+        Route("/openapi.json", openapi_doc),
+    ], lifespan=lifespan)
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def sse_event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def usage(prompt_tokens: int, done: GenerationDone) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done.generated_tokens,
+            "total_tokens": prompt_tokens + done.generated_tokens}
+
+
+def openai_finish(done: GenerationDone) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def anthropic_stop(done: GenerationDone, stops: list[str]) -> tuple[str, str | None]:
+    if done.finish_reason == "length":
+        return "max_tokens", None
+    if done.stop_sequence is not None:
+        return "stop_sequence", done.stop_sequence
+    return "end_turn", None

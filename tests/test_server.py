@@ -1,0 +1,303 @@
+"""`moe serve` against the real openai and anthropic SDKs, on 127.0.0.1 only, with a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from inference import Engine
+from inference.server import serve
+from inference.server.app import ServerConfig, build_app
+from inference.server.runner import EngineRunner
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model: Path, host: str = "127.0.0.1", api_key: str | None = None, max_queue: int = 16,
+                 max_body_bytes: int = 1 << 20) -> None:
+        self.runner = EngineRunner(lambda: Engine.load(model, capacity=4), max_queue=max_queue)
+        self.runner.start()
+        self.runner.ready.wait()
+        self.port = free_port()
+        app = build_app(self.runner, ServerConfig("tiny", api_key=api_key, max_tokens_cap=256,
+                                                  max_body_bytes=max_body_bytes, max_queue=max_queue))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.url = f"http://{host}:{self.port}"
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.runner.stop()
+        self.runner.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from inference.synthetic import make_checkpoint
+
+    model = make_checkpoint(tmp_path_factory.mktemp("srv") / "m", "qwen3_moe", router_scale=4.0,
+                            max_position_embeddings=512)
+    live = LiveServer(model)
+    yield live
+    live.close()
+
+
+@pytest.fixture
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def claude(server):
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+
+
+MSG = [{"role": "user", "content": "def add(a, b):"}]
+T0 = {"temperature": 0}  # the anthropic SDK 2.x has no temperature argument; the API field still works
+
+
+def test_openai_non_stream_and_stream_agree(oai):
+    full = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0)
+    assert full.choices[0].finish_reason in ("length", "stop")
+    assert full.usage.completion_tokens <= 12 and full.usage.prompt_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    again = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == full.choices[0].message.content  # temperature 0 repeats
+    chunks = list(oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_openai_max_tokens_and_stop(oai):
+    one = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=1, temperature=0)
+    assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+    long = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=30, temperature=0).choices[0]
+    text = long.message.content
+    stop = text[3:5]
+    assert len(stop) == 2
+    cut = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    seeded = [oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=10, temperature=1.0, seed=5)
+              .choices[0].message.content for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_anthropic_non_stream_and_stream(claude):
+    msg = claude.messages.create(model="tiny", max_tokens=12, messages=MSG, system="You write Python.",
+                                 extra_body=T0)
+    assert msg.role == "assistant" and msg.content[0].type == "text"
+    assert msg.stop_reason in ("max_tokens", "end_turn") and msg.usage.output_tokens <= 12
+    again = claude.messages.create(model="tiny", max_tokens=12, messages=MSG, system="You write Python.",
+                                   extra_body=T0)
+    assert again.content[0].text == msg.content[0].text
+    with claude.messages.stream(model="tiny", max_tokens=12, messages=MSG, system="You write Python.",
+                                extra_body=T0) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == msg.content[0].text and final.stop_reason == msg.stop_reason
+    text = claude.messages.create(model="tiny", max_tokens=30, messages=MSG, extra_body=T0).content[0].text
+    stop = text[3:5]
+    cut = claude.messages.create(model="tiny", max_tokens=30, messages=MSG, extra_body=T0, stop_sequences=[stop])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert cut.content[0].text == text[: text.find(stop)]
+
+
+def test_models_health_openapi(server, oai):
+    assert [m.id for m in oai.models.list().data] == ["tiny"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["queued"] == 0
+    doc = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/messages", "/v1/stats", "/metrics"} <= set(doc["paths"])
+
+
+def test_stats_json_sse_and_prometheus_change_with_generation(server, oai):
+    before = httpx.get(server.url + "/v1/stats").json()
+    metrics_before = httpx.get(server.url + "/metrics").text
+    oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0)
+    time.sleep(1.2)
+    after = httpx.get(server.url + "/v1/stats").json()
+    assert sum(map(sum, after["requests"])) > sum(map(sum, before["requests"]))
+    assert after["tokens_generated"] > before["tokens_generated"] and 0 <= after["hit_rate"] <= 1
+
+    def total(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    metrics_after = httpx.get(server.url + "/metrics").text
+    assert "# TYPE moe_expert_hits_total counter" in metrics_after
+    assert total(metrics_after, "moe_tokens_generated_total") > total(metrics_before, "moe_tokens_generated_total")
+    events = []
+    with httpx.stream("GET", server.url + "/v1/stats/stream", params={"hz": 10, "limit": 3}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert len(events) == 3 and all("resident" in e for e in events)
+    assert httpx.get(server.url + "/v1/stats/stream", params={"hz": "fast"}).status_code == 400
+
+
+def test_eight_concurrent_clients_get_complete_unmixed_answers(server, oai):
+    prompts = [[{"role": "user", "content": f"print({i} * {i})"}] for i in range(8)]
+    alone = [oai.chat.completions.create(model="tiny", messages=p, max_tokens=16, temperature=0)
+             .choices[0].message.content for p in prompts]
+
+    def ask(p):
+        chunks = oai.chat.completions.create(model="tiny", messages=p, max_tokens=16, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path):
+    from inference.synthetic import make_checkpoint
+
+    live = LiveServer(make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=4096), max_queue=1)
+    try:
+        body = {"messages": MSG, "max_tokens": 200, "temperature": 0}
+
+        def post(_):
+            return httpx.post(live.url + "/v1/chat/completions", json=body, timeout=120)
+
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(post, range(6)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 1 and 429 in codes
+        busy = next(r for r in responses if r.status_code == 429)
+        assert busy.headers["retry-after"] and busy.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        live.close()
+
+
+def test_disconnect_mid_stream_cancels_and_server_keeps_serving(server, oai):
+    done_before = server.runner.completed
+    body = {"messages": MSG, "max_tokens": 250, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break
+    deadline = time.monotonic() + 20
+    while server.runner.completed == done_before:
+        assert time.monotonic() < deadline, "generation was not cancelled"
+        time.sleep(0.05)
+    assert server.runner.snapshot.tokens_generated >= 0
+    reply = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=0)
+    assert reply.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("path,body,status,field", [
+    ("/v1/chat/completions", b"{not json", 400, "error"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": "ten"}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": 100000}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "temperature": 3}, 400, "error"),
+    ("/v1/messages", b"[1, 2", 400, "type"),
+    ("/v1/messages", {"model": "x", "messages": MSG}, 400, "type"),
+    ("/v1/messages", {"model": "x", "messages": MSG, "max_tokens": 5, "bogus": 1}, 400, "type"),
+    ("/v1/messages", {"model": "x", "messages": [{"role": "system", "content": "x"}], "max_tokens": 5}, 400, "type"),
+])
+def test_bad_input_gets_each_apis_error_format(server, path, body, status, field):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, headers={"content-type": "application/json"}, **kwargs)
+    assert r.status_code == status
+    data = r.json()
+    if field == "error":
+        assert data["error"]["type"] == "invalid_request_error" and data["error"]["message"]
+    else:
+        assert data["type"] == "error" and data["error"]["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_context_and_oversized_body(server):
+    long = [{"role": "user", "content": "word " * 2000}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": long, "max_tokens": 10})
+    assert r.status_code == 400 and "context window of 512 tokens" in r.json()["error"]["message"]
+    assert "tokens" in r.json()["error"]["message"].split("and")[0]
+    r = httpx.post(server.url + "/v1/messages", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+
+def test_api_key_required_off_loopback_and_enforced(tmp_path):
+    from inference.synthetic import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", "mixtral")
+    with pytest.raises(ValueError, match="API key"):
+        serve(str(model), host="0.0.0.0", port=free_port())
+    live = LiveServer(model, host="127.0.0.2", api_key="s3cret")
+    try:
+        body = {"messages": MSG, "max_tokens": 2}
+        assert httpx.post(live.url + "/v1/chat/completions", json=body).status_code == 401
+        wrong = httpx.post(live.url + "/v1/chat/completions", json=body, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        ok = httpx.post(live.url + "/v1/chat/completions", json=body, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        r = httpx.post(live.url + "/v1/messages", json={"model": "m", "max_tokens": 2, "messages": MSG},
+                       headers={"x-api-key": "s3cret"})
+        assert r.status_code == 200
+        assert httpx.get(live.url + "/v1/stats").status_code == 401
+        client = anthropic.Anthropic(base_url=live.url, api_key="s3cret", max_retries=0)
+        assert client.messages.create(model="m", max_tokens=2, messages=MSG).usage.output_tokens == 2
+    finally:
+        live.close()
+
+
+def test_sigterm_ends_streams_with_a_final_event(tmp_path):
+    from inference.synthetic import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=4096)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(model), "--port", str(port),
+                             "--capacity", "1.0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.2)
+        lines = []
+        body = {"model": "m", "max_tokens": 3000, "messages": MSG, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/messages", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 8:
+                    proc.send_signal(signal.SIGTERM)
+        assert "event: message_stop" in lines and "event: message_delta" in lines
+        # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Finished server process" in proc.stdout.read().decode()
+    finally:
+        proc.kill()
