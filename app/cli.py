@@ -152,6 +152,8 @@ def cmd_chat(args) -> int:
     settings = load_settings()
     if args.data_dir:
         settings.data_dir = str(args.data_dir)
+    if args.base_url:
+        return run_remote(settings, args.base_url, args.remote_model or args.model, args.api_key, telemetry=False)
     model = args.model or settings.default_model
     model = ensure_local(model) if model else str(DEMO_MODEL)
     resolve_model_path(model)  # a wrong path is a one-line error here, not a broken screen
@@ -162,6 +164,26 @@ def cmd_chat(args) -> int:
                       profile=str(profile) if profile else None, kv_bits=args.kv_bits)
     MoeApp(spec, settings).run()
     return 0
+
+
+def run_remote(settings, base_url: str, model: str | None, api_key: str | None, telemetry: bool) -> int:
+    from .main import MoeApp
+    from .remote import RemoteWorker
+    from .worker import EngineSpec
+
+    api_key = api_key or os.environ.get("MOE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    MoeApp(EngineSpec(model=base_url), settings, worker_factory=lambda app: RemoteWorker(
+        app, base_url, model=model, api_key=api_key, telemetry=telemetry, stats_hz=settings.refresh_hz)).run()
+    return 0
+
+
+def cmd_attach(args) -> int:
+    from .settings import load_settings
+
+    settings = load_settings()
+    if args.data_dir:
+        settings.data_dir = str(args.data_dir)
+    return run_remote(settings, args.url, None, args.api_key, telemetry=True)
 
 
 def cmd_serve(args) -> int:
@@ -182,7 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="open the app on a model (default: the built-in demo)")
     _add_engine_args(p, model_optional=True)
     p.add_argument("--data-dir", type=Path, default=None, help="where chats are stored (default: user data dir)")
+    p.add_argument("--base-url", default=None,
+                   help="chat through any OpenAI-compatible server (vLLM, SGLang, llama.cpp...) instead")
+    p.add_argument("--model", dest="remote_model", default=None, help="model name on the --base-url server")
+    p.add_argument("--api-key", default=None, help="key for --base-url (or MOE_API_KEY / OPENAI_API_KEY)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("attach", help="open the app on a running `moe serve` (chat, heatmap and gauges)")
+    p.add_argument("url", help="e.g. http://127.0.0.1:8080")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("generate", help="generate one reply and print cache stats")
     _add_engine_args(p, model_optional=True)

@@ -95,12 +95,13 @@ class MoeApp(App):
     ]
 
     def __init__(self, spec: EngineSpec, settings: Settings, store_path: Path | None = None,
-                 worker: InferenceWorker | None = None) -> None:
+                 worker_factory=None) -> None:
         super().__init__()
         self.spec = spec
         self.settings = settings
         self.store = ChatStore(store_path or settings.resolved_data_dir() / "chats.sqlite3")
-        self.worker = worker or InferenceWorker(self, spec, stats_interval=1.0 / max(settings.refresh_hz, 0.1))
+        interval = 1.0 / max(settings.refresh_hz, 0.1)
+        self.worker = worker_factory(self) if worker_factory else InferenceWorker(self, spec, stats_interval=interval)
         self.theme_gradients: dict[str, tuple[str, ...]] = {}
         self.chat_id: int | None = None
         self.generating = False
@@ -245,6 +246,9 @@ class MoeApp(App):
             await self.reply_view.update(_shown(event.text, status))  # one full render at the end
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
+        remote = getattr(self.worker, "remote", None)
+        if remote is not None and self.last_snapshot is None:  # a server without expert telemetry
+            self.query_one(StatsPanel).show_remote(remote)
 
     def action_cancel(self) -> None:
         if self.generating:
@@ -289,16 +293,24 @@ class MoeApp(App):
     @on(EngineReady)
     def on_engine_ready(self, event: EngineReady) -> None:
         self.context_length = event.info.context_length
+        if event.info.model_type == "remote":
+            self.title = event.info.model
+            self.sub_title = "remote server"
+            self.query_one(HeatmapView).placeholder = "waiting for expert telemetry from the server..."
+            if getattr(self.worker, "want_telemetry", True) is False:
+                self.query_one(HeatmapView).placeholder = "this server gives no expert telemetry"
         self.update_subtitle()
+
+    @on(EngineNotice)
+    def on_engine_notice(self, event: EngineNotice) -> None:
+        if "no expert telemetry" in event.text:
+            self.query_one(HeatmapView).placeholder = "this server gives no expert telemetry"
+        self.notice(event.text, event.severity)
 
     @on(EngineFailed)
     def on_engine_failed(self, event: EngineFailed) -> None:
         self.sub_title = "model failed to load"
         self.add_view(MessageView("notice", f"**Could not load the model.** {event.error}"))
-
-    @on(EngineNotice)
-    def on_engine_notice(self, event: EngineNotice) -> None:
-        self.notice(event.text, event.severity)
 
     @on(SnapshotReady)
     def on_snapshot(self, event: SnapshotReady) -> None:
@@ -421,9 +433,11 @@ class MoeApp(App):
             self.notice(str(exc), "error")
             return
         engine = self.worker.engine
-        tokens = len(engine.tokenizer.encode(text)) if engine is not None else 0
+        # A remote server's tokenizer is not here: estimate ~4 characters per token.
+        tokens = len(engine.tokenizer.encode(text)) if engine is not None else max(1, len(text) // 4)
         self.attachments = [a for a in self.attachments if a.path != path] + [coding.Attachment(path, text, tokens)]
-        self.notice(f"attached {path} ({tokens} tokens); it goes with your next message")
+        about = "" if engine is not None else "≈"
+        self.notice(f"attached {path} ({about}{tokens} tokens); it goes with your next message")
 
     def cmd_add(self, arg: str) -> None:
         if not arg:

@@ -177,4 +177,33 @@ class CacheSnapshot:
             "bytes_read": self.bytes_read, "load_seconds": self.load_seconds,
             "memory": self.memory.__dict__, "decode_tps": self.decode_tps, "prefill_tps": self.prefill_tps,
             "ttft_s": self.ttft_s, "tokens_generated": self.tokens_generated, "steps": self.steps,
+            "just_missed": [np.flatnonzero(r).tolist() for r in self.just_missed],
+            "trace_length": self.trace_length,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CacheSnapshot:
+        """Inverse of `to_dict` (a snapshot received from `moe serve`)."""
+        n, E = len(d["layer_ids"]), d["num_experts"]
+
+        def mask(lists) -> np.ndarray:
+            out = np.zeros((n, E), dtype=bool)
+            for i, ids in enumerate(lists):
+                out[i, ids] = True
+            return out
+
+        def grid(rows, dtype) -> np.ndarray:
+            return np.array(rows, dtype=dtype).reshape(n, E)
+
+        return cls.build(
+            model=d["model"], mode=d["mode"], policy=d["policy"], capacity=d["capacity"], num_experts=E,
+            top_k=d["top_k"], layer_ids=tuple(d["layer_ids"]), resident=mask(d["resident"]),
+            pinned=mask(d["pinned"]), just_missed=mask(d.get("just_missed", [[]] * n)),
+            requests=grid(d["requests"], np.int64), hits=grid(d["hits"], np.int64),
+            misses=grid(d["misses"], np.int64), fallbacks=grid(d["fallbacks"], np.int64),
+            loads=grid(d["loads"], np.int64), evictions=grid(d["evictions"], np.int64),
+            recent=grid(d["recent"], np.float64), bytes_read=d["bytes_read"], load_seconds=d["load_seconds"],
+            memory=MemorySample(**d["memory"]), decode_tps=d["decode_tps"], prefill_tps=d["prefill_tps"],
+            ttft_s=d["ttft_s"], tokens_generated=d["tokens_generated"], steps=d["steps"],
+            trace_length=d.get("trace_length", 0),
+        )

@@ -69,8 +69,7 @@ class FakeWorker:
 
 def make_app(tmp_path) -> MoeApp:
     settings = Settings(data_dir=str(tmp_path / "data"), glyphs="unicode")
-    app = MoeApp(EngineSpec(model="demo"), settings)
-    app.worker = FakeWorker(app)
+    app = MoeApp(EngineSpec(model="demo"), settings, worker_factory=FakeWorker)
     chat = app.store.create_chat(title="quicksort")
     app.store.add_message(chat.id, "user", "Write a quicksort in Python")
     app.store.add_message(chat.id, "assistant", "Here it is:\n\n```python\ndef quicksort(xs):\n"

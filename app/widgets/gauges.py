@@ -92,6 +92,22 @@ class StatsPanel(Vertical):
         yield Sparkline([], id="speed")
         yield Static(id="routing")
 
+    def show_remote(self, remote) -> None:
+        """Throughput and latency measured by this client (servers without expert telemetry)."""
+        table = Table.grid(padding=(0, 1))
+        table.add_column(style="bold", no_wrap=True, min_width=8)
+        table.add_column(no_wrap=True)
+        last = remote.decode_tps[-1] if remote.decode_tps else 0.0
+        avg = sum(remote.decode_tps) / len(remote.decode_tps) if remote.decode_tps else 0.0
+        table.add_row("decode", f"{last:.1f} tok/s  avg {avg:.1f}  max {max(remote.decode_tps, default=0):.1f}")
+        ttft = remote.ttft_s[-1] * 1000 if remote.ttft_s else 0.0
+        table.add_row("TTFT", f"{ttft:.0f} ms  (min {min(remote.ttft_s, default=0) * 1000:.0f} ms)")
+        table.add_row("replies", f"{remote.replies}  tokens {remote.tokens}")
+        self.speeds.extend(remote.decode_tps[-1:])
+        self.query_one("#speed", Sparkline).data = list(self.speeds)
+        self.query_one("#memory", Static).update("memory: on the server (no telemetry)")
+        self.query_one("#routing", Static).update(table)
+
     def show(self, snap: CacheSnapshot, optimum: dict | None) -> None:
         if snap.tokens_generated != self._last_tokens and snap.decode_tps > 0:
             self.speeds.append(snap.decode_tps)

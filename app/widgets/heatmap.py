@@ -42,6 +42,16 @@ class HeatmapView(ScrollView, can_focus=True):
         self.experts_per_column: int | None = None
         self.half_blocks: bool | None = None  # None: automatic when rows are short
         self._lines: list[Strip] = []
+        self._placeholder = "loading the model..."
+
+    @property
+    def placeholder(self) -> str:
+        return self._placeholder
+
+    @placeholder.setter
+    def placeholder(self, text: str) -> None:
+        self._placeholder = text
+        self._rebuild()
 
     def set_style(self, style: renderer.HeatmapStyle) -> None:
         self.heat_style = style
@@ -67,7 +77,7 @@ class HeatmapView(ScrollView, can_focus=True):
     def _rebuild(self) -> None:
         snap = self.snapshot
         if snap is None:
-            self._lines = [Strip([Segment("loading the model...")])]
+            self._lines = [Strip([Segment(self._placeholder)])]
         else:
             view = self._view()
             rows = renderer.render(snap, view, self.heat_style)
