@@ -571,7 +571,7 @@ class Engine:
         if not tokens:
             raise ValueError("empty prompt")
         if seed is not None:
-            mx.random.seed(seed)
+            mx.random.seed(seed % (1 << 64))  # OpenAI seeds are signed 64-bit
         reuse = self._reuse_prefix(tokens)
         if reuse == 0 or self._prompt_cache is None:
             self._prompt_cache = make_prompt_cache(self.model)

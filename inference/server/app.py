@@ -265,11 +265,13 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
 
         async def stream() -> AsyncIterator[str]:
             sent = 0
-            while limit is None or sent < limit:
+            while True:
                 data = snapshot_json()
                 if data is not None:
                     yield sse(data)
                     sent += 1
+                    if limit is not None and sent >= limit:
+                        return
                 await asyncio.sleep(1.0 / hz)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -122,8 +122,8 @@ def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
         raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted", unknown[0])
     if body.get("tools"):
         raise BadRequest("tools: tool use is not supported by this server", "tools")
-    if "max_tokens" not in body:
-        raise BadRequest("max_tokens: Field required", "max_tokens")
+    if body.get("max_tokens") is None:
+        raise BadRequest("max_tokens: Field required (an integer)", "max_tokens")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: must be a non-empty list", "messages")
