@@ -35,8 +35,8 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, model: Path, host: str = "127.0.0.1", api_key: str | None = None, max_queue: int = 16,
-                 max_body_bytes: int = 1 << 20) -> None:
-        self.runner = EngineRunner(lambda: Engine.load(model, capacity=4), max_queue=max_queue)
+                 max_body_bytes: int = 1 << 20, capacity: int | float = 4) -> None:
+        self.runner = EngineRunner(lambda: Engine.load(model, capacity=capacity), max_queue=max_queue)
         self.runner.start()
         self.runner.ready.wait()
         self.port = free_port()

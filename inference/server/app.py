@@ -100,7 +100,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return problem
         try:
             chat = parse(await read_json(request), config.max_tokens_cap)
-            prompt_tokens = len(runner.engine.encode(chat.messages))
+            prompt = runner.engine.encode(chat.messages)
+            prompt_tokens = len(prompt)
         except BadRequest as exc:
             return error_for(request, str(exc), exc.status, exc.param)
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
@@ -109,8 +110,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         if context and prompt_tokens + chat.max_tokens > context:
             return error_for(request, f"prompt has {prompt_tokens} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
-        job = Job(chat.messages, chat.max_tokens, chat.temperature, chat.top_p, chat.stop, chat.seed,
-                  asyncio.get_running_loop())
+        job = Job(prompt, chat.max_tokens, chat.temperature, chat.top_p, chat.stop, chat.seed,
+                  asyncio.get_running_loop())  # token ids: the runner does not tokenize again
         try:
             runner.submit(job)
         except QueueFull:
@@ -119,23 +120,34 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         return chat, job, prompt_tokens
 
     async def events(job: Job, request: Request | None) -> AsyncIterator[TokenDelta | GenerationDone]:
-        """The job's events; a client that goes away cancels it (the runner moves on at once)."""
+        """The job's events, with deltas that queued up meanwhile merged into one (fewer, larger chunks when
+        the client or the loop falls behind). With a `request`, a client that goes away cancels the job;
+        streams notice a disconnect when their write fails, which also ends up in `finally`."""
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL)
-                except TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        job.cancel.set()
-                        return
-                    continue
+                if request is None:
+                    event = await job.events.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                while isinstance(event, TokenDelta) and not job.events.empty():
+                    following = job.events.get_nowait()
+                    if not isinstance(following, TokenDelta):
+                        yield event
+                        event = following
+                        break
+                    event = TokenDelta(event.text + following.text, following.token)
                 if isinstance(event, Exception):
                     raise event
                 yield event
                 if isinstance(event, GenerationDone):
                     return
         finally:
-            job.cancel.set()  # no-op when finished; stops generation when the stream was abandoned
+            job.cancel.set()  # no-op when finished; stops generation when the client went away
 
     # ---- OpenAI
     async def chat_completions(request: Request) -> Response:

@@ -25,7 +25,7 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    messages: list[dict]
+    messages: list[dict] | list[int]  # chat messages, or the prompt's token ids already templated
     max_tokens: int
     temperature: float
     top_p: float
