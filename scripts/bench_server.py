@@ -19,7 +19,7 @@ import time
 import openai
 
 from inference.demo_paths import DEMO_MODEL
-from inference.telemetry import TokenDelta
+from inference.telemetry import GenerationDone, TokenDelta
 
 MESSAGES = [{"role": "user", "content": "Write a Python function `merge(a, b)`: Merge two sorted lists."}]
 
