@@ -7,7 +7,6 @@ Same interface and messages as `InferenceWorker`.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 
@@ -16,7 +15,7 @@ import httpx
 from inference import CacheSnapshot, GenerationDone
 
 from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
-from .worker import CHUNK_INTERVAL, Configure, Generate
+from .worker import CHUNK_INTERVAL, Configure, Generate, RequestThread
 
 
 class RemoteStats:
@@ -29,11 +28,10 @@ class RemoteStats:
         self.tokens = 0
 
 
-class RemoteWorker(threading.Thread):
+class RemoteWorker(RequestThread):
     def __init__(self, app, base_url: str, model: str | None = None, api_key: str | None = None,
                  telemetry: bool = True, stats_hz: float = 2.0) -> None:
-        super().__init__(name="moe-remote", daemon=True)
-        self.app = app
+        super().__init__(app, "moe-remote")
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[:-3]
@@ -41,27 +39,11 @@ class RemoteWorker(threading.Thread):
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.want_telemetry = telemetry
         self.stats_hz = stats_hz
-        self.requests: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
-        self._stopping = threading.Event()
         self.engine = None  # no local engine: token counts are estimated
         self.context_length = 0
         self.remote = RemoteStats()
         self.client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=httpx.Timeout(10, read=300))
 
-    # ---- UI thread
-    def submit(self, request) -> None:
-        self.requests.put(request)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._cancel.set()
-        self.requests.put(None)
-
-    # ---- thread
     def run(self) -> None:
         try:
             models = self.client.get("/v1/models")

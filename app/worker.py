@@ -51,20 +51,15 @@ class EngineSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class InferenceWorker(threading.Thread):
-    def __init__(self, app, spec: EngineSpec, stats_interval: float = 0.5) -> None:
-        super().__init__(name="moe-inference", daemon=True)
+class RequestThread(threading.Thread):
+    """A daemon thread the UI drives through a request queue and a cancel flag (local or remote worker)."""
+
+    def __init__(self, app, name: str) -> None:
+        super().__init__(name=name, daemon=True)
         self.app = app
-        self.spec = spec
-        self.stats_interval = stats_interval
         self.requests: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
         self._stopping = threading.Event()
-        self.engine: Engine | None = None
-        self.context_length = 4096
-        self._last_stats = 0.0
-        self._optimum_steps = 0
-        self._optimum: dict | None = None
 
     # ---- called from the UI thread
     def submit(self, request: Generate | Configure) -> None:
@@ -78,7 +73,18 @@ class InferenceWorker(threading.Thread):
         self._cancel.set()
         self.requests.put(None)
 
-    # ---- the thread
+
+class InferenceWorker(RequestThread):
+    def __init__(self, app, spec: EngineSpec, stats_interval: float = 0.5) -> None:
+        super().__init__(app, "moe-inference")
+        self.spec = spec
+        self.stats_interval = stats_interval
+        self.engine: Engine | None = None
+        self.context_length = 4096
+        self._last_stats = 0.0
+        self._optimum_steps = 0
+        self._optimum: dict | None = None
+
     def run(self) -> None:
         try:
             s = self.spec

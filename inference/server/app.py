@@ -149,6 +149,13 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         finally:
             job.cancel.set()  # no-op when finished; stops generation when the client went away
 
+    async def final(job: Job, request: Request) -> GenerationDone | None:
+        """A non-streaming request's result; None when the client went away first."""
+        done = None
+        async for event in events(job, request):
+            done = event if isinstance(event, GenerationDone) else done
+        return done
+
     # ---- OpenAI
     async def chat_completions(request: Request) -> Response:
         prepared = await prepare(request, parse_openai)
@@ -158,10 +165,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": cid, "created": created, "model": config.model_name}
         if not chat.stream:
-            done = None
             try:
-                async for event in events(job, request):
-                    done = event if isinstance(event, GenerationDone) else done
+                done = await final(job, request)
             except Exception as exc:  # noqa: BLE001
                 return openai_error(f"generation failed: {exc}", 500, kind="server_error")
             if done is None:
@@ -200,10 +205,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         chat, job, prompt_tokens = prepared
         mid = f"msg_{uuid.uuid4().hex}"
         if not chat.stream:
-            done = None
             try:
-                async for event in events(job, request):
-                    done = event if isinstance(event, GenerationDone) else done
+                done = await final(job, request)
             except Exception as exc:  # noqa: BLE001
                 return anthropic_error(f"generation failed: {exc}", 500, "api_error")
             if done is None:
