@@ -39,8 +39,8 @@ MODES = ("exact", "fast")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token",
               "n_activated_experts", "moe_k")
 MEMORY_FRACTION = 0.6  # share of available memory an automatic capacity may use
-DRAIN_EVERY = 16
-LOAD_CHUNK_BYTES = 4 << 20  # steps between host-side stats updates when no step needs them sooner
+DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
+LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
 
 
 @dataclass(frozen=True)

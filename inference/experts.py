@@ -22,12 +22,6 @@ ALIASES = {
     "up_proj": ("up_proj", "w3"),
     "down_proj": ("down_proj", "w2"),
 }
-MX_DTYPES = {
-    "F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16, "U32": mx.uint32, "I32": mx.int32,
-    "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16, "I16": mx.int16, "F64": mx.float32,
-}
-
-
 @dataclass(frozen=True)
 class ParamSource:
     """One per-expert parameter (e.g. gate_proj.weight) of one layer: stacked tensor or one per expert."""
