@@ -68,3 +68,12 @@ def test_profile_matches_the_model():
     assert len(profile["counts"]) == 4 and all(len(row) == 16 for row in profile["counts"])
     engine = Engine.load(DEMO_MODEL, capacity=8, profile=DEMO_PROFILE)
     assert engine.snapshot().resident.sum() == 4 * 8
+
+
+def test_tokenizer_loads_in_transformers_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEMO_MODEL))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
