@@ -82,13 +82,16 @@ class LayerCache:
         """Give each expert in `experts` (not resident) a slot, evicting by policy where full."""
         if len(experts) > self.capacity:
             raise ValueError(f"{len(experts)} experts cannot fit in {self.capacity} slots at once")
-        free = list(self.free_slots())
+        free = [int(f) for f in self.free_slots()]
         shortfall = max(0, len(experts) - len(free))
         evicted = self.victims(shortfall, protected, step) if shortfall else []
         placements = []
         for e in experts:
             if free:
-                slot, old = int(free.pop(0)), -1
+                # An expert's own id as its slot where free: a full cache then needs no lookup table.
+                slot = e if e in free else int(free[0])
+                free.remove(slot)
+                old = -1
             else:
                 old = evicted.pop(0)
                 slot = int(self.slot_of[old])

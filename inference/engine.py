@@ -72,7 +72,8 @@ class _Layer:
     sources: list[ParamSource]
     slot_dtypes: dict[tuple[str, str], mx.Dtype]
     lut: mx.array = field(default_factory=lambda: mx.array([0]))
-    pending: list[tuple[int, mx.array, mx.array | None]] = field(default_factory=list)
+    identity: bool = False  # every expert resident in the slot of its own id: no lookup needed
+    pending: list[tuple[int, mx.array, mx.array | None]] = field(default_factory=list)  # (step, ids, lut)
     wanted: dict[int, int] = field(default_factory=dict)  # fast mode: missed expert -> miss count
 
 
@@ -300,7 +301,7 @@ class Engine:
                 layer.block.projections[s.projection][s.param] = mx.zeros(
                     (new, *s.expert_shape), dtype=layer.slot_dtypes[(s.projection, s.param)])
             self._load(layer, cache.admit(sorted(keep), set(keep), self._step), count=False)
-            layer.lut = mx.array(cache.slot_of)
+            self._sync_lut(layer)
             layer.wanted.clear()
         self._capacity = new
         mx.eval(self.model.parameters())
@@ -321,6 +322,12 @@ class Engine:
             layer.cache.policy = policy
 
     # ------------------------------------------------------------------ expert loading
+
+    def _sync_lut(self, layer: _Layer) -> None:
+        """Publish the layer's expert -> slot table to the device (after any change of residency)."""
+        slot_of = layer.cache.slot_of
+        layer.lut = mx.array(slot_of)
+        layer.identity = bool(np.array_equal(slot_of, np.arange(len(slot_of))))
 
     def _load(self, layer: _Layer, placements: list[tuple[int, int, int]], count: bool = True) -> None:
         """Read the placed experts from disk and write them into their slots."""
@@ -360,7 +367,7 @@ class Engine:
             for start in range(0, len(wanted), step):
                 group = wanted[start : start + step]
                 self._load(layer, layer.cache.admit(group, set(group), self._step))
-            layer.lut = mx.array(layer.cache.slot_of)
+            self._sync_lut(layer)
         mx.clear_cache()  # hand bulk-load read buffers back to the OS instead of MLX's buffer pool
 
     # ------------------------------------------------------------------ forward (called by swapped switches)
@@ -370,6 +377,9 @@ class Engine:
         if runtime.block.index == 0:
             self._step += 1
         cache = layer.cache
+        if layer.identity:  # full cache with expert e in slot e: the stock call as is
+            layer.pending.append((self._step, indices, None))
+            return stock(x, indices)
         if len(cache.resident()) == cache.num_experts:
             return self._forward_lut(layer, stock, x, indices, drop=False)
         # At full capacity nothing is ever evicted, so fast mode loads misses like exact mode (once each).
@@ -408,7 +418,7 @@ class Engine:
         room = cache.capacity - len(cache.pinned)  # >= top_k: pins are capped at capacity - top_k
         if len(others) <= room:
             self._load(layer, cache.access(needed, self._step))
-            layer.lut = mx.array(cache.slot_of)
+            self._sync_lut(layer)
             return stock(x, mx.array(cache.slot_of[inds]))
         # More distinct experts than free slots (long prefill): run the layer in cache-sized groups.
         cache.touch(pinned_needed, self._step)
@@ -421,7 +431,7 @@ class Engine:
             y = mx.where(mx.array(in_group)[..., None], stock(x, mx.array(slots)), 0)
             out = y if out is None else out + y
             mx.eval(out)
-        layer.lut = mx.array(cache.slot_of)
+        self._sync_lut(layer)
         return out
 
     # ------------------------------------------------------------------ stats
@@ -464,9 +474,10 @@ class Engine:
                 layer.pending = [r for r in layer.pending if r[0] >= before_step]
             if not records:
                 continue
-            mx.eval([r[1] for r in records] + [r[2] for r in records])
+            mx.eval([r[1] for r in records] + [r[2] for r in records if r[2] is not None])
             for step, indices, lut in records:
-                self._account(layer, step, np.array(indices), np.array(lut), fast=True)
+                slot_of = layer.cache.slot_of if lut is None else np.array(lut)  # None: identity, all resident
+                self._account(layer, step, np.array(indices), slot_of, fast=True)
         if self._mode == "fast":
             self._refill()
 
@@ -484,7 +495,7 @@ class Engine:
                 continue
             layer.cache.touch(wanted, self._step)
             self._load(layer, layer.cache.admit(wanted, set(wanted), self._step))
-            layer.lut = mx.array(layer.cache.slot_of)
+            self._sync_lut(layer)
 
     def after_step(self) -> None:
         """Between tokens: fast mode folds stats and refills every step; exact mode every few steps."""
@@ -536,7 +547,7 @@ class Engine:
             missing = [e for e in warm if layer.cache.slot_of[e] < 0]
             self._load(layer, layer.cache.admit(missing, set(warm), self._step), count=False)
             layer.cache.pin(pins)
-            layer.lut = mx.array(layer.cache.slot_of)
+            self._sync_lut(layer)
         mx.clear_cache()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None,
