@@ -77,6 +77,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
     parser.add_argument("--docs", type=Path, default=Path("/usr/share/doc/python3.11/html/_sources"))
+    parser.add_argument("--markdown", action="store_true", help="print the model card tables instead of JSON")
     args = parser.parse_args()
     engine = Engine.load(args.model, capacity=1.0)
     layout = engine.layout
@@ -102,8 +103,28 @@ def main() -> int:
         done = list(engine.stream([{"role": "user", "content": prompt}], max_tokens=120, temperature=0.0))[-1]
         samples.append({"prompt": prompt, "reply": done.text, "decode_tps": done.decode_tps})
     report["samples"] = samples
-    print(json.dumps(report, indent=2))
+    print(markdown(report) if args.markdown else json.dumps(report, indent=2))
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The measured sections of docs/demo-model.md."""
+    out = [f"Held-out cross-entropy through MLX (first {report['tokens_traced']} held-out tokens, token by token): "
+           f"{report['heldout_ce_mlx']:.3f} nats/token (perplexity {report['heldout_ppl_mlx']:.1f}).", "",
+           "| layer | max share | min share | normalized entropy | consecutive overlap | shuffled overlap |",
+           "|---|---|---|---|---|---|"]
+    for i, layer in enumerate(report["layers"]):
+        out.append(f"| {i} | {layer['max_share']:.1%} | {layer['min_share']:.1%} | {layer['normalized_entropy']:.3f} "
+                   f"| {layer['consecutive_overlap']:.3f} | {layer['shuffled_overlap']:.3f} |")
+    out += ["", "| capacity | LRU | LFU | decay | Belady | Belady per layer |", "|---|---|---|---|---|---|"]
+    for pct, rates in report["hit_rates"].items():
+        per_layer = " / ".join(f"{r:.0%}" for r in rates["per_layer_belady"])
+        out.append(f"| {pct} | {rates['lru']:.1%} | {rates['lfu']:.1%} | {rates['decay']:.1%} | "
+                   f"{rates['belady']:.1%} | {per_layer} |")
+    out += ["", "Samples (greedy, 120 tokens max, chat template):", ""]
+    for sample in report["samples"]:
+        out += [f"**Prompt:** {sample['prompt']}", "", "```text", sample["reply"].strip(), "```", ""]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

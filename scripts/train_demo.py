@@ -137,7 +137,8 @@ def build_corpus(stdlib: Path, docs: Path) -> dict[str, list[str]]:
         bucket = "heldout" if is_held_out(rel) else "train"
         split[bucket].append(path.read_text(encoding="utf-8", errors="replace"))
         counts["rst"] += 1
-    print(f"corpus: {counts}, train docs {len(split['train'])}, heldout docs {len(split['heldout'])}")
+    print(f"corpus: {counts}, train docs {len(split['train'])}, heldout docs {len(split['heldout'])}",
+          file=sys.stderr)
     return split
 
 
