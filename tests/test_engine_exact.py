@@ -149,3 +149,16 @@ def test_architectures_found_structurally(checkpoint, arch):
     fast = Engine.load(path, capacity=2, mode="fast")
     assert not bool(mx.isnan(fast.model(mx.array([PROMPT]))).any())
     assert fast.snapshot().fallbacks.sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_precision_model_matches_stock_upcast(checkpoint, dtype):
+    """MLX's CPU backend needs float32 expert matmuls: the engine upcasts as a stock user must."""
+    path = checkpoint("qwen2_moe", dtype=dtype)
+    stock, _ = load(str(path))
+    if mx.default_device() == mx.cpu:
+        stock.set_dtype(mx.float32)
+    ref = stock(mx.array([PROMPT]))
+    engine = Engine.load(path, capacity=2)
+    assert float(mx.abs(engine.model(mx.array([PROMPT])) - ref).max()) <= 1e-4
+    assert greedy(engine.model, 16) == greedy(stock, 16)
