@@ -172,8 +172,9 @@ class Engine:
                     block.projections[proj][name] = mx.zeros((1, 1), dtype=mx.float32)
         needs_f32 = mx.default_device() == mx.cpu  # CPU gather_mm runs only in float32
         half = (mx.bfloat16, mx.float16)
-        if needs_f32 and blocks and not any(map(is_quantized, blocks)) and any(
-                dtypes[f"{b.path}.{s.projection}.{s.param}"] in half for b, src in zip(blocks, sources, strict=True) for s in src):
+        expert_dtypes = {dtypes[f"{b.path}.{s.projection}.{s.param}"]
+                         for b, src in zip(blocks, sources, strict=True) for s in src}
+        if needs_f32 and blocks and not any(map(is_quantized, blocks)) and expert_dtypes & set(half):
             # As stock mlx-lm needs here (model.set_dtype(float32)): upcast while loading, so outputs match it.
             self.model.set_dtype(mx.float32, lambda d: d in half)
         mx.eval(self.model.parameters())
