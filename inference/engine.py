@@ -310,6 +310,10 @@ class Engine:
             self._sync_lut(layer)
             layer.wanted.clear()
         self._capacity = new
+        if new == self.layout.num_experts:
+            # Room for every expert: load them all now (as stock mlx-lm would), so no step ever waits on a
+            # miss and the forward pass runs with no host sync at all.
+            self.warm()
         mx.eval(self.model.parameters())
         mx.clear_cache()
         self._reset_prompt_cache()
@@ -417,7 +421,7 @@ class Engine:
         """Load every missing expert before the layer computes (host sync on the routing)."""
         inds = np.array(indices)
         needed = np.unique(inds)
-        self._account(layer, self._step, inds, layer.cache.slot_of.copy(), fast=False)
+        self._account(layer, [self._step], inds.reshape(1, -1), layer.cache.slot_of.copy(), deferred=False)
         cache = layer.cache
         pinned_needed = [int(e) for e in needed if int(e) in cache.pinned]
         others = [int(e) for e in needed if int(e) not in cache.pinned]
@@ -442,27 +446,34 @@ class Engine:
 
     # ------------------------------------------------------------------ stats
 
-    def _account(self, layer: _Layer, step: int, inds: np.ndarray, slot_of: np.ndarray, fast: bool) -> None:
+    def _account(self, layer: _Layer, steps: list[int], inds: np.ndarray, slot_of: np.ndarray,
+                 deferred: bool) -> None:
+        """Fold the routing of forward steps into the counters: `inds` is [steps, routings] expert ids and
+        `slot_of` the residency they met. Deferred (lookup-table) steps also update the policy state and,
+        in fast mode, the experts to load."""
         i = layer.block.index
-        flat = inds.reshape(-1)
         c = self.counters
-        routed = np.bincount(flat, minlength=c.requests.shape[1])
+        n, E = inds.shape[0], c.requests.shape[1]
+        keys = (np.arange(n)[:, None] * E + inds).ravel()
+        per_step = np.bincount(keys, minlength=n * E).reshape(n, E)
+        routed = per_step.sum(0)
         c.requests[i] += routed
-        c.recent[i] = c.recent[i] * c.recent_decay + routed
-        needed = np.flatnonzero(routed)
-        resident = slot_of[needed] >= 0
-        c.hits[i, needed[resident]] += 1
-        missed = needed[~resident]
-        c.misses[i, missed] += 1
-        c.last_missed[i] = False
-        c.last_missed[i, missed] = True
-        if fast:
-            c.fallbacks[i] += np.bincount(flat[slot_of[flat] < 0], minlength=c.requests.shape[1])
-            for e in missed:
-                layer.wanted[int(e)] = layer.wanted.get(int(e), 0) + int(routed[e])
-            layer.cache.touch(needed[resident], step)
+        c.recent[i] = c.recent[i] * c.recent_decay**n + (c.recent_decay ** np.arange(n - 1, -1, -1)) @ per_step
+        used = per_step > 0
+        resident = slot_of >= 0
+        c.hits[i] += (used & resident).sum(0)
+        missed = used & ~resident
+        c.misses[i] += missed.sum(0)
+        c.last_missed[i] = missed[-1]
+        if deferred:
+            c.fallbacks[i] += routed * ~resident
+            for e in np.flatnonzero(missed.any(0)):
+                layer.wanted[int(e)] = layer.wanted.get(int(e), 0) + int(per_step[:, e].sum())
+            for step, row in zip(steps, used & resident, strict=True):
+                layer.cache.touch(np.flatnonzero(row), step)
         if self.record_trace:
-            self.trace[i].append(needed.astype(np.int16 if c.requests.shape[1] < 2**15 else np.int32))
+            dtype = np.int16 if E < 2**15 else np.int32
+            self.trace[i].extend(np.flatnonzero(row).astype(dtype) for row in used)
 
     def _drain(self, before_step: int | None = None) -> None:
         """Fold deferred routing records (lookup-table path) into the counters; refill in fast mode.
@@ -478,12 +489,18 @@ class Engine:
             else:
                 records = [r for r in layer.pending if r[0] < before_step]
                 layer.pending = [r for r in layer.pending if r[0] >= before_step]
-            if not records:
-                continue
-            mx.eval([r[1] for r in records] + [r[2] for r in records if r[2] is not None])
-            for step, indices, lut in records:
+            # Runs of records with one shape and one lookup table are converted and counted together.
+            runs: list[list[tuple[int, mx.array, mx.array | None]]] = []
+            for record in records:
+                if runs and runs[-1][0][2] is record[2] and runs[-1][0][1].shape == record[1].shape:
+                    runs[-1].append(record)
+                else:
+                    runs.append([record])
+            for run in runs:
+                inds = np.array(mx.stack([r[1] for r in run])).reshape(len(run), -1)
+                lut = run[0][2]
                 slot_of = layer.cache.slot_of if lut is None else np.array(lut)  # None: identity, all resident
-                self._account(layer, step, np.array(indices), slot_of, fast=True)
+                self._account(layer, [r[0] for r in run], inds, slot_of, deferred=True)
         if self._mode == "fast":
             self._refill()
 
