@@ -170,7 +170,8 @@ def io_bandwidth(path: Path, files: list[Path], layout) -> dict:
     sequential = sequential_read_bandwidth(files)
     result = {"sequential_read_bandwidth": sequential}
     for name, batch in (("one_expert_per_load", 1), ("whole_layer_per_load", None)):
-        engine = Engine.load(path, capacity=1.0)
+        # One slot short of full: a full cache would load everything inside Engine.load.
+        engine = Engine.load(path, capacity=max(layout.num_experts - 1, layout.top_k))
         engine.reset_stats()
         drop_page_cache(files)
         engine.warm(batch=batch)

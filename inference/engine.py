@@ -497,7 +497,9 @@ class Engine:
                 else:
                     runs.append([record])
             for run in runs:
-                inds = np.array(mx.stack([r[1] for r in run])).reshape(len(run), -1)
+                # np.array per record: these are already evaluated. An MLX op here (mx.stack) would queue
+                # behind the step in flight and stall the pipeline.
+                inds = np.stack([np.array(r[1]).reshape(-1) for r in run])
                 lut = run[0][2]
                 slot_of = layer.cache.slot_of if lut is None else np.array(lut)  # None: identity, all resident
                 self._account(layer, [r[0] for r in run], inds, slot_of, deferred=True)
@@ -521,8 +523,9 @@ class Engine:
             self._sync_lut(layer)
 
     def after_step(self) -> None:
-        """Between tokens: fast mode folds stats and refills every step; exact mode every few steps."""
-        if self._mode == "fast" or self._step % DRAIN_EVERY == 0:
+        """Between tokens: a fast-mode cache with room to refill is updated every step; else every few steps."""
+        refills = self._mode == "fast" and self._capacity < self.layout.num_experts
+        if refills or self._step % DRAIN_EVERY == 0:
             self._drain(before_step=self._step)
 
     def reset_stats(self) -> None:
