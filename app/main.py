@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from functools import partial
+import time
+from functools import partial, wraps
 from pathlib import Path
 
 from textual import on
@@ -10,7 +11,8 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Footer, Header, Markdown
+from textual.css.query import NoMatches
+from textual.widgets import Footer, Header
 
 from . import coding
 from .heatmap import HeatmapStyle
@@ -18,7 +20,7 @@ from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, Reply
 from .settings import Settings, save_settings
 from .store import ChatStore
 from .themes import load_themes
-from .widgets.chat import MessageView, PromptInput
+from .widgets.chat import MessageView, PromptInput, StreamingReply
 from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
 from .widgets.heatmap import HeatmapView
@@ -35,6 +37,25 @@ of the last reply (diff and confirm before overwriting) · `/copy [N]` copies th
 `/theme NAME` · `/new` · `/chats` · `/switch ID` · `/rename TITLE` · `/delete` · `/search TEXT` ·
 `/export md|json PATH` · `/system TEXT` · `/temp X` · `/clear` · `/help`
 """
+
+
+def while_mounted(handler):
+    """Worker messages can still arrive while the app shuts down and its widgets are gone: drop them then."""
+
+    @wraps(handler)
+    async def wrapper(self, event):
+        try:
+            result = handler(self, event)
+            if hasattr(result, "__await__"):
+                await result
+        except NoMatches:
+            if self.is_running and not self._exit:
+                raise
+
+    return wrapper
+
+
+SAVE_INTERVAL = 1.0  # seconds between saves of a reply in progress
 
 
 class MoeCommands(Provider):
@@ -105,8 +126,8 @@ class MoeApp(App):
         self.theme_gradients: dict[str, tuple[str, ...]] = {}
         self.chat_id: int | None = None
         self.generating = False
-        self.reply_view: MessageView | None = None
-        self.reply_stream = None
+        self.reply_live: StreamingReply | None = None
+        self.reply_saved_at = 0.0
         self.reply_id: int | None = None
         self.reply_text = ""
         self.context_length = 0
@@ -213,37 +234,43 @@ class MoeApp(App):
         self.generating = True
         self.reply_text = ""
         self.reply_id = self.store.add_message(self.chat_id, "assistant", "", status="partial")
-        self.reply_view = self.add_view(MessageView("assistant", "", self.reply_id))
-        self.reply_stream = Markdown.get_stream(self.reply_view)
+        self.reply_live = self.add_view(StreamingReply())
+        self.reply_saved_at = time.monotonic()
         self.worker.submit(Generate(self.chat_id, self.history(),
                                     max_tokens=int(settings.get("max_tokens", self.settings.max_tokens)),
                                     temperature=float(settings.get("temperature", self.settings.temperature))))
 
     @on(ReplyChunk)
+    @while_mounted
     async def on_reply_chunk(self, event: ReplyChunk) -> None:
-        if event.chat_id != self.chat_id or self.reply_stream is None:
-            self.reply_text += event.text
-            return
         self.reply_text += event.text
-        await self.reply_stream.write(event.text)
-        self.store.update_message(self.reply_id, self.reply_text, "partial")
-        self.query_one("#messages", VerticalScroll).scroll_end(animate=False)
+        if time.monotonic() - self.reply_saved_at >= SAVE_INTERVAL:  # the partial reply survives a kill
+            self.store.update_message(self.reply_id, self.reply_text, "partial")
+            self.reply_saved_at = time.monotonic()
+        if event.chat_id != self.chat_id or self.reply_live is None:
+            return
+        box = self.query_one("#messages", VerticalScroll)
+        at_bottom = box.scroll_y >= box.max_scroll_y - 1
+        self.reply_live.append(event.text)
+        if at_bottom:  # follow the reply unless the user scrolled up to read
+            box.scroll_end(animate=False)
 
     @on(ReplyDone)
+    @while_mounted
     async def on_reply_done(self, event: ReplyDone) -> None:
         self.generating = False
         self.last_done = event.done
-        if self.reply_stream is not None:
-            await self.reply_stream.stop()
-            self.reply_stream = None
         cancelled = event.done is not None and event.done.finish_reason == "cancelled"
         status = "cancelled" if cancelled or event.error else "complete"
         self.store.update_message(self.reply_id, event.text, status)
-        if self.reply_view is not None and event.chat_id == self.chat_id:
-            self.reply_view.text = event.text
-            if status != "complete":
-                self.reply_view.set_classes("cancelled")
-            await self.reply_view.update(_shown(event.text, status))  # one full render at the end
+        if self.reply_live is not None and event.chat_id == self.chat_id:
+            # One full Markdown render at the end, in place of the plain streaming text.
+            view = MessageView("assistant" if status == "complete" else "cancelled", _shown(event.text, status),
+                               self.reply_id)
+            view.text = event.text
+            await self.query_one("#messages", VerticalScroll).mount(view, after=self.reply_live)
+            await self.reply_live.remove()
+        self.reply_live = None
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
         remote = getattr(self.worker, "remote", None)
@@ -291,6 +318,7 @@ class MoeApp(App):
 
     # ---- worker events
     @on(EngineReady)
+    @while_mounted
     def on_engine_ready(self, event: EngineReady) -> None:
         self.context_length = event.info.context_length
         if event.info.model_type == "remote":
@@ -302,17 +330,20 @@ class MoeApp(App):
         self.update_subtitle()
 
     @on(EngineNotice)
+    @while_mounted
     def on_engine_notice(self, event: EngineNotice) -> None:
         if "no expert telemetry" in event.text:
             self.query_one(HeatmapView).placeholder = "this server gives no expert telemetry"
         self.notice(event.text, event.severity)
 
     @on(EngineFailed)
+    @while_mounted
     def on_engine_failed(self, event: EngineFailed) -> None:
         self.sub_title = "model failed to load"
         self.add_view(MessageView("notice", f"**Could not load the model.** {event.error}"))
 
     @on(SnapshotReady)
+    @while_mounted
     def on_snapshot(self, event: SnapshotReady) -> None:
         self.last_snapshot = event.snapshot
         self.query_one(HeatmapView).snapshot = event.snapshot

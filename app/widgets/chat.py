@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import events
 from textual.message import Message
+from textual.widget import Widget
 from textual.widgets import Markdown, TextArea
 
 
@@ -23,6 +25,37 @@ class MessageView(Markdown):
         self.role = role
         self.text = text
         self.message_id = message_id
+
+
+HEIGHT_STEP = 8
+
+
+class StreamingReply(Widget):
+    """A reply while it streams: plain text, repainted at the chunk rate without a layout pass. When
+    the reply ends it is replaced by a MessageView, rendered as Markdown once."""
+
+    DEFAULT_CSS = """
+    StreamingReply { margin: 0 1 1 1; padding: 0 1; border-left: thick $primary; height: 8; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = ""
+
+    def render(self) -> Text:
+        return Text(self.text)
+
+    def append(self, fragment: str) -> None:
+        self.text += fragment
+        # Grow in steps of HEIGHT_STEP rows: a height change re-lays out the whole screen, which costs
+        # far more than repainting this widget (and competes with generation for the CPU).
+        width = max(self.content_size.width, 20)
+        rows = sum(max(1, -(-len(line) // width)) for line in self.text.split("\n"))
+        height = -(-(rows + 1) // HEIGHT_STEP) * HEIGHT_STEP
+        if self.styles.height is None or self.styles.height.value != height:
+            self.styles.height = height
+        else:
+            self.refresh()
 
 
 class PromptInput(TextArea):

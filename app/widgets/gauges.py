@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import deque
 
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Sparkline, Static
+from textual.widget import Widget
+from textual.widgets import Sparkline
 
 from inference import CacheSnapshot
 
@@ -72,13 +74,32 @@ def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Tab
     return table
 
 
+class Readout(Widget):
+    """Shows one renderable; repaints without a layout pass unless its number of rows changes."""
+
+    DEFAULT_CSS = "Readout { height: auto; }"
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.renderable: RenderableType = ""
+        self.rows = 0
+
+    def render(self) -> RenderableType:
+        return self.renderable
+
+    def show(self, renderable: RenderableType, rows: int) -> None:
+        self.renderable = renderable
+        self.refresh(layout=rows != self.rows)
+        self.rows = rows
+
+
 class StatsPanel(Vertical):
     """Gauges, a decode tok/s sparkline and the routing numbers."""
 
     DEFAULT_CSS = """
     StatsPanel { height: auto; }
     StatsPanel Sparkline { height: 2; margin: 0 1; }
-    StatsPanel Static { height: auto; }
+
     """
 
     def __init__(self, unicode: bool = True, **kwargs) -> None:
@@ -88,9 +109,9 @@ class StatsPanel(Vertical):
         self._last_tokens = -1
 
     def compose(self) -> ComposeResult:
-        yield Static(id="memory")
+        yield Readout(id="memory")
         yield Sparkline([], id="speed")
-        yield Static(id="routing")
+        yield Readout(id="routing")
 
     def show_remote(self, remote) -> None:
         """Throughput and latency measured by this client (servers without expert telemetry)."""
@@ -105,13 +126,15 @@ class StatsPanel(Vertical):
         table.add_row("replies", f"{remote.replies}  tokens {remote.tokens}")
         self.speeds.extend(remote.decode_tps[-1:])
         self.query_one("#speed", Sparkline).data = list(self.speeds)
-        self.query_one("#memory", Static).update("memory: on the server (no telemetry)")
-        self.query_one("#routing", Static).update(table)
+        self.query_one("#memory", Readout).show("memory: on the server (no telemetry)", 1)
+        self.query_one("#routing", Readout).show(table, table.row_count)
 
     def show(self, snap: CacheSnapshot, optimum: dict | None) -> None:
         if snap.tokens_generated != self._last_tokens and snap.decode_tps > 0:
             self.speeds.append(snap.decode_tps)
             self._last_tokens = snap.tokens_generated
             self.query_one("#speed", Sparkline).data = list(self.speeds)
-        self.query_one("#memory", Static).update(memory_table(snap, self.unicode))
-        self.query_one("#routing", Static).update(stats_table(snap, optimum, self.speeds))
+        memory = memory_table(snap, self.unicode)
+        routing = stats_table(snap, optimum, self.speeds)
+        self.query_one("#memory", Readout).show(memory, memory.row_count)
+        self.query_one("#routing", Readout).show(routing, routing.row_count)

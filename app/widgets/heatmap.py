@@ -32,7 +32,7 @@ class HeatmapView(ScrollView, can_focus=True):
     HeatmapView { height: auto; max-height: 60%; min-height: 4; }
     """
 
-    snapshot: reactive[CacheSnapshot | None] = reactive(None, layout=True)
+    snapshot: reactive[CacheSnapshot | None] = reactive(None)  # height is set only when it changes
 
     def __init__(self, style: renderer.HeatmapStyle | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -86,7 +86,8 @@ class HeatmapView(ScrollView, can_focus=True):
                 rows.append([Segment(renderer.describe(snap, view, self.heat_style, *self.cursor)[: view.width])])
             self._lines = [Strip(row) for row in rows]
         self.virtual_size = Size(max((s.cell_length for s in self._lines), default=1), len(self._lines))
-        self.styles.height = len(self._lines)
+        if self.styles.height is None or self.styles.height.value != len(self._lines):
+            self.styles.height = len(self._lines)  # only on change: setting it forces a layout pass
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
