@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from inference.demo_paths import DEMO_MODEL, DEMO_PROFILE
+from inference.demo_paths import DEMO_CAPACITY, DEMO_MODEL, DEMO_PROFILE
 from inference.engine import resolve_model_path
 from inference.errors import ModelLoadError
 
@@ -158,8 +158,10 @@ def cmd_chat(args) -> int:
     model = ensure_local(model) if model else str(DEMO_MODEL)
     resolve_model_path(model)  # a wrong path is a one-line error here, not a broken screen
     profile = args.profile
-    if profile is None and model == str(DEMO_MODEL) and DEMO_PROFILE.exists():
-        profile = DEMO_PROFILE
+    if model == str(DEMO_MODEL):
+        profile = profile or (DEMO_PROFILE if DEMO_PROFILE.exists() else None)
+        # The demo fits in memory many times over; half the experts per layer shows the cache at work.
+        args.capacity = args.capacity if args.capacity is not None else DEMO_CAPACITY
     spec = EngineSpec(model=model, capacity=args.capacity, mode=args.mode, policy=args.policy,
                       profile=str(profile) if profile else None, kv_bits=args.kv_bits)
     MoeApp(spec, settings).run()

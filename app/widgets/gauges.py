@@ -66,7 +66,7 @@ def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Tab
     table.add_row("tokens", f"{snap.tokens_generated}  steps {snap.steps}")
     table.add_row("hit rate", f"{snap.hit_rate:.1%}")
     if optimum:
-        table.add_row("Belady", f"{optimum.get('belady', 0):.1%} at this capacity")
+        table.add_row("Belady", f"{optimum.get('belady', 0):.1%} (same capacity, cold start)")
     if snap.mode == "fast":
         table.add_row("fallback", f"{snap.fallback_rate:.1%} of routings")
     table.add_row("loaded", f"{int(snap.loads.sum())} experts  {human_bytes(snap.bytes_read)}")
