@@ -251,9 +251,8 @@ class MoeApp(App):
             return
         box = self.query_one("#messages", VerticalScroll)
         at_bottom = box.scroll_y >= box.max_scroll_y - 1
-        self.reply_live.append(event.text)
-        if at_bottom:  # follow the reply unless the user scrolled up to read
-            box.scroll_end(animate=False)
+        if self.reply_live.append(event.text) and at_bottom:
+            box.scroll_end(animate=False)  # follow the reply (unless the user scrolled up) as it grows
 
     @on(ReplyDone)
     @while_mounted

@@ -45,7 +45,8 @@ class StreamingReply(Widget):
     def render(self) -> Text:
         return Text(self.text)
 
-    def append(self, fragment: str) -> None:
+    def append(self, fragment: str) -> bool:
+        """Add text; True when the widget grew (the caller may scroll to follow it)."""
         self.text += fragment
         # Grow in steps of HEIGHT_STEP rows: a height change re-lays out the whole screen, which costs
         # far more than repainting this widget (and competes with generation for the CPU).
@@ -54,8 +55,9 @@ class StreamingReply(Widget):
         height = -(-(rows + 1) // HEIGHT_STEP) * HEIGHT_STEP
         if self.styles.height is None or self.styles.height.value != height:
             self.styles.height = height
-        else:
-            self.refresh()
+            return True
+        self.refresh()
+        return False
 
 
 class PromptInput(TextArea):
