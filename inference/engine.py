@@ -386,25 +386,21 @@ class Engine:
         layer = self._layers[runtime.block.index]
         if runtime.block.index == 0:
             self._step += 1
-        cache = layer.cache
-        if layer.identity:  # full cache with expert e in slot e: the stock call as is
+        # A full cache is always warmed with expert e in slot e (set_capacity), so every other cache has
+        # room for fewer experts than the model has and can miss.
+        if layer.identity:  # the stock call as is; routing is counted later from `pending`
             layer.pending.append((self._step, indices, None))
             return stock(x, indices)
-        if len(cache.resident()) == cache.num_experts:
-            return self._forward_lut(layer, stock, x, indices, drop=False)
-        # At full capacity nothing is ever evicted, so fast mode loads misses like exact mode (once each).
-        if self._mode == "fast" and cache.capacity < cache.num_experts:
-            return self._forward_lut(layer, stock, x, indices, drop=True)
+        if self._mode == "fast":
+            return self._forward_fast(layer, stock, x, indices)
         return self._forward_exact(layer, stock, x, indices)
 
-    def _forward_lut(self, layer: _Layer, stock, x, indices, drop: bool) -> mx.array:
-        """Device-side expert -> slot lookup; no host sync. Misses are dropped (fast mode only)."""
+    def _forward_fast(self, layer: _Layer, stock, x, indices) -> mx.array:
+        """Device-side expert -> slot lookup, no host sync: a missed expert is dropped for this token."""
         slots = layer.lut[indices]
         layer.pending.append((self._step, indices, layer.lut))
         if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
             self._drain(before_step=self._step)
-        if not drop:
-            return stock(x, slots)
         hit = slots >= 0
         y = stock(x, mx.maximum(slots, 0))
         runtime = layer.runtime
