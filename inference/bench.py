@@ -110,7 +110,7 @@ def run_bench(model: str | Path, fractions=(1.0, 0.5, 0.25), prompt_len: int = 6
               repeats: int = 2) -> dict:
     path = resolve_model_path(model)
     files = weight_files(path)
-    probe = Engine.load(path, capacity=1.0)
+    probe = Engine.load(path, capacity=min(fractions))  # below full capacity: reads no expert up front
     layout = probe.layout
     prompt = _prompt_tokens(probe.tokenizer, prompt_len)
     probe.close()
