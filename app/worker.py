@@ -190,7 +190,8 @@ class InferenceWorker(RequestThread):
 
     def _refresh_optimum(self) -> None:
         """Replay the recent trace under every policy and Belady's MIN; only while idle (it costs CPU)."""
-        steps = self.engine.snapshot().trace_length
+        trace = self.engine.trace  # idle: every routing record is already folded in (stream() drains)
+        steps = len(trace[0]) if trace else 0
         if not steps or steps == self._optimum_steps or not self.engine.layout.moe_layers:
             return
         rates = self.engine.hit_rates_vs_optimum(last_steps=OPTIMUM_WINDOW)

@@ -240,3 +240,14 @@ async def test_keymap_from_settings_and_palette_prefill(make_app):
         await wait_until(pilot, lambda: app.query_one(PromptInput).text == "/rename ")
         await pilot.press(*"sorting", "enter")
         await wait_until(pilot, lambda: app.store.chat(app.chat_id).title == "sorting")
+
+
+async def test_belady_optimum_is_shown_after_a_reply(make_app):
+    app = make_app(max_tokens=8)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: replies(app) and not app.generating)
+        await wait_until(pilot, lambda: app.worker._optimum is not None)  # replayed while idle
+        assert set(app.worker._optimum) == {"lru", "lfu", "decay", "belady"}
+        assert 0 <= app.worker._optimum["belady"] <= 1
