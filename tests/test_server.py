@@ -41,7 +41,7 @@ class LiveServer:
         self.runner.ready.wait()
         self.port = free_port()
         app = build_app(self.runner, ServerConfig("tiny", api_key=api_key, max_tokens_cap=256,
-                                                  max_body_bytes=max_body_bytes, max_queue=max_queue))
+                                                  max_body_bytes=max_body_bytes))
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

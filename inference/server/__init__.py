@@ -37,7 +37,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
     if runner.error is not None:
         raise runner.error
     app = build_app(runner, ServerConfig(model_name=os.path.basename(os.path.normpath(model)) or model,
-                                         api_key=api_key, max_tokens_cap=max_tokens_cap, max_queue=max_queue))
+                                         api_key=api_key, max_tokens_cap=max_tokens_cap))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

@@ -26,12 +26,11 @@ DISCONNECT_POLL = 0.25
 
 class ServerConfig:
     def __init__(self, model_name: str, api_key: str | None = None, max_tokens_cap: int = 4096,
-                 max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = 16) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.model_name = model_name
         self.api_key = api_key
         self.max_tokens_cap = max_tokens_cap
         self.max_body_bytes = max_body_bytes
-        self.max_queue = max_queue
 
 
 # ---------------------------------------------------------------- errors in each API's own format
