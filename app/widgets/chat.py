@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual import events
+from textual.geometry import Region
 from textual.message import Message
+from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Markdown, TextArea
 
@@ -27,12 +29,14 @@ class MessageView(Markdown):
         self.message_id = message_id
 
 
-HEIGHT_STEP = 8
+HEIGHT_STEP = 8  # the smallest growth step of a streaming reply, in rows
 
 
 class StreamingReply(Widget):
-    """A reply while it streams: plain text, repainted at the chunk rate without a layout pass. When
-    the reply ends it is replaced by a MessageView, rendered as Markdown once."""
+    """A reply while it streams: plain text through the Line API. Appending re-wraps only the last
+    paragraph and repaints only the rows that changed; the height grows in large steps (each change is
+    a layout pass over the whole screen). When the reply ends it is replaced by a MessageView,
+    rendered as Markdown once."""
 
     DEFAULT_CSS = """
     StreamingReply { margin: 0 1 1 1; padding: 0 1; border-left: thick $primary; height: 8; }
@@ -41,22 +45,58 @@ class StreamingReply(Widget):
     def __init__(self) -> None:
         super().__init__()
         self.text = ""
+        self._done: list[Strip] = []  # wrapped rows of the finished paragraphs
+        self._strips: list[Strip] = []  # _done + the rows of the paragraph still being written
+        self._tail = ""  # text after the last newline
+        self._width = 0
 
-    def render(self) -> Text:
-        return Text(self.text)
+    def _wrap(self, paragraph: str) -> list[Strip]:
+        console = self.app.console
+        lines = Text(paragraph).wrap(console, self._width) if paragraph else []
+        return [Strip(line.render(console), line.cell_len) for line in lines] or [Strip.blank(0)]
+
+    def _rewrap(self) -> None:
+        *paragraphs, self._tail = self.text.split("\n")
+        self._done = [strip for paragraph in paragraphs for strip in self._wrap(paragraph)]
+        self._strips = self._done + self._wrap(self._tail)
+
+    def on_resize(self) -> None:
+        if self.content_size.width != self._width:
+            self._width = max(self.content_size.width, 1)
+            self._rewrap()
+            self._fit_height()
+            self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        width = self.content_size.width
+        if y >= len(self._strips):
+            return Strip.blank(width, self.rich_style)
+        return self._strips[y].apply_style(self.rich_style).crop_extend(0, width, self.rich_style)
 
     def append(self, fragment: str) -> bool:
         """Add text; True when the widget grew (the caller may scroll to follow it)."""
         self.text += fragment
-        # Grow in steps of HEIGHT_STEP rows: a height change re-lays out the whole screen, which costs
-        # far more than repainting this widget (and competes with generation for the CPU).
-        width = max(self.content_size.width, 20)
-        rows = sum(max(1, -(-len(line) // width)) for line in self.text.split("\n"))
-        height = -(-(rows + 1) // HEIGHT_STEP) * HEIGHT_STEP
-        if self.styles.height is None or self.styles.height.value != height:
+        if not self._width:  # not laid out yet: on_resize wraps everything
+            return False
+        first = len(self._done)
+        *finished, self._tail = (self._tail + fragment).split("\n")
+        for paragraph in finished:
+            self._done.extend(self._wrap(paragraph))
+        self._strips = self._done + self._wrap(self._tail)
+        if self._fit_height():
+            return True
+        self.refresh(Region(0, first, self._width, len(self._strips) - first))
+        return False
+
+    def _fit_height(self) -> bool:
+        """Grow (never shrink) to hold every row plus one; True when the height changed."""
+        viewport = self.parent.size.height if isinstance(self.parent, Widget) else 0
+        step = max(HEIGHT_STEP, viewport // 2)
+        height = -(-(len(self._strips) + 1) // step) * step
+        current = self.styles.height.value if self.styles.height is not None else 0
+        if height > current:
             self.styles.height = height
             return True
-        self.refresh()
         return False
 
 
