@@ -235,6 +235,7 @@ class MoeApp(App):
         self.reply_text = ""
         self.reply_id = self.store.add_message(self.chat_id, "assistant", "", status="partial")
         self.reply_live = self.add_view(StreamingReply())
+        self.query_one(PromptInput).cursor_blink = False  # a blink is a repaint: none while tokens stream
         self.reply_saved_at = time.monotonic()
         self.worker.submit(Generate(self.chat_id, self.history(),
                                     max_tokens=int(settings.get("max_tokens", self.settings.max_tokens)),
@@ -258,6 +259,7 @@ class MoeApp(App):
     @while_mounted
     async def on_reply_done(self, event: ReplyDone) -> None:
         self.generating = False
+        self.query_one(PromptInput).cursor_blink = True
         self.last_done = event.done
         cancelled = event.done is not None and event.done.finish_reason == "cancelled"
         status = "cancelled" if cancelled or event.error else "complete"

@@ -172,7 +172,7 @@ class InferenceWorker(RequestThread):
                     self.app.post_message(ReplyChunk(request.chat_id, pending))
                     text += pending
                     pending, last_post = "", now
-                self._post_stats()
+                    self._post_stats()  # due stats go with the text: one repaint for both
         except Exception as exc:  # noqa: BLE001 - the reply shows the error; the thread keeps serving
             traceback.print_exc()
             self.app.post_message(ReplyDone(request.chat_id, text + pending, None, f"{type(exc).__name__}: {exc}"))
