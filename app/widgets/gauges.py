@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import deque
 
 from rich.console import RenderableType
-from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -15,6 +14,7 @@ from textual.widgets import Sparkline
 from inference import CacheSnapshot
 
 BAR_WIDTH = 8
+LABEL_WIDTH = 8
 
 
 def human_bytes(n: float) -> str:
@@ -34,44 +34,58 @@ def bar(fraction: float, width: int = BAR_WIDTH, unicode: bool = True) -> Text:
     return Text(full * filled, style=color) + Text(empty * (width - filled), style="dim")
 
 
-def memory_table(snap: CacheSnapshot, unicode: bool = True) -> Table:
+def grid(rows: list[tuple[str | Text, ...]]) -> Text:
+    """Rows of cells as one Text: a bold first column, every column padded to its widest cell. (A Rich
+    Table looks the same but costs several times more to render, and these repaint on every stats tick.)"""
+    cells = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+    widths = [max(row[j].cell_len for row in cells if j < len(row)) for j in range(max(map(len, cells)))]
+    widths[0] = max(widths[0], LABEL_WIDTH)
+    out = Text(no_wrap=True, overflow="ellipsis", end="")
+    for i, row in enumerate(cells):
+        if i:
+            out.append("\n")
+        for j, cell in enumerate(row):
+            if j:
+                out.append(" ")
+            out.append_text(Text(cell.plain, style="bold") if j == 0 else cell)
+            if j < len(row) - 1:
+                out.append(" " * (widths[j] - cell.cell_len))
+    return out
+
+
+def memory_table(snap: CacheSnapshot, unicode: bool = True) -> Text:
     m = snap.memory
     total = m.system_used_bytes + m.system_available_bytes
-    rows = [
-        ("experts", m.expert_cache_bytes, m.expert_cache_budget_bytes),
-        ("RSS", m.rss_bytes, total),
-        ("MLX", m.mlx_active_bytes, total),
-        ("MLX peak", m.mlx_peak_bytes, total),
-        ("RAM", m.system_used_bytes, total),
+    rows: list[tuple[str | Text, ...]] = [
+        (label, bar(used / limit if limit else 0.0, unicode=unicode), f"{human_bytes(used)}/{human_bytes(limit)}")
+        for label, used, limit in (
+            ("experts", m.expert_cache_bytes, m.expert_cache_budget_bytes),
+            ("RSS", m.rss_bytes, total),
+            ("MLX", m.mlx_active_bytes, total),
+            ("MLX peak", m.mlx_peak_bytes, total),
+            ("RAM", m.system_used_bytes, total),
+        )
     ]
-    table = Table.grid(padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True, min_width=8)
-    table.add_column(no_wrap=True)
-    table.add_column(no_wrap=True)
-    for label, used, limit in rows:
-        table.add_row(label, bar(used / limit if limit else 0.0, unicode=unicode),
-                      f"{human_bytes(used)}/{human_bytes(limit)}")
-    table.add_row("MLX cache", "", human_bytes(m.mlx_cache_bytes))
-    return table
+    rows.append(("MLX cache", "", human_bytes(m.mlx_cache_bytes)))
+    return grid(rows)
 
 
-def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Table:
-    table = Table.grid(padding=(0, 1))
-    table.add_column(style="bold", no_wrap=True, min_width=8)
-    table.add_column(no_wrap=True)
+def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Text:
     avg = sum(speeds) / len(speeds) if speeds else 0.0
     top = max(speeds) if speeds else 0.0
-    table.add_row("decode", f"{snap.decode_tps:.1f} tok/s  avg {avg:.1f}  max {top:.1f}")
-    table.add_row("prefill", f"{snap.prefill_tps:.0f} tok/s  TTFT {snap.ttft_s * 1000:.0f} ms")
-    table.add_row("tokens", f"{snap.tokens_generated}  steps {snap.steps}")
-    table.add_row("hit rate", f"{snap.hit_rate:.1%}")
+    rows = [
+        ("decode", f"{snap.decode_tps:.1f} tok/s  avg {avg:.1f}  max {top:.1f}"),
+        ("prefill", f"{snap.prefill_tps:.0f} tok/s  TTFT {snap.ttft_s * 1000:.0f} ms"),
+        ("tokens", f"{snap.tokens_generated}  steps {snap.steps}"),
+        ("hit rate", f"{snap.hit_rate:.1%}"),
+    ]
     if optimum:
-        table.add_row("Belady", f"{optimum.get('belady', 0):.1%} (same capacity, cold start)")
+        rows.append(("Belady", f"{optimum.get('belady', 0):.1%} (same capacity, cold start)"))
     if snap.mode == "fast":
-        table.add_row("fallback", f"{snap.fallback_rate:.1%} of routings")
-    table.add_row("loaded", f"{int(snap.loads.sum())} experts  {human_bytes(snap.bytes_read)}")
-    table.add_row("load bw", f"{human_bytes(snap.load_bandwidth)}/s")
-    return table
+        rows.append(("fallback", f"{snap.fallback_rate:.1%} of routings"))
+    rows.append(("loaded", f"{int(snap.loads.sum())} experts  {human_bytes(snap.bytes_read)}"))
+    rows.append(("load bw", f"{human_bytes(snap.load_bandwidth)}/s"))
+    return grid(rows)
 
 
 class Readout(Widget):
@@ -115,19 +129,18 @@ class StatsPanel(Vertical):
 
     def show_remote(self, remote) -> None:
         """Throughput and latency measured by this client (servers without expert telemetry)."""
-        table = Table.grid(padding=(0, 1))
-        table.add_column(style="bold", no_wrap=True, min_width=8)
-        table.add_column(no_wrap=True)
         last = remote.decode_tps[-1] if remote.decode_tps else 0.0
         avg = sum(remote.decode_tps) / len(remote.decode_tps) if remote.decode_tps else 0.0
-        table.add_row("decode", f"{last:.1f} tok/s  avg {avg:.1f}  max {max(remote.decode_tps, default=0):.1f}")
         ttft = remote.ttft_s[-1] * 1000 if remote.ttft_s else 0.0
-        table.add_row("TTFT", f"{ttft:.0f} ms  (min {min(remote.ttft_s, default=0) * 1000:.0f} ms)")
-        table.add_row("replies", f"{remote.replies}  tokens {remote.tokens}")
+        table = grid([
+            ("decode", f"{last:.1f} tok/s  avg {avg:.1f}  max {max(remote.decode_tps, default=0):.1f}"),
+            ("TTFT", f"{ttft:.0f} ms  (min {min(remote.ttft_s, default=0) * 1000:.0f} ms)"),
+            ("replies", f"{remote.replies}  tokens {remote.tokens}"),
+        ])
         self.speeds.extend(remote.decode_tps[-1:])
         self.query_one("#speed", Sparkline).data = list(self.speeds)
         self.query_one("#memory", Readout).show("memory: on the server (no telemetry)", 1)
-        self.query_one("#routing", Readout).show(table, table.row_count)
+        self.query_one("#routing", Readout).show(table, len(table.split()))
 
     def show(self, snap: CacheSnapshot, optimum: dict | None) -> None:
         if snap.tokens_generated != self._last_tokens and snap.decode_tps > 0:
@@ -136,5 +149,5 @@ class StatsPanel(Vertical):
             self.query_one("#speed", Sparkline).data = list(self.speeds)
         memory = memory_table(snap, self.unicode)
         routing = stats_table(snap, optimum, self.speeds)
-        self.query_one("#memory", Readout).show(memory, memory.row_count)
-        self.query_one("#routing", Readout).show(routing, routing.row_count)
+        self.query_one("#memory", Readout).show(memory, len(memory.split()))
+        self.query_one("#routing", Readout).show(routing, len(routing.split()))
