@@ -269,8 +269,12 @@ class MoeApp(App):
             view = MessageView("assistant" if status == "complete" else "cancelled", _shown(event.text, status),
                                self.reply_id)
             view.text = event.text
-            await self.query_one("#messages", VerticalScroll).mount(view, after=self.reply_live)
+            box = self.query_one("#messages", VerticalScroll)
+            follow = box.scroll_y >= box.max_scroll_y - 1
+            await box.mount(view, after=self.reply_live)
             await self.reply_live.remove()
+            if follow:  # the reader was watching the newest rows: keep the end of the reply in view
+                box.scroll_end(animate=False)
         self.reply_live = None
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")

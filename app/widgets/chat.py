@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.geometry import Region
@@ -29,14 +30,16 @@ class MessageView(Markdown):
         self.message_id = message_id
 
 
-HEIGHT_STEP = 8  # the smallest growth step of a streaming reply, in rows
+HEIGHT_STEP = 8  # a short streaming reply is this many rows tall
+STEP_FRACTION = 0.9  # a longer one grows by this fraction of the chat viewport (a page) at a time
 
 
 class StreamingReply(Widget):
-    """A reply while it streams: plain text through the Line API. Appending re-wraps only the last
-    paragraph and repaints only the rows that changed; the height grows in large steps (each change is
-    a layout pass over the whole screen). When the reply ends it is replaced by a MessageView,
-    rendered as Markdown once."""
+    """A reply while it streams: plain text through the Line API, replaced by a MessageView (rendered as
+    Markdown once) when it ends. Appending re-wraps only the last paragraph and repaints only the rows
+    that changed. The height grows a page at a time, because each change is a layout pass over the whole
+    screen. (Measured with scripts/ui_cost.py: a fixed-height box that scrolls its text costs more, since
+    every new row then repaints the whole box.)"""
 
     DEFAULT_CSS = """
     StreamingReply { margin: 0 1 1 1; padding: 0 1; border-left: thick $primary; height: 8; }
@@ -49,6 +52,7 @@ class StreamingReply(Widget):
         self._strips: list[Strip] = []  # _done + the rows of the paragraph still being written
         self._tail = ""  # text after the last newline
         self._width = 0
+        self._style = Style()
 
     def _wrap(self, paragraph: str) -> list[Strip]:
         console = self.app.console
@@ -67,11 +71,15 @@ class StreamingReply(Widget):
             self._fit_height()
             self.refresh()
 
+    def render_lines(self, crop: Region) -> list[Strip]:
+        self._style = self.rich_style  # computed once per paint: it walks every ancestor's styles
+        return super().render_lines(crop)
+
     def render_line(self, y: int) -> Strip:
-        width = self.content_size.width
+        width, style = self.content_size.width, self._style
         if y >= len(self._strips):
-            return Strip.blank(width, self.rich_style)
-        return self._strips[y].apply_style(self.rich_style).crop_extend(0, width, self.rich_style)
+            return Strip.blank(width, style)
+        return self._strips[y].apply_style(style).extend_cell_length(width, style)
 
     def append(self, fragment: str) -> bool:
         """Add text; True when the widget grew (the caller may scroll to follow it)."""
@@ -89,10 +97,12 @@ class StreamingReply(Widget):
         return False
 
     def _fit_height(self) -> bool:
-        """Grow (never shrink) to hold every row plus one; True when the height changed."""
+        """Grow (never shrink) to hold every row plus one; True when the height changed. A short reply
+        stays HEIGHT_STEP rows; a longer one grows a page (STEP_FRACTION of the chat viewport) at a time."""
         viewport = self.parent.size.height if isinstance(self.parent, Widget) else 0
-        step = max(HEIGHT_STEP, viewport // 2)
-        height = -(-(len(self._strips) + 1) // step) * step
+        step = max(HEIGHT_STEP, int(viewport * STEP_FRACTION))
+        needed = len(self._strips) + 1
+        height = HEIGHT_STEP if needed <= HEIGHT_STEP else HEIGHT_STEP + -(-(needed - HEIGHT_STEP) // step) * step
         current = self.styles.height.value if self.styles.height is not None else 0
         if height > current:
             self.styles.height = height
