@@ -17,7 +17,7 @@ from inference import Engine, GenerationDone, ModelLoadError
 
 from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 
-CHUNK_INTERVAL = 0.1  # seconds between text chunks posted to the UI (10 a second: each costs a repaint)
+CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI (5 a second: each costs a repaint)
 OPTIMUM_WINDOW = 1024  # replay the last this-many steps of each layer's trace
 
 
