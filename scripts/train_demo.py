@@ -349,11 +349,12 @@ def build_model(cfg: dict):
 # ---------------------------------------------------------------- training
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `floor` x peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def heldout_loss(model, heldout, seq_len: int, n_windows: int) -> float:
@@ -386,6 +387,12 @@ def train(args, train_ids, heldout_ids) -> dict:
     )
     ckpt_path = args.work / "ckpt.pt"
     step, log = 0, []
+    if args.init_from and not ckpt_path.exists():
+        # A further stage: start from an earlier run's weights and optimizer moments, with a new schedule.
+        state = torch.load(args.init_from, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        print(f"initialised from {args.init_from} (step {state['step']} of that run)")
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
@@ -399,7 +406,7 @@ def train(args, train_ids, heldout_ids) -> dict:
     elapsed_before = log[-1]["elapsed_s"] if log else 0.0
     while step < total_steps:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, total_steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, total_steps, args.lr, args.warmup, args.lr_floor)
         starts = rng.integers(0, len(train_ids) - args.seq_len - 1, size=args.batch)
         batch = np.stack([train_ids[s : s + args.seq_len + 1] for s in starts]).astype("int64")
         batch_t = torch.from_numpy(batch)
@@ -470,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--lr-floor", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    parser.add_argument("--init-from", type=Path, help="ckpt.pt of an earlier stage to continue training from")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--ckpt-every", type=int, default=200)
