@@ -24,7 +24,7 @@ from .widgets.chat import MessageView, PromptInput, StreamingReply
 from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
 from .widgets.heatmap import HeatmapView
-from .worker import Configure, EngineSpec, Generate, InferenceWorker
+from .worker import Configure, EngineSpec, Generate, InferenceProcess, InferenceWorker
 
 HELP = """\
 **Keys**: Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate · Ctrl+E edit last ·
@@ -122,7 +122,10 @@ class MoeApp(App):
         self.settings = settings
         self.store = ChatStore(store_path or settings.resolved_data_dir() / "chats.sqlite3")
         interval = 1.0 / max(settings.refresh_hz, 0.1)
-        self.worker = worker_factory(self) if worker_factory else InferenceWorker(self, spec, stats_interval=interval)
+        if worker_factory is None:
+            worker_factory = partial(InferenceProcess if settings.inference_process else InferenceWorker,
+                                     spec=spec, stats_interval=interval)
+        self.worker = worker_factory(self)
         self.theme_gradients: dict[str, tuple[str, ...]] = {}
         self.chat_id: int | None = None
         self.generating = False
@@ -132,6 +135,7 @@ class MoeApp(App):
         self.reply_text = ""
         self.context_length = 0
         self.last_snapshot = None
+        self.last_optimum: dict | None = None  # hit rates of every policy and Belady on the recent trace
         self.last_done = None  # GenerationDone of the latest reply (speeds, token counts)
         self.attachments: list[coding.Attachment] = []
         self.cwd = Path.cwd()
@@ -244,6 +248,8 @@ class MoeApp(App):
     @on(ReplyChunk)
     @while_mounted
     async def on_reply_chunk(self, event: ReplyChunk) -> None:
+        if event.stats is not None:
+            self.show_snapshot(event.stats)
         self.reply_text += event.text
         if time.monotonic() - self.reply_saved_at >= SAVE_INTERVAL:  # the partial reply survives a kill
             self.store.update_message(self.reply_id, self.reply_text, "partial")
@@ -344,13 +350,23 @@ class MoeApp(App):
     @on(EngineFailed)
     @while_mounted
     def on_engine_failed(self, event: EngineFailed) -> None:
-        self.sub_title = "model failed to load"
-        self.add_view(MessageView("notice", f"**Could not load the model.** {event.error}"))
+        if self.last_snapshot is None:
+            self.sub_title = "model failed to load"
+            self.add_view(MessageView("notice", f"**Could not load the model.** {event.error}"))
+            return
+        self.sub_title = "inference stopped"
+        self.add_view(MessageView("notice", f"**The inference engine stopped.** {event.error}. "
+                                            "Your chats are saved; restart `moe` to continue."))
+        if self.generating:  # keep the partial reply, marked cancelled
+            self.post_message(ReplyDone(self.chat_id, self.reply_text, None, event.error))
 
     @on(SnapshotReady)
     @while_mounted
     def on_snapshot(self, event: SnapshotReady) -> None:
-        self.last_snapshot = event.snapshot
+        self.show_snapshot(event)
+
+    def show_snapshot(self, event: SnapshotReady) -> None:
+        self.last_snapshot, self.last_optimum = event.snapshot, event.optimum
         self.query_one(HeatmapView).snapshot = event.snapshot
         self.query_one(StatsPanel).show(event.snapshot, event.optimum)
         self.update_subtitle()
@@ -468,11 +484,11 @@ class MoeApp(App):
         except coding.AttachmentError as exc:
             self.notice(str(exc), "error")
             return
-        engine = self.worker.engine
+        tokenizer = getattr(self.worker, "tokenizer", None)
         # A remote server's tokenizer is not here: estimate ~4 characters per token.
-        tokens = len(engine.tokenizer.encode(text)) if engine is not None else max(1, len(text) // 4)
+        tokens = len(tokenizer.encode(text)) if tokenizer is not None else max(1, len(text) // 4)
         self.attachments = [a for a in self.attachments if a.path != path] + [coding.Attachment(path, text, tokens)]
-        about = "" if engine is not None else "≈"
+        about = "" if tokenizer is not None else "≈"
         self.notice(f"attached {path} ({about}{tokens} tokens); it goes with your next message")
 
     def cmd_add(self, arg: str) -> None:

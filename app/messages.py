@@ -1,4 +1,7 @@
-"""Every message the inference thread posts to the UI. Frozen data only; high-rate ones replace older ones."""
+"""Every message the inference thread posts to the UI. Frozen data only; high-rate ones replace older ones.
+
+They may cross a process boundary (the inference thread runs in its own process by default): each is
+pickled as its constructor arguments and built afresh on the UI side."""
 
 from __future__ import annotations
 
@@ -7,6 +10,17 @@ from dataclasses import dataclass
 from textual.message import Message
 
 from inference import CacheSnapshot, GenerationDone
+
+
+class WorkerMessage(Message):
+    """A message from the inference thread, picklable as its constructor arguments."""
+
+    def __init__(self, *args) -> None:
+        super().__init__()
+        self._args = args
+
+    def __reduce__(self):
+        return type(self), self._args
 
 
 @dataclass(frozen=True)
@@ -22,41 +36,43 @@ class EngineInfo:
     context_length: int
 
 
-class EngineReady(Message):
+class EngineReady(WorkerMessage):
     def __init__(self, info: EngineInfo) -> None:
-        super().__init__()
+        super().__init__(info)
         self.info = info
 
 
-class EngineFailed(Message):
+class EngineFailed(WorkerMessage):
     def __init__(self, error: str) -> None:
-        super().__init__()
+        super().__init__(error)
         self.error = error
 
 
-class ReplyChunk(Message):
-    """New reply text since the last chunk (the thread batches tokens: at most ~20 chunks a second)."""
+class ReplyChunk(WorkerMessage):
+    """New reply text since the last chunk (the thread batches tokens: at most ~20 chunks a second), with
+    the stats when they are due, so that both reach the screen in one repaint."""
 
-    def __init__(self, chat_id: int, text: str) -> None:
-        super().__init__()
+    def __init__(self, chat_id: int, text: str, stats: SnapshotReady | None = None) -> None:
+        super().__init__(chat_id, text, stats)
         self.chat_id = chat_id
         self.text = text
+        self.stats = stats
 
 
-class ReplyDone(Message):
+class ReplyDone(WorkerMessage):
     def __init__(self, chat_id: int, text: str, done: GenerationDone | None, error: str | None = None) -> None:
-        super().__init__()
+        super().__init__(chat_id, text, done, error)
         self.chat_id = chat_id
         self.text = text
         self.done = done
         self.error = error
 
 
-class SnapshotReady(Message):
+class SnapshotReady(WorkerMessage):
     """A fresh cache snapshot; only the newest one waiting in the queue is kept."""
 
     def __init__(self, snapshot: CacheSnapshot, optimum: dict | None) -> None:
-        super().__init__()
+        super().__init__(snapshot, optimum)
         self.snapshot = snapshot
         self.optimum = optimum
 
@@ -64,10 +80,10 @@ class SnapshotReady(Message):
         return isinstance(message, SnapshotReady)
 
 
-class EngineNotice(Message):
+class EngineNotice(WorkerMessage):
     """A one-line notice for the user (setting changed, context trimmed, refused input...)."""
 
     def __init__(self, text: str, severity: str = "information") -> None:
-        super().__init__()
+        super().__init__(text, severity)
         self.text = text
         self.severity = severity

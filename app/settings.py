@@ -28,6 +28,8 @@ class Settings:
     """Sampling temperature for new chats."""
     glyphs: str = "auto"
     """'unicode', 'ascii' (plain glyphs, no colour in the heatmap) or 'auto' (ascii on dumb terminals)."""
+    inference_process: bool = True
+    """Run the inference thread in its own process (faster decoding on few cores); false keeps it in the UI's."""
     keymap: dict[str, str] = field(default_factory=dict)
     """Binding id -> keys, e.g. {"app.cancel" = "ctrl+c"}; applied with App.set_keymap."""
 

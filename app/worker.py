@@ -2,10 +2,16 @@
 
 MLX streams are thread-local, so every MLX call happens here. The UI talks to it only through
 `submit(...)` (a queue) and `cancel()` (an Event); the thread never touches widgets.
+
+By default the app runs that thread in a child process (`InferenceProcess`): the same loop, with the
+queue, the cancel flag and the messages crossing the process boundary. In one process the UI's Python
+work and generation's Python work take turns on the GIL, and on a 2-core machine that costs ~10% of
+decode speed; in two processes the UI costs ~1% (measured with scripts/bench_app.py).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 import time
@@ -84,6 +90,10 @@ class InferenceWorker(RequestThread):
         self._last_stats = 0.0
         self._optimum_steps = 0
         self._optimum: dict | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer if self.engine is not None else None
 
     def run(self) -> None:
         try:
@@ -168,11 +178,10 @@ class InferenceWorker(RequestThread):
                     break
                 pending += event.text
                 now = time.monotonic()
-                if now - last_post >= CHUNK_INTERVAL:
-                    self.app.post_message(ReplyChunk(request.chat_id, pending))
+                if now - last_post >= CHUNK_INTERVAL:  # due stats ride along: one repaint for both
+                    self.app.post_message(ReplyChunk(request.chat_id, pending, self._due_stats()))
                     text += pending
                     pending, last_post = "", now
-                    self._post_stats()  # due stats go with the text: one repaint for both
         except Exception as exc:  # noqa: BLE001 - the reply shows the error; the thread keeps serving
             traceback.print_exc()
             self.app.post_message(ReplyDone(request.chat_id, text + pending, None, f"{type(exc).__name__}: {exc}"))
@@ -181,12 +190,17 @@ class InferenceWorker(RequestThread):
             self.app.post_message(ReplyChunk(request.chat_id, pending))
         self.app.post_message(ReplyDone(request.chat_id, done.text if done else text + pending, done))
 
-    def _post_stats(self, force: bool = False) -> None:
+    def _due_stats(self, force: bool = False) -> SnapshotReady | None:
+        """A fresh snapshot when one is due (every stats_interval), else None."""
         now = time.monotonic()
         if not force and now - self._last_stats < self.stats_interval:
-            return
+            return None
         self._last_stats = now
-        self.app.post_message(SnapshotReady(self.engine.snapshot(), self._optimum))
+        return SnapshotReady(self.engine.snapshot(), self._optimum)
+
+    def _post_stats(self, force: bool = False) -> None:
+        if (stats := self._due_stats(force)) is not None:
+            self.app.post_message(stats)
 
     def _refresh_optimum(self) -> None:
         """Replay the recent trace under every policy and Belady's MIN; only while idle (it costs CPU)."""
@@ -198,3 +212,95 @@ class InferenceWorker(RequestThread):
         self._optimum = {name: r["hit_rate"] for name, r in rates.items()}
         self._optimum_steps = steps
         self._post_stats(force=True)
+
+
+class _PipeApp:
+    """Stands in for the App inside the inference process: posting a message sends it to the UI."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def post_message(self, message) -> bool:
+        with self.lock:
+            self.conn.send(message)
+        return True
+
+
+def _serve(spec: EngineSpec, stats_interval: float, conn, requests, cancel, stopping) -> None:
+    """The inference process: the worker loop in its main thread, fed by the UI's queue and flags."""
+    worker = InferenceWorker(_PipeApp(conn), spec, stats_interval=stats_interval)
+    worker.requests, worker._cancel, worker._stopping = requests, cancel, stopping
+    try:
+        worker.run()
+    finally:
+        conn.close()
+
+
+class InferenceProcess:
+    """InferenceWorker's interface, with the inference thread in a child process (spawned, so it shares
+    nothing with the UI's interpreter). A reader thread posts what it sends as Textual messages."""
+
+    def __init__(self, app, spec: EngineSpec, stats_interval: float = 0.5) -> None:
+        self.app = app
+        self.spec = spec
+        self.engine = None  # the engine lives in the child
+        self._tokenizer = None
+        ctx = multiprocessing.get_context("spawn")
+        self.requests = ctx.Queue()
+        self._cancel = ctx.Event()
+        self._stopping = ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_serve, name="moe-inference", daemon=True,
+                                   args=(spec, stats_interval, send, self.requests, self._cancel, self._stopping))
+        self._send = send
+        self._reader = threading.Thread(target=self._read, name="moe-inference-reader", daemon=True)
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded here on first use (token counts for attachments)."""
+        if self._tokenizer is None:
+            from mlx_lm.utils import load_tokenizer
+
+            from inference.engine import resolve_model_path
+
+            self._tokenizer = load_tokenizer(resolve_model_path(self.spec.model))
+        return self._tokenizer
+
+    def start(self) -> None:
+        self.process.start()
+        self._send.close()  # the child holds the sending end now: EOF here when it exits
+        self._reader.start()
+
+    def _read(self) -> None:
+        failed = False
+        while True:
+            try:
+                message = self._recv.recv()
+            except (EOFError, OSError):
+                break
+            failed = failed or isinstance(message, EngineFailed)
+            self.app.post_message(message)
+        self.process.join(timeout=5)
+        if not self._stopping.is_set() and not failed:
+            self.app.post_message(EngineFailed(
+                f"the inference process exited unexpectedly (exit code {self.process.exitcode})"))
+
+    def submit(self, request: Generate | Configure) -> None:
+        self.requests.put(request)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._cancel.set()
+        self.requests.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.process.pid is None:
+            return
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(1)

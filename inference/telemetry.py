@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import mlx.core as mx
 import numpy as np
@@ -128,6 +128,10 @@ class CacheSnapshot:
             kw[name] = _frozen(kw[name])
         return cls(**kw)
 
+    def __reduce__(self):
+        # Pickled across processes (the app's inference process): rebuilt read-only on the other side.
+        return _build_snapshot, ({f.name: getattr(self, f.name) for f in fields(self)},)
+
     @property
     def num_moe_layers(self) -> int:
         return len(self.layer_ids)
@@ -207,3 +211,7 @@ class CacheSnapshot:
             ttft_s=d["ttft_s"], tokens_generated=d["tokens_generated"], steps=d["steps"],
             trace_length=d.get("trace_length", 0),
         )
+
+
+def _build_snapshot(kw: dict) -> CacheSnapshot:
+    return CacheSnapshot.build(**kw)

@@ -72,10 +72,10 @@ class ScriptedWorker:
             step += int(TOKENS_PER_SECOND * CHUNK_INTERVAL)
             chunk = CODE[: 4 * int(TOKENS_PER_SECOND * CHUNK_INTERVAL)]
             text += chunk
-            self.app.post_message(ReplyChunk(chat_id, chunk))
-            if time.monotonic() - last_stats >= self.stats_interval:
-                self.app.post_message(SnapshotReady(snapshot(step), None))
-                last_stats = time.monotonic()
+            stats = None
+            if time.monotonic() - last_stats >= self.stats_interval:  # as the worker does: with the text
+                stats, last_stats = SnapshotReady(snapshot(step), None), time.monotonic()
+            self.app.post_message(ReplyChunk(chat_id, chunk, stats))
         self.streaming.clear()
         time.sleep(0.2)
         self.app.post_message(ReplyDone(chat_id, text, None))

@@ -111,11 +111,12 @@ async def test_capacity_change_from_palette_reaches_engine(make_app):
             await pilot.press(ch if ch != " " else "space")
         await pilot.pause(0.3)
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.last_snapshot.capacity == 4 and app.worker.engine.capacity == 4)
+        # Snapshots are built by the engine itself (in the inference process): they show what it runs with.
+        await wait_until(pilot, lambda: app.last_snapshot.capacity == 4)
         app.run_command("/capacity 2")
-        await wait_until(pilot, lambda: app.worker.engine.capacity == 2 and app.last_snapshot.capacity == 2)
+        await wait_until(pilot, lambda: app.last_snapshot.capacity == 2)
         app.run_command("/mode fast")
-        await wait_until(pilot, lambda: app.worker.engine.mode == "fast")
+        await wait_until(pilot, lambda: app.last_snapshot.mode == "fast")
         app.run_command("/policy lfu")
         await wait_until(pilot, lambda: app.last_snapshot.policy == "lfu")
         assert "fast · lfu · 2/8" in app.sub_title
@@ -209,7 +210,7 @@ async def test_save_code_block_asks_before_overwriting(make_app, tmp_path, monke
 async def test_full_context_drops_oldest_turns_with_notice(make_app):
     from app.worker import Generate
 
-    app = make_app()
+    app = make_app(inference_process=False)  # reaches into the worker's thread and engine
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.worker.context_length = 200
@@ -248,6 +249,37 @@ async def test_belady_optimum_is_shown_after_a_reply(make_app):
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "def add(a, b):")
         await wait_until(pilot, lambda: replies(app) and not app.generating)
-        await wait_until(pilot, lambda: app.worker._optimum is not None)  # replayed while idle
-        assert set(app.worker._optimum) == {"lru", "lfu", "decay", "belady"}
-        assert 0 <= app.worker._optimum["belady"] <= 1
+        await wait_until(pilot, lambda: app.last_optimum is not None)  # replayed while idle
+        assert set(app.last_optimum) == {"lru", "lfu", "decay", "belady"}
+        assert 0 <= app.last_optimum["belady"] <= 1
+        await pilot.pause(0.1)
+        assert "Belady" in str(app.query_one("#routing").renderable)
+
+
+async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_app):
+    import os
+
+    from app.worker import InferenceProcess
+
+    app = make_app(max_tokens=400)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        assert isinstance(app.worker, InferenceProcess) and app.worker.process.pid != os.getpid()
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: app.reply_text)
+        app.worker.process.kill()  # e.g. the OOM killer, mid-reply
+        await wait_until(pilot, lambda: not app.generating)
+        assert app.sub_title == "inference stopped"
+        assert any("engine stopped" in v.text for v in app.query(MessageView) if v.role == "notice")
+        reply = replies(app)[-1]
+        assert reply.status == "cancelled" and reply.content  # the partial reply is kept
+
+
+async def test_a_model_that_fails_to_load_is_reported_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    app = MoeApp(EngineSpec(model=str(tmp_path / "missing")), Settings(data_dir=str(tmp_path / "data")))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.sub_title == "model failed to load")
+        await pilot.pause(0.5)
+        notices = [v.text for v in app.query(MessageView) if v.role == "notice"]
+        assert len(notices) == 1 and "missing" in notices[0]
