@@ -122,9 +122,11 @@ class MoeApp(App):
         self.settings = settings
         self.store = ChatStore(store_path or settings.resolved_data_dir() / "chats.sqlite3")
         interval = 1.0 / max(settings.refresh_hz, 0.1)
-        if worker_factory is None:
-            worker_factory = partial(InferenceProcess if settings.inference_process else InferenceWorker,
-                                     spec=spec, stats_interval=interval)
+        if worker_factory is None and settings.inference_process:
+            log = settings.resolved_data_dir() / "inference.log"
+            worker_factory = partial(InferenceProcess, spec=spec, stats_interval=interval, log_path=str(log))
+        elif worker_factory is None:
+            worker_factory = partial(InferenceWorker, spec=spec, stats_interval=interval)
         self.worker = worker_factory(self)
         self.theme_gradients: dict[str, tuple[str, ...]] = {}
         self.chat_id: int | None = None

@@ -12,6 +12,7 @@ decode speed; in two processes the UI costs ~1% (measured with scripts/bench_app
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -227,8 +228,17 @@ class _PipeApp:
         return True
 
 
-def _serve(spec: EngineSpec, stats_interval: float, conn, requests, cancel, stopping) -> None:
+def _serve(spec: EngineSpec, stats_interval: float, conn, requests, cancel, stopping, log_path: str | None) -> None:
     """The inference process: the worker loop in its main thread, fed by the UI's queue and flags."""
+    if log_path:  # the terminal belongs to the UI: anything written here (warnings, tracebacks) goes to a file
+        try:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     worker = InferenceWorker(_PipeApp(conn), spec, stats_interval=stats_interval)
     worker.requests, worker._cancel, worker._stopping = requests, cancel, stopping
     try:
@@ -241,9 +251,10 @@ class InferenceProcess:
     """InferenceWorker's interface, with the inference thread in a child process (spawned, so it shares
     nothing with the UI's interpreter). A reader thread posts what it sends as Textual messages."""
 
-    def __init__(self, app, spec: EngineSpec, stats_interval: float = 0.5) -> None:
+    def __init__(self, app, spec: EngineSpec, stats_interval: float = 0.5, log_path: str | None = None) -> None:
         self.app = app
         self.spec = spec
+        self.log_path = log_path
         self.engine = None  # the engine lives in the child
         self._tokenizer = None
         ctx = multiprocessing.get_context("spawn")
@@ -252,7 +263,8 @@ class InferenceProcess:
         self._stopping = ctx.Event()
         self._recv, send = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_serve, name="moe-inference", daemon=True,
-                                   args=(spec, stats_interval, send, self.requests, self._cancel, self._stopping))
+                                   args=(spec, stats_interval, send, self.requests, self._cancel, self._stopping,
+                                         log_path))
         self._send = send
         self._reader = threading.Thread(target=self._read, name="moe-inference-reader", daemon=True)
 
@@ -283,8 +295,9 @@ class InferenceProcess:
             self.app.post_message(message)
         self.process.join(timeout=5)
         if not self._stopping.is_set() and not failed:
+            where = f"; its output is in {self.log_path}" if self.log_path else ""
             self.app.post_message(EngineFailed(
-                f"the inference process exited unexpectedly (exit code {self.process.exitcode})"))
+                f"the inference process exited unexpectedly (exit code {self.process.exitcode}){where}"))
 
     def submit(self, request: Generate | Configure) -> None:
         self.requests.put(request)

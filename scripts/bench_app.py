@@ -2,10 +2,12 @@
 side by side in one run (prints JSON). Keypress latency is measured in a real terminal by
 scripts/keypress_latency.py.
 
-    python scripts/bench_app.py [MODEL] [--tokens 300] [--repeats 3]
+    python scripts/bench_app.py [MODEL] [--tokens 300] [--repeats 3] [--thread]
 
 The app runs headless (Textual's test driver): layout, rendering and widget updates all happen;
-only the terminal write is skipped.
+only the terminal write is skipped. With --thread the app is also run with its inference thread in
+the UI's process (inference_process = false), interleaved with the rest. Reported: the ratio of the
+medians and the median of the per-round ratios (steadier on a noisy machine).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def headless(model: str, tokens: int) -> float:
     return done.decode_tps
 
 
-async def in_app(model: str, tokens: int) -> float:
+async def in_app(model: str, tokens: int, inference_process: bool = True) -> float:
     data = tempfile.mkdtemp(prefix="moe-bench-app-")
     os.environ["MOE_CONFIG"] = os.path.join(data, "config.toml")
     app = MoeApp(EngineSpec(model=model, capacity=1.0),
-                 Settings(data_dir=data, refresh_hz=2.0, max_tokens=tokens, temperature=0.0))
+                 Settings(data_dir=data, refresh_hz=2.0, max_tokens=tokens, temperature=0.0,
+                          inference_process=inference_process))
     async with app.run_test(size=(120, 40)) as pilot:
         while app.last_snapshot is None:
             await pilot.pause(0.05)
@@ -54,17 +57,23 @@ def main() -> int:
     parser.add_argument("model", nargs="?", default=str(DEMO_MODEL))
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--thread", action="store_true", help="also run the app with an in-process inference thread")
     args = parser.parse_args()
     runs: dict[str, list[float]] = {"headless": [], "app": []}
-    for _ in range(args.repeats):  # interleaved, so both see the same machine noise
+    if args.thread:
+        runs["app_thread"] = []
+    for _ in range(args.repeats):  # interleaved, so all see the same machine noise
         runs["headless"].append(headless(args.model, args.tokens))
         runs["app"].append(asyncio.run(in_app(args.model, args.tokens)))
-    report = {
-        "model": args.model, "tokens": args.tokens, "runs": runs,
-        "headless_decode_tps": statistics.median(runs["headless"]),
-        "app_decode_tps": statistics.median(runs["app"]),
-    }
-    report["app_vs_headless"] = report["app_decode_tps"] / report["headless_decode_tps"]
+        if args.thread:
+            runs["app_thread"].append(asyncio.run(in_app(args.model, args.tokens, inference_process=False)))
+    report: dict = {"model": args.model, "tokens": args.tokens, "runs": runs,
+                    "headless_decode_tps": statistics.median(runs["headless"])}
+    for name in [k for k in runs if k != "headless"]:
+        report[f"{name}_decode_tps"] = statistics.median(runs[name])
+        report[f"{name}_vs_headless"] = report[f"{name}_decode_tps"] / report["headless_decode_tps"]
+        report[f"{name}_vs_headless_per_round"] = statistics.median(
+            a / h for a, h in zip(runs[name], runs["headless"], strict=True))
     print(json.dumps(report, indent=2))
     return 0
 

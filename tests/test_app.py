@@ -273,6 +273,7 @@ async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_
         assert any("engine stopped" in v.text for v in app.query(MessageView) if v.role == "notice")
         reply = replies(app)[-1]
         assert reply.status == "cancelled" and reply.content  # the partial reply is kept
+        assert "inference.log" in next(v.text for v in app.query(MessageView) if "engine stopped" in v.text)
 
 
 async def test_a_model_that_fails_to_load_is_reported_once(tmp_path, monkeypatch):
@@ -283,3 +284,4 @@ async def test_a_model_that_fails_to_load_is_reported_once(tmp_path, monkeypatch
         await pilot.pause(0.5)
         notices = [v.text for v in app.query(MessageView) if v.role == "notice"]
         assert len(notices) == 1 and "missing" in notices[0]
+    assert (tmp_path / "data" / "inference.log").exists()  # the child's output went there, not to the screen
