@@ -276,7 +276,10 @@ class InferenceProcess:
 
             from inference.engine import resolve_model_path
 
-            self._tokenizer = load_tokenizer(resolve_model_path(self.spec.model))
+            try:
+                self._tokenizer = load_tokenizer(resolve_model_path(self.spec.model))
+            except Exception:  # noqa: BLE001 - no tokenizer here means estimated counts, not a crash
+                return None
         return self._tokenizer
 
     def start(self) -> None:
