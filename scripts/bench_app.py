@@ -6,8 +6,8 @@ scripts/keypress_latency.py.
 
 The app runs headless (Textual's test driver): layout, rendering and widget updates all happen;
 only the terminal write is skipped. With --thread the app is also run with its inference thread in
-the UI's process (inference_process = false), interleaved with the rest. Reported: the ratio of the
-medians and the median of the per-round ratios (steadier on a noisy machine).
+the UI's process (inference_process = false). Runs are interleaved, in a shuffled order each round.
+Reported: the ratio of the medians and the median of the per-round ratios (steadier on a noisy machine).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import tempfile
 
@@ -62,11 +63,17 @@ def main() -> int:
     runs: dict[str, list[float]] = {"headless": [], "app": []}
     if args.thread:
         runs["app_thread"] = []
-    for _ in range(args.repeats):  # interleaved, so all see the same machine noise
-        runs["headless"].append(headless(args.model, args.tokens))
-        runs["app"].append(asyncio.run(in_app(args.model, args.tokens)))
-        if args.thread:
-            runs["app_thread"].append(asyncio.run(in_app(args.model, args.tokens, inference_process=False)))
+    measure = {
+        "headless": lambda: headless(args.model, args.tokens),
+        "app": lambda: asyncio.run(in_app(args.model, args.tokens)),
+        "app_thread": lambda: asyncio.run(in_app(args.model, args.tokens, inference_process=False)),
+    }
+    order = list(runs)
+    rng = random.Random(0)
+    for _ in range(args.repeats):  # interleaved in a shuffled order, so all see the same machine noise
+        rng.shuffle(order)
+        for name in order:
+            runs[name].append(measure[name]())
     report: dict = {"model": args.model, "tokens": args.tokens, "runs": runs,
                     "headless_decode_tps": statistics.median(runs["headless"])}
     for name in [k for k in runs if k != "headless"]:
