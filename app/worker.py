@@ -58,17 +58,13 @@ class EngineSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class RequestThread(threading.Thread):
-    """A daemon thread the UI drives through a request queue and a cancel flag (local or remote worker)."""
+class Controls:
+    """What the UI calls on a worker: a request queue, a cancel flag and a stop flag."""
 
-    def __init__(self, app, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self.app = app
-        self.requests: queue.Queue = queue.Queue()
-        self._cancel = threading.Event()
-        self._stopping = threading.Event()
+    requests: queue.Queue
+    _cancel: threading.Event
+    _stopping: threading.Event
 
-    # ---- called from the UI thread
     def submit(self, request: Generate | Configure) -> None:
         self.requests.put(request)
 
@@ -79,6 +75,17 @@ class RequestThread(threading.Thread):
         self._stopping.set()
         self._cancel.set()
         self.requests.put(None)
+
+
+class RequestThread(Controls, threading.Thread):
+    """A daemon thread the UI drives through a request queue and a cancel flag (local or remote worker)."""
+
+    def __init__(self, app, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.app = app
+        self.requests = queue.Queue()
+        self._cancel = threading.Event()
+        self._stopping = threading.Event()
 
 
 class InferenceWorker(RequestThread):
@@ -247,7 +254,7 @@ def _serve(spec: EngineSpec, stats_interval: float, conn, requests, cancel, stop
         conn.close()
 
 
-class InferenceProcess:
+class InferenceProcess(Controls):
     """InferenceWorker's interface, with the inference thread in a child process (spawned, so it shares
     nothing with the UI's interpreter). A reader thread posts what it sends as Textual messages."""
 
@@ -301,17 +308,6 @@ class InferenceProcess:
             where = f"; its output is in {self.log_path}" if self.log_path else ""
             self.app.post_message(EngineFailed(
                 f"the inference process exited unexpectedly (exit code {self.process.exitcode}){where}"))
-
-    def submit(self, request: Generate | Configure) -> None:
-        self.requests.put(request)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._cancel.set()
-        self.requests.put(None)
 
     def join(self, timeout: float | None = None) -> None:
         if self.process.pid is None:
