@@ -12,6 +12,7 @@ another process; the app's UI streaming a scripted reply (~6% of a core) from an
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import queue
@@ -115,6 +116,9 @@ class InferenceWorker(RequestThread):
         except Exception as exc:  # noqa: BLE001 - shown to the user rather than killing the thread silently
             self.app.post_message(EngineFailed(f"{type(exc).__name__}: {exc}"))
             return
+        # The model and its imports live as long as this loop: keep them out of the cycle collector,
+        # whose full passes over them otherwise pause generation for tens of milliseconds at a time.
+        gc.freeze()
         layout = self.engine.layout
         context = self.context_length = int(self.engine.config.get("max_position_embeddings") or 4096)
         self.app.post_message(EngineReady(EngineInfo(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -24,7 +25,8 @@ def make_app(checkpoint, tmp_path, monkeypatch):
         spec = EngineSpec(model=model, capacity=4)
         return MoeApp(spec, Settings(data_dir=str(tmp_path / "data"), refresh_hz=4, **settings))
 
-    return build
+    yield build
+    gc.unfreeze()  # the app froze the test process's objects at startup: let later tests' garbage go
 
 
 async def wait_until(pilot, predicate, timeout: float = 30.0) -> None:
@@ -285,3 +287,13 @@ async def test_a_model_that_fails_to_load_is_reported_once(tmp_path, monkeypatch
         notices = [v.text for v in app.query(MessageView) if v.role == "notice"]
         assert len(notices) == 1 and "missing" in notices[0]
     assert (tmp_path / "data" / "inference.log").exists()  # the child's output went there, not to the screen
+
+
+async def test_startup_objects_are_kept_out_of_the_cycle_collector(make_app):
+    gc.unfreeze()
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await wait_until(pilot, lambda: gc.get_freeze_count() > 0, timeout=5)
+        # The screen built at startup is among them: full collections no longer walk it.
+        assert gc.get_freeze_count() > 10_000
