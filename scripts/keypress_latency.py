@@ -1,6 +1,6 @@
 """Keypress-to-screen latency in a real terminal (tmux) while a reply streams. Prints JSON.
 
-    python scripts/keypress_latency.py [MODEL] [--keys 100] [--thread]
+    python scripts/keypress_latency.py [MODEL] [--keys 100] [--thread] [--history 400]
 
 Starts `moe` in a tmux session and attaches to it as a tmux control-mode client, which receives
 everything the app writes to its terminal as `%output` notifications, as tmux gets it. Each key is a
@@ -34,6 +34,7 @@ PROMPTS = ["Write a long Python module with many functions",
            "Write a Python module that parses command-line options and reads a config file."]
 # Characters the demo model does not write and the screen does not show otherwise, one per key.
 MARKERS = "абвгдежзийклмнопрстуфхцчшщэюя"
+HISTORY_REPLY = "Here is one way:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\nIt adds `a` and `b`.\n"
 OCTAL = re.compile(rb"\\([0-7]{3})")
 
 
@@ -128,17 +129,29 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=100)
     parser.add_argument("--moe", default=str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "moe"))
     parser.add_argument("--thread", action="store_true", help="inference thread in the UI's process")
+    parser.add_argument("--history", type=int, default=0, help="messages already in the chat (a long session)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="moe-latency-")
     session = f"moe-latency-{os.getpid()}"
     Path(tmp, "config.toml").write_text("max_tokens = 2000\ntemperature = 0.8\n"
                                         f"inference_process = {'false' if args.thread else 'true'}\n")
+    db_path = f"{tmp}/data/chats.sqlite3"
+    if args.history:
+        from app.store import ChatStore
+
+        store = ChatStore(Path(db_path))
+        chat = store.create_chat()
+        for i in range(args.history):
+            role, text = ("user", PROMPTS[0]) if i % 2 == 0 else ("assistant", HISTORY_REPLY)
+            store.add_message(chat.id, role, text)
+        store.close()
     tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40",
          f"MOE_CONFIG={tmp}/config.toml {args.moe} chat {args.model} --data-dir {tmp}/data")
-    db_path = f"{tmp}/data/chats.sqlite3"
     latencies: list[float] = []
     at_reply_end: list[float | None] = []
     missed = replies = typed = 0
+    reply_started = 0.0
+    slowest: list[tuple[float, float]] = []  # (latency, seconds since the prompt was sent)
     client = None
     try:
         deadline = time.monotonic() + 120
@@ -152,6 +165,7 @@ def main() -> int:
                 send_prompt(client, session, db_path, PROMPTS[replies % len(PROMPTS)])
                 replies += 1
                 typed = 0
+                reply_started = time.perf_counter()
                 time.sleep(0.3)
                 continue
             if typed == len(MARKERS):  # every marker is in the prompt box: clear it
@@ -170,6 +184,7 @@ def main() -> int:
                 missed += 1
             else:
                 latencies.append(latency)
+                slowest = sorted([*slowest, (latency, started - reply_started)], reverse=True)[:5]
             time.sleep(0.03)
     finally:
         if client is not None:
@@ -179,6 +194,7 @@ def main() -> int:
         "keys_while_streaming": len(latencies), "p50_ms": percentile(latencies, 0.5),
         "p99_ms": percentile(latencies, 0.99), "max_ms": percentile(latencies, 1.0),
         "not_shown_within_2s": missed, "replies": replies,
+        "slowest_ms_and_s_after_prompt": [[round(1000 * lat, 1), round(t, 2)] for lat, t in slowest],
         "keys_at_reply_end_ms": [None if x is None else round(1000 * x, 1) for x in at_reply_end],
     }, indent=2))
     return 0

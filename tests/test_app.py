@@ -297,3 +297,37 @@ async def test_startup_objects_are_kept_out_of_the_cycle_collector(make_app):
         await wait_until(pilot, lambda: gc.get_freeze_count() > 0, timeout=5)
         # The screen built at startup is among them: full collections no longer walk it.
         assert gc.get_freeze_count() > 10_000
+
+
+async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tmp_path):
+    from app.main import MESSAGE_WINDOW
+    from app.store import ChatStore
+    from app.widgets.chat import EarlierMessages
+
+    (tmp_path / "data").mkdir()
+    store = ChatStore(tmp_path / "data" / "chats.sqlite3")
+    chat = store.create_chat()
+    for i in range(100):
+        store.add_message(chat.id, "user" if i % 2 == 0 else "assistant", f"message {i}")
+    store.close()
+    app = make_app(max_tokens=8)
+    async with app.run_test(size=(120, 40)) as pilot:
+        def shown():
+            return [v.text for v in app.query("#messages > MessageView")]
+
+        earlier = app.query_one(EarlierMessages)
+        await wait_until(pilot, lambda: len(shown()) == MESSAGE_WINDOW)
+        assert shown()[-1] == "message 99" and earlier.display and earlier.hidden == 100 - MESSAGE_WINDOW
+        app.query_one("#messages").scroll_home(animate=False)  # the reader scrolls up to the button
+        await pilot.pause()
+        await pilot.click(EarlierMessages)
+        await wait_until(pilot, lambda: len(shown()) == MESSAGE_WINDOW * 3 // 2)
+        assert shown()[0] == f"message {100 - MESSAGE_WINDOW * 3 // 2}"
+        assert earlier.hidden == 100 - MESSAGE_WINDOW * 3 // 2 and "earlier messages" in str(earlier.label)
+        # Back at the bottom, the next message unmounts the oldest ones again (they stay stored).
+        app.query_one("#messages").scroll_end(animate=False)
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "hi")
+        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        assert len(shown()) == MESSAGE_WINDOW + 2 and shown()[-2] == "hi"
+        assert earlier.hidden == 100 - MESSAGE_WINDOW and len(app.store.messages(app.chat_id)) == 102

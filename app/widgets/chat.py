@@ -9,7 +9,7 @@ from textual.geometry import Region
 from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Markdown, TextArea
+from textual.widgets import Button, Markdown, TextArea
 
 
 class MessageView(Markdown):
@@ -28,6 +28,27 @@ class MessageView(Markdown):
         self.role = role
         self.text = text
         self.message_id = message_id
+
+
+class EarlierMessages(Button):
+    """Top of the chat when older messages are not on screen: pressing it shows more of them.
+
+    A chat keeps only its newest messages mounted: every layout pass (each mount, each time a streaming
+    reply grows) walks every widget in the chat, and a Markdown message is several widgets, so the
+    cost would otherwise grow with the length of the chat."""
+
+    DEFAULT_CSS = """
+    EarlierMessages { width: 100%; margin: 0 1 1 1; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__("", compact=True)
+        self.set_hidden(0)
+
+    def set_hidden(self, count: int) -> None:
+        self.hidden = count
+        self.label = f"↑ {count} earlier message{'s' if count != 1 else ''} (Enter or click to show)"
+        self.display = count > 0
 
 
 HEIGHT_STEP = 8  # a short streaming reply is this many rows tall
