@@ -195,6 +195,8 @@ class MoeApp(App):
         earlier = self.query_one(EarlierMessages)
         start = max(0, earlier.hidden - MESSAGE_WINDOW // 2)
         views = [_view(m) for m in self.store.messages(self.chat_id)[start:earlier.hidden]]
+        if not views:
+            return
         earlier.set_hidden(start)
         box = self.query_one("#messages", VerticalScroll)
         await box.mount_all(views, after=earlier)

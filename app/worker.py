@@ -5,9 +5,11 @@ MLX streams are thread-local, so every MLX call happens here. The UI talks to it
 
 By default the app runs that thread in a child process (`InferenceProcess`): the same loop, with the
 queue, the cancel flag and the messages crossing the process boundary. In one process the UI's Python
-work and generation's Python work take turns on the GIL. Measured on 2 cores (paired runs): a Python
-load of 12% of a core slowed decoding to 0.82x from a thread of the same process and to 0.88x from
-another process; the app's UI streaming a scripted reply (~6% of a core) from another process, 0.99x.
+work and generation's Python work take turns on the GIL; in two processes they only share the CPU.
+Measured on 2 cores (scripts/contention.py, paired runs), the app's UI streaming a scripted reply
+(~6% of a core) from another process: 0.99x and 1.00x decode speed. Which placement suffers less
+from other load is not settled there: a 12%-of-a-core Python loop cost 0.82x from a thread and 0.88x
+from another process in one run, 0.96x and 0.80x in another; scripts/bench_app.py compares both.
 """
 
 from __future__ import annotations
