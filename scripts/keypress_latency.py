@@ -1,6 +1,6 @@
 """Keypress-to-screen latency in a real terminal (tmux) while a reply streams. Prints JSON.
 
-    python scripts/keypress_latency.py [MODEL] [--keys 100] [--thread] [--history 400]
+    python scripts/keypress_latency.py [MODEL] [--keys 100] [--thread] [--history 400] [--pause 2]
 
 Starts `moe` in a tmux session and attaches to it as a tmux control-mode client, which receives
 everything the app writes to its terminal as `%output` notifications, as tmux gets it. Each key is a
@@ -130,6 +130,8 @@ def main() -> int:
     parser.add_argument("--moe", default=str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "moe"))
     parser.add_argument("--thread", action="store_true", help="inference thread in the UI's process")
     parser.add_argument("--history", type=int, default=0, help="messages already in the chat (a long session)")
+    parser.add_argument("--pause", type=float, default=0.0,
+                        help="seconds between a reply's end and the next prompt (a person reading)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="moe-latency-")
     session = f"moe-latency-{os.getpid()}"
@@ -162,6 +164,7 @@ def main() -> int:
         client = ControlClient(session)
         while len(latencies) < args.keys:
             if newest_reply(db_path)[1] != "partial":  # no reply streaming: start the next one
+                time.sleep(args.pause)
                 send_prompt(client, session, db_path, PROMPTS[replies % len(PROMPTS)])
                 replies += 1
                 typed = 0
