@@ -36,7 +36,8 @@ of the last reply (diff and confirm before overwriting) · `/copy [N]` copies th
 
 **Commands**: `/capacity N|F|P%` · `/mode exact|fast` · `/policy lru|lfu|decay` · `/reset` (stats) ·
 `/theme NAME` · `/new` · `/chats` · `/switch ID` · `/rename TITLE` · `/delete` · `/search TEXT` ·
-`/export md|json PATH` · `/system TEXT` · `/temp X` · `/clear` · `/help`
+`/export md|json PATH` · `/system TEXT` · `/temp X` · `/clear` · `/earlier` (a long chat shows its newest
+40 messages: this, or the button at its top, shows more) · `/help`
 """
 
 
@@ -73,6 +74,7 @@ class MoeCommands(Provider):
             ("Reset statistics", "zero the cache counters", partial(app.run_command, "/reset")),
             ("Clear chat", "delete this chat's messages", partial(app.run_command, "/clear")),
             ("List chats", "show stored chats", partial(app.run_command, "/chats")),
+            ("Earlier messages", "show more of a long chat's history", partial(app.run_command, "/earlier")),
             ("Help", "keys and slash commands", partial(app.run_command, "/help")),
         ]
         for command, what in (("rename", "rename this chat"), ("search", "search chats"), ("switch", "open a chat"),
@@ -472,6 +474,12 @@ class MoeApp(App):
 
     def cmd_new(self, arg: str) -> None:
         self.action_new_chat()
+
+    def cmd_earlier(self, arg: str) -> None:
+        if self.query_one(EarlierMessages).hidden == 0:
+            self.notice("all of this chat's messages are shown")
+            return
+        self.call_next(self.show_earlier)
 
     def cmd_clear(self, arg: str) -> None:
         for m in self.store.messages(self.chat_id):

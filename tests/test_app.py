@@ -324,6 +324,8 @@ async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tm
         await wait_until(pilot, lambda: len(shown()) == MESSAGE_WINDOW * 3 // 2)
         assert shown()[0] == f"message {100 - MESSAGE_WINDOW * 3 // 2}"
         assert earlier.hidden == 100 - MESSAGE_WINDOW * 3 // 2 and "earlier messages" in str(earlier.label)
+        app.run_command("/earlier")  # the same from the prompt (and the palette)
+        await wait_until(pilot, lambda: len(shown()) == MESSAGE_WINDOW * 2)
         # Back at the bottom, the next message unmounts the oldest ones again (they stay stored).
         app.query_one("#messages").scroll_end(animate=False)
         await wait_until(pilot, lambda: app.last_snapshot is not None)
