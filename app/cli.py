@@ -42,6 +42,8 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--mode", choices=("exact", "fast"), default="exact")
     p.add_argument("--policy", choices=("lru", "lfu", "decay"), default="lru")
     p.add_argument("--profile", type=Path, default=None, help="expert profile JSON to warm and pin from")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
+                   help="pin the profile's universal experts (default: yes for --profile, no for the demo's own)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
 
 
@@ -70,15 +72,23 @@ def ensure_local(model: str) -> str:
                              "connection and the repo id, or pass a local folder") from exc
 
 
+def _profile(args, demo: bool) -> tuple[Path | None, bool]:
+    """The profile to warm from and whether to pin from it. The demo warms from its own profile without
+    pins: pinning its universal experts lowered the hit rate at every capacity measured (scripts/pins.py)."""
+    if args.profile is not None:
+        return args.profile, args.pin is not False
+    if demo and DEMO_PROFILE.exists():
+        return DEMO_PROFILE, bool(args.pin)
+    return None, False
+
+
 def _load(args):
     from inference.engine import Engine
 
     model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
-    profile = args.profile
-    if profile is None and args.model is None and DEMO_PROFILE.exists():
-        profile = DEMO_PROFILE
+    profile, pin = _profile(args, demo=args.model is None)
     return Engine.load(model, capacity=args.capacity, mode=args.mode, policy=args.policy, profile=profile,
-                       kv_bits=args.kv_bits)
+                       pin=pin, kv_bits=args.kv_bits)
 
 
 def cmd_info(args) -> int:
@@ -157,13 +167,12 @@ def cmd_chat(args) -> int:
     model = args.model or settings.default_model
     model = ensure_local(model) if model else str(DEMO_MODEL)
     resolve_model_path(model)  # a wrong path is a one-line error here, not a broken screen
-    profile = args.profile
+    profile, pin = _profile(args, demo=model == str(DEMO_MODEL))
     if model == str(DEMO_MODEL):
-        profile = profile or (DEMO_PROFILE if DEMO_PROFILE.exists() else None)
         # The demo fits in memory many times over; half the experts per layer shows the cache at work.
         args.capacity = args.capacity if args.capacity is not None else DEMO_CAPACITY
     spec = EngineSpec(model=model, capacity=args.capacity, mode=args.mode, policy=args.policy,
-                      profile=str(profile) if profile else None, kv_bits=args.kv_bits)
+                      profile=str(profile) if profile else None, pin=pin, kv_bits=args.kv_bits)
     MoeApp(spec, settings).run()
     return 0
 
@@ -192,10 +201,10 @@ def cmd_serve(args) -> int:
     from inference.server import serve
 
     model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
-    profile = args.profile or (DEMO_PROFILE if args.model is None and DEMO_PROFILE.exists() else None)
+    profile, pin = _profile(args, demo=args.model is None)
     serve(model, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           max_tokens_cap=args.max_tokens_cap, capacity=args.capacity, mode=args.mode, policy=args.policy,
-          profile=profile, kv_bits=args.kv_bits)
+          profile=profile, pin=pin, kv_bits=args.kv_bits)
     return 0
 
 

@@ -58,6 +58,7 @@ class EngineSpec:
     mode: str = "exact"
     policy: str = "lru"
     profile: str | None = None
+    pin: bool = True  # pin the profile's universal experts (else it only warms the cache)
     kv_bits: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -111,7 +112,7 @@ class InferenceWorker(RequestThread):
         try:
             s = self.spec
             self.engine = Engine.load(s.model, capacity=s.capacity, mode=s.mode, policy=s.policy,
-                                      profile=s.profile, kv_bits=s.kv_bits)
+                                      profile=s.profile, pin=s.pin, kv_bits=s.kv_bits)
         except (ModelLoadError, ValueError, OSError) as exc:
             self.app.post_message(EngineFailed(str(exc)))
             return

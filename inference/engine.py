@@ -109,7 +109,7 @@ class Engine:
     @classmethod
     def load(cls, path_or_repo: str | Path, capacity: int | float | None = None, mode: str = "exact",
              policy: str = "lru", profile: str | Path | dict | None = None, kv_bits: int | None = None,
-             max_loads_per_step: int | None = None, record_trace: bool = True) -> Engine:
+             max_loads_per_step: int | None = None, record_trace: bool = True, pin: bool = True) -> Engine:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose exact or fast")
         if policy not in POLICIES:
@@ -154,7 +154,7 @@ class Engine:
         self._cached_tokens: list[int] = []
         self._speed = {"decode_tps": 0.0, "prefill_tps": 0.0, "ttft_s": 0.0, "tokens": 0}
         if profile is not None:
-            self.apply_profile(profile)
+            self.apply_profile(profile, pin=pin)
         return self
 
     def _attach(self, tensors, capacity, policy, max_loads_per_step) -> None:
@@ -559,7 +559,8 @@ class Engine:
 
     # ------------------------------------------------------------------ profiles and traces
 
-    def apply_profile(self, profile: str | Path | dict) -> None:
+    def apply_profile(self, profile: str | Path | dict, pin: bool = True) -> None:
+        """Fill each layer's cache with the profile's most-used experts and (with `pin`) pin its universal ones."""
         from .profiles import load_profile, warm_plan
 
         data = load_profile(profile) if not isinstance(profile, dict) else profile
@@ -568,7 +569,7 @@ class Engine:
             layer.cache.pinned = set()
             missing = [e for e in warm if layer.cache.slot_of[e] < 0]
             self._load(layer, layer.cache.admit(missing, set(warm), self._step), count=False)
-            layer.cache.pin(pins)
+            layer.cache.pin(pins if pin else [])
             self._sync_lut(layer)
         mx.clear_cache()
 

@@ -39,6 +39,23 @@ def test_profile_round_trip(checkpoint, tmp_path, capsys):
     after = engine.snapshot()
     assert (after.resident | ~after.pinned).all()
 
+    warm_only = Engine.load(path, capacity=4, profile=out, pin=False).snapshot()
+    assert (warm_only.resident == snap.resident).all() and not warm_only.pinned.any()
+
+
+def test_profile_and_pin_choice_from_the_command_line(tmp_path):
+    from app.cli import DEMO_PROFILE, _profile, build_parser
+
+    parse = build_parser().parse_args
+    # The demo warms from its own profile without pins (pins measured worse there); --pin asks for them.
+    assert _profile(parse(["chat"]), demo=True) == (DEMO_PROFILE, False)
+    assert _profile(parse(["chat", "--pin"]), demo=True) == (DEMO_PROFILE, True)
+    # An explicit profile pins unless told not to.
+    mine = tmp_path / "p.json"
+    assert _profile(parse(["chat", "--profile", str(mine)]), demo=False) == (mine, True)
+    assert _profile(parse(["chat", "--profile", str(mine), "--no-pin"]), demo=False) == (mine, False)
+    assert _profile(parse(["chat", "some/model"]), demo=False) == (None, False)
+
 
 def test_profile_for_another_model_is_refused(checkpoint, tmp_path):
     bad = tmp_path / "bad.json"
