@@ -229,7 +229,7 @@ class MoeApp(App):
 
     def add_view(self, view: MessageView) -> MessageView:
         box = self.query_one("#messages", VerticalScroll)
-        if box.scroll_y >= box.max_scroll_y - 1:
+        if _at_bottom(box):
             self.trim_chat()
         box.mount(view)
         box.scroll_end(animate=False)
@@ -297,7 +297,7 @@ class MoeApp(App):
         if event.chat_id != self.chat_id or self.reply_live is None:
             return
         box = self.query_one("#messages", VerticalScroll)
-        at_bottom = box.scroll_y >= box.max_scroll_y - 1
+        at_bottom = _at_bottom(box)
         if self.reply_live.append(event.text) and at_bottom:
             box.scroll_end(animate=False)  # follow the reply (unless the user scrolled up) as it grows
 
@@ -316,7 +316,7 @@ class MoeApp(App):
                                self.reply_id)
             view.text = event.text
             box = self.query_one("#messages", VerticalScroll)
-            follow = box.scroll_y >= box.max_scroll_y - 1
+            follow = _at_bottom(box)
             await box.mount(view, after=self.reply_live)
             await self.reply_live.remove()
             if follow:  # the reader was watching the newest rows: keep the end of the reply in view
@@ -641,6 +641,11 @@ class MoeApp(App):
             self.notice(f"could not write {path}: {exc}", "error")
             return
         self.notice(f"exported to {path}")
+
+
+def _at_bottom(box: VerticalScroll) -> bool:
+    """Whether the reader is at the newest rows of the chat (within a row)."""
+    return box.scroll_y >= box.max_scroll_y - 1
 
 
 def _view(message) -> MessageView:
