@@ -327,8 +327,14 @@ async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tm
         app.run_command("/earlier")  # the same from the prompt (and the palette)
         await wait_until(pilot, lambda: len(shown()) == MESSAGE_WINDOW * 2)
         # Back at the bottom, the next message unmounts the oldest ones again (they stay stored).
-        app.query_one("#messages").scroll_end(animate=False)
-        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        from app.main import _at_bottom
+
+        box = app.query_one("#messages")
+        # /earlier keeps the reader's place: the last row it revealed is at the top, what they read below.
+        revealed = next(v for v in app.query("#messages > MessageView") if v.text == "message 39")
+        await wait_until(pilot, lambda: abs(box.scroll_y - revealed.virtual_region.y) <= 1)
+        box.scroll_end(animate=False)
+        await wait_until(pilot, lambda: _at_bottom(box) and app.last_snapshot is not None)
         await send(pilot, app, "hi")
         await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
         assert len(shown()) == MESSAGE_WINDOW + 2 and shown()[-2] == "hi"
