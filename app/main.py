@@ -62,6 +62,8 @@ SAVE_INTERVAL = 1.0  # seconds between saves of a reply in progress
 # time a streaming reply grows, walks every widget in the chat: with 400 messages mounted one took
 # 52 ms on 2 cores, with the newest 40 4 ms (scripts/chat_layout.py).
 MESSAGE_WINDOW = 40
+FULL_COLLECTION_HELD = 1 << 30  # gen2 threshold while a reply streams: no full cycle-collector pass
+IDLE_COLLECTION_DELAY = 1.0  # seconds after a reply ends before the held full pass runs
 
 
 class MoeCommands(Provider):
@@ -173,10 +175,15 @@ class MoeApp(App):
         self.sub_title = "loading model..."
         chats = self.store.chats()
         self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
+        # Anchored: while the reader is at the newest rows, the chat stays there as a reply grows, inside
+        # the same layout pass (a scroll_end after each growth was a second pass). Scrolling up releases
+        # the anchor; scrolling back to the bottom restores it.
+        self.query_one("#messages", VerticalScroll).anchor()
         self.query_one(PromptInput).focus()
         self.worker.start()
 
     def on_unmount(self) -> None:
+        hold_full_collections(False)
         self.worker.stop()
         self.worker.join(timeout=5)
         self.store.close()
@@ -276,6 +283,7 @@ class MoeApp(App):
     def start_reply(self) -> None:
         settings = self.store.chat(self.chat_id).settings
         self.generating = True
+        hold_full_collections(True)
         self.reply_text = ""
         self.reply_id = self.store.add_message(self.chat_id, "assistant", "", status="partial")
         self.reply_live = self.add_view(StreamingReply())
@@ -296,15 +304,14 @@ class MoeApp(App):
             self.reply_saved_at = time.monotonic()
         if event.chat_id != self.chat_id or self.reply_live is None:
             return
-        box = self.query_one("#messages", VerticalScroll)
-        at_bottom = _at_bottom(box)
-        if self.reply_live.append(event.text) and at_bottom:
-            box.scroll_end(animate=False)  # follow the reply (unless the user scrolled up) as it grows
+        self.reply_live.append(event.text)  # the anchored chat follows it as it grows (see on_mount)
 
     @on(ReplyDone)
     @while_mounted
     async def on_reply_done(self, event: ReplyDone) -> None:
         self.generating = False
+        hold_full_collections(False)
+        self.set_timer(IDLE_COLLECTION_DELAY, self.collect_when_idle)
         self.query_one(PromptInput).cursor_blink = True
         self.last_done = event.done
         cancelled = event.done is not None and event.done.finish_reason == "cancelled"
@@ -316,17 +323,19 @@ class MoeApp(App):
                                self.reply_id)
             view.text = event.text
             box = self.query_one("#messages", VerticalScroll)
-            follow = _at_bottom(box)
-            await box.mount(view, after=self.reply_live)
-            await self.reply_live.remove()
-            if follow:  # the reader was watching the newest rows: keep the end of the reply in view
-                box.scroll_end(animate=False)
+            with self.batch_update():  # one screen update for the swap, not one per step
+                await box.mount(view, after=self.reply_live)
+                await self.reply_live.remove()
         self.reply_live = None
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
         remote = getattr(self.worker, "remote", None)
         if remote is not None and self.last_snapshot is None:  # a server without expert telemetry
             self.query_one(StatsPanel).show_remote(remote)
+
+    def collect_when_idle(self) -> None:
+        if not self.generating:
+            gc.collect()
 
     def action_cancel(self) -> None:
         if self.generating:
@@ -643,9 +652,22 @@ class MoeApp(App):
         self.notice(f"exported to {path}")
 
 
+def hold_full_collections(hold: bool) -> None:
+    """While a reply streams, the cycle collector makes no full passes (the young generations are still
+    collected); the reply's end schedules one for when the UI is idle. A full pass over the objects made
+    since startup (60-70k: cached strips, messages, widgets) took 50-70 ms of the UI thread mid-reply,
+    and keys typed then waited for it: the two slowest of 600 keys in a run of
+    scripts/keypress_latency.py (127 and 111 ms) each began with one."""
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_HELD if hold else _FULL_COLLECTION_THRESHOLD)
+
+
+_FULL_COLLECTION_THRESHOLD = gc.get_threshold()[2]
+
+
 def _at_bottom(box: VerticalScroll) -> bool:
-    """Whether the reader is at the newest rows of the chat (within a row)."""
-    return box.scroll_y >= box.max_scroll_y - 1
+    """Whether the reader is at the newest rows of the chat (within a row), or all of it fits."""
+    return box.max_scroll_y == 0 or box.scroll_y >= box.max_scroll_y - 1
 
 
 def _view(message) -> MessageView:

@@ -4,6 +4,12 @@ thread, exactly as the inference thread does. On a 2-core machine every UI milli
 generation (the GIL), so this is the number to drive down; it is steadier than the tok/s ratio.
 
     python scripts/ui_cost.py [--seconds 6] [--size 120x40] [--profile out.pstats]
+
+`--message` measures instead the UI CPU of showing one finished reply (a paragraph, a code block, a
+list): from mounting its view until the screen is idle again, what each reply's end and each sent
+message cost, in a chat that already shows a few messages.
+
+    python scripts/ui_cost.py --message [--repeats 20]
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 from app.main import MoeApp
 from app.messages import EngineInfo, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 from app.settings import Settings
-from app.widgets.chat import PromptInput
+from app.widgets.chat import MessageView, PromptInput
 from app.worker import CHUNK_INTERVAL, EngineSpec, Generate
 from inference.telemetry import CacheSnapshot, MemorySample
 
@@ -121,6 +127,31 @@ async def measure(seconds: float, size: tuple[int, int], refresh_hz: float, prof
     return {"ui_cpu_s": cpu, "wall_s": wall, "ui_cpu_fraction": cpu / wall}
 
 
+REPLY = (f"Here is a function that merges two sorted lists:\n\n```python\n{CODE * 3}    return out + a + b\n```\n\n"
+         "It runs in **linear** time. Call it as `merge(a, b)`:\n\n- `a`, `b`: sorted lists\n- returns a new list\n")
+
+
+async def measure_message(repeats: int, size: tuple[int, int]) -> list[float]:
+    """UI-thread CPU milliseconds from mounting a reply's view until the screen has settled, per reply."""
+    data = tempfile.mkdtemp(prefix="moe-ui-cost-")
+    os.environ["MOE_CONFIG"] = os.path.join(data, "config.toml")
+    worker: list[ScriptedWorker] = []
+    app = MoeApp(EngineSpec(model="demo"), Settings(data_dir=data),
+                 worker_factory=lambda a: worker.append(ScriptedWorker(a, 0.0, 1.0)) or worker[0])
+    costs = []
+    async with app.run_test(size=size) as pilot:
+        while app.last_snapshot is None:
+            await pilot.pause(0.05)
+        await pilot.pause(0.5)
+        for _ in range(repeats):
+            cpu0 = time.thread_time()
+            app.add_view(MessageView("assistant", REPLY))
+            await pilot.pause()
+            await pilot.pause(0.2)  # the screen's updates and anything they schedule
+            costs.append((time.thread_time() - cpu0) * 1000)
+    return costs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=6.0)
@@ -128,8 +159,15 @@ def main() -> int:
     parser.add_argument("--refresh-hz", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", help="write a cProfile (thread CPU time) of the last run here")
+    parser.add_argument("--message", action="store_true", help="the cost of showing one finished reply")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.split("x"))
+    if args.message:
+        costs = sorted(asyncio.run(measure_message(max(args.repeats, 3), size)))
+        print(f"UI thread CPU to show one finished reply ({args.size}, {len(costs)} replies): median "
+              f"{costs[len(costs) // 2]:.1f} ms, min {costs[0]:.1f}, max {costs[-1]:.1f} (an idle screen's "
+              f"updates for the 0.2 s waited included)")
+        return 0
     runs = [asyncio.run(measure(args.seconds, size, args.refresh_hz,
                                 args.profile if i == args.repeats - 1 else None)) for i in range(args.repeats)]
     fractions = sorted(r["ui_cpu_fraction"] for r in runs)

@@ -10,7 +10,7 @@ import pytest
 
 from app.main import MoeApp
 from app.settings import Settings
-from app.widgets.chat import MessageView, PromptInput
+from app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput
 from app.widgets.confirm import ConfirmScreen
 from app.widgets.heatmap import HeatmapView
 from app.worker import EngineSpec
@@ -339,3 +339,44 @@ async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tm
         await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
         assert len(shown()) == MESSAGE_WINDOW + 2 and shown()[-2] == "hi"
         assert earlier.hidden == 100 - MESSAGE_WINDOW and len(app.store.messages(app.chat_id)) == 102
+
+
+async def test_the_chat_follows_a_reply_only_while_the_reader_is_at_the_bottom(make_app, tmp_path):
+    from app.store import ChatStore
+
+    (tmp_path / "data").mkdir()
+    store = ChatStore(tmp_path / "data" / "chats.sqlite3")
+    chat = store.create_chat()
+    for i in range(30):
+        store.add_message(chat.id, "user" if i % 2 == 0 else "assistant", f"message {i}\n\nmore of it")
+    store.close()
+    app = make_app(max_tokens=1000)  # long enough to grow past its first page
+    async with app.run_test(size=(120, 40)) as pilot:
+        box = app.query_one("#messages")
+        await wait_until(pilot, lambda: app.last_snapshot is not None and box.max_scroll_y > 0)
+        await send(pilot, app, "hi")
+        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        await pilot.pause()
+        assert box.scroll_y == box.max_scroll_y  # the end of the reply in view, as it ended
+        assert app.query(MessageView).last().size.height > HEIGHT_STEP  # it did grow while streaming
+        await send(pilot, app, "again")
+        await pilot.pause()
+        await pilot.pause()
+        box.scroll_to(y=5, animate=False, immediate=True)  # the reader scrolls up to read something
+        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        await pilot.pause()
+        assert box.scroll_y == 5 < box.max_scroll_y  # the reply's growth and its final render left them there
+
+
+async def test_full_collections_wait_while_a_reply_streams(make_app):
+    default = gc.get_threshold()
+    app = make_app(max_tokens=400)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "hi")
+        assert app.generating and gc.get_threshold()[2] > 1_000_000
+        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        assert gc.get_threshold() == default
+        collections = gc.get_stats()[2]["collections"]
+        await wait_until(pilot, lambda: gc.get_stats()[2]["collections"] > collections, timeout=5)  # when idle
+    assert gc.get_threshold() == default

@@ -1,14 +1,17 @@
-"""StreamingReply: text appended in fragments must show exactly what wrapping the whole text at once shows."""
+"""Chat widgets. StreamingReply: text appended in fragments must show exactly what wrapping the whole text at
+once shows. MessageView: shows what Rich renders for the Markdown, at the widget's width, and text in it can
+be selected with the mouse."""
 
 from __future__ import annotations
 
 import random
 
+from rich.markdown import Markdown
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 
-from app.widgets.chat import StreamingReply
+from app.widgets.chat import MessageView, StreamingReply
 
 REPLY = (
     "Here is a function:\n\n```python\ndef merge(a, b):\n    out = []\n\twhile a and b:\n"
@@ -64,3 +67,55 @@ async def test_fragments_render_like_the_whole_text_and_rewrap_on_resize():
         await pilot.pause()
         assert reply.content_size.width < width
         assert shown(reply) == expected(app, REPLY, reply.content_size.width)
+
+
+class Messages(App):
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield MessageView("user", "Write `merge(a, b)`")
+            yield MessageView("assistant", REPLY)
+
+
+def rich_rows(app: App, text: str, width: int) -> list[str]:
+    """The golden reference: Rich's own rendering of the Markdown at that width."""
+    lines = app.console.render_lines(Markdown(text, hyperlinks=False), app.console.options.update_width(width))
+    rows = ["".join(segment.text for segment in line).rstrip() for line in lines]
+    while rows and not rows[0]:
+        rows.pop(0)
+    return rows
+
+
+async def test_a_message_shows_its_markdown_as_rich_renders_it_and_rewraps_on_resize():
+    app = Messages()
+    async with app.run_test(size=(60, 50)) as pilot:
+        await pilot.pause()
+        view = app.query(MessageView)[1]
+        widths = []
+        for terminal_width in (60, 40):
+            await pilot.resize_terminal(terminal_width, 50)
+            await pilot.pause()
+            widths.append(view.content_size.width)
+            rows = [view.render_line(y).text.rstrip() for y in range(view.content_size.height)]
+            assert rows == rich_rows(app, REPLY, widths[-1])  # height: auto holds every row, no more
+            assert any(row.strip() == "def merge(a, b):" for row in rows)  # the fence's code, not its ```
+            assert not any("```" in row or "**" in row for row in rows)
+        assert widths[1] < widths[0]
+
+
+async def test_text_in_a_message_can_be_selected_with_the_mouse():
+    app = Messages()
+    async with app.run_test(size=(60, 50)) as pilot:
+        await pilot.pause()
+        view = app.query(MessageView)[1]
+        rows = [view.render_line(y).text.rstrip() for y in range(view.content_size.height)]
+        y = next(i for i, row in enumerate(rows) if "def merge" in row)
+        x = rows[y].index("def merge")
+        left = view.region.x + view.styles.gutter.left  # drag from 'def' on that row to the next row's end
+        await pilot.mouse_down(offset=(left + x, view.region.y + y))
+        await pilot.hover(offset=(left + len(rows[y + 1]), view.region.y + y + 1))
+        await pilot.mouse_up(offset=(left + len(rows[y + 1]), view.region.y + y + 1))
+        await pilot.pause()
+        selected = app.screen.get_selected_text()
+        assert selected is not None and selected.startswith("def merge(a, b):\n") and "out = []" in selected
+        highlighted = view.render_line(y)  # the selection is drawn
+        assert any(segment.style and segment.style.bgcolor for segment in highlighted if "def" in segment.text)

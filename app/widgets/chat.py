@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from rich.markdown import Markdown as RichMarkdown
 from rich.style import Style
 from rich.text import Text
 from textual import events
-from textual.geometry import Region
+from textual.geometry import Region, Size
 from textual.message import Message
+from textual.selection import Selection
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Button, Markdown, TextArea
+from textual.widgets import Button, TextArea
 
 
-class MessageView(Markdown):
-    """A chat message rendered as Markdown (code blocks syntax-highlighted)."""
+class MessageView(Widget):
+    """A chat message as Markdown, code blocks syntax-highlighted.
+
+    One widget per message: Rich renders the Markdown into rows once per width (and light/dark theme),
+    and the Line API paints those rows. Textual's Markdown widget mounts a widget per block (each
+    paragraph, list item, fence), so every message meant several mounts and layout passes, and every
+    later layout pass walked all of them (`python scripts/ui_cost.py --message` measures a message's cost).
+    Text can still be selected with the mouse; what is copied is the text as shown."""
 
     DEFAULT_CSS = """
-    MessageView { margin: 0 1 1 1; padding: 0 1; }
+    MessageView { height: auto; margin: 0 1 1 1; padding: 0 1; }
     MessageView.user { border-left: thick $accent; }
     MessageView.assistant { border-left: thick $primary; }
     MessageView.notice { color: $text-muted; border-left: thick $warning; }
@@ -24,10 +32,53 @@ class MessageView(Markdown):
     """
 
     def __init__(self, role: str, text: str = "", message_id: int | None = None, **kwargs) -> None:
-        super().__init__(text, classes=role, **kwargs)
+        super().__init__(classes=role, **kwargs)
         self.role = role
         self.text = text
         self.message_id = message_id
+        self._key: tuple[int, bool] | None = None  # what the rows were rendered for: width, dark theme
+        self._rows: list[Strip] = []
+        self._style = Style()
+
+    def _rendered(self, width: int) -> list[Strip]:
+        dark = self.app.current_theme.dark
+        if self._key != (width, dark):
+            console = self.app.console
+            markdown = RichMarkdown(self.text, code_theme="monokai" if dark else "default", hyperlinks=False)
+            lines = console.render_lines(markdown, console.options.update_width(max(width, 1)), pad=False)
+            while lines and not lines[0]:  # Rich starts a list with an empty row; the margin spaces messages
+                lines.pop(0)
+            self._rows = [Strip(line).simplify() for line in lines]
+            self._key = (width, dark)
+        return self._rows
+
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return len(self._rendered(width))
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        self._style = self.rich_style  # once per paint: it walks every ancestor's styles
+        return super().render_lines(crop)
+
+    def render_line(self, y: int) -> Strip:
+        width, style = self.content_size.width, self._style
+        rows = self._rendered(width)
+        if y >= len(rows):
+            return Strip.blank(width, style)
+        row = rows[y].apply_style(style)
+        selection = self.text_selection
+        span = selection.get_span(y) if selection is not None else None
+        if span is not None:
+            start, end = span
+            end = row.cell_length if end == -1 else min(end, row.cell_length)
+            if start < end:
+                highlight = self.screen.get_component_rich_style("screen--selection")
+                before, chosen, after = row.divide([start, end, row.cell_length])
+                row = Strip.join([before, chosen.apply_style(highlight), after])
+        return row.extend_cell_length(width, style).apply_offsets(0, y)
+
+    def get_selection(self, selection: Selection) -> tuple[str, str] | None:
+        rows = self._rendered(self.content_size.width)
+        return selection.extract("\n".join(row.text.rstrip() for row in rows)), "\n"
 
 
 class EarlierMessages(Button):
