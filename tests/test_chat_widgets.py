@@ -1,6 +1,6 @@
 """Chat widgets. StreamingReply: text appended in fragments must show exactly what wrapping the whole text at
 once shows. MessageView: shows what Rich renders for the Markdown, at the widget's width, and text in it can
-be selected with the mouse."""
+be selected with the mouse. Readout (the stats panel's rows): redraws what changed, cuts what does not fit."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 
 from app.widgets.chat import MessageView, StreamingReply
+from app.widgets.gauges import Readout, grid
 
 REPLY = (
     "Here is a function:\n\n```python\ndef merge(a, b):\n    out = []\n\twhile a and b:\n"
@@ -119,3 +120,29 @@ async def test_text_in_a_message_can_be_selected_with_the_mouse():
         assert selected is not None and selected.startswith("def merge(a, b):\n") and "out = []" in selected
         highlighted = view.render_line(y)  # the selection is drawn
         assert any(segment.style and segment.style.bgcolor for segment in highlighted if "def" in segment.text)
+
+
+class Gauges(App):
+    def compose(self) -> ComposeResult:
+        yield Readout()
+
+
+async def test_a_readout_shows_its_rows_redraws_a_changed_row_and_cuts_long_ones_with_an_ellipsis():
+    app = Gauges()
+    async with app.run_test(size=(30, 10)) as pilot:
+        readout = app.query_one(Readout)
+        readout.show(grid([("decode", "150.0 tok/s"), ("tokens", "12"), ("load bw", "x" * 40)]))
+        await pilot.pause()
+
+        def rows():
+            return [readout.render_line(y).text.rstrip() for y in range(readout.size.height)]
+
+        assert readout.size.height == 3
+        assert rows()[:2] == ["decode   150.0 tok/s", "tokens   12"]
+        assert rows()[2].endswith("…") and len(rows()[2]) == 30
+        readout.show(grid([("decode", "151.5 tok/s"), ("tokens", "13"), ("load bw", "x" * 40)]))
+        await pilot.pause()
+        assert rows()[:2] == ["decode   151.5 tok/s", "tokens   13"]
+        readout.show("one row")
+        await pilot.pause()
+        assert readout.size.height == 1 and rows() == ["one row"]

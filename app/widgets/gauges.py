@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 
-from rich.console import RenderableType
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.geometry import Region, Size
+from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Sparkline
 
@@ -89,22 +90,51 @@ def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Tex
 
 
 class Readout(Widget):
-    """Shows one renderable; repaints without a layout pass unless its number of rows changes."""
+    """Rows of text that change a few times a second. Each row is drawn once per change through the Line
+    API; a change repaints only the rows that differ, and lays out only when the number of rows changes."""
 
     DEFAULT_CSS = "Readout { height: auto; }"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.renderable: RenderableType = ""
-        self.rows = 0
+        self.lines: list[Text] = []
+        self._strips: dict[int, Strip] = {}  # row -> drawn at self._width
+        self._width = 0
 
-    def render(self) -> RenderableType:
-        return self.renderable
+    def show(self, text: Text | str) -> None:
+        lines = list((Text(text) if isinstance(text, str) else text).split("\n"))
+        if len(lines) != len(self.lines):
+            self.lines, self._strips = lines, {}
+            self.refresh(layout=True)
+            return
+        for y, (old, new) in enumerate(zip(self.lines, lines, strict=True)):
+            if old.plain != new.plain or old.spans != new.spans or old.style != new.style:
+                self.lines[y] = new
+                self._strips.pop(y, None)
+                self.refresh(Region(0, y, self.size.width, 1))
 
-    def show(self, renderable: RenderableType, rows: int) -> None:
-        self.renderable = renderable
-        self.refresh(layout=rows != self.rows)
-        self.rows = rows
+    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
+        return len(self.lines)
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._strips = {}  # drawn with the old theme's colours
+
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        if width != self._width:
+            self._strips, self._width = {}, width
+        strip = self._strips.get(y)
+        if strip is None:
+            if y >= len(self.lines):
+                return Strip.blank(width, self.rich_style)
+            line = self.lines[y].copy()
+            line.truncate(width, overflow="ellipsis")
+            console = self.app.console
+            strip = Strip(list(line.render(console)), line.cell_len).extend_cell_length(width).apply_style(
+                self.rich_style)
+            self._strips[y] = strip
+        return strip
 
 
 class StatsPanel(Vertical):
@@ -139,8 +169,8 @@ class StatsPanel(Vertical):
         ])
         self.speeds.extend(remote.decode_tps[-1:])
         self.query_one("#speed", Sparkline).data = list(self.speeds)
-        self.query_one("#memory", Readout).show("memory: on the server (no telemetry)", 1)
-        self.query_one("#routing", Readout).show(table, len(table.split()))
+        self.query_one("#memory", Readout).show("memory: on the server (no telemetry)")
+        self.query_one("#routing", Readout).show(table)
 
     def show(self, snap: CacheSnapshot, optimum: dict | None) -> None:
         if snap.tokens_generated != self._last_tokens and snap.decode_tps > 0:
@@ -149,5 +179,5 @@ class StatsPanel(Vertical):
             self.query_one("#speed", Sparkline).data = list(self.speeds)
         memory = memory_table(snap, self.unicode)
         routing = stats_table(snap, optimum, self.speeds)
-        self.query_one("#memory", Readout).show(memory, len(memory.split()))
-        self.query_one("#routing", Readout).show(routing, len(routing.split()))
+        self.query_one("#memory", Readout).show(memory)
+        self.query_one("#routing", Readout).show(routing)
