@@ -111,7 +111,7 @@ class MoeApp(App):
     CSS = """
     #main { height: 1fr; }
     #chat { width: 3fr; min-width: 40; }
-    #messages { height: 1fr; }
+    #messages { height: 1fr; scrollbar-gutter: stable; }  /* the scrollbar appearing re-wraps nothing */
     #side { width: 2fr; min-width: 36; border-left: solid $panel; padding: 0 1; }
     #side.hidden { display: none; }
     """
