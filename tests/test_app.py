@@ -299,17 +299,23 @@ async def test_startup_objects_are_kept_out_of_the_cycle_collector(make_app):
         assert gc.get_freeze_count() > 10_000
 
 
-async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tmp_path):
-    from app.main import MESSAGE_WINDOW
+def stored_chat(tmp_path, texts: list[str]) -> None:
+    """A chat already in the app's data dir: user and assistant taking turns."""
     from app.store import ChatStore
-    from app.widgets.chat import EarlierMessages
 
     (tmp_path / "data").mkdir()
     store = ChatStore(tmp_path / "data" / "chats.sqlite3")
     chat = store.create_chat()
-    for i in range(100):
-        store.add_message(chat.id, "user" if i % 2 == 0 else "assistant", f"message {i}")
+    for i, text in enumerate(texts):
+        store.add_message(chat.id, "user" if i % 2 == 0 else "assistant", text)
     store.close()
+
+
+async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tmp_path):
+    from app.main import MESSAGE_WINDOW
+    from app.widgets.chat import EarlierMessages
+
+    stored_chat(tmp_path, [f"message {i}" for i in range(100)])
     app = make_app(max_tokens=8)
     async with app.run_test(size=(120, 40)) as pilot:
         def shown():
@@ -342,14 +348,7 @@ async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tm
 
 
 async def test_the_chat_follows_a_reply_only_while_the_reader_is_at_the_bottom(make_app, tmp_path):
-    from app.store import ChatStore
-
-    (tmp_path / "data").mkdir()
-    store = ChatStore(tmp_path / "data" / "chats.sqlite3")
-    chat = store.create_chat()
-    for i in range(30):
-        store.add_message(chat.id, "user" if i % 2 == 0 else "assistant", f"message {i}\n\nmore of it")
-    store.close()
+    stored_chat(tmp_path, [f"message {i}\n\nmore of it" for i in range(30)])
     app = make_app(max_tokens=1000)  # long enough to grow past its first page
     async with app.run_test(size=(120, 40)) as pilot:
         box = app.query_one("#messages")
