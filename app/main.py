@@ -319,9 +319,8 @@ class MoeApp(App):
         self.store.update_message(self.reply_id, event.text, status)
         if self.reply_live is not None and event.chat_id == self.chat_id:
             # One full Markdown render at the end, in place of the plain streaming text.
-            view = MessageView("assistant" if status == "complete" else "cancelled", _shown(event.text, status),
-                               self.reply_id)
-            view.text = event.text
+            view = MessageView("assistant" if status == "complete" else "cancelled", event.text, self.reply_id,
+                               markdown=_shown(event.text, status))
             box = self.query_one("#messages", VerticalScroll)
             with self.batch_update():  # one screen update for the swap, not one per step
                 await box.mount(view, after=self.reply_live)
@@ -671,8 +670,8 @@ def _at_bottom(box: VerticalScroll) -> bool:
 
 
 def _view(message) -> MessageView:
-    return MessageView(message.role if message.status == "complete" else "cancelled",
-                       _shown(message.content, message.status), message.id)
+    return MessageView(message.role if message.status == "complete" else "cancelled", message.content, message.id,
+                       markdown=_shown(message.content, message.status))
 
 
 def _shown(content: str, status: str) -> str:

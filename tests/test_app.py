@@ -74,6 +74,10 @@ async def test_escape_cancels_and_keeps_partial_text(make_app):
         reply = replies(app)[-1]
         assert reply.status == "cancelled"
         assert len(reply.content) > 0
+        await pilot.pause()
+        view = app.query(MessageView).last()  # the partial text, marked cancelled on screen only
+        assert view.role == "cancelled" and view.text == reply.content
+        assert any("(cancelled)" in view.render_line(y).text for y in range(view.content_size.height))
 
 
 async def test_regenerate_replaces_the_last_reply(make_app):

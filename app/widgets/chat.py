@@ -31,10 +31,13 @@ class MessageView(Widget):
     MessageView.cancelled { border-left: thick $error; }
     """
 
-    def __init__(self, role: str, text: str = "", message_id: int | None = None, **kwargs) -> None:
+    def __init__(self, role: str, text: str = "", message_id: int | None = None, markdown: str | None = None,
+                 **kwargs) -> None:
+        """`text` is the message; `markdown` what to show, when that differs (a cancelled reply's mark)."""
         super().__init__(classes=role, **kwargs)
         self.role = role
         self.text = text
+        self.markdown = text if markdown is None else markdown
         self.message_id = message_id
         self._key: tuple[int, bool] | None = None  # what the rows were rendered for: width, dark theme
         self._rows: list[Strip] = []
@@ -44,7 +47,7 @@ class MessageView(Widget):
         dark = self.app.current_theme.dark
         if self._key != (width, dark):
             console = self.app.console
-            markdown = RichMarkdown(self.text, code_theme="monokai" if dark else "default", hyperlinks=False)
+            markdown = RichMarkdown(self.markdown, code_theme="monokai" if dark else "default", hyperlinks=False)
             lines = console.render_lines(markdown, console.options.update_width(max(width, 1)), pad=False)
             while lines and not lines[0]:  # Rich starts a list with an empty row; the margin spaces messages
                 lines.pop(0)
@@ -153,20 +156,18 @@ class StreamingReply(Widget):
             return Strip.blank(width, style)
         return self._strips[y].apply_style(style).extend_cell_length(width, style)
 
-    def append(self, fragment: str) -> bool:
-        """Add text; True when the widget grew (the caller may scroll to follow it)."""
+    def append(self, fragment: str) -> None:
+        """Add text: repaint the rows it changed, or lay out again when the widget has to grow."""
         self.text += fragment
         if not self._width:  # not laid out yet: on_resize wraps everything
-            return False
+            return
         first = len(self._done)
         *finished, self._tail = (self._tail + fragment).split("\n")
         for paragraph in finished:
             self._done.extend(self._wrap(paragraph))
         self._strips = self._done + self._wrap(self._tail)
-        if self._fit_height():
-            return True
-        self.refresh(Region(0, first, self._width, len(self._strips) - first))
-        return False
+        if not self._fit_height():  # growing repaints everything anyway
+            self.refresh(Region(0, first, self._width, len(self._strips) - first))
 
     def _fit_height(self) -> bool:
         """Grow (never shrink) to hold every row plus one; True when the height changed. A short reply
