@@ -1,4 +1,4 @@
-"""The heatmap renderer is a pure function of a snapshot: binning, marks, legend, glyph fallback."""
+"""The heatmap renderer is a pure function of a snapshot: binning, marks, legend, glyph fallback. The widget: drawn on the theme's background."""
 
 from __future__ import annotations
 
@@ -109,3 +109,26 @@ def test_gradient_endpoints():
     assert hm.gradient_color(stops, 0.0).get_truecolor() == (0, 0, 0)
     assert hm.gradient_color(stops, 1.0).get_truecolor() == (255, 255, 255)
     assert hm.gradient_color(stops, 0.5).get_truecolor().red in (127, 128)
+
+
+async def test_the_widget_draws_on_the_theme_background():
+    from textual.app import App
+
+    from app.widgets.heatmap import HeatmapView
+
+    class Host(App):
+        def compose(self):
+            yield HeatmapView()
+
+    app = Host()
+    async with app.run_test(size=(60, 12)) as pilot:
+        app.theme = "textual-light"
+        view = app.query_one(HeatmapView)
+        view.snapshot = snapshot()
+        await pilot.pause()
+        background = view.rich_style.bgcolor
+        assert background is not None
+        row = view.render_line(0)  # "L0", the cells, the hit rate, the blank rest of the row
+        assert row.cell_length == view.size.width
+        label = next(segment for segment in row if segment.text.strip().startswith("L"))
+        assert label.style.bgcolor == background
