@@ -1,4 +1,5 @@
-"""The heatmap renderer is a pure function of a snapshot: binning, marks, legend, glyph fallback. The widget: drawn on the theme's background."""
+"""The heatmap renderer is a pure function of a snapshot: binning, marks, legend, glyph fallback.
+The widget draws it on the theme's background."""
 
 from __future__ import annotations
 
