@@ -25,7 +25,7 @@ RATE_WIDTH = 5  # " 87%"
 @dataclass(frozen=True)
 class HeatmapStyle:
     gradient: tuple[str, ...] = ("#0b1a33", "#1f4e79", "#2e8b57", "#e0b000", "#ff4500")
-    mark_color: str = "#ffffff"
+    mark_color: str | None = None  # None: black or white, whichever stands out more on each cell
     label_color: str = "#a0a0a0"
     unicode: bool = True  # False: plain ASCII glyphs and no colours (dumb terminals)
 
@@ -48,6 +48,19 @@ def gradient_color(stops: tuple[str, ...], t: float) -> Color:
     f = t - i
     return Color.from_rgb(a.red + (b.red - a.red) * f, a.green + (b.green - a.green) * f,
                           a.blue + (b.blue - a.blue) * f)
+
+
+def mark_color_on(background: Color) -> str:
+    """Black or white, whichever contrasts more with `background` (WCAG relative luminance: black wins
+    above 0.179)."""
+    rgb = background.get_truecolor()
+
+    def linear(v: int) -> float:
+        c = v / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    luminance = 0.2126 * linear(rgb.red) + 0.7152 * linear(rgb.green) + 0.0722 * linear(rgb.blue)
+    return "#000000" if luminance > 0.179 else "#ffffff"
 
 
 def columns_for(num_experts: int, view: View, style: HeatmapStyle) -> tuple[int, int]:
@@ -112,7 +125,8 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
                     else "resident" if cells["resident"][i, c] else "none")
             selected = view.cursor == (i, c)
             if style.unicode:
-                cell_style = Style(color=style.mark_color, bgcolor=gradient_color(style.gradient, cells["heat"][i, c]),
+                background = gradient_color(style.gradient, cells["heat"][i, c])
+                cell_style = Style(color=style.mark_color or mark_color_on(background), bgcolor=background,
                                    reverse=selected, bold=kind == "missed")
                 row.append(Segment(marks[kind], cell_style))
             else:

@@ -4,6 +4,7 @@ The widget draws it on the theme's background."""
 from __future__ import annotations
 
 import numpy as np
+from rich.color import Color
 
 from app import heatmap as hm
 from inference.telemetry import CacheSnapshot, MemorySample
@@ -133,3 +134,12 @@ async def test_the_widget_draws_on_the_theme_background():
         assert row.cell_length == view.size.width
         label = next(segment for segment in row if segment.text.strip().startswith("L"))
         assert label.style.bgcolor == background
+
+
+def test_marks_stand_out_on_light_and_dark_cells():
+    light = hm.HeatmapStyle(gradient=("#f7fbff", "#08306b"))  # the pale end of a light theme's blues
+    snap = snapshot(layers=1, experts=2, recent=np.array([[0.0, 1.0]]), resident=np.array([[True, True]]))
+    row = hm.render(snap, hm.View(width=40), light)[0]
+    pale, dark = [segment for segment in row if segment.text == "•"]
+    assert pale.style.color.get_truecolor() == (0, 0, 0) and dark.style.color.get_truecolor() == (255, 255, 255)
+    assert hm.mark_color_on(Color.parse("#e0b000")) == "#000000"  # the dark theme's yellow: black marks
