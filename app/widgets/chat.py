@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from rich.markdown import Markdown as RichMarkdown
-from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.geometry import Region, Size
@@ -13,8 +12,10 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Button, TextArea
 
+from .rows import StyledRows
 
-class MessageView(Widget):
+
+class MessageView(StyledRows, Widget):
     """A chat message as Markdown, code blocks syntax-highlighted.
 
     One widget per message: Rich renders the Markdown into rows once per width (and light/dark theme),
@@ -41,7 +42,6 @@ class MessageView(Widget):
         self.message_id = message_id
         self._key: tuple[int, bool] | None = None  # what the rows were rendered for: width, dark theme
         self._rows: list[Strip] = []
-        self._style = Style()
 
     def _rendered(self, width: int) -> list[Strip]:
         dark = self.app.current_theme.dark
@@ -58,16 +58,12 @@ class MessageView(Widget):
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         return len(self._rendered(width))
 
-    def render_lines(self, crop: Region) -> list[Strip]:
-        self._style = self.rich_style  # once per paint: it walks every ancestor's styles
-        return super().render_lines(crop)
-
     def render_line(self, y: int) -> Strip:
-        width, style = self.content_size.width, self._style
+        width = self.content_size.width
         rows = self._rendered(width)
         if y >= len(rows):
-            return Strip.blank(width, style)
-        row = rows[y].apply_style(style)
+            return self.row_over_style(None, width)
+        row = rows[y]
         selection = self.text_selection
         span = selection.get_span(y) if selection is not None else None
         if span is not None:
@@ -77,7 +73,7 @@ class MessageView(Widget):
                 highlight = self.screen.get_component_rich_style("screen--selection")
                 before, chosen, after = row.divide([start, end, row.cell_length])
                 row = Strip.join([before, chosen.apply_style(highlight), after])
-        return row.extend_cell_length(width, style).apply_offsets(0, y)
+        return self.row_over_style(row, width).apply_offsets(0, y)
 
     def get_selection(self, selection: Selection) -> tuple[str, str] | None:
         rows = self._rendered(self.content_size.width)
@@ -109,7 +105,7 @@ HEIGHT_STEP = 8  # a short streaming reply is this many rows tall
 STEP_FRACTION = 0.9  # a longer one grows by this fraction of the chat viewport (a page) at a time
 
 
-class StreamingReply(Widget):
+class StreamingReply(StyledRows, Widget):
     """A reply while it streams: plain text through the Line API, replaced by a MessageView (rendered as
     Markdown once) when it ends. Appending re-wraps only the last paragraph and repaints only the rows
     that changed. The height grows a page at a time, because each change is a layout pass over the whole
@@ -127,7 +123,6 @@ class StreamingReply(Widget):
         self._strips: list[Strip] = []  # _done + the rows of the paragraph still being written
         self._tail = ""  # text after the last newline
         self._width = 0
-        self._style = Style()
 
     def _wrap(self, paragraph: str) -> list[Strip]:
         console = self.app.console
@@ -146,15 +141,8 @@ class StreamingReply(Widget):
             self._fit_height()
             self.refresh()
 
-    def render_lines(self, crop: Region) -> list[Strip]:
-        self._style = self.rich_style  # computed once per paint: it walks every ancestor's styles
-        return super().render_lines(crop)
-
     def render_line(self, y: int) -> Strip:
-        width, style = self.content_size.width, self._style
-        if y >= len(self._strips):
-            return Strip.blank(width, style)
-        return self._strips[y].apply_style(style).extend_cell_length(width, style)
+        return self.row_over_style(self._strips[y] if y < len(self._strips) else None, self.content_size.width)
 
     def append(self, fragment: str) -> None:
         """Add text: repaint the rows it changed, or lay out again when the widget has to grow."""

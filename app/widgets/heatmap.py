@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from rich.segment import Segment
-from rich.style import Style
 from textual.binding import Binding
-from textual.geometry import Region, Size
+from textual.geometry import Size
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
@@ -13,9 +12,10 @@ from textual.strip import Strip
 from inference import CacheSnapshot
 
 from .. import heatmap as renderer
+from .rows import StyledRows
 
 
-class HeatmapView(ScrollView, can_focus=True):
+class HeatmapView(StyledRows, ScrollView, can_focus=True):
     """Rows = MoE layers, columns = experts (binned to fit). Arrows select a cell; +/- zoom; [ ] scroll."""
 
     BINDINGS = [
@@ -43,7 +43,6 @@ class HeatmapView(ScrollView, can_focus=True):
         self.experts_per_column: int | None = None
         self.half_blocks: bool | None = None  # None: automatic when rows are short
         self._lines: list[Strip] = []
-        self._style = Style()
         self._placeholder = "loading the model..."
 
     @property
@@ -92,18 +91,12 @@ class HeatmapView(ScrollView, can_focus=True):
             self.styles.height = len(self._lines)  # only on change: setting it forces a layout pass
         self.refresh()
 
-    def render_lines(self, crop: Region) -> list[Strip]:
-        self._style = self.rich_style  # once per paint: it walks every ancestor's styles
-        return super().render_lines(crop)
-
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
-        index = y + scroll_y
-        width, style = self.size.width, self._style
-        if index >= len(self._lines):
-            return Strip.blank(width, style)
+        index, width = y + scroll_y, self.size.width
         # The theme's background and text colour under the cells' own colours (labels, legend, gaps).
-        return self._lines[index].crop(scroll_x, scroll_x + width).apply_style(style).extend_cell_length(width, style)
+        line = self._lines[index].crop(scroll_x, scroll_x + width) if index < len(self._lines) else None
+        return self.row_over_style(line, width)
 
     # ---- actions
     def action_move(self, d_layer: int, d_col: int) -> None:
