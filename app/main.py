@@ -60,7 +60,8 @@ def while_mounted(handler):
 SAVE_INTERVAL = 1.0  # seconds between saves of a reply in progress
 # Messages of a chat kept on screen (older ones load on request). A layout pass, on each mount and each
 # time a streaming reply grows, walks every widget in the chat: with 400 messages mounted one took
-# 52 ms on 2 cores, with the newest 40 4 ms (scripts/chat_layout.py).
+# 4.7 ms on 2 cores, with the newest 40 1.2 ms (scripts/chat_layout.py; 52 and 4 ms when a message was
+# Textual's Markdown widget, several widgets each).
 MESSAGE_WINDOW = 40
 FULL_COLLECTION_HELD = 1 << 30  # gen2 threshold while a reply streams: no full cycle-collector pass
 IDLE_COLLECTION_DELAY = 1.0  # seconds after a reply ends before the held full pass runs

@@ -84,8 +84,7 @@ class EarlierMessages(Button):
     """Top of the chat when older messages are not on screen: pressing it shows more of them.
 
     A chat keeps only its newest messages mounted: every layout pass (each mount, each time a streaming
-    reply grows) walks every widget in the chat, and a Markdown message is several widgets, so the
-    cost would otherwise grow with the length of the chat."""
+    reply grows) walks every widget in the chat, so the cost would otherwise grow with its length."""
 
     DEFAULT_CSS = """
     EarlierMessages { width: 100%; margin: 0 1 1 1; }
