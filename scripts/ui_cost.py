@@ -96,12 +96,18 @@ class ScriptedWorker:
         pass
 
 
-async def measure(seconds: float, size: tuple[int, int], refresh_hz: float, profile: str | None) -> dict:
+def scripted_app(seconds: float, refresh_hz: float) -> tuple[MoeApp, list[ScriptedWorker]]:
+    """The app in a fresh data dir, with a ScriptedWorker (in the list once the app has made it)."""
     data = tempfile.mkdtemp(prefix="moe-ui-cost-")
     os.environ["MOE_CONFIG"] = os.path.join(data, "config.toml")
     worker: list[ScriptedWorker] = []
     app = MoeApp(EngineSpec(model="demo"), Settings(data_dir=data, refresh_hz=refresh_hz),
                  worker_factory=lambda a: worker.append(ScriptedWorker(a, seconds, 1.0 / refresh_hz)) or worker[0])
+    return app, worker
+
+
+async def measure(seconds: float, size: tuple[int, int], refresh_hz: float, profile: str | None) -> dict:
+    app, worker = scripted_app(seconds, refresh_hz)
     async with app.run_test(size=size) as pilot:
         while app.last_snapshot is None:
             await pilot.pause(0.05)
@@ -133,11 +139,7 @@ REPLY = (f"Here is a function that merges two sorted lists:\n\n```python\n{CODE 
 
 async def measure_message(repeats: int, size: tuple[int, int]) -> list[float]:
     """UI-thread CPU milliseconds from mounting a reply's view until the screen has settled, per reply."""
-    data = tempfile.mkdtemp(prefix="moe-ui-cost-")
-    os.environ["MOE_CONFIG"] = os.path.join(data, "config.toml")
-    worker: list[ScriptedWorker] = []
-    app = MoeApp(EngineSpec(model="demo"), Settings(data_dir=data),
-                 worker_factory=lambda a: worker.append(ScriptedWorker(a, 0.0, 1.0)) or worker[0])
+    app, _ = scripted_app(0.0, Settings.refresh_hz)
     costs = []
     async with app.run_test(size=size) as pilot:
         while app.last_snapshot is None:
