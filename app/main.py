@@ -112,7 +112,8 @@ class MoeApp(App):
     CSS = """
     #main { height: 1fr; }
     #chat { width: 3fr; min-width: 40; }
-    #messages { height: 1fr; scrollbar-gutter: stable; }  /* the scrollbar appearing re-wraps nothing */
+    /* A scrollbar always shown: one that appears when a reply first overflows re-lays out the screen. */
+    #messages { height: 1fr; overflow-y: scroll; }
     #side { width: 2fr; min-width: 36; border-left: solid $panel; padding: 0 1; }
     #side.hidden { display: none; }
     """

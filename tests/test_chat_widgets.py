@@ -11,7 +11,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 
-from app.widgets.chat import MessageView, StreamingReply
+from app.widgets.chat import PAGE_OVERLAP, MessageView, StreamingReply
 from app.widgets.gauges import Readout, grid
 
 REPLY = (
@@ -68,6 +68,38 @@ async def test_fragments_render_like_the_whole_text_and_rewrap_on_resize():
         await pilot.pause()
         assert reply.content_size.width < width
         assert shown(reply) == expected(app, REPLY, reply.content_size.width)
+
+
+class AnchoredChat(App):
+    """The app's chat: anchored at its newest rows, a prompt above the streaming reply."""
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll() as box:
+            yield MessageView("user", "Write `merge(a, b)`")
+            yield StreamingReply()
+        box.anchor()
+
+
+async def test_a_streaming_reply_grows_a_page_at_a_time_without_hiding_what_was_not_read():
+    app = AnchoredChat()
+    async with app.run_test(size=(60, 20)) as pilot:
+        box, reply = app.query_one(VerticalScroll), app.query_one(StreamingReply)
+        await pilot.pause()
+        viewport = box.scrollable_content_region.height
+        heights = set()
+        for row in range(3 * viewport):
+            reply.append(f"{'' if row == 0 else chr(10)}row {row}")
+            await pilot.pause()
+            top = box.scroll_y - reply.virtual_region.y  # the reply's first row in view
+            in_view = range(max(top, 0), top + viewport)
+            assert shown(reply)[row] == f"row {row}"
+            assert row in in_view  # the newest row is on screen
+            assert max(row - PAGE_OVERLAP + 1, 0) in in_view  # and the rows read just before it
+            if row < viewport - 2:
+                assert 0 in in_view  # the reply's start stays in view until its first page is full
+            heights.add(reply.size.height)
+        # A height per page, not per row: each growth is a layout pass over the whole screen.
+        assert len(heights) <= 2 + 3 * viewport // (viewport - PAGE_OVERLAP)
 
 
 class Messages(App):

@@ -101,15 +101,15 @@ class EarlierMessages(Button):
 
 
 HEIGHT_STEP = 8  # a short streaming reply is this many rows tall
-STEP_FRACTION = 0.9  # a longer one grows by this fraction of the chat viewport (a page) at a time
+PAGE_OVERLAP = 3  # rows of the previous page still in view after a longer reply grows by a page
 
 
 class StreamingReply(StyledRows, Widget):
     """A reply while it streams: plain text through the Line API, replaced by a MessageView (rendered as
     Markdown once) when it ends. Appending re-wraps only the last paragraph and repaints only the rows
-    that changed. The height grows a page at a time, because each change is a layout pass over the whole
-    screen. (Measured with scripts/ui_cost.py: a fixed-height box that scrolls its text costs more, since
-    every new row then repaints the whole box.)"""
+    that changed. The height grows a page at a time (see _fit_height), because each change is a layout pass
+    over the whole screen. (Measured with scripts/ui_cost.py: a fixed-height box that scrolls its text
+    costs more, since every new row then repaints the whole box.)"""
 
     DEFAULT_CSS = """
     StreamingReply { margin: 0 1 1 1; padding: 0 1; border-left: thick $primary; height: 8; }
@@ -157,12 +157,23 @@ class StreamingReply(StyledRows, Widget):
             self.refresh(Region(0, first, self._width, len(self._strips) - first))
 
     def _fit_height(self) -> bool:
-        """Grow (never shrink) to hold every row plus one; True when the height changed. A short reply
-        stays HEIGHT_STEP rows; a longer one grows a page (STEP_FRACTION of the chat viewport) at a time."""
-        viewport = self.parent.size.height if isinstance(self.parent, Widget) else 0
-        step = max(HEIGHT_STEP, int(viewport * STEP_FRACTION))
+        """Grow (never shrink) to hold every row plus one; True when the height changed.
+
+        A short reply is HEIGHT_STEP rows. Past that it grows a page at a time, like a pager: first to the
+        chat's height less its bottom margin (the reply's first row stays in view), then by a page less
+        PAGE_OVERLAP rows, so the anchored chat moves a page at a time and the last rows read stay on
+        screen above the new ones. The rows not yet written are blank; the reply's start is never hidden
+        below them."""
+        viewport = self.parent.scrollable_content_region.height if isinstance(self.parent, Widget) else 0
+        first_page = max(HEIGHT_STEP, viewport - self.styles.margin.bottom)
+        step = max(HEIGHT_STEP, first_page - PAGE_OVERLAP)
         needed = len(self._strips) + 1
-        height = HEIGHT_STEP if needed <= HEIGHT_STEP else HEIGHT_STEP + -(-(needed - HEIGHT_STEP) // step) * step
+        if needed <= HEIGHT_STEP:
+            height = HEIGHT_STEP
+        elif needed <= first_page:
+            height = first_page
+        else:
+            height = first_page + -(-(needed - first_page) // step) * step
         current = self.styles.height.value if self.styles.height is not None else 0
         if height > current:
             self.styles.height = height
