@@ -21,7 +21,7 @@ from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, Reply
 from .settings import Settings, save_settings
 from .store import ChatStore
 from .themes import load_themes
-from .widgets.chat import EarlierMessages, MessageView, PromptInput, StreamingReply
+from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
 from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
 from .widgets.heatmap import HeatmapView
@@ -112,8 +112,7 @@ class MoeApp(App):
     CSS = """
     #main { height: 1fr; }
     #chat { width: 3fr; min-width: 40; }
-    /* A scrollbar always shown: one that appears when a reply first overflows re-lays out the screen. */
-    #messages { height: 1fr; overflow-y: scroll; }
+    #messages { height: 1fr; }
     #side { width: 2fr; min-width: 36; border-left: solid $panel; padding: 0 1; }
     #side.hidden { display: none; }
     """
@@ -158,7 +157,7 @@ class MoeApp(App):
         yield Header()
         with Horizontal(id="main"):
             with Vertical(id="chat"):
-                with VerticalScroll(id="messages"):
+                with ChatScroll(id="messages"):
                     yield EarlierMessages()
                 yield PromptInput(id="prompt")
             with VerticalScroll(id="side"):

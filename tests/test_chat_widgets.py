@@ -11,7 +11,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 
-from app.widgets.chat import PAGE_OVERLAP, MessageView, StreamingReply
+from app.widgets.chat import PAGE_OVERLAP, ChatScroll, MessageView, StreamingReply
 from app.widgets.gauges import Readout, grid
 
 REPLY = (
@@ -74,7 +74,7 @@ class AnchoredChat(App):
     """The app's chat: anchored at its newest rows, a prompt above the streaming reply."""
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll() as box:
+        with ChatScroll() as box:
             yield MessageView("user", "Write `merge(a, b)`")
             yield StreamingReply()
         box.anchor()
@@ -100,6 +100,23 @@ async def test_a_streaming_reply_grows_a_page_at_a_time_without_hiding_what_was_
             heights.add(reply.size.height)
         # A height per page, not per row: each growth is a layout pass over the whole screen.
         assert len(heights) <= 2 + 3 * viewport // (viewport - PAGE_OVERLAP)
+
+
+async def test_a_growing_reply_costs_one_layout_pass():
+    """Textual asks for a second full layout pass whenever one changes a widget's virtual size; the chat's
+    widgets skip it (OnePassResize). Typing waits behind every pass while a reply streams."""
+    app = AnchoredChat()
+    async with app.run_test(size=(60, 20)) as pilot:
+        reply = app.query_one(StreamingReply)
+        await pilot.pause()
+        passes = []
+        refresh_layout = app.screen._refresh_layout
+        app.screen._refresh_layout = lambda *args, **kwargs: (passes.append(1), refresh_layout(*args, **kwargs))
+        height = reply.size.height
+        reply.append("\n".join(f"row {row}" for row in range(height + 2)))
+        for _ in range(5):
+            await pilot.pause()
+        assert reply.size.height > height and len(passes) == 1
 
 
 class Messages(App):
