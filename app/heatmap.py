@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from rich.color import Color
@@ -20,6 +21,7 @@ ASCII_MARKS = {"missed": "x", "pinned": "P", "resident": "o", "none": " "}
 ASCII_DENSITY = " .:-=+*#%@"
 LABEL_WIDTH = 5  # "L12 "
 RATE_WIDTH = 5  # " 87%"
+LEVELS = 63  # heat is drawn in 64 steps: cell styles are cached per step (and pair of steps), not built per cell
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,39 @@ class View:
 
 
 def gradient_color(stops: tuple[str, ...], t: float) -> Color:
-    t = min(max(t, 0.0), 1.0) * (len(stops) - 1)
+    """The gradient's colour at `t` in [0, 1] (to the nearest of LEVELS steps)."""
+    return _gradient_color(stops, level_of(t))
+
+
+def level_of(t: float) -> int:
+    return round(min(max(float(t), 0.0), 1.0) * LEVELS)
+
+
+@lru_cache(maxsize=16)
+def _stops_rgb(stops: tuple[str, ...]) -> tuple[tuple[int, int, int], ...]:
+    return tuple(tuple(Color.parse(stop).get_truecolor()) for stop in stops)
+
+
+@lru_cache(maxsize=4096)
+def _gradient_color(stops: tuple[str, ...], level: int) -> Color:
+    t = level / LEVELS * (len(stops) - 1)
     i = min(int(t), len(stops) - 2)
-    a, b = (Color.parse(stops[i]).get_truecolor(), Color.parse(stops[i + 1]).get_truecolor())
+    (r0, g0, b0), (r1, g1, b1) = _stops_rgb(stops)[i], _stops_rgb(stops)[i + 1]
     f = t - i
-    return Color.from_rgb(a.red + (b.red - a.red) * f, a.green + (b.green - a.green) * f,
-                          a.blue + (b.blue - a.blue) * f)
+    return Color.from_rgb(r0 + (r1 - r0) * f, g0 + (g1 - g0) * f, b0 + (b1 - b0) * f)
+
+
+@lru_cache(maxsize=8192)
+def _cell_style(style: HeatmapStyle, level: int, selected: bool, missed: bool) -> Style:
+    background = _gradient_color(style.gradient, level)
+    return Style(color=style.mark_color or mark_color_on(background), bgcolor=background, reverse=selected,
+                 bold=missed)
+
+
+@lru_cache(maxsize=8192)
+def _half_block_style(gradient: tuple[str, ...], top: int, bottom: int | None) -> Style:
+    return Style(color=_gradient_color(gradient, top),
+                 bgcolor=None if bottom is None else _gradient_color(gradient, bottom))
 
 
 def mark_color_on(background: Color) -> str:
@@ -101,38 +130,37 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
     if snapshot.num_moe_layers == 0:
         return [[Segment("no MoE layers: this model is dense")]]
     cells = binned(snapshot, view, style)
+    # Python loops over plain lists, and one cached Style per (heat step, mark): a 48-layer model has
+    # thousands of cells, redrawn at every stats refresh.
+    levels = np.rint(np.clip(cells["heat"], 0.0, 1.0) * LEVELS).astype(int).tolist()
     label_style = Style(color=style.label_color) if style.unicode else Style()
-    rates = [snapshot.layer(i).hit_rate for i in range(snapshot.num_moe_layers)]
+    rates = snapshot.layer_hit_rates
     lines = []
     if view.half_blocks and style.unicode:
         for top in range(0, snapshot.num_moe_layers, 2):
             bottom = top + 1 if top + 1 < snapshot.num_moe_layers else None
             label = f"L{snapshot.layer_ids[top]:<3}"[:LABEL_WIDTH - 1] + " "
             row = [Segment(label, label_style)]
-            for c in range(cells["heat"].shape[1]):
-                fg = gradient_color(style.gradient, cells["heat"][top, c])
-                bg = gradient_color(style.gradient, cells["heat"][bottom, c]) if bottom is not None else None
-                row.append(Segment("▀", Style(color=fg, bgcolor=bg)))
+            for c, level in enumerate(levels[top]):
+                row.append(Segment("▀", _half_block_style(style.gradient, level,
+                                                          None if bottom is None else levels[bottom][c])))
             rate = (rates[top] + (rates[bottom] if bottom is not None else rates[top])) / 2
             row.append(Segment(f" {rate:>3.0%}", label_style))
             lines.append(row)
         return lines
     marks = UNICODE_MARKS if style.unicode else ASCII_MARKS
+    # 3 missed, 2 pinned, 1 resident, 0 none: the first that applies
+    kinds = np.where(cells["missed"], 3, np.where(cells["pinned"], 2, np.where(cells["resident"], 1, 0))).tolist()
+    names = ("none", "resident", "pinned", "missed")
     for i in range(snapshot.num_moe_layers):
         row = [Segment(f"L{snapshot.layer_ids[i]:<3}"[:LABEL_WIDTH - 1] + " ", label_style)]
-        for c in range(cells["heat"].shape[1]):
-            kind = ("missed" if cells["missed"][i, c] else "pinned" if cells["pinned"][i, c]
-                    else "resident" if cells["resident"][i, c] else "none")
+        for c, (level, kind) in enumerate(zip(levels[i], kinds[i], strict=True)):
             selected = view.cursor == (i, c)
             if style.unicode:
-                background = gradient_color(style.gradient, cells["heat"][i, c])
-                cell_style = Style(color=style.mark_color or mark_color_on(background), bgcolor=background,
-                                   reverse=selected, bold=kind == "missed")
-                row.append(Segment(marks[kind], cell_style))
+                row.append(Segment(marks[names[kind]], _cell_style(style, level, selected, kind == 3)))
             else:
                 density = ASCII_DENSITY[int(round(cells["heat"][i, c] * (len(ASCII_DENSITY) - 1)))]
-                text = density + marks[kind]
-                row.append(Segment(text, Style(reverse=selected)))
+                row.append(Segment(density + marks[names[kind]], Style(reverse=selected)))
         row.append(Segment(f" {rates[i]:>3.0%}", label_style))
         lines.append(row)
     return lines

@@ -110,7 +110,7 @@ def test_gradient_endpoints():
     stops = ("#000000", "#ffffff")
     assert hm.gradient_color(stops, 0.0).get_truecolor() == (0, 0, 0)
     assert hm.gradient_color(stops, 1.0).get_truecolor() == (255, 255, 255)
-    assert hm.gradient_color(stops, 0.5).get_truecolor().red in (127, 128)
+    assert abs(hm.gradient_color(stops, 0.5).get_truecolor().red - 127.5) <= 255 / hm.LEVELS / 2 + 1  # a step away
 
 
 async def test_the_widget_draws_on_the_theme_background():
@@ -143,3 +143,10 @@ def test_marks_stand_out_on_light_and_dark_cells():
     pale, dark = [segment for segment in row if segment.text == "•"]
     assert pale.style.color.get_truecolor() == (0, 0, 0) and dark.style.color.get_truecolor() == (255, 255, 255)
     assert hm.mark_color_on(Color.parse("#e0b000")) == "#000000"  # the dark theme's yellow: black marks
+
+
+def test_layer_hit_rates_match_each_layers_own():
+    hits = np.array([[3, 1, 0, 0], [0, 0, 0, 0], [5, 0, 0, 2]])
+    misses = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    snap = snapshot(layers=3, experts=4, hits=hits, misses=misses)
+    assert snap.layer_hit_rates == [snap.layer(i).hit_rate for i in range(3)] == [4 / 6, 0.0, 1.0]
