@@ -30,6 +30,7 @@ class HeatmapStyle:
     mark_color: str | None = None  # None: black or white, whichever stands out more on each cell
     label_color: str = "#a0a0a0"
     unicode: bool = True  # False: plain ASCII glyphs and no colours (dumb terminals)
+    base: Style = Style()  # under every segment: the widget's own colours (theme background and text)
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,14 @@ def _gradient_color(stops: tuple[str, ...], level: int) -> Color:
 @lru_cache(maxsize=8192)
 def _cell_style(style: HeatmapStyle, level: int, selected: bool, missed: bool) -> Style:
     background = _gradient_color(style.gradient, level)
-    return Style(color=style.mark_color or mark_color_on(background), bgcolor=background, reverse=selected,
-                 bold=missed)
+    return style.base + Style(color=style.mark_color or mark_color_on(background), bgcolor=background,
+                              reverse=selected, bold=missed)
 
 
 @lru_cache(maxsize=8192)
-def _half_block_style(gradient: tuple[str, ...], top: int, bottom: int | None) -> Style:
-    return Style(color=_gradient_color(gradient, top),
-                 bgcolor=None if bottom is None else _gradient_color(gradient, bottom))
+def _half_block_style(style: HeatmapStyle, top: int, bottom: int | None) -> Style:
+    return style.base + Style(color=_gradient_color(style.gradient, top),
+                              bgcolor=None if bottom is None else _gradient_color(style.gradient, bottom))
 
 
 def mark_color_on(background: Color) -> str:
@@ -99,6 +100,12 @@ def columns_for(num_experts: int, view: View, style: HeatmapStyle) -> tuple[int,
     per = view.experts_per_column or max(1, math.ceil((num_experts - view.first_expert) / room))
     cols = min(room, math.ceil((num_experts - view.first_expert) / per))
     return per, max(cols, 0)
+
+
+def row_width(num_experts: int, view: View, style: HeatmapStyle) -> int:
+    """How many cells wide the rows of `render` are at most."""
+    _, cols = columns_for(num_experts, view, style)
+    return LABEL_WIDTH + cols * (1 if style.unicode else 2) + RATE_WIDTH
 
 
 def binned(snapshot: CacheSnapshot, view: View, style: HeatmapStyle) -> dict[str, np.ndarray]:
@@ -126,14 +133,14 @@ def binned(snapshot: CacheSnapshot, view: View, style: HeatmapStyle) -> dict[str
 
 
 def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapStyle()) -> list[list[Segment]]:
-    """One list of segments per screen row."""
+    """One list of segments per screen row, each at most `row_width(...)` cells wide."""
     if snapshot.num_moe_layers == 0:
-        return [[Segment("no MoE layers: this model is dense")]]
+        return [[Segment("no MoE layers: this model is dense", style.base)]]
     cells = binned(snapshot, view, style)
     # Python loops over plain lists, and one cached Style per (heat step, mark): a 48-layer model has
     # thousands of cells, redrawn at every stats refresh.
     levels = np.rint(np.clip(cells["heat"], 0.0, 1.0) * LEVELS).astype(int).tolist()
-    label_style = Style(color=style.label_color) if style.unicode else Style()
+    label_style = style.base + Style(color=style.label_color) if style.unicode else style.base
     rates = snapshot.layer_hit_rates
     lines = []
     if view.half_blocks and style.unicode:
@@ -142,8 +149,7 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
             label = f"L{snapshot.layer_ids[top]:<3}"[:LABEL_WIDTH - 1] + " "
             row = [Segment(label, label_style)]
             for c, level in enumerate(levels[top]):
-                row.append(Segment("▀", _half_block_style(style.gradient, level,
-                                                          None if bottom is None else levels[bottom][c])))
+                row.append(Segment("▀", _half_block_style(style, level, None if bottom is None else levels[bottom][c])))
             rate = (rates[top] + (rates[bottom] if bottom is not None else rates[top])) / 2
             row.append(Segment(f" {rate:>3.0%}", label_style))
             lines.append(row)
@@ -160,7 +166,7 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
                 row.append(Segment(marks[names[kind]], _cell_style(style, level, selected, kind == 3)))
             else:
                 density = ASCII_DENSITY[int(round(cells["heat"][i, c] * (len(ASCII_DENSITY) - 1)))]
-                row.append(Segment(density + marks[names[kind]], Style(reverse=selected)))
+                row.append(Segment(density + marks[names[kind]], style.base + Style(reverse=selected)))
         row.append(Segment(f" {rates[i]:>3.0%}", label_style))
         lines.append(row)
     return lines
@@ -168,11 +174,12 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
 
 def legend(style: HeatmapStyle = HeatmapStyle(), width: int = 60) -> list[Segment]:
     if not style.unicode:
-        return [Segment(f"heat '{ASCII_DENSITY.strip()}' low->high  o cached  P pinned  x missed"[:width])]
-    segs = [Segment("low ")]
+        return [Segment(f"heat '{ASCII_DENSITY.strip()}' low->high  o cached  P pinned  x missed"[:width],
+                        style.base)]
+    segs = [Segment("low ", style.base)]
     for j in range(8):
-        segs.append(Segment(" ", Style(bgcolor=gradient_color(style.gradient, j / 7))))
-    segs.append(Segment(" high  • cached  ◆ pinned  × missed  % = layer hit rate"[: max(width - 12, 0)]))
+        segs.append(Segment(" ", style.base + Style(bgcolor=gradient_color(style.gradient, j / 7))))
+    segs.append(Segment(" high  • cached  ◆ pinned  × missed  % = layer hit rate"[: max(width - 12, 0)], style.base))
     return segs
 
 

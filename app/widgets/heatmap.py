@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rich.segment import Segment
 from textual.binding import Binding
 from textual.geometry import Size
@@ -75,28 +77,38 @@ class HeatmapView(StyledRows, ScrollView, can_focus=True):
                              experts_per_column=self.experts_per_column, half_blocks=half,
                              cursor=None if half else self.cursor)
 
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._rebuild()  # the rows are drawn in the theme's colours
+
     def _rebuild(self) -> None:
+        # The theme's background and text colour go under the cells' own colours (labels, legend, gaps),
+        # drawn into the renderer's cached styles rather than laid over every segment at each paint.
+        style = self.heat_style = replace(self.heat_style, base=self.rich_style)
         snap = self.snapshot
         if snap is None:
-            self._lines = [Strip([Segment(self._placeholder)])]
+            self._lines = [Strip([Segment(self._placeholder, style.base)])]
+            width = self._lines[0].cell_length
         else:
             view = self._view()
-            rows = renderer.render(snap, view, self.heat_style)
-            rows.append(renderer.legend(self.heat_style, view.width))
+            rows = renderer.render(snap, view, style)
+            width = renderer.row_width(snap.num_experts, view, style)
+            extra = [renderer.legend(style, view.width)]
             if not view.half_blocks and snap.num_moe_layers:
-                rows.append([Segment(renderer.describe(snap, view, self.heat_style, *self.cursor)[: view.width])])
-            self._lines = [Strip(row) for row in rows]
-        self.virtual_size = Size(max((s.cell_length for s in self._lines), default=1), len(self._lines))
+                extra.append([Segment(renderer.describe(snap, view, style, *self.cursor)[: view.width], style.base)])
+            self._lines = [Strip(row) for row in rows + extra]
+            width = max([width] + [line.cell_length for line in self._lines[len(rows):]])
+        self.virtual_size = Size(width, len(self._lines))
         if self.styles.height is None or self.styles.height.value != len(self._lines):
             self.styles.height = len(self._lines)  # only on change: setting it forces a layout pass
         self.refresh()
 
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
-        index, width = y + scroll_y, self.size.width
-        # The theme's background and text colour under the cells' own colours (labels, legend, gaps).
-        line = self._lines[index].crop(scroll_x, scroll_x + width) if index < len(self._lines) else None
-        return self.row_over_style(line, width)
+        index, width, style = y + scroll_y, self.size.width, self._row_style
+        if index >= len(self._lines):
+            return Strip.blank(width, style)
+        return self._lines[index].crop(scroll_x, scroll_x + width).extend_cell_length(width, style)
 
     # ---- actions
     def action_move(self, d_layer: int, d_col: int) -> None:
