@@ -67,17 +67,29 @@ def _gradient_color(stops: tuple[str, ...], level: int) -> Color:
     return Color.from_rgb(r0 + (r1 - r0) * f, g0 + (g1 - g0) * f, b0 + (b1 - b0) * f)
 
 
-@lru_cache(maxsize=8192)
-def _cell_style(style: HeatmapStyle, level: int, selected: bool, missed: bool) -> Style:
-    background = _gradient_color(style.gradient, level)
-    return style.base + Style(color=style.mark_color or mark_color_on(background), bgcolor=background,
-                              reverse=selected, bold=missed)
+@lru_cache(maxsize=16)
+def _styles(style: HeatmapStyle) -> dict[tuple, Style]:
+    """Cell styles already made for `style`, by (level, selected, missed) or (top level, bottom level):
+    looked up by small int keys, since hashing the HeatmapStyle itself for every cell costs more."""
+    return {}
 
 
-@lru_cache(maxsize=8192)
-def _half_block_style(style: HeatmapStyle, top: int, bottom: int | None) -> Style:
-    return style.base + Style(color=_gradient_color(style.gradient, top),
-                              bgcolor=None if bottom is None else _gradient_color(style.gradient, bottom))
+def _cell_style(style: HeatmapStyle, styles: dict, level: int, selected: bool, missed: bool) -> Style:
+    key = (level, selected, missed)
+    if (cell := styles.get(key)) is None:
+        background = _gradient_color(style.gradient, level)
+        cell = styles[key] = style.base + Style(color=style.mark_color or mark_color_on(background),
+                                                bgcolor=background, reverse=selected, bold=missed)
+    return cell
+
+
+def _half_block_style(style: HeatmapStyle, styles: dict, top: int, bottom: int | None) -> Style:
+    key = (top, bottom)
+    if (cell := styles.get(key)) is None:
+        cell = styles[key] = style.base + Style(color=_gradient_color(style.gradient, top),
+                                                bgcolor=None if bottom is None else _gradient_color(style.gradient,
+                                                                                                     bottom))
+    return cell
 
 
 def mark_color_on(background: Color) -> str:
@@ -140,6 +152,7 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
     # Python loops over plain lists, and one cached Style per (heat step, mark): a 48-layer model has
     # thousands of cells, redrawn at every stats refresh.
     levels = np.rint(np.clip(cells["heat"], 0.0, 1.0) * LEVELS).astype(int).tolist()
+    styles = _styles(style)
     label_style = style.base + Style(color=style.label_color) if style.unicode else style.base
     rates = snapshot.layer_hit_rates
     lines = []
@@ -149,7 +162,8 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
             label = f"L{snapshot.layer_ids[top]:<3}"[:LABEL_WIDTH - 1] + " "
             row = [Segment(label, label_style)]
             for c, level in enumerate(levels[top]):
-                row.append(Segment("▀", _half_block_style(style, level, None if bottom is None else levels[bottom][c])))
+                row.append(Segment("▀", _half_block_style(style, styles, level,
+                                                          None if bottom is None else levels[bottom][c])))
             rate = (rates[top] + (rates[bottom] if bottom is not None else rates[top])) / 2
             row.append(Segment(f" {rate:>3.0%}", label_style))
             lines.append(row)
@@ -163,7 +177,7 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
         for c, (level, kind) in enumerate(zip(levels[i], kinds[i], strict=True)):
             selected = view.cursor == (i, c)
             if style.unicode:
-                row.append(Segment(marks[names[kind]], _cell_style(style, level, selected, kind == 3)))
+                row.append(Segment(marks[names[kind]], _cell_style(style, styles, level, selected, kind == 3)))
             else:
                 density = ASCII_DENSITY[int(round(cells["heat"][i, c] * (len(ASCII_DENSITY) - 1)))]
                 row.append(Segment(density + marks[names[kind]], style.base + Style(reverse=selected)))

@@ -84,7 +84,9 @@ class HeatmapView(StyledRows, ScrollView, can_focus=True):
     def _rebuild(self) -> None:
         # The theme's background and text colour go under the cells' own colours (labels, legend, gaps),
         # drawn into the renderer's cached styles rather than laid over every segment at each paint.
-        style = self.heat_style = replace(self.heat_style, base=self.rich_style)
+        if self.heat_style.base != (base := self.rich_style):
+            self.heat_style = replace(self.heat_style, base=base)
+        style = self.heat_style
         snap = self.snapshot
         if snap is None:
             self._lines = [Strip([Segment(self._placeholder, style.base)])]
