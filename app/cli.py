@@ -262,7 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.set_defaults(func=_bench)
+    parser.commands = tuple(sub.choices)
     return parser
+
+
+def with_command(argv: list[str], commands: tuple[str, ...]) -> list[str]:
+    """`moe [ARGS]` without a command is `moe chat [ARGS]`: `moe --capacity 8`, `moe ./my-model`."""
+    if argv and (argv[0] in commands or argv[0] in ("-h", "--help")):
+        return argv
+    return ["chat", *argv]
 
 
 def _bench(args) -> int:
@@ -275,9 +283,7 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["chat", *(argv or sys.argv[1:])])
+    args = parser.parse_args(with_command(list(sys.argv[1:] if argv is None else argv), parser.commands))
     try:
         return args.func(args)
     except ModelLoadError as exc:

@@ -110,3 +110,15 @@ def test_uncached_repo_offline_is_a_clear_message(tmp_path):
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2
     assert "not in the local Hugging Face cache" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_options_without_a_command_open_the_chat():
+    from app.cli import build_parser, with_command
+
+    parser = build_parser()
+    args = parser.parse_args(with_command(["--capacity", "8", "--data-dir", "/tmp/x"], parser.commands))
+    assert args.command == "chat" and args.capacity == 8 and str(args.data_dir) == "/tmp/x"
+    assert parser.parse_args(with_command(["./my-model"], parser.commands)).model == "./my-model"
+    assert parser.parse_args(with_command([], parser.commands)).command == "chat"
+    assert parser.parse_args(with_command(["info", "m"], parser.commands)).command == "info"
+    assert with_command(["--help"], parser.commands) == ["--help"]
