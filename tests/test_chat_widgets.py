@@ -86,6 +86,8 @@ async def test_a_streaming_reply_grows_a_page_at_a_time_without_hiding_what_was_
         box, reply = app.query_one(VerticalScroll), app.query_one(StreamingReply)
         await pilot.pause()
         viewport = box.scrollable_content_region.height
+        prompt = app.query_one(MessageView)
+        question = prompt.outer_size.height + 1  # its bottom margin
         heights = set()
         for row in range(3 * viewport):
             reply.append(f"{'' if row == 0 else chr(10)}row {row}")
@@ -95,8 +97,9 @@ async def test_a_streaming_reply_grows_a_page_at_a_time_without_hiding_what_was_
             assert shown(reply)[row] == f"row {row}"
             assert row in in_view  # the newest row is on screen
             assert max(row - PAGE_OVERLAP + 1, 0) in in_view  # and the rows read just before it
-            if row < viewport - 2:
-                assert 0 in in_view  # the reply's start stays in view until its first page is full
+            if row < viewport - 2 - question:
+                # The reply's start and the question it answers stay in view until its first page is full.
+                assert 0 in in_view and box.scroll_y <= prompt.virtual_region.y
             heights.add(reply.size.height)
         # A height per page, not per row: each growth is a layout pass over the whole screen.
         assert len(heights) <= 2 + 3 * viewport // (viewport - PAGE_OVERLAP)

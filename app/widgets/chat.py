@@ -177,17 +177,28 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
         if not self._fit_height():  # growing repaints everything anyway
             self.refresh(Region(0, first, self._width, len(self._strips) - first))
 
+    def _question_height(self, viewport: int) -> int:
+        """Rows taken by the message just above (margins included), or 0 if it is not a short one."""
+        siblings = list(self.parent.children) if isinstance(self.parent, Widget) else []
+        index = siblings.index(self) if self in siblings else 0
+        above = siblings[index - 1] if index > 0 else None
+        if not isinstance(above, MessageView):
+            return 0
+        rows = above.outer_size.height + above.styles.margin.top + above.styles.margin.bottom
+        return rows if rows <= viewport // 3 else 0
+
     def _fit_height(self) -> bool:
         """Grow (never shrink) to hold every row plus one; True when the height changed.
 
-        A short reply is HEIGHT_STEP rows. Past that it grows a page at a time, like a pager: first to the
-        chat's height less its bottom margin (the reply's first row stays in view), then by a page less
-        PAGE_OVERLAP rows, so the anchored chat moves a page at a time and the last rows read stay on
-        screen above the new ones. The rows not yet written are blank; the reply's start is never hidden
-        below them."""
+        A short reply is HEIGHT_STEP rows. Past that it grows a page at a time, like a pager: first to
+        what is left of the chat's height under the message it answers (when that takes at most a third
+        of it), so the question and the reply's first row stay in view; then by a page less PAGE_OVERLAP
+        rows, so the anchored chat moves a page at a time and the last rows read stay on screen above
+        the new ones. The rows not yet written are blank; the reply's start is never hidden below them."""
         viewport = self.parent.scrollable_content_region.height if isinstance(self.parent, Widget) else 0
-        first_page = max(HEIGHT_STEP, viewport - self.styles.margin.bottom)
-        step = max(HEIGHT_STEP, first_page - PAGE_OVERLAP)
+        page = viewport - self.styles.margin.bottom
+        first_page = max(HEIGHT_STEP, page - self._question_height(viewport))
+        step = max(HEIGHT_STEP, page - PAGE_OVERLAP)
         needed = len(self._strips) + 1
         if needed <= HEIGHT_STEP:
             height = HEIGHT_STEP
