@@ -7,7 +7,7 @@ import time
 from functools import partial, wraps
 from pathlib import Path
 
-from textual import on
+from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
@@ -322,16 +322,27 @@ class MoeApp(App):
             # One full Markdown render at the end, in place of the plain streaming text.
             view = MessageView("assistant" if status == "complete" else "cancelled", event.text, self.reply_id,
                                markdown=_shown(event.text, status))
-            box = self.query_one("#messages", VerticalScroll)
-            with self.batch_update():  # one screen update for the swap, not one per step
-                await box.mount(view, after=self.reply_live)
-                await self.reply_live.remove()
+            self.render_in_place_of(self.reply_live, view)
         self.reply_live = None
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
         remote = getattr(self.worker, "remote", None)
         if remote is not None and self.last_snapshot is None:  # a server without expert telemetry
             self.query_one(StatsPanel).show_remote(remote)
+
+    @work(thread=True, group="render")
+    def render_in_place_of(self, live: StreamingReply, view: MessageView) -> None:
+        """Render `view`'s Markdown on a thread, then show it where `live` was: the UI thread keeps
+        handling keys meanwhile (rendering a long reply took it 40-70 ms)."""
+        view.prerender(self.console, live.content_size.width, self.current_theme.dark)
+        self.call_from_thread(self._swap, live, view)
+
+    async def _swap(self, live: StreamingReply, view: MessageView) -> None:
+        if not live.is_attached:  # the chat was switched, cleared or reopened meanwhile
+            return
+        with self.batch_update():  # one screen update for the swap, not one per step
+            await live.parent.mount(view, after=live)
+            await live.remove()
 
     def collect_when_idle(self) -> None:
         if not self.generating:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 
 import pytest
 
 from app.main import MoeApp
 from app.settings import Settings
-from app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput
+from app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput, StreamingReply
 from app.widgets.confirm import ConfirmScreen
 from app.widgets.heatmap import HeatmapView
 from app.worker import EngineSpec
@@ -47,12 +48,18 @@ def replies(app):
     return [m for m in app.store.messages(app.chat_id) if m.role == "assistant"]
 
 
+def reply_shown(app) -> bool:
+    """The reply has ended and its Markdown (rendered on a thread) has replaced the streaming text."""
+    return not app.generating and not app.query(StreamingReply)
+
+
 async def test_send_message_streams_a_reply_and_fills_the_heatmap(make_app):
     app = make_app(max_tokens=24)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "def add(a, b):")
         await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app))
         reply = replies(app)[-1]
         assert reply.content
         views = [v for v in app.query(MessageView) if v.role == "assistant"]
@@ -70,7 +77,7 @@ async def test_escape_cancels_and_keeps_partial_text(make_app):
         await send(pilot, app, "for i in range(10):")
         await wait_until(pilot, lambda: app.reply_text != "")
         await pilot.press("escape")
-        await wait_until(pilot, lambda: not app.generating)
+        await wait_until(pilot, lambda: reply_shown(app))
         reply = replies(app)[-1]
         assert reply.status == "cancelled"
         assert len(reply.content) > 0
@@ -346,7 +353,7 @@ async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tm
         box.scroll_end(animate=False)
         await wait_until(pilot, lambda: _at_bottom(box) and app.last_snapshot is not None)
         await send(pilot, app, "hi")
-        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
         assert len(shown()) == MESSAGE_WINDOW + 2 and shown()[-2] == "hi"
         assert earlier.hidden == 100 - MESSAGE_WINDOW and len(app.store.messages(app.chat_id)) == 102
 
@@ -358,7 +365,7 @@ async def test_the_chat_follows_a_reply_only_while_the_reader_is_at_the_bottom(m
         box = app.query_one("#messages")
         await wait_until(pilot, lambda: app.last_snapshot is not None and box.max_scroll_y > 0)
         await send(pilot, app, "hi")
-        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
         await pilot.pause()
         assert box.scroll_y == box.max_scroll_y  # the end of the reply in view, as it ended
         assert app.query(MessageView).last().size.height > HEIGHT_STEP  # it did grow while streaming
@@ -366,7 +373,7 @@ async def test_the_chat_follows_a_reply_only_while_the_reader_is_at_the_bottom(m
         await pilot.pause()
         await pilot.pause()
         box.scroll_to(y=5, animate=False, immediate=True)  # the reader scrolls up to read something
-        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
         await pilot.pause()
         assert box.scroll_y == 5 < box.max_scroll_y  # the reply's growth and its final render left them there
 
@@ -383,3 +390,25 @@ async def test_full_collections_wait_while_a_reply_streams(make_app):
         collections = gc.get_stats()[2]["collections"]
         await wait_until(pilot, lambda: gc.get_stats()[2]["collections"] > collections, timeout=5)  # when idle
     assert gc.get_threshold() == default
+
+
+async def test_a_finished_reply_is_rendered_off_the_ui_thread(make_app, monkeypatch):
+    calls = []
+    prerender = MessageView.prerender
+
+    def recording(view, *args):
+        calls.append((view.role, threading.current_thread() is threading.main_thread()))
+        prerender(view, *args)
+
+    monkeypatch.setattr(MessageView, "prerender", recording)
+    app = make_app(max_tokens=40)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        calls.clear()
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
+        await pilot.pause()
+        view = app.query(MessageView).last()
+        assert view.role == "assistant" and view.text == replies(app)[-1].content
+        # Rendered once, on the worker thread, for the width it is shown at (the user's message: on the UI).
+        assert [call for call in calls if call[0] == "assistant"] == [("assistant", False)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.markdown import Markdown as RichMarkdown
 from rich.text import Text
 from textual import events
@@ -67,14 +68,18 @@ class MessageView(OnePassResize, StyledRows, Widget):
     def _rendered(self, width: int) -> list[Strip]:
         dark = self.app.current_theme.dark
         if self._key != (width, dark):
-            console = self.app.console
-            markdown = RichMarkdown(self.markdown, code_theme="monokai" if dark else "default", hyperlinks=False)
-            lines = console.render_lines(markdown, console.options.update_width(max(width, 1)), pad=False)
-            while lines and not lines[0]:  # Rich starts a list with an empty row; the margin spaces messages
-                lines.pop(0)
-            self._rows = [Strip(line).simplify() for line in lines]
-            self._key = (width, dark)
+            self.prerender(self.app.console, width, dark)
         return self._rows
+
+    def prerender(self, console: Console, width: int, dark: bool) -> None:
+        """Render the rows for this width and theme now; safe off the UI thread before the view is mounted
+        (a long reply's Markdown takes tens of milliseconds: done on the UI thread, keys wait)."""
+        markdown = RichMarkdown(self.markdown, code_theme="monokai" if dark else "default", hyperlinks=False)
+        lines = console.render_lines(markdown, console.options.update_width(max(width, 1)), pad=False)
+        while lines and not lines[0]:  # Rich starts a list with an empty row; the margin spaces messages
+            lines.pop(0)
+        self._rows = [Strip(line).simplify() for line in lines]
+        self._key = (width, dark)
 
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
         return len(self._rendered(width))
