@@ -86,9 +86,8 @@ def _cell_style(style: HeatmapStyle, styles: dict, level: int, selected: bool, m
 def _half_block_style(style: HeatmapStyle, styles: dict, top: int, bottom: int | None) -> Style:
     key = (top, bottom)
     if (cell := styles.get(key)) is None:
-        cell = styles[key] = style.base + Style(color=_gradient_color(style.gradient, top),
-                                                bgcolor=None if bottom is None else _gradient_color(style.gradient,
-                                                                                                     bottom))
+        bgcolor = None if bottom is None else _gradient_color(style.gradient, bottom)
+        cell = styles[key] = style.base + Style(color=_gradient_color(style.gradient, top), bgcolor=bgcolor)
     return cell
 
 

@@ -184,8 +184,8 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
 
     def _question_height(self, viewport: int) -> int:
         """Rows taken by the message just above (margins included), or 0 if it is not a short one."""
-        siblings = list(self.parent.children) if isinstance(self.parent, Widget) else []
-        index = siblings.index(self) if self in siblings else 0
+        siblings = self.parent.children
+        index = siblings.index(self)
         above = siblings[index - 1] if index > 0 else None
         if not isinstance(above, MessageView):
             return 0
@@ -200,7 +200,7 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
         of it), so the question and the reply's first row stay in view; then by a page less PAGE_OVERLAP
         rows, so the anchored chat moves a page at a time and the last rows read stay on screen above
         the new ones. The rows not yet written are blank; the reply's start is never hidden below them."""
-        viewport = self.parent.scrollable_content_region.height if isinstance(self.parent, Widget) else 0
+        viewport = self.parent.scrollable_content_region.height
         page = viewport - self.styles.margin.bottom
         first_page = max(HEIGHT_STEP, page - self._question_height(viewport))
         step = max(HEIGHT_STEP, page - PAGE_OVERLAP)
