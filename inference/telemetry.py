@@ -144,7 +144,8 @@ class CacheSnapshot:
     @property
     def layer_hit_rates(self) -> list[float]:
         """Each MoE layer's hit rate (what `layer(i).hit_rate` gives, for all layers at once)."""
-        hits, total = self.hits.sum(axis=1), self.hits.sum(axis=1) + self.misses.sum(axis=1)
+        hits = self.hits.sum(axis=1)
+        total = hits + self.misses.sum(axis=1)
         return [float(h) / int(t) if t else 0.0 for h, t in zip(hits.tolist(), total.tolist(), strict=True)]
 
     @property
