@@ -14,6 +14,8 @@ from textual.widgets import Sparkline
 
 from inference import CacheSnapshot
 
+from .rows import StyledRows
+
 BAR_WIDTH = 8
 LABEL_WIDTH = 8
 
@@ -89,7 +91,7 @@ def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Tex
     return grid(rows)
 
 
-class Readout(Widget):
+class Readout(StyledRows, Widget):
     """Rows of text that change a few times a second. Each row is drawn once per change through the Line
     API; a change repaints only the rows that differ, and lays out only when the number of rows changes."""
 
@@ -127,13 +129,11 @@ class Readout(Widget):
         strip = self._strips.get(y)
         if strip is None:
             if y >= len(self.lines):
-                return Strip.blank(width, self.rich_style)
+                return self.row_over_style(None, width)
             line = self.lines[y].copy()
             line.truncate(width, overflow="ellipsis")
-            console = self.app.console
-            strip = Strip(list(line.render(console)), line.cell_len).extend_cell_length(width).apply_style(
-                self.rich_style)
-            self._strips[y] = strip
+            strip = self._strips[y] = self.row_over_style(Strip(list(line.render(self.app.console)), line.cell_len),
+                                                          width)
         return strip
 
 
