@@ -322,7 +322,8 @@ class MoeApp(App):
             # One full Markdown render at the end, in place of the plain streaming text.
             view = MessageView("assistant" if status == "complete" else "cancelled", event.text, self.reply_id,
                                markdown=_shown(event.text, status))
-            self.render_in_place_of(self.reply_live, view)
+            self.render_in_place_of(self.reply_live, view, self.reply_live.content_size.width,
+                                    self.current_theme.dark)
         self.reply_live = None
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
@@ -331,10 +332,11 @@ class MoeApp(App):
             self.query_one(StatsPanel).show_remote(remote)
 
     @work(thread=True, group="render")
-    def render_in_place_of(self, live: StreamingReply, view: MessageView) -> None:
-        """Render `view`'s Markdown on a thread, then show it where `live` was: the UI thread keeps
-        handling keys meanwhile (rendering a long reply took it 40-70 ms)."""
-        view.prerender(self.console, live.content_size.width, self.current_theme.dark)
+    def render_in_place_of(self, live: StreamingReply, view: MessageView, width: int, dark: bool) -> None:
+        """Render `view`'s Markdown on a thread (for `width` and the theme, read on the UI thread), then
+        show it where `live` was: the UI thread keeps handling keys meanwhile (rendering a long reply took
+        it 40-70 ms)."""
+        view.prerender(self.console, width, dark)
         self.call_from_thread(self._swap, live, view)
 
     async def _swap(self, live: StreamingReply, view: MessageView) -> None:
