@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from inference.demo_paths import DEMO_CAPACITY, DEMO_MODEL, DEMO_PROFILE
-from inference.engine import resolve_model_path
-from inference.errors import ModelLoadError
+from moe_tui.inference.demo_paths import DEMO_CAPACITY, DEMO_MODEL, DEMO_PROFILE
+from moe_tui.inference.engine import resolve_model_path
+from moe_tui.inference.errors import ModelLoadError
 
 
 def parse_capacity(value: str) -> int | float:
@@ -83,7 +83,7 @@ def _profile(args, demo: bool) -> tuple[Path | None, bool]:
 
 
 def _load(args):
-    from inference.engine import Engine
+    from moe_tui.inference.engine import Engine
 
     model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
     profile, pin = _profile(args, demo=args.model is None)
@@ -101,7 +101,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from inference.telemetry import GenerationDone
+    from moe_tui.inference.telemetry import GenerationDone
 
     engine = _load(args)
     messages = [{"role": "user", "content": args.prompt}]
@@ -118,7 +118,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from inference.profiles import build_profile
+    from moe_tui.inference.profiles import build_profile
 
     engine = _load(args)
     engine.set_capacity(1.0)
@@ -198,7 +198,7 @@ def cmd_attach(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from inference.server import serve
+    from moe_tui.inference.server import serve
 
     model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
     profile, pin = _profile(args, demo=args.model is None)
@@ -274,7 +274,7 @@ def with_command(argv: list[str], commands: tuple[str, ...]) -> list[str]:
 
 
 def _bench(args) -> int:
-    from inference.bench import main as bench_main
+    from moe_tui.inference.bench import main as bench_main
 
     if not args.synthetic and args.model is None:
         args.model = str(DEMO_MODEL)

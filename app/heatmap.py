@@ -14,7 +14,7 @@ from rich.color import Color
 from rich.segment import Segment
 from rich.style import Style
 
-from inference import CacheSnapshot
+from moe_tui.inference import CacheSnapshot
 
 UNICODE_MARKS = {"missed": "×", "pinned": "◆", "resident": "•", "none": " "}
 ASCII_MARKS = {"missed": "x", "pinned": "P", "resident": "o", "none": " "}

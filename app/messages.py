@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from inference import CacheSnapshot, GenerationDone
+from moe_tui.inference import CacheSnapshot, GenerationDone
 
 
 class WorkerMessage(Message):

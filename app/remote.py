@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from inference import CacheSnapshot, GenerationDone
+from moe_tui.inference import CacheSnapshot, GenerationDone
 
 from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 from .worker import CHUNK_INTERVAL, Configure, Generate, RequestThread

@@ -24,7 +24,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference import Engine, GenerationDone, ModelLoadError
+from moe_tui.inference import Engine, GenerationDone, ModelLoadError
 
 from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 
@@ -289,7 +289,7 @@ class InferenceProcess(Controls):
         if self._tokenizer is None:
             from mlx_lm.utils import load_tokenizer
 
-            from inference.engine import resolve_model_path
+            from moe_tui.inference.engine import resolve_model_path
 
             try:
                 self._tokenizer = load_tokenizer(resolve_model_path(self.spec.model))

@@ -34,7 +34,7 @@ PROMPT = [{"role": "user", "content": "Write a Python function `merge(a, b)`: Me
 
 def serve_headless(model: str, tokens: int, conn) -> None:
     """The headless engine's process: one reply per request, its decode tok/s sent back."""
-    from inference import Engine
+    from moe_tui.inference import Engine
 
     engine = Engine.load(model, capacity=1.0)
     conn.send("ready")
@@ -47,7 +47,7 @@ def serve_headless(model: str, tokens: int, conn) -> None:
 async def app_reply(app, pilot) -> float:
     """One reply in a new chat; returns once the app's idle-time work after it (the optimum replay) is done,
     so that it does not run beside the next headless reply."""
-    from app.widgets.chat import PromptInput
+    from moe_tui.app.widgets.chat import PromptInput
 
     before, optimum = app.last_done, app.last_optimum
     app.action_new_chat()
@@ -63,9 +63,9 @@ async def app_reply(app, pilot) -> float:
 
 
 async def run(model: str, tokens: int, rounds: int, inference_process: bool) -> dict[str, list[float]]:
-    from app.main import MoeApp
-    from app.settings import Settings
-    from app.worker import EngineSpec
+    from moe_tui.app.main import MoeApp
+    from moe_tui.app.settings import Settings
+    from moe_tui.app.worker import EngineSpec
 
     ctx = multiprocessing.get_context("spawn")
     conn, child_conn = ctx.Pipe()
@@ -105,7 +105,7 @@ def geometric_mean_interval(ratios: list[float], level: float = 0.9) -> tuple[fl
 
 
 def main() -> int:
-    from inference.demo_paths import DEMO_MODEL
+    from moe_tui.inference.demo_paths import DEMO_MODEL
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(DEMO_MODEL))

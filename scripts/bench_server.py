@@ -18,8 +18,8 @@ import time
 
 import openai
 
-from inference.demo_paths import DEMO_MODEL
-from inference.telemetry import GenerationDone, TokenDelta
+from moe_tui.inference.demo_paths import DEMO_MODEL
+from moe_tui.inference.telemetry import GenerationDone, TokenDelta
 
 MESSAGES = [{"role": "user", "content": "Write a Python function `merge(a, b)`: Merge two sorted lists."}]
 
@@ -59,7 +59,7 @@ def main() -> int:
 
     import httpx
 
-    from inference import Engine
+    from moe_tui.inference import Engine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(DEMO_MODEL))
@@ -69,7 +69,7 @@ def main() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", args.model, "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "serve", args.model, "--port", str(port),
                                "--capacity", "1.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ})
     try:

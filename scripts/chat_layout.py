@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import app.main as app_main
-from app.main import MoeApp
-from app.settings import Settings
-from app.store import ChatStore
-from app.widgets.chat import MessageView
-from app.worker import EngineSpec
-from inference.demo_paths import DEMO_MODEL
+import moe_tui.app.main as app_main
+from moe_tui.app.main import MoeApp
+from moe_tui.app.settings import Settings
+from moe_tui.app.store import ChatStore
+from moe_tui.app.widgets.chat import MessageView
+from moe_tui.app.worker import EngineSpec
+from moe_tui.inference.demo_paths import DEMO_MODEL
 
 REPLY = ("Here is one way:\n\n```python\ndef add(a, b):\n    \"\"\"Return a + b.\"\"\"\n    return a + b\n```\n\n"
          "It works for numbers and for sequences, e.g. `add([1], [2])`.\n")

@@ -22,8 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from inference import Engine
-from inference.demo_paths import DEMO_MODEL
+from moe_tui.inference import Engine
+from moe_tui.inference.demo_paths import DEMO_MODEL
 
 PROMPT = [{"role": "user", "content": "Write a Python function `merge(a, b)`: Merge two sorted lists."}]
 

@@ -23,9 +23,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from inference import Engine
-from inference.demo_paths import DEMO_MODEL
-from inference.oracle import compare
+from moe_tui.inference import Engine
+from moe_tui.inference.demo_paths import DEMO_MODEL
+from moe_tui.inference.oracle import compare
 
 SAMPLE_PROMPTS = [
     "Write a Python function `is_palindrome(s)`: Return True if the string reads the same backwards.",

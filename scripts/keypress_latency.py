@@ -139,7 +139,7 @@ def main() -> int:
                                         f"inference_process = {'false' if args.thread else 'true'}\n")
     db_path = f"{tmp}/data/chats.sqlite3"
     if args.history:
-        from app.store import ChatStore
+        from moe_tui.app.store import ChatStore
 
         store = ChatStore(Path(db_path))
         chat = store.create_chat()

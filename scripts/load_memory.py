@@ -22,8 +22,8 @@ def warm_up(path: Path) -> None:
     import json
     import tempfile
 
-    from inference import Engine
-    from inference.synthetic import ARCHS, MORE_ARCHS, make_checkpoint
+    from moe_tui.inference import Engine
+    from moe_tui.inference.synthetic import ARCHS, MORE_ARCHS, make_checkpoint
 
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type in ARCHS or model_type in MORE_ARCHS:
@@ -37,7 +37,7 @@ def main() -> int:
     path, capacity = sys.argv[1], float(sys.argv[2])
     from mlx_lm.utils import load_tokenizer
 
-    from inference import Engine
+    from moe_tui.inference import Engine
 
     load_tokenizer(Path(path))  # import transformers & co. before the baseline
     warm_up(Path(path))

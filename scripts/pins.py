@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from inference import Engine
-from inference.demo_paths import DEMO_MODEL
+from moe_tui.inference import Engine
+from moe_tui.inference.demo_paths import DEMO_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [

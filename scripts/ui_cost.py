@@ -23,12 +23,12 @@ import time
 
 import numpy as np
 
-from app.main import MoeApp
-from app.messages import EngineInfo, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
-from app.settings import Settings
-from app.widgets.chat import MessageView, PromptInput
-from app.worker import CHUNK_INTERVAL, EngineSpec, Generate
-from inference.telemetry import CacheSnapshot, MemorySample
+from moe_tui.app.main import MoeApp
+from moe_tui.app.messages import EngineInfo, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
+from moe_tui.app.settings import Settings
+from moe_tui.app.widgets.chat import MessageView, PromptInput
+from moe_tui.app.worker import CHUNK_INTERVAL, EngineSpec, Generate
+from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
 
 LAYERS, EXPERTS, TOKENS_PER_SECOND = 4, 16, 150
 CODE = "def merge(a, b):\n    out = []\n    while a and b:\n        out.append((a if a[0] < b[0] else b).pop(0))\n"

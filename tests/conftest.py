@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference.synthetic import make_checkpoint
+from moe_tui.inference.synthetic import make_checkpoint
 
 
 @pytest.fixture(scope="session")

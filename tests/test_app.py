@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from app.main import MoeApp
-from app.settings import Settings
-from app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput, StreamingReply
-from app.widgets.confirm import ConfirmScreen
-from app.widgets.heatmap import HeatmapView
-from app.worker import EngineSpec
+from moe_tui.app.main import MoeApp
+from moe_tui.app.settings import Settings
+from moe_tui.app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput, StreamingReply
+from moe_tui.app.widgets.confirm import ConfirmScreen
+from moe_tui.app.widgets.heatmap import HeatmapView
+from moe_tui.app.worker import EngineSpec
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ async def test_save_code_block_asks_before_overwriting(make_app, tmp_path, monke
 
 
 async def test_full_context_drops_oldest_turns_with_notice(make_app):
-    from app.worker import Generate
+    from moe_tui.app.worker import Generate
 
     app = make_app(inference_process=False)  # reaches into the worker's thread and engine
     async with app.run_test(size=(120, 40)) as pilot:
@@ -272,7 +272,7 @@ async def test_belady_optimum_is_shown_after_a_reply(make_app):
 async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_app):
     import os
 
-    from app.worker import InferenceProcess
+    from moe_tui.app.worker import InferenceProcess
 
     app = make_app(max_tokens=400)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -312,7 +312,7 @@ async def test_startup_objects_are_kept_out_of_the_cycle_collector(make_app):
 
 def stored_chat(tmp_path, texts: list[str]) -> None:
     """A chat already in the app's data dir: user and assistant taking turns."""
-    from app.store import ChatStore
+    from moe_tui.app.store import ChatStore
 
     (tmp_path / "data").mkdir()
     store = ChatStore(tmp_path / "data" / "chats.sqlite3")
@@ -323,8 +323,8 @@ def stored_chat(tmp_path, texts: list[str]) -> None:
 
 
 async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tmp_path):
-    from app.main import MESSAGE_WINDOW
-    from app.widgets.chat import EarlierMessages
+    from moe_tui.app.main import MESSAGE_WINDOW
+    from moe_tui.app.widgets.chat import EarlierMessages
 
     stored_chat(tmp_path, [f"message {i}" for i in range(100)])
     app = make_app(max_tokens=8)
@@ -344,7 +344,7 @@ async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tm
         app.run_command("/earlier")  # the same from the prompt (and the palette)
         await wait_until(pilot, lambda: len(shown()) == MESSAGE_WINDOW * 2)
         # Back at the bottom, the next message unmounts the oldest ones again (they stay stored).
-        from app.main import _at_bottom
+        from moe_tui.app.main import _at_bottom
 
         box = app.query_one("#messages")
         # /earlier keeps the reader's place: the last row it revealed is at the top, what they read below.

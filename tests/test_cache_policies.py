@@ -6,8 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from inference import Engine
-from inference.cache import LayerCache
+from moe_tui.inference import Engine
+from moe_tui.inference.cache import LayerCache
 
 PROMPT = [5, 17, 99, 3, 42, 7, 8, 200, 31, 11]
 

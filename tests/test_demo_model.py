@@ -11,8 +11,8 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 
-from inference import Engine
-from inference.demo_paths import DEMO_MODEL, DEMO_PROFILE
+from moe_tui.inference import Engine
+from moe_tui.inference.demo_paths import DEMO_MODEL, DEMO_PROFILE
 
 HELDOUT = Path(__file__).parent / "data" / "demo_heldout.txt"
 

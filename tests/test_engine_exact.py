@@ -9,8 +9,8 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from inference import Engine
-from inference.synthetic import ARCHS, MORE_ARCHS, PER_EXPERT_OK, PER_EXPERT_QUANTIZED_OK
+from moe_tui.inference import Engine
+from moe_tui.inference.synthetic import ARCHS, MORE_ARCHS, PER_EXPERT_OK, PER_EXPERT_QUANTIZED_OK
 
 PROMPT = [5, 17, 99, 3, 42, 7, 8, 200, 31, 11, 64, 90, 13, 250, 77, 4]
 GREEDY_TOKENS = 32
@@ -101,7 +101,7 @@ def test_dense_model_loads_and_reports_no_moe_layers(tmp_path):
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, save_config
 
-    from inference.synthetic import write_tokenizer
+    from moe_tui.inference.synthetic import write_tokenizer
 
     config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 512,

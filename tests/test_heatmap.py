@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from rich.color import Color
 
-from app import heatmap as hm
-from inference.telemetry import CacheSnapshot, MemorySample
+from moe_tui.app import heatmap as hm
+from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
 
 
 def snapshot(layers=3, experts=8, **arrays) -> CacheSnapshot:
@@ -116,7 +116,7 @@ def test_gradient_endpoints():
 async def test_the_widget_draws_on_the_theme_background():
     from textual.app import App
 
-    from app.widgets.heatmap import HeatmapView
+    from moe_tui.app.widgets.heatmap import HeatmapView
 
     class Host(App):
         def compose(self):

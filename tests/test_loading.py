@@ -10,11 +10,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from inference import Engine, ModelLoadError
-from inference.experts import ExpertReader, locate
-from inference.moe import expert_param_names, find_moe_blocks
-from inference.safetensors_io import RangeReader, index_model
-from inference.synthetic import make_checkpoint
+from moe_tui.inference import Engine, ModelLoadError
+from moe_tui.inference.experts import ExpertReader, locate
+from moe_tui.inference.moe import expert_param_names, find_moe_blocks
+from moe_tui.inference.safetensors_io import RangeReader, index_model
+from moe_tui.inference.synthetic import make_checkpoint
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
@@ -112,7 +112,7 @@ def test_unknown_model_type(tmp_path):
 
 def test_capacity_too_large_for_memory(tmp_path, monkeypatch):
     path = _good(tmp_path)
-    import inference.engine as engine_module
+    import moe_tui.inference.engine as engine_module
 
     class TinyMemory:
         available = 200_000  # bytes: room for ~4 experts per layer of this model

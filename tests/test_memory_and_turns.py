@@ -11,8 +11,8 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import stream_generate
 
-from inference import Engine, GenerationDone, TokenDelta
-from inference.synthetic import make_checkpoint
+from moe_tui.inference import Engine, GenerationDone, TokenDelta
+from moe_tui.inference.synthetic import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,9 +7,9 @@ import functools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference import Engine
-from inference.cache import POLICIES
-from inference.oracle import belady, compare, simulate_policy
+from moe_tui.inference import Engine
+from moe_tui.inference.cache import POLICIES
+from moe_tui.inference.oracle import belady, compare, simulate_policy
 
 
 def brute_force_hits(trace, capacity):

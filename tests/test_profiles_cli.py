@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from inference import Engine, ModelLoadError
+from moe_tui.app.cli import main
+from moe_tui.inference import Engine, ModelLoadError
 
 
 def test_profile_round_trip(checkpoint, tmp_path, capsys):
@@ -44,7 +44,7 @@ def test_profile_round_trip(checkpoint, tmp_path, capsys):
 
 
 def test_profile_and_pin_choice_from_the_command_line(tmp_path):
-    from app.cli import DEMO_PROFILE, _profile, build_parser
+    from moe_tui.app.cli import DEMO_PROFILE, _profile, build_parser
 
     parse = build_parser().parse_args
     # The demo warms from its own profile without pins (pins measured worse there); --pin asks for them.
@@ -69,7 +69,7 @@ def test_profile_for_another_model_is_refused(checkpoint, tmp_path):
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "app.cli", "info", str(tmp_path / "missing")],
+    result = subprocess.run([sys.executable, "-m", "moe_tui.app.cli", "info", str(tmp_path / "missing")],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("moe: ") and "Traceback" not in result.stderr
@@ -88,7 +88,7 @@ def test_cli_generate_and_info(checkpoint, capsys):
 def test_repo_id_resolves_from_the_local_hub_cache(checkpoint, tmp_path, monkeypatch):
     import shutil
 
-    from app.cli import ensure_local
+    from moe_tui.app.cli import ensure_local
 
     cache = tmp_path / "hub"
     snapshot = cache / "models--someone--tiny-moe" / "snapshots" / ("a" * 40)
@@ -106,14 +106,14 @@ def test_repo_id_resolves_from_the_local_hub_cache(checkpoint, tmp_path, monkeyp
 
 def test_uncached_repo_offline_is_a_clear_message(tmp_path):
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "app.cli", "info", "nobody/no-such-model"],
+    result = subprocess.run([sys.executable, "-m", "moe_tui.app.cli", "info", "nobody/no-such-model"],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 2
     assert "not in the local Hugging Face cache" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_options_without_a_command_open_the_chat():
-    from app.cli import build_parser, with_command
+    from moe_tui.app.cli import build_parser, with_command
 
     parser = build_parser()
     args = parser.parse_args(with_command(["--capacity", "8", "--data-dir", "/tmp/x"], parser.commands))

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from app.main import MoeApp
-from app.remote import RemoteWorker
-from app.settings import Settings
-from app.widgets.heatmap import HeatmapView
-from app.worker import EngineSpec
+from moe_tui.app.main import MoeApp
+from moe_tui.app.remote import RemoteWorker
+from moe_tui.app.settings import Settings
+from moe_tui.app.widgets.heatmap import HeatmapView
+from moe_tui.app.worker import EngineSpec
 from tests.test_app import replies, send, wait_until
 from tests.test_server import LiveServer
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from inference.synthetic import make_checkpoint
+    from moe_tui.inference.synthetic import make_checkpoint
 
     server = LiveServer(make_checkpoint(tmp_path_factory.mktemp("remote") / "m", "qwen3_moe", router_scale=4.0,
                                         max_position_embeddings=1024))

@@ -19,10 +19,10 @@ import openai
 import pytest
 import uvicorn
 
-from inference import Engine
-from inference.server import serve
-from inference.server.app import ServerConfig, build_app
-from inference.server.runner import EngineRunner
+from moe_tui.inference import Engine
+from moe_tui.inference.server import serve
+from moe_tui.inference.server.app import ServerConfig, build_app
+from moe_tui.inference.server.runner import EngineRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from inference.synthetic import make_checkpoint
+    from moe_tui.inference.synthetic import make_checkpoint
 
     model = make_checkpoint(tmp_path_factory.mktemp("srv") / "m", "qwen3_moe", router_scale=4.0,
                             max_position_embeddings=512)
@@ -180,7 +180,7 @@ def test_eight_concurrent_clients_get_complete_unmixed_answers(server, oai):
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path):
-    from inference.synthetic import make_checkpoint
+    from moe_tui.inference.synthetic import make_checkpoint
 
     live = LiveServer(make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=4096), max_queue=1)
     try:
@@ -247,7 +247,7 @@ def test_prompt_longer_than_context_and_oversized_body(server):
 
 
 def test_api_key_required_off_loopback_and_enforced(tmp_path):
-    from inference.synthetic import make_checkpoint
+    from moe_tui.inference.synthetic import make_checkpoint
 
     model = make_checkpoint(tmp_path / "m", "mixtral")
     with pytest.raises(ValueError, match="API key"):
@@ -271,11 +271,11 @@ def test_api_key_required_off_loopback_and_enforced(tmp_path):
 
 
 def test_sigterm_ends_streams_with_a_final_event(tmp_path):
-    from inference.synthetic import make_checkpoint
+    from moe_tui.inference.synthetic import make_checkpoint
 
     model = make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=4096)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", str(model), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "serve", str(model), "--port", str(port),
                              "--capacity", "1.0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -12,7 +12,7 @@ from tests.test_server import LiveServer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
-    from inference.synthetic import make_checkpoint
+    from moe_tui.inference.synthetic import make_checkpoint
 
     model = make_checkpoint(tmp_path_factory.mktemp("fuzz") / "m", "olmoe", max_position_embeddings=512)
     live = LiveServer(model)  # max_tokens is capped at 256, so valid examples stay quick

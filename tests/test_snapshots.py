@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.main import MoeApp
-from app.messages import EngineInfo, EngineReady, SnapshotReady
-from app.settings import Settings
-from app.worker import EngineSpec
-from inference.telemetry import CacheSnapshot, MemorySample
+from moe_tui.app.main import MoeApp
+from moe_tui.app.messages import EngineInfo, EngineReady, SnapshotReady
+from moe_tui.app.settings import Settings
+from moe_tui.app.worker import EngineSpec
+from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
 
 pytest.importorskip("pytest_textual_snapshot")
 

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from app.store import MIGRATIONS, ChatStore
+from moe_tui.app.store import MIGRATIONS, ChatStore
 
 
 def test_schema_is_versioned_and_wal(tmp_path):

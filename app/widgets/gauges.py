@@ -12,7 +12,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Sparkline
 
-from inference import CacheSnapshot
+from moe_tui.inference import CacheSnapshot
 
 from .rows import StyledRows
 

@@ -11,7 +11,7 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from inference import CacheSnapshot
+from moe_tui.inference import CacheSnapshot
 
 from .. import heatmap as renderer
 from .rows import StyledRows
