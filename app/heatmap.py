@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from moe_tui.inference import CacheSnapshot
 from rich.color import Color
 from rich.segment import Segment
 from rich.style import Style
-
-from moe_tui.inference import CacheSnapshot
 
 UNICODE_MARKS = {"missed": "×", "pinned": "◆", "resident": "•", "none": " "}
 ASCII_MARKS = {"missed": "x", "pinned": "P", "resident": "o", "none": " "}

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from textual.message import Message
-
 from moe_tui.inference import CacheSnapshot, GenerationDone
+from textual.message import Message
 
 
 class WorkerMessage(Message):

@@ -11,7 +11,6 @@ import threading
 import time
 
 import httpx
-
 from moe_tui.inference import CacheSnapshot, GenerationDone
 
 from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady

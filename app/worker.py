@@ -288,7 +288,6 @@ class InferenceProcess(Controls):
         """The model's tokenizer, loaded here on first use (token counts for attachments)."""
         if self._tokenizer is None:
             from mlx_lm.utils import load_tokenizer
-
             from moe_tui.inference.engine import resolve_model_path
 
             try:

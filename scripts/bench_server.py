@@ -17,7 +17,6 @@ import statistics
 import time
 
 import openai
-
 from moe_tui.inference.demo_paths import DEMO_MODEL
 from moe_tui.inference.telemetry import GenerationDone, TokenDelta
 
@@ -58,7 +57,6 @@ def main() -> int:
     import sys
 
     import httpx
-
     from moe_tui.inference import Engine
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
-
 from moe_tui.inference import Engine
 from moe_tui.inference.demo_paths import DEMO_MODEL
 from moe_tui.inference.oracle import compare

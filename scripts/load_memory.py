@@ -36,7 +36,6 @@ def warm_up(path: Path) -> None:
 def main() -> int:
     path, capacity = sys.argv[1], float(sys.argv[2])
     from mlx_lm.utils import load_tokenizer
-
     from moe_tui.inference import Engine
 
     load_tokenizer(Path(path))  # import transformers & co. before the baseline

@@ -22,7 +22,6 @@ import threading
 import time
 
 import numpy as np
-
 from moe_tui.app.main import MoeApp
 from moe_tui.app.messages import EngineInfo, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 from moe_tui.app.settings import Settings

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from moe_tui.inference.synthetic import make_checkpoint
 
 

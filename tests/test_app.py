@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-
 from moe_tui.app.main import MoeApp
 from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput, StreamingReply

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from moe_tui.inference import Engine
 from moe_tui.inference.cache import LayerCache
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import random
 
+from moe_tui.app.widgets.chat import PAGE_OVERLAP, ChatScroll, MessageView, StreamingReply
+from moe_tui.app.widgets.gauges import Readout, grid
 from rich.markdown import Markdown
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
-
-from moe_tui.app.widgets.chat import PAGE_OVERLAP, ChatScroll, MessageView, StreamingReply
-from moe_tui.app.widgets.gauges import Readout, grid
 
 REPLY = (
     "Here is a function:\n\n```python\ndef merge(a, b):\n    out = []\n\twhile a and b:\n"

@@ -10,7 +10,6 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
-
 from moe_tui.inference import Engine
 from moe_tui.inference.demo_paths import DEMO_MODEL, DEMO_PROFILE
 

@@ -8,7 +8,6 @@ import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-
 from moe_tui.inference import Engine
 from moe_tui.inference.synthetic import ARCHS, MORE_ARCHS, PER_EXPERT_OK, PER_EXPERT_QUANTIZED_OK
 
@@ -100,7 +99,6 @@ def test_fractional_and_automatic_capacity(checkpoint):
 def test_dense_model_loads_and_reports_no_moe_layers(tmp_path):
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, save_config
-
     from moe_tui.inference.synthetic import write_tokenizer
 
     config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from mlx_lm import load
 from mlx_lm.generate import generate_step
-
 from moe_tui.inference import Engine
 
 PROMPT = [5, 17, 99, 3, 42, 7, 8, 200, 31, 11, 64, 90, 13, 250, 77, 4]

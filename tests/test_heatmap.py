@@ -4,10 +4,9 @@ The widget draws it on the theme's background."""
 from __future__ import annotations
 
 import numpy as np
-from rich.color import Color
-
 from moe_tui.app import heatmap as hm
 from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
+from rich.color import Color
 
 
 def snapshot(layers=3, experts=8, **arrays) -> CacheSnapshot:
@@ -114,9 +113,8 @@ def test_gradient_endpoints():
 
 
 async def test_the_widget_draws_on_the_theme_background():
-    from textual.app import App
-
     from moe_tui.app.widgets.heatmap import HeatmapView
+    from textual.app import App
 
     class Host(App):
         def compose(self):

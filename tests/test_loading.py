@@ -9,7 +9,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from moe_tui.inference import Engine, ModelLoadError
 from moe_tui.inference.experts import ExpertReader, locate
 from moe_tui.inference.moe import expert_param_names, find_moe_blocks

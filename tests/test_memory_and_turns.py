@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from mlx_lm import load
 from mlx_lm.generate import stream_generate
-
 from moe_tui.inference import Engine, GenerationDone, TokenDelta
 from moe_tui.inference.synthetic import make_checkpoint
 

@@ -6,7 +6,6 @@ import functools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from moe_tui.inference import Engine
 from moe_tui.inference.cache import POLICIES
 from moe_tui.inference.oracle import belady, compare, simulate_policy

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from moe_tui.app.cli import main
 from moe_tui.inference import Engine, ModelLoadError
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-
 from moe_tui.app.main import MoeApp
 from moe_tui.app.remote import RemoteWorker
 from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
+
 from tests.test_app import replies, send, wait_until
 from tests.test_server import LiveServer
 

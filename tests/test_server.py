@@ -18,7 +18,6 @@ import httpx
 import openai
 import pytest
 import uvicorn
-
 from moe_tui.inference import Engine
 from moe_tui.inference.server import serve
 from moe_tui.inference.server.app import ServerConfig, build_app

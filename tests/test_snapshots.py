@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from moe_tui.app.main import MoeApp
 from moe_tui.app.messages import EngineInfo, EngineReady, SnapshotReady
 from moe_tui.app.settings import Settings

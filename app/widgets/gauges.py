@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from moe_tui.inference import CacheSnapshot
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -11,8 +12,6 @@ from textual.geometry import Region, Size
 from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Sparkline
-
-from moe_tui.inference import CacheSnapshot
 
 from .rows import StyledRows
 

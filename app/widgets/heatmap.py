@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from moe_tui.inference import CacheSnapshot
 from rich.segment import Segment
 from textual.binding import Binding
 from textual.geometry import Size
 from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
-
-from moe_tui.inference import CacheSnapshot
 
 from .. import heatmap as renderer
 from .rows import StyledRows
