@@ -15,8 +15,10 @@ from pathlib import Path
 
 
 def _v1(db: sqlite3.Connection) -> None:
-    db.executescript("""
-        CREATE TABLE chats (
+    # One execute per statement, never executescript: that COMMITs the open transaction first, so a
+    # failure half-way would leave some tables behind at the old user_version.
+    for statement in (
+        """CREATE TABLE chats (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             title TEXT NOT NULL,
             model TEXT NOT NULL DEFAULT '',
@@ -24,20 +26,23 @@ def _v1(db: sqlite3.Connection) -> None:
             settings TEXT NOT NULL DEFAULT '{}',
             created REAL NOT NULL,
             updated REAL NOT NULL
-        );
-        CREATE TABLE messages (
+        )""",
+        """CREATE TABLE messages (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
             role TEXT NOT NULL,
             content TEXT NOT NULL,
             status TEXT NOT NULL DEFAULT 'complete',
             created REAL NOT NULL
-        );
-        CREATE INDEX messages_by_chat ON messages(chat_id, id);
-    """)
+        )""",
+        "CREATE INDEX messages_by_chat ON messages(chat_id, id)",
+    ):
+        db.execute(statement)
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]  # index i upgrades version i -> i + 1
+# Index i upgrades version i -> i + 1. Each runs inside the transaction _migrate opens: it must use
+# db.execute only (no executescript, COMMIT or BEGIN), so that a failure undoes all of it.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
 
 
 @dataclass(frozen=True)
@@ -71,14 +76,37 @@ class ChatStore:
         self._migrate()
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise RuntimeError(f"{self.path}: written by a newer moe-tui (schema {version}); upgrade moe-tui")
-        for target in range(version, len(MIGRATIONS)):
-            with self.db:
-                self.db.execute("BEGIN")
-                MIGRATIONS[target](self.db)
-                self.db.execute(f"PRAGMA user_version={target + 1}")
+        """Apply the pending migrations, each in one transaction with its user_version bump.
+
+        A step that fails is rolled back whole: the database stays exactly at the version before it, and
+        the error names the file and the version it failed to reach.
+        """
+        while True:
+            # IMMEDIATE takes the write lock before reading the version, so two apps starting at once
+            # cannot both run the same step; the second sees the version the first committed.
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version > len(MIGRATIONS):
+                    raise RuntimeError(
+                        f"{self.path}: written by a newer moe-tui (schema {version}); upgrade moe-tui")
+                if version == len(MIGRATIONS):
+                    self.db.execute("COMMIT")
+                    return
+                try:
+                    MIGRATIONS[version](self.db)
+                    if not self.db.in_transaction:
+                        raise RuntimeError("the migration ended the transaction itself (executescript, COMMIT?)")
+                    self.db.execute(f"PRAGMA user_version={version + 1}")
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"{self.path}: schema migration to version {version + 1} failed ({exc}); "
+                        f"the database is left at version {version}") from exc
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
 
     # ---- chats
     def create_chat(self, title: str = "New chat", model: str = "", system_prompt: str = "") -> Chat:

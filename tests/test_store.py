@@ -55,3 +55,58 @@ def test_a_reply_in_progress_survives_a_kill(tmp_path):
     reopened = ChatStore(tmp_path / "c.db")  # no close() on the first: as after a kill
     assert [(m.role, m.content, m.status) for m in reopened.messages(chat.id)] == [
         ("user", "hello", "complete"), ("assistant", "Hel", "partial")]
+
+
+def test_a_failing_migration_leaves_the_database_at_the_old_version(tmp_path, monkeypatch):
+    """A migration step is one transaction: if it fails half-way, nothing of it stays and a later start works."""
+    from moe_tui.app import store as store_module
+
+    path = tmp_path / "chats.sqlite3"
+    real = list(MIGRATIONS)
+    store = ChatStore(path)
+    chat = store.create_chat(title="kept")
+    store.add_message(chat.id, "user", "hello")
+    store.close()
+
+    def bad_v2(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE tags (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+        raise sqlite3.OperationalError("boom half-way through v2")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [real[0], bad_v2])
+    with pytest.raises(RuntimeError, match=r"chats\.sqlite3.*version 2") as failed:
+        ChatStore(path)
+    assert "boom half-way" in str(failed.value.__cause__)
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", real)
+    reopened = ChatStore(path)
+    assert reopened.db.execute("PRAGMA user_version").fetchone()[0] == 1
+    tables = {r[0] for r in reopened.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "tags" not in tables
+    assert [c.title for c in reopened.chats()] == ["kept"]
+    assert [(m.role, m.content) for m in reopened.messages(chat.id)] == [("user", "hello")]
+    reopened.close()
+
+    def good_v2(db: sqlite3.Connection) -> None:
+        db.execute("CREATE TABLE tags (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [real[0], good_v2])
+    upgraded = ChatStore(path)
+    assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert upgraded.db.execute("SELECT count(*) FROM tags").fetchone()[0] == 0
+    assert [c.title for c in upgraded.chats()] == ["kept"]
+    upgraded.close()
+
+
+def test_v1_failing_half_way_creates_no_tables(tmp_path):
+    """The real v1 is atomic too: a clash on its second table must not leave its first one behind."""
+    path = tmp_path / "chats.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE messages (x)")  # v1's second CREATE TABLE fails on this
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match=r"chats\.sqlite3.*version 1"):
+        ChatStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")} == {"messages"}
+    db.close()
