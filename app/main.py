@@ -18,7 +18,7 @@ from textual.widgets import Footer, Header
 from . import coding
 from .heatmap import HeatmapStyle
 from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
-from .settings import Settings, save_settings
+from .settings import Settings, remember
 from .store import ChatStore
 from .themes import load_themes
 from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
@@ -492,7 +492,7 @@ class MoeApp(App):
             return
         self.apply_theme(arg)
         self.settings.theme = arg
-        save_settings(self.settings)
+        remember("theme", arg)
 
     def cmd_new(self, arg: str) -> None:
         self.action_new_chat()
