@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console
 from rich.markdown import Markdown as RichMarkdown
 from rich.text import Text
@@ -14,7 +16,11 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Button, TextArea
 
+from ..sanitize import terminal_safe
 from .rows import StyledRows
+
+# A CRLF ends a line like a LF: split on the LF alone, the CR would show (as ␍) at the end of each row.
+_LINE_END = re.compile(r"\r?\n")
 
 
 class OnePassResize:
@@ -44,7 +50,8 @@ class MessageView(OnePassResize, StyledRows, Widget):
     and the Line API paints those rows. Textual's Markdown widget mounts a widget per block (each
     paragraph, list item, fence), so every message meant several mounts and layout passes, and every
     later layout pass walked all of them (`python scripts/ui_cost.py --message` measures a message's cost).
-    Text can still be selected with the mouse; what is copied is the text as shown."""
+    Text can still be selected with the mouse; what is copied is the text as shown.
+    `text` is kept as received (it is stored so); only what is drawn goes through terminal_safe."""
 
     DEFAULT_CSS = """
     MessageView { height: auto; margin: 0 1 1 1; padding: 0 1; }
@@ -74,7 +81,9 @@ class MessageView(OnePassResize, StyledRows, Widget):
     def prerender(self, console: Console, width: int, dark: bool) -> None:
         """Render the rows for this width and theme now; safe off the UI thread before the view is mounted
         (a long reply's Markdown takes tens of milliseconds: done on the UI thread, keys wait)."""
-        markdown = RichMarkdown(self.markdown, code_theme="monokai" if dark else "default", hyperlinks=False)
+        # Rich keeps ESC in its segments: a reply's OSC 52 would write the clipboard on every redraw.
+        markdown = RichMarkdown(terminal_safe(self.markdown), code_theme="monokai" if dark else "default",
+                                hyperlinks=False)
         lines = console.render_lines(markdown, console.options.update_width(max(width, 1)), pad=False)
         while lines and not lines[0]:  # Rich starts a list with an empty row; the margin spaces messages
             lines.pop(0)
@@ -151,11 +160,11 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
 
     def _wrap(self, paragraph: str) -> list[Strip]:
         console = self.app.console
-        lines = Text(paragraph).wrap(console, self._width) if paragraph else []
+        lines = Text(terminal_safe(paragraph)).wrap(console, self._width) if paragraph else []
         return [Strip(line.render(console), line.cell_len) for line in lines] or [Strip.blank(0)]
 
     def _rewrap(self) -> None:
-        *paragraphs, self._tail = self.text.split("\n")
+        *paragraphs, self._tail = _LINE_END.split(self.text)
         self._done = [strip for paragraph in paragraphs for strip in self._wrap(paragraph)]
         self._strips = self._done + self._wrap(self._tail)
 
@@ -175,7 +184,8 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
         if not self._width:  # not laid out yet: on_resize wraps everything
             return
         first = len(self._done)
-        *finished, self._tail = (self._tail + fragment).split("\n")
+        # The tail is wrapped whole again: a sequence split over fragments is removed once it is complete.
+        *finished, self._tail = _LINE_END.split(self._tail + fragment)
         for paragraph in finished:
             self._done.extend(self._wrap(paragraph))
         self._strips = self._done + self._wrap(self._tail)

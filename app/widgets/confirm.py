@@ -9,8 +9,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
+from ..sanitize import terminal_safe
+
 
 class ConfirmScreen(ModalScreen[bool]):
+    """The question and the diff are shown as plain text: they hold file names and file contents."""
+
     BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
@@ -28,10 +32,11 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical():
-            yield Label(self.question)
+            # Not markup: a path like `[/]x.py` raised MarkupError. Rich keeps ESC, so a file's OSC 52 would act.
+            yield Label(terminal_safe(self.question), markup=False)
             if self.diff:
                 with VerticalScroll():
-                    yield Static(Syntax(self.diff, "diff", word_wrap=True))
+                    yield Static(Syntax(terminal_safe(self.diff), "diff", word_wrap=True))
             with Horizontal():
                 yield Button("Yes (y)", variant="warning", id="yes")
                 yield Button("No (n)", variant="primary", id="no")
