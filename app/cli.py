@@ -126,7 +126,7 @@ def cmd_profile(args) -> int:
     per_prompt, tokens = [], 0
     for prompt in prompts:
         engine.reset_stats()
-        engine._reset_prompt_cache()
+        engine.reset_prompt_cache()
         for _event in engine.stream([{"role": "user", "content": prompt}], max_tokens=args.max_tokens):
             pass
         snap = engine.snapshot()

@@ -90,7 +90,7 @@ def _run_engine(path: Path, prompt: list[int], decode_tokens: int, capacity, mod
     mx.reset_peak_memory()
     cold = _generate(engine, prompt, decode_tokens)
     cold_snap = engine.snapshot()
-    engine._reset_prompt_cache()  # the warm pass prefills again, with whatever experts stayed cached
+    engine.reset_prompt_cache()  # the warm pass prefills again, with whatever experts stayed cached
     engine.reset_stats()
     done = _generate(engine, prompt, decode_tokens)
     snap = engine.snapshot()

@@ -1,101 +1,22 @@
-"""The lazy-expert engine: a stock mlx-lm model whose experts are read on demand into per-layer caches."""
+"""The lazy-expert engine: a stock mlx-lm model whose experts are read on demand into per-layer caches.
+
+`Engine` composes three parts: loading (loading.py), the expert cache and its accounting
+(expert_cache.py), and generation with its prompt-cache bookkeeping (generation.py).
+"""
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import numpy as np
-import psutil
-from mlx.utils import tree_flatten
-from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
-from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
+from .expert_cache import MODES, ExpertCache, ModelLayout
+from .generation import PromptCache, Speed, generate
+from .loading import context_length, kv_group_size, open_checkpoint, resolve_model_path
+from .telemetry import CacheSnapshot, GenerationDone, TokenDelta
 
-from .cache import POLICIES, LayerCache, LayerCounters
-from .errors import ModelLoadError
-from .experts import ExpertReader, ParamSource, locate
-from .moe import (
-    ExpertLayerRuntime,
-    MoEBlock,
-    expert_param_names,
-    find_moe_blocks,
-    install,
-    is_quantized,
-    probe_block,
-    route_weights_fn,
-)
-from .safetensors_io import RangeReader, index_model
-from .telemetry import CacheSnapshot, GenerationDone, MemorySample, TokenDelta
-
-MODES = ("exact", "fast")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token",
-              "n_activated_experts", "moe_k")
-MEMORY_FRACTION = 0.6  # share of available memory an automatic capacity may use
-DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
-LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """Shape facts about a loaded model, known before any expert is read."""
-
-    model_type: str
-    num_layers: int
-    moe_layers: tuple[int, ...]
-    num_experts: int
-    top_k: int
-    expert_bytes: int  # one expert of one layer, all projections, as held in the cache
-    dense_bytes: int  # everything but the experts
-    quantized: bool
-    normalizes_topk: bool  # the model renormalizes its top-k routing weights
-
-    @property
-    def all_experts_bytes(self) -> int:
-        return self.expert_bytes * self.num_experts * len(self.moe_layers)
-
-
-@dataclass
-class _Layer:
-    """Cache state of one MoE layer (inference thread only)."""
-
-    block: MoEBlock
-    runtime: ExpertLayerRuntime
-    cache: LayerCache
-    sources: list[ParamSource]
-    slot_dtypes: dict[tuple[str, str], mx.Dtype]
-    lut: mx.array = field(default_factory=lambda: mx.array([0]))
-    identity: bool = False  # every expert resident in the slot of its own id: no lookup needed
-    pending: list[tuple[int, mx.array, mx.array | None]] = field(default_factory=list)  # (step, ids, lut)
-    wanted: dict[int, int] = field(default_factory=dict)  # fast mode: missed expert -> miss count
-
-
-def resolve_model_path(path_or_repo: str | Path) -> Path:
-    """A local folder, or a Hugging Face repo id found in the local hub cache (no download here)."""
-    path = Path(path_or_repo).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path}: expected a model folder (config.json + *.safetensors), got a file")
-        return path
-    repo = str(path_or_repo)
-    if repo.count("/") != 1:
-        raise ModelLoadError(f"{repo}: no such folder, and not a Hugging Face repo id (owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - hub raises several types for "not cached"
-        raise ModelLoadError(
-            f"{repo}: not in the local Hugging Face cache; download it first "
-            f"(`hf download {repo}`) or pass a local folder"
-        ) from exc
+__all__ = ["MODES", "Engine", "ModelLayout", "resolve_model_path"]
 
 
 class Engine:
@@ -104,491 +25,124 @@ class Engine:
     def __init__(self) -> None:
         raise TypeError("use Engine.load(path_or_repo, ...)")
 
-    # ------------------------------------------------------------------ loading
-
     @classmethod
     def load(cls, path_or_repo: str | Path, capacity: int | float | None = None, mode: str = "exact",
              policy: str = "lru", profile: str | Path | dict | None = None, kv_bits: int | None = None,
              max_loads_per_step: int | None = None, record_trace: bool = True, pin: bool = True) -> Engine:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose exact or fast")
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        """Open a model with its experts left on disk and make its expert cache.
+
+        Args:
+            path_or_repo: a model folder, or a Hugging Face repo id already in the local hub cache.
+            capacity: experts cached per MoE layer: a count, a fraction of the experts (float in (0, 1]),
+                or None to fit a share of the available memory.
+            mode: "exact" (a missed expert is read before its layer runs: outputs equal stock mlx-lm) or
+                "fast" (a missed expert is dropped for that token and read between tokens).
+            policy: eviction policy, one of inference.cache.POLICIES.
+            profile: an expert profile (path or dict) to warm the cache from.
+            kv_bits: quantize the KV cache to 4 or 8 bits.
+            max_loads_per_step: fast mode's refill bound per layer and step (default top_k).
+            record_trace: keep every step's routing (for the optimum replay and miss curves).
+            pin: pin the profile's universal experts (else it only warms the cache).
+
+        Raises:
+            ModelLoadError: the model cannot be used as it is (the message names the file and the fix).
+            ValueError: a bad mode, policy, capacity or kv_bits.
+        """
         self = object.__new__(cls)
-        self.path = resolve_model_path(path_or_repo)
-        self.name = str(path_or_repo)
-        config_path = self.path / "config.json"
-        if not config_path.exists():
-            raise ModelLoadError(f"{config_path}: missing; a model folder needs config.json")
-        try:
-            config = load_config(self.path)
-        except json.JSONDecodeError as exc:
-            raise ModelLoadError(f"{config_path}: not valid JSON ({exc}); re-download it") from exc
-        try:
-            _get_classes(config)
-        except (ValueError, KeyError) as exc:
-            raise ModelLoadError(
-                f"{config_path}: model_type {config.get('model_type')!r} is unknown to the installed "
-                "mlx-lm; upgrade mlx-lm (pip install -U mlx-lm) or check the model"
-            ) from exc
-        tensors = index_model(self.path)  # validates every header and byte range first
-        try:
-            model, config = load_model(self.path, lazy=True)
-        except ValueError as exc:
-            raise ModelLoadError(f"{self.path}: weights do not match config.json: {exc}") from exc
-        self.model = model
-        self.config = config
-        self.tokenizer = load_tokenizer(self.path, eos_token_ids=config.get("eos_token_id"))
-        self._reader = RangeReader()
-        self._experts = ExpertReader(self._reader)
+        checkpoint = open_checkpoint(path_or_repo)
+        self.path = checkpoint.path
+        self.name = checkpoint.name
+        self.model = checkpoint.model
+        self.config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
         self.kv_bits = kv_bits
-        self._kv_group_size = _kv_group_size(config) if kv_bits else 64
-        self._mode = mode
-        try:
-            self._attach(tensors, capacity, policy, max_loads_per_step)
-        except BaseException:
-            self._reader.close()
-            raise
-        self.record_trace = record_trace
-        self._prompt_cache: list[Any] | None = None
-        self._cached_tokens: list[int] = []
-        self._speed = {"decode_tps": 0.0, "prefill_tps": 0.0, "ttft_s": 0.0, "tokens": 0}
+        self._kv_args = ({"kv_bits": kv_bits, "kv_group_size": kv_group_size(self.config), "quantized_kv_start": 0}
+                         if kv_bits else {})
+        self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, str(self.path), capacity, mode,
+                                   policy, max_loads_per_step, record_trace)
+        self.prompt_cache = PromptCache(self.model)
+        self._speed = Speed()
         if profile is not None:
-            self.apply_profile(profile, pin=pin)
+            self.experts.apply_profile(profile, pin=pin)
         return self
 
-    def _attach(self, tensors, capacity, policy, max_loads_per_step) -> None:
-        blocks = find_moe_blocks(self.model)
-        shapes = {k: tuple(v.shape) for k, v in tree_flatten(self.model.parameters())}
-        dtypes = {k: v.dtype for k, v in tree_flatten(self.model.parameters())}
-        num_experts = blocks[0].num_experts if blocks else 0
-        layer_params = [expert_param_names(b) for b in blocks]
-        sources = [locate(b, p, shapes, tensors, num_experts) for b, p in zip(blocks, layer_params, strict=False)]
-        runtimes = [ExpertLayerRuntime(b) for b in blocks]  # reads projection shapes: before the swap
-        # Drop the lazy full expert tensors before anything is evaluated: they are never read.
-        for block, params in zip(blocks, layer_params, strict=False):
-            for proj, names in params.items():
-                for name in names:
-                    block.projections[proj][name] = mx.zeros((1, 1), dtype=mx.float32)
-        needs_f32 = mx.default_device() == mx.cpu  # CPU gather_mm runs only in float32
-        half = (mx.bfloat16, mx.float16)
-        expert_dtypes = {dtypes[f"{b.path}.{s.projection}.{s.param}"]
-                         for b, src in zip(blocks, sources, strict=True) for s in src}
-        if needs_f32 and blocks and not any(map(is_quantized, blocks)) and expert_dtypes & set(half):
-            # As stock mlx-lm needs here (model.set_dtype(float32)): upcast while loading, so outputs match it.
-            self.model.set_dtype(mx.float32, lambda d: d in half)
-        mx.eval(self.model.parameters())
-        self._dense_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
-        self._layers: list[_Layer] = []
-        normalizes = False
-        top_k = int(next((self.config[k] for k in TOP_K_KEYS if isinstance(self.config.get(k), int)), 0))
-        for block, src, runtime in zip(blocks, sources, runtimes, strict=False):
-            install(block, runtime)
-            slot_dtypes = {}
-            for s in src:
-                dt = dtypes[f"{block.path}.{s.projection}.{s.param}"]
-                if needs_f32 and not is_quantized(block) and dt in (mx.bfloat16, mx.float16):
-                    dt = mx.float32
-                slot_dtypes[(s.projection, s.param)] = dt
-            probe = probe_block(runtime, runtime.output_dims, self._dense_dtype())
-            if probe is not None:
-                runtime.top_k = probe.top_k
-                top_k = top_k or probe.top_k
-                runtime.renormalize = probe.normalizes and probe.weight_source != "unknown"
-                if runtime.renormalize:
-                    runtime.route_weights = route_weights_fn(probe.weight_source)
-                normalizes = normalizes or probe.normalizes
-            else:
-                runtime.renormalize = False
-            self._layers.append(_Layer(block, runtime, LayerCache(num_experts, num_experts, policy), src,
-                                       slot_dtypes))
-        first = self._layers[0] if self._layers else None
-        expert_bytes = sum(int(np.prod(s.expert_shape)) * first.slot_dtypes[(s.projection, s.param)].size
-                           for s in first.sources) if first else 0
-        self.layout = ModelLayout(
-            model_type=self.config.get("model_type", "?"),
-            num_layers=int(self.config.get("num_hidden_layers", len(blocks))),
-            moe_layers=tuple(b.layer for b in blocks),
-            num_experts=num_experts,
-            top_k=top_k,
-            expert_bytes=expert_bytes,
-            dense_bytes=self._dense_bytes,
-            quantized=any(is_quantized(b) for b in blocks),
-            normalizes_topk=normalizes,
-        )
-        self.counters = LayerCounters(len(blocks), max(num_experts, 1))
-        self.trace: list[list[np.ndarray]] = [[] for _ in blocks]
-        self._step = 0
-        self._policy = policy
-        self.max_loads_per_step = max_loads_per_step or max(top_k, 1)
-        self._capacity = 0
-        if blocks:
-            self.set_capacity(capacity)
-        for layer in self._layers:
-            layer.runtime.handler = self._forward
+    # ---------------------------------------------------------------- the expert cache
 
-    def _dense_dtype(self) -> mx.Dtype:
-        for _, v in tree_flatten(self.model.parameters()):
-            if mx.issubdtype(v.dtype, mx.floating):
-                return v.dtype
-        return mx.float32
+    @property
+    def layout(self) -> ModelLayout:
+        return self.experts.layout
 
-    # ------------------------------------------------------------------ capacity, mode, policy
+    @property
+    def counters(self):
+        return self.experts.counters
+
+    @property
+    def trace(self) -> list[list[Any]]:
+        return self.experts.trace
+
+    @property
+    def expert_reader(self):
+        return self.experts.expert_reader
 
     @property
     def capacity(self) -> int:
-        return self._capacity
+        return self.experts.capacity
 
     @property
     def mode(self) -> str:
-        return self._mode
+        return self.experts.mode
 
     @property
     def policy(self) -> str:
-        return self._policy
+        return self.experts.policy
 
-    def memory_budget(self) -> int:
-        """Bytes the expert cache may take: a share of available RAM (and of Metal's working set)."""
-        available = psutil.virtual_memory().available + self._capacity * self.layout.expert_bytes * len(self._layers)
-        budget = int(available * MEMORY_FRACTION)
-        if mx.metal.is_available():
-            info = mx.device_info()
-            limit = info.get("max_recommended_working_set_size")
-            if limit:
-                budget = min(budget, int(limit * 0.9) - self._dense_bytes)
-        return max(budget, 0)
-
-    def _resolve_capacity(self, capacity: int | float | None) -> int:
-        E, K = self.layout.num_experts, self.layout.top_k
-        per_slot = self.layout.expert_bytes * len(self._layers)
-        budget = self.memory_budget()
-        if capacity is None:
-            fit = budget // max(per_slot, 1)
-            if fit < K:
-                raise ModelLoadError(
-                    f"{self.path}: even {K} experts per layer ({K * per_slot / 2**30:.2f} GiB) do not fit "
-                    f"in the memory available for the expert cache ({budget / 2**30:.2f} GiB); free memory "
-                    "or use a quantized model"
-                )
-            return int(min(E, fit))
-        if isinstance(capacity, float):
-            if not 0.0 < capacity <= 1.0:
-                raise ValueError(f"capacity fraction {capacity} must be in (0, 1]")
-            capacity = max(1, round(capacity * E))
-        capacity = int(capacity)
-        if capacity < K:
-            raise ValueError(f"capacity {capacity} is below top_k={K}: each token needs {K} experts per layer")
-        if capacity > E:
-            raise ValueError(f"capacity {capacity} exceeds the model's {E} experts per layer")
-        if capacity * per_slot > budget:
-            raise ModelLoadError(
-                f"capacity {capacity} needs {capacity * per_slot / 2**30:.2f} GiB of expert cache but only "
-                f"{budget / 2**30:.2f} GiB is available; use capacity <= {max(K, budget // max(per_slot, 1))}"
-            )
-        return capacity
+    @property
+    def context_length(self) -> int:
+        return context_length(self.config)
 
     def set_capacity(self, capacity: int | float | None) -> None:
-        """Rebuild every layer's slots at a new size, keeping the highest-priority resident experts."""
-        new = self._resolve_capacity(capacity)
-        self._drain()
-        for layer in self._layers:
-            old_cache = layer.cache
-            resident = [int(e) for e in old_cache.resident()]
-            prio = old_cache.priority(np.array(resident, dtype=np.int64), self._step) if resident else []
-            by_priority = [e for _, e in sorted(zip(prio, resident, strict=False), key=lambda t: (-t[0], t[1]))]
-            pins = [e for e in by_priority if e in old_cache.pinned][: max(new - self.layout.top_k, 0)]
-            keep = pins + [e for e in by_priority if e not in pins][: new - len(pins)]
-            cache = LayerCache(old_cache.num_experts, new, self._policy)
-            for attr in ("last_use", "use_count", "decayed"):
-                setattr(cache, attr, getattr(old_cache, attr).copy())
-            cache.pinned = set(pins)
-            layer.cache = cache
-            for s in layer.sources:
-                layer.block.projections[s.projection][s.param] = mx.zeros(
-                    (new, *s.expert_shape), dtype=layer.slot_dtypes[(s.projection, s.param)])
-            self._load(layer, cache.admit(sorted(keep), set(keep), self._step), count=False)
-            self._sync_lut(layer)
-            layer.wanted.clear()
-        self._capacity = new
-        if new == self.layout.num_experts:
-            # Room for every expert: load them all now (as stock mlx-lm would), so no step ever waits on a
-            # miss and the forward pass runs with no host sync at all.
-            self.warm()
-        mx.eval(self.model.parameters())
-        mx.clear_cache()
-        self._reset_prompt_cache()
+        """Rebuild every layer's slots at a new size (count, fraction or None for automatic).
+
+        Raises:
+            ValueError: below top_k or above the model's experts; ModelLoadError: it does not fit in memory.
+        """
+        self.experts.set_capacity(capacity)
+        self.prompt_cache.reset()
 
     def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose exact or fast")
-        self._drain()
-        self._mode = mode
+        self.experts.set_mode(mode)
 
     def set_policy(self, policy: str) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        self._policy = policy
-        for layer in self._layers:
-            layer.cache.policy = policy
-
-    # ------------------------------------------------------------------ expert loading
-
-    def _sync_lut(self, layer: _Layer) -> None:
-        """Publish the layer's expert -> slot table to the device (after any change of residency)."""
-        slot_of = layer.cache.slot_of
-        layer.lut = mx.array(slot_of)
-        layer.identity = bool(np.array_equal(slot_of, np.arange(len(slot_of))))
-
-    def _load(self, layer: _Layer, placements: list[tuple[int, int, int]], count: bool = True) -> None:
-        """Read the placed experts from disk and write them into their slots."""
-        if not placements:
-            return
-        started = time.perf_counter()
-        placements = sorted(placements)  # ascending expert ids: adjacent experts are read in one call
-        experts = [e for e, _, _ in placements]
-        bytes_before = self._reader.bytes_read
-        # Bounded read buffers: at most LOAD_CHUNK_BYTES of one parameter is held outside the cache.
-        per_chunk = max(1, LOAD_CHUNK_BYTES // max(s.expert_nbytes for s in layer.sources))
-        for start in range(0, len(placements), per_chunk):
-            chunk = placements[start : start + per_chunk]
-            reads = self._experts.read(layer.sources, [e for e, _, _ in chunk], layer.slot_dtypes)
-            for (proj, param), values in reads:
-                target = layer.block.projections[proj][param]
-                for (_, slot, _), value in zip(chunk, values, strict=False):
-                    target[slot] = value  # integer-index updates run in place; a scatter copies the tensor
-                    mx.eval(target)
-        nbytes = self._reader.bytes_read - bytes_before
-        i = layer.block.index
-        if count:
-            self.counters.loads[i, experts] += 1
-            evicted = [old for _, _, old in placements if old >= 0]
-            if evicted:
-                self.counters.evictions[i, evicted] += 1
-        self.counters.bytes_read[i] += nbytes
-        self.counters.load_seconds[i] += time.perf_counter() - started
+        self.experts.set_policy(policy)
 
     def warm(self, experts: Sequence[Sequence[int]] | None = None, batch: int | None = None) -> None:
-        """Load experts ahead of use: per layer the given ids (default: as many as fit, lowest ids first),
-        `batch` experts per read (default: all of a layer's at once, coalescing adjacent ones)."""
-        for i, layer in enumerate(self._layers):
-            wanted = list(experts[i]) if experts is not None else list(range(layer.cache.capacity))
-            wanted = [e for e in wanted if layer.cache.slot_of[e] < 0][: layer.cache.capacity]
-            step = batch or max(len(wanted), 1)
-            for start in range(0, len(wanted), step):
-                group = wanted[start : start + step]
-                self._load(layer, layer.cache.admit(group, set(group), self._step))
-            self._sync_lut(layer)
-        mx.clear_cache()  # hand bulk-load read buffers back to the OS instead of MLX's buffer pool
-
-    # ------------------------------------------------------------------ forward (called by swapped switches)
-
-    def _forward(self, runtime: ExpertLayerRuntime, stock, x: mx.array, indices: mx.array) -> mx.array:
-        layer = self._layers[runtime.block.index]
-        if runtime.block.index == 0:
-            self._step += 1
-        # A full cache is always warmed with expert e in slot e (set_capacity), so every other cache has
-        # room for fewer experts than the model has and can miss.
-        if layer.identity:  # the stock call as is; routing is counted later from `pending`
-            layer.pending.append((self._step, indices, None))
-            return stock(x, indices)
-        if self._mode == "fast":
-            return self._forward_fast(layer, stock, x, indices)
-        return self._forward_exact(layer, stock, x, indices)
-
-    def _forward_fast(self, layer: _Layer, stock, x, indices) -> mx.array:
-        """Device-side expert -> slot lookup, no host sync: a missed expert is dropped for this token."""
-        slots = layer.lut[indices]
-        layer.pending.append((self._step, indices, layer.lut))
-        if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
-            self._drain(before_step=self._step)
-        hit = slots >= 0
-        y = stock(x, mx.maximum(slots, 0))
-        runtime = layer.runtime
-        if runtime.renormalize and runtime.route_weights is not None:
-            # Replace each missed output by the hit outputs' weighted mean: the block's own weighted sum
-            # then equals dropping the miss and renormalizing the remaining routed weights.
-            w = runtime.route_weights(runtime.router_out, indices).reshape(hit.shape) * hit
-            denom = mx.maximum(w.sum(-1, keepdims=True), 1e-30)
-            mean = (y.astype(mx.float32) * w[..., None]).sum(-2, keepdims=True) / denom[..., None]
-            return mx.where(hit[..., None], y, mean.astype(y.dtype))
-        return y * hit[..., None].astype(y.dtype)
-
-    def _forward_exact(self, layer: _Layer, stock, x, indices) -> mx.array:
-        """Load every missing expert before the layer computes (host sync on the routing)."""
-        inds = np.array(indices)
-        needed = np.unique(inds)
-        self._account(layer, [self._step], inds.reshape(1, -1), layer.cache.slot_of.copy(), deferred=False)
-        cache = layer.cache
-        pinned_needed = [int(e) for e in needed if int(e) in cache.pinned]
-        others = [int(e) for e in needed if int(e) not in cache.pinned]
-        room = cache.capacity - len(cache.pinned)  # >= top_k: pins are capped at capacity - top_k
-        if len(others) <= room:
-            self._load(layer, cache.access(needed, self._step))
-            self._sync_lut(layer)
-            return stock(x, mx.array(cache.slot_of[inds]))
-        # More distinct experts than free slots (long prefill): run the layer in cache-sized groups.
-        cache.touch(pinned_needed, self._step)
-        out = None
-        for start in range(0, len(others), room):
-            group = others[start : start + room] + (pinned_needed if start == 0 else [])
-            self._load(layer, cache.access(group, self._step))
-            in_group = np.isin(inds, group)
-            slots = np.where(in_group, np.maximum(cache.slot_of[inds], 0), 0)
-            y = mx.where(mx.array(in_group)[..., None], stock(x, mx.array(slots)), 0)
-            out = y if out is None else out + y
-            mx.eval(out)
-        self._sync_lut(layer)
-        return out
-
-    # ------------------------------------------------------------------ stats
-
-    def _account(self, layer: _Layer, steps: list[int], inds: np.ndarray, slot_of: np.ndarray,
-                 deferred: bool) -> None:
-        """Fold the routing of forward steps into the counters: `inds` is [steps, routings] expert ids and
-        `slot_of` the residency they met. Deferred (lookup-table) steps also update the policy state and,
-        in fast mode, the experts to load."""
-        i = layer.block.index
-        c = self.counters
-        n, E = inds.shape[0], c.requests.shape[1]
-        keys = (np.arange(n)[:, None] * E + inds).ravel()
-        per_step = np.bincount(keys, minlength=n * E).reshape(n, E)
-        routed = per_step.sum(0)
-        c.requests[i] += routed
-        c.recent[i] = c.recent[i] * c.recent_decay**n + (c.recent_decay ** np.arange(n - 1, -1, -1)) @ per_step
-        used = per_step > 0
-        resident = slot_of >= 0
-        c.hits[i] += (used & resident).sum(0)
-        missed = used & ~resident
-        c.misses[i] += missed.sum(0)
-        c.last_missed[i] = missed[-1]
-        if deferred:
-            c.fallbacks[i] += routed * ~resident
-            for e in np.flatnonzero(missed.any(0)):
-                layer.wanted[int(e)] = layer.wanted.get(int(e), 0) + int(per_step[:, e].sum())
-            for step, row in zip(steps, used & resident, strict=True):
-                layer.cache.touch(np.flatnonzero(row), step)
-        if self.record_trace:
-            dtype = np.int16 if E < 2**15 else np.int32
-            self.trace[i].extend(np.flatnonzero(row).astype(dtype) for row in used)
-
-    def _drain(self, before_step: int | None = None) -> None:
-        """Fold deferred routing records (lookup-table path) into the counters; refill in fast mode.
-
-        `before_step` leaves records of that step and later alone: mlx-lm builds the next token's graph
-        before yielding this one, and reading its routing now would stall the pipeline.
-        """
-        for layer in self._layers:
-            if not layer.pending:
-                continue
-            if before_step is None:
-                records, layer.pending = layer.pending, []
-            else:
-                records = [r for r in layer.pending if r[0] < before_step]
-                layer.pending = [r for r in layer.pending if r[0] >= before_step]
-            # Runs of records with one shape and one lookup table are converted and counted together.
-            runs: list[list[tuple[int, mx.array, mx.array | None]]] = []
-            for record in records:
-                if runs and runs[-1][0][2] is record[2] and runs[-1][0][1].shape == record[1].shape:
-                    runs[-1].append(record)
-                else:
-                    runs.append([record])
-            for run in runs:
-                # np.array per record: these are already evaluated. An MLX op here (mx.stack) would queue
-                # behind the step in flight and stall the pipeline.
-                inds = np.stack([np.array(r[1]).reshape(-1) for r in run])
-                lut = run[0][2]
-                slot_of = layer.cache.slot_of if lut is None else np.array(lut)  # None: identity, all resident
-                self._account(layer, [r[0] for r in run], inds, slot_of, deferred=True)
-        if self._mode == "fast":
-            self._refill()
-
-    def _refill(self) -> None:
-        """Fast mode: load the most-missed experts, a bounded number per layer per step."""
-        for layer in self._layers:
-            if not layer.wanted:
-                continue
-            wanted = sorted(layer.wanted, key=lambda e: (-layer.wanted[e], e))
-            wanted = [e for e in wanted if layer.cache.slot_of[e] < 0][: self.max_loads_per_step]
-            layer.wanted.clear()
-            room = layer.cache.capacity - len(layer.cache.pinned)
-            wanted = wanted[:room]
-            if not wanted:
-                continue
-            layer.cache.touch(wanted, self._step)
-            self._load(layer, layer.cache.admit(wanted, set(wanted), self._step))
-            self._sync_lut(layer)
-
-    def after_step(self) -> None:
-        """Between tokens: a fast-mode cache with room to refill is updated every step; else every few steps."""
-        refills = self._mode == "fast" and self._capacity < self.layout.num_experts
-        if refills or self._step % DRAIN_EVERY == 0:
-            self._drain(before_step=self._step)
-
-    def reset_stats(self) -> None:
-        self._drain()
-        self.counters.reset()
-        self.trace = [[] for _ in self._layers]
-        self._speed = {"decode_tps": 0.0, "prefill_tps": 0.0, "ttft_s": 0.0, "tokens": 0}
-        mx.reset_peak_memory()
-
-    def snapshot(self) -> CacheSnapshot:
-        """A frozen copy of the cache state and counters (cheap; safe to hand to another thread)."""
-        self._drain()
-        E = max(self.layout.num_experts, 1)
-        n = len(self._layers)
-        resident = np.zeros((n, E), dtype=bool)
-        pinned = np.zeros((n, E), dtype=bool)
-        for i, layer in enumerate(self._layers):
-            resident[i] = layer.cache.slot_of >= 0
-            pinned[i, list(layer.cache.pinned)] = True
-        c = self.counters
-        return CacheSnapshot.build(
-            model=self.name, mode=self._mode, policy=self._policy, capacity=self._capacity,
-            num_experts=self.layout.num_experts, top_k=self.layout.top_k, layer_ids=self.layout.moe_layers,
-            resident=resident, pinned=pinned, just_missed=c.last_missed, requests=c.requests, hits=c.hits,
-            misses=c.misses, fallbacks=c.fallbacks, loads=c.loads, evictions=c.evictions, recent=c.recent,
-            bytes_read=int(c.bytes_read.sum()), load_seconds=float(c.load_seconds.sum()),
-            memory=MemorySample.take(self.cache_bytes(), self.memory_budget()),
-            decode_tps=self._speed["decode_tps"], prefill_tps=self._speed["prefill_tps"],
-            ttft_s=self._speed["ttft_s"], tokens_generated=self._speed["tokens"], steps=self._step,
-            trace_length=len(self.trace[0]) if self.trace else 0,
-        )
-
-    def cache_bytes(self) -> int:
-        return self._capacity * self.layout.expert_bytes * len(self._layers)
-
-    # ------------------------------------------------------------------ profiles and traces
+        self.experts.warm(experts, batch)
 
     def apply_profile(self, profile: str | Path | dict, pin: bool = True) -> None:
-        """Fill each layer's cache with the profile's most-used experts and (with `pin`) pin its universal ones."""
-        from .profiles import load_profile, warm_plan
+        self.experts.apply_profile(profile, pin=pin)
 
-        data = load_profile(profile) if not isinstance(profile, dict) else profile
-        plan = warm_plan(data, self.layout, self._capacity)
-        for layer, (warm, pins) in zip(self._layers, plan, strict=False):
-            layer.cache.pinned = set()
-            missing = [e for e in warm if layer.cache.slot_of[e] < 0]
-            self._load(layer, layer.cache.admit(missing, set(warm), self._step), count=False)
-            layer.cache.pin(pins if pin else [])
-            self._sync_lut(layer)
-        mx.clear_cache()
+    def memory_budget(self) -> int:
+        return self.experts.memory_budget()
+
+    def cache_bytes(self) -> int:
+        return self.experts.cache_bytes()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None,
                              ) -> dict[str, dict[str, float]]:
-        """Hit rate every policy and Belady's MIN would get on this session's trace (or its last steps)."""
-        from .oracle import compare
+        return self.experts.hit_rates_vs_optimum(capacity, last_steps)
 
-        self._drain()
-        trace = self.trace if last_steps is None else [layer[-last_steps:] for layer in self.trace]
-        return compare(trace, self.layout.num_experts, capacity or self._capacity)
+    def reset_stats(self) -> None:
+        self.experts.reset_stats()
+        self._speed.reset()
 
-    # ------------------------------------------------------------------ generation
+    def snapshot(self) -> CacheSnapshot:
+        """A frozen copy of the cache state, counters and latest speeds (safe to hand to another thread)."""
+        return self.experts.snapshot(self._speed.values)
 
-    def _reset_prompt_cache(self) -> None:
-        self._prompt_cache = None
-        self._cached_tokens = []
+    # ---------------------------------------------------------------- generation
 
     def encode(self, messages_or_prompt: str | Sequence[dict] | Sequence[int]) -> list[int]:
+        """Token ids of a raw string, chat messages (with the chat template) or ids as they are."""
         if isinstance(messages_or_prompt, str):
             return list(self.tokenizer.encode(messages_or_prompt))
         items = list(messages_or_prompt)
@@ -596,111 +150,33 @@ class Engine:
             return list(self.tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=True))
         return [int(t) for t in items]
 
+    def reset_prompt_cache(self) -> None:
+        """Forget the KV cache kept across turns (the next prompt is prefilled in full)."""
+        self.prompt_cache.reset()
+
     def stream(self, messages_or_prompt: str | Sequence[dict] | Sequence[int], max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = (), cancel: threading.Event | None = None,
                ) -> Iterator[TokenDelta | GenerationDone]:
-        """Generate, yielding `TokenDelta`s then one `GenerationDone`. Reuses the prompt cache across turns."""
-        tokens = self.encode(messages_or_prompt)
-        if not tokens:
-            raise ValueError("empty prompt")
-        if seed is not None:
-            mx.random.seed(seed % (1 << 64))  # OpenAI seeds are signed 64-bit
-        reuse = self._reuse_prefix(tokens)
-        if reuse == 0 or self._prompt_cache is None:
-            self._prompt_cache = make_prompt_cache(self.model)
-            reuse = 0
-        sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
-        text, generated, finish, matched = "", [], "length", None
-        started = time.perf_counter()
-        first_token_at = None
-        kv = ({"kv_bits": self.kv_bits, "kv_group_size": self._kv_group_size, "quantized_kv_start": 0}
-              if self.kv_bits else {})
-        response = None
-        for response in stream_generate(self.model, self.tokenizer, tokens[reuse:], max_tokens=max_tokens,
-                                        sampler=sampler, prompt_cache=self._prompt_cache, **kv):
-            self.after_step()
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-                self._speed["prefill_tps"] = response.prompt_tps
-                self._speed["ttft_s"] = first_token_at - started
-            if response.finish_reason in (None, "length"):  # a final "stop" carries the EOS token
-                generated.append(response.token)
-            if response.text:
-                text += response.text
-                cut = _stop_at(text, stop)
-                if cut is not None:
-                    matched = cut[1]
-                    text, finish = text[: cut[0]], "stop"
-                    break
-                yield TokenDelta(response.text, response.token)
-            self._speed["decode_tps"] = response.generation_tps
-            self._speed["tokens"] += 1
-            if response.finish_reason is not None:
-                finish = response.finish_reason
-                break
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-        self._drain()
-        self._sync_cached_tokens(tokens + generated)
-        yield GenerationDone(
-            text=text, finish_reason=finish, prompt_tokens=len(tokens), prefilled_tokens=len(tokens) - reuse,
-            generated_tokens=len(generated), prefill_tps=self._speed["prefill_tps"],
-            decode_tps=self._speed["decode_tps"],
-            ttft_s=(first_token_at - started) if first_token_at else 0.0, tokens=tuple(generated),
-            stop_sequence=matched,
-        )
+        """Generate a reply, reusing the KV cache of earlier turns for the prompt's common prefix.
 
-    def _sync_cached_tokens(self, known: list[int]) -> None:
-        """Record which tokens the prompt cache holds; drop a speculatively computed token beyond them."""
-        cache = self._prompt_cache
-        offset = getattr(cache[0], "offset", None) if cache else None
-        if offset is None:
-            self._reset_prompt_cache()
-            return
-        if offset > len(known):
-            if not can_trim_prompt_cache(cache):
-                self._reset_prompt_cache()
-                return
-            trim_prompt_cache(cache, offset - len(known))
-            offset = len(known)
-        self._cached_tokens = known[:offset]
+        Args:
+            messages_or_prompt: chat messages, a raw prompt string, or token ids.
+            stop: strings that end the reply; no part of one is ever streamed.
+            cancel: set it to end the reply after the current token (finish_reason "cancelled").
 
-    def _reuse_prefix(self, tokens: list[int]) -> int:
-        """How many leading tokens the prompt cache already holds (trimming it to that prefix)."""
-        cache = self._prompt_cache
-        if cache is None or not self._cached_tokens:
-            return 0
-        common = 0
-        for a, b in zip(self._cached_tokens, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # the model must see at least one new token
-        extra = len(self._cached_tokens) - common
-        if extra and not can_trim_prompt_cache(cache):
-            return 0
-        if extra:
-            trim_prompt_cache(cache, extra)
-        self._cached_tokens = self._cached_tokens[:common]
-        return common
+        Yields:
+            `TokenDelta`s whose texts concatenate to the final text, then one `GenerationDone`.
+            However the generator ends (finished, cancelled, an exception, the consumer closing it), the
+            prompt cache is left consistent with its token record.
+
+        Raises:
+            ValueError: an empty prompt. Errors from reading experts (OSError) propagate.
+        """
+        return generate(self.model, self.tokenizer, self.prompt_cache, self.encode(messages_or_prompt),
+                        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                        cancel=cancel, speed=self._speed, kv_args=self._kv_args,
+                        after_step=self.experts.after_step, finish=self.experts.drain)
 
     def close(self) -> None:
-        self._reader.close()
-
-
-def _kv_group_size(config: dict) -> int:
-    """The KV-quantization group size: 64, or 32 where the head dimension needs it."""
-    heads = config.get("num_attention_heads") or 1
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
-    for size in (64, 32):
-        if head_dim and head_dim % size == 0:
-            return size
-    raise ValueError(f"kv_bits needs a head dimension divisible by 32; this model's is {head_dim}")
-
-
-def _stop_at(text: str, stop: Sequence[str]) -> tuple[int, str] | None:
-    """(where the earliest stop string starts, which one) or None."""
-    hits = [(text.find(s), s) for s in stop if s and s in text]
-    return min(hits) if hits else None
+        self.experts.close()

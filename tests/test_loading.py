@@ -111,7 +111,7 @@ def test_unknown_model_type(tmp_path):
 
 def test_capacity_too_large_for_memory(tmp_path, monkeypatch):
     path = _good(tmp_path)
-    import moe_tui.inference.engine as engine_module
+    import moe_tui.inference.expert_cache as engine_module
 
     class TinyMemory:
         available = 200_000  # bytes: room for ~4 experts per layer of this model

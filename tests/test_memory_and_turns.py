@@ -66,7 +66,7 @@ def test_kv_bits_quantizes_the_kv_cache(checkpoint):
     engine = Engine.load(checkpoint("qwen3_moe", head_dim=32), capacity=1.0, kv_bits=8)
     done = list(engine.stream([5, 6, 7, 8, 9, 10, 11, 12], max_tokens=8))[-1]
     assert done.generated_tokens == 8
-    assert type(engine._prompt_cache[0]).__name__ == "QuantizedKVCache"
+    assert type(engine.prompt_cache.kv[0]).__name__ == "QuantizedKVCache"
 
 
 def test_cancel_and_stop_sequences(checkpoint):
