@@ -22,6 +22,12 @@ ALIASES = {
     "up_proj": ("up_proj", "w3"),
     "down_proj": ("down_proj", "w2"),
 }
+# Half-width floats checked on their raw bits: all exponent bits set means Inf or NaN (numpy has no bfloat16,
+# and its float16 isfinite is several times slower than this mask).
+NONFINITE_BITS = {"F16": ("uint16", 0x7C00), "BF16": ("uint16", 0x7F80), "F8_E5M2": ("uint8", 0x7C),
+                  "F8_E4M3": ("uint8", 0x7F)}
+
+
 @dataclass(frozen=True)
 class ParamSource:
     """One per-expert parameter (e.g. gate_proj.weight) of one layer: stacked tensor or one per expert."""
@@ -99,6 +105,7 @@ class ExpertReader:
         """
         for src in sources:
             raw = self._read_raw(src, experts)
+            _check_finite(src, experts, raw)
             target = slot_dtypes[(src.projection, src.param)]
             yield (src.projection, src.param), (_to_mx(row, src.file_dtype, target) for row in raw)
 
@@ -117,6 +124,28 @@ class ExpertReader:
                 self.reader.read_into(src.stacked.path, offset, out[start:i])
                 start = i
         return out
+
+
+def _check_finite(src: ParamSource, experts: list[int], raw: np.ndarray) -> None:
+    """Raise if a floating-point expert read holds Inf or NaN: it would turn every later output into NaN.
+
+    Raises:
+        ModelLoadError: naming the file, the tensor and the first expert with a non-finite value.
+    """
+    if src.file_dtype in ("F32", "F64"):
+        bad = ~np.isfinite(raw)
+    elif src.file_dtype in NONFINITE_BITS:
+        bits, mask = NONFINITE_BITS[src.file_dtype]
+        bad = (raw.view(bits) & mask) == mask
+    else:
+        return
+    if not bad.any():
+        return
+    row = int(np.argmax(bad.reshape(len(experts), -1).any(axis=1)))
+    expert = experts[row]
+    info = src.stacked or src.per_expert[expert]
+    raise ModelLoadError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values for expert {expert}: the "
+                         "checkpoint is corrupt; re-download it")
 
 
 def _to_mx(raw: np.ndarray, file_dtype: str, target: mx.Dtype) -> mx.array:

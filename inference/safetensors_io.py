@@ -1,12 +1,16 @@
-"""Safetensors headers and byte-range reads: where every tensor lives on disk, without loading it."""
+"""Safetensors headers, shard index and byte-range reads: where every tensor lives on disk, checked, not loaded."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -31,6 +35,9 @@ DTYPES: dict[str, tuple[str, int]] = {
     "F8_E5M2": ("uint8", 1),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_JSON_BYTES = 100 * 1024 * 1024  # config.json, the shard index: megabytes at most in real models
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,82 @@ class TensorInfo:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one file's header and check every tensor's byte range against the file size."""
+def regular_file(path: Path) -> os.stat_result:
+    """stat `path` (following symlinks) and insist it is a regular file.
+
+    Checked before any open: opening a FIFO blocks until a writer appears, and a directory or a symlink loop
+    would only fail later with a bare OSError.
+
+    Raises:
+        ModelLoadError: missing, a broken symlink or symlink loop, unreadable, or not a regular file.
+    """
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelLoadError(f"{path}: symlink loop (too many levels of symbolic links); replace the link "
+                                 "with the real file") from exc
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            raise ModelLoadError(f"{path}: broken symlink (its target {os.readlink(path)!r} does not exist); "
+                                 "re-download the model") from exc
+        if exc.errno == errno.ENOENT:
+            raise ModelLoadError(f"{path}: file not found; re-download the model") from exc
+        raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "a special file")
+        raise ModelLoadError(f"{path}: not a regular file (it is {kind}); put the real file there")
+    return st
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a checked regular file for reading (see `regular_file`)."""
+    regular_file(path)
+    try:
+        # O_NONBLOCK: should the file be swapped for a FIFO after the check, open() returns instead of blocking.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot open it ({exc.strerror})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelLoadError(f"{path}: not a regular file; put the real file there")
+    return os.fdopen(fd, "rb")
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """The parsed JSON of a small model file (config, index); any problem is one ModelLoadError naming it."""
+    with open_regular(path) as f:
+        try:
+            data = f.read(MAX_JSON_BYTES + 1)
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from exc
+    if len(data) > MAX_JSON_BYTES:
+        raise ModelLoadError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB; not a model {what}")
+    return _parse_json(path, data, "not valid JSON", "re-download it")
+
+
+def _parse_json(path: Path, data: bytes, problem: str, fix: str) -> Any:
+    try:
+        return json.loads(data)
+    except RecursionError as exc:
+        raise ModelLoadError(f"{path}: {problem} (JSON nested too deeply); {fix}") from exc
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an int over 4300 digits
+        raise ModelLoadError(f"{path}: {problem} ({exc}); {fix}") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse one file's header and check every tensor's dtype, shape and byte range against the file.
+
+    Raises:
+        ModelLoadError: the file is not a regular file, is truncated, or its header is malformed, names
+            an unknown dtype, a bad shape, offsets that are not integers, out of the file, or overlapping.
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
             raw_len = f.read(8)
             if len(raw_len) < 8:
                 raise ModelLoadError(f"{path}: file is truncated (no safetensors header); re-download it")
@@ -68,12 +146,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                     "the file is truncated or not safetensors; re-download it"
                 )
             header_bytes = f.read(header_len)
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"{path}: file not found; re-download the model") from exc
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: corrupt safetensors header ({exc}); re-download it") from exc
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from exc
+    header = _parse_json(path, header_bytes, "corrupt safetensors header", "re-download it")
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path}: corrupt safetensors header (not a JSON object); re-download it")
     data_start = 8 + header_len
@@ -81,54 +156,100 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: corrupt header entry for {name!r}; re-download it") from exc
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
-        if end - begin != expected or begin < 0:
-            raise ModelLoadError(
-                f"{path}: tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} needs "
-                f"{expected}: the file is corrupt; re-download it"
-            )
-        if data_start + end > size:
-            raise ModelLoadError(
-                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}: "
-                "the file is truncated; re-download it"
-            )
-        tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+        tensors[name] = _tensor_info(path, name, entry, data_start, size)
+    _check_no_overlap(path, tensors.values())
     return tensors
 
 
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
+    """One header entry, checked: dtype known, shape of non-negative ints, offsets in the file and sized right."""
+    def corrupt(problem: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: tensor {name!r} {problem}: the file is corrupt; re-download it")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise corrupt("has a malformed header entry (needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; re-download or convert it")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise corrupt(f"has an invalid shape {shape!r} (dims must be non-negative integers)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise corrupt(f"has invalid data_offsets {offsets!r} (two integers, 0 <= begin <= end)")
+    begin, end = offsets
+    if data_start + end > size:
+        raise ModelLoadError(
+            f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size}: "
+            "the file is truncated; re-download it"
+        )
+    expected = math.prod(shape) * DTYPES[dtype][1]  # Python ints: a huge shape cannot wrap around
+    if end - begin != expected:
+        raise corrupt(f"spans {end - begin} bytes but its dtype and shape, {dtype}{shape}, need {expected}")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+def _check_no_overlap(path: Path, infos: Any) -> None:
+    previous: TensorInfo | None = None
+    for info in sorted(infos, key=lambda i: (i.offset, i.nbytes)):
+        if previous is not None and info.offset < previous.offset + previous.nbytes:
+            raise ModelLoadError(
+                f"{path}: tensors {previous.name!r} and {info.name!r} overlap (their byte ranges share bytes "
+                f"from {info.offset}): the file is corrupt; re-download it"
+            )
+        previous = info
+
+
 def weight_files(model_dir: Path) -> list[Path]:
-    """The checkpoint files of a model folder, checked against the shard index where there is one."""
+    """The checkpoint files of a model folder, checked against the shard index where there is one.
+
+    Every `model*.safetensors` must be a regular file even where an index lists the shards: mlx-lm's
+    loader opens all of them.
+    """
+    globbed = sorted(model_dir.glob("model*.safetensors"))
+    for path in globbed:
+        regular_file(path)
     index_path = model_dir / "model.safetensors.index.json"
-    if index_path.exists():
-        try:
-            index = json.loads(index_path.read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise ModelLoadError(f"{index_path}: corrupt shard index ({exc}); re-download it") from exc
-        missing = [n for n in names if not (model_dir / n).exists()]
+    if os.path.lexists(index_path):
+        names = _index_shards(index_path)
+        missing = [n for n in names if not os.path.lexists(model_dir / n)]
         if missing:
             raise ModelLoadError(
                 f"{model_dir}: shard(s) {', '.join(missing)} listed in model.safetensors.index.json "
                 "are missing; finish the download"
             )
         return [model_dir / n for n in names]
-    files = sorted(model_dir.glob("model*.safetensors"))
-    if not files:
+    if not globbed:
         raise ModelLoadError(f"{model_dir}: no model*.safetensors files; is this an MLX/HF model folder?")
-    return files
+    return globbed
+
+
+def _index_shards(index_path: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json maps tensors to, each a plain name in its folder."""
+    index = read_json(index_path, "shard index")
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise ModelLoadError(f'{index_path}: corrupt shard index (expected a JSON object with a "weight_map" '
+                             f"object, got {type(index).__name__}); re-download it")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ModelLoadError(f'{index_path}: corrupt shard index ("weight_map" must be a JSON object of tensor '
+                             f"name -> shard file, got {type(weight_map).__name__}); re-download it")
+    for tensor, shard in weight_map.items():
+        # A plain name only: "../x" or "/etc/x" would read outside the model folder.
+        if not isinstance(shard, str) or shard in ("", ".", "..") or os.path.basename(shard) != shard:
+            raise ModelLoadError(f"{index_path}: corrupt shard index (weight_map[{tensor!r}] is {shard!r}, "
+                                 "not a shard file name in this folder); re-download it")
+    return sorted(set(weight_map.values()))
 
 
 def index_model(model_dir: Path) -> dict[str, TensorInfo]:
-    """Every tensor of a (possibly sharded) checkpoint, by name."""
+    """Every tensor of a (possibly sharded) checkpoint, by name; a tensor in two files is an error."""
     tensors: dict[str, TensorInfo] = {}
     for path in weight_files(model_dir):
-        tensors.update(read_header(path))
+        for name, info in read_header(path).items():
+            if name in tensors:
+                raise ModelLoadError(f"{model_dir}: tensor {name!r} is in both {tensors[name].path.name} and "
+                                     f"{path.name}; re-download the model")
+            tensors[name] = info
     return tensors
 
 

@@ -1,0 +1,1 @@
+"""Tests of how the engine fails on damaged or hostile model folders."""
