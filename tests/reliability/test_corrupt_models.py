@@ -29,9 +29,13 @@ def model(checkpoint, tmp_path) -> Path:
 
 
 def load_error(path: Path) -> str:
+    """The load's ModelLoadError message, with the model folder written <model>.
+
+    The folder's path holds the test's name, so a check such as "vocab_size" in message must not see it.
+    """
     with pytest.raises(ModelLoadError) as info:
         Engine.load(path, capacity=CAPACITY)
-    return str(info.value)
+    return str(info.value).replace(str(path), "<model>")
 
 
 def load_error_in_subprocess(path: Path) -> str:
@@ -46,7 +50,7 @@ def load_error_in_subprocess(path: Path) -> str:
         pytest.fail(f"loading {path} hung")
     assert result.returncode == 3, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    return result.stdout
+    return result.stdout.replace(str(path), "<model>")
 
 
 def header_of(file: Path) -> tuple[dict, bytes]:
@@ -79,7 +83,7 @@ def test_directory_named_model_safetensors(model):
     weights.unlink()
     weights.mkdir()
     message = load_error(model)
-    assert "model.safetensors" in message and "directory" in message
+    assert message.startswith("<model>/model.safetensors:") and "directory" in message
 
 
 def test_symlink_loop_as_weight_file(model):
@@ -88,7 +92,7 @@ def test_symlink_loop_as_weight_file(model):
     weights.symlink_to(model / "loop.safetensors")
     (model / "loop.safetensors").symlink_to(weights)
     message = load_error(model)
-    assert "model.safetensors" in message and "symlink" in message
+    assert message.startswith("<model>/model.safetensors:") and "symlink" in message
 
 
 def test_fifo_as_model_safetensors_does_not_hang(model):
@@ -96,7 +100,7 @@ def test_fifo_as_model_safetensors_does_not_hang(model):
     weights.unlink()
     os.mkfifo(weights)
     message = load_error_in_subprocess(model)
-    assert "model.safetensors" in message and "not a regular file" in message
+    assert message.startswith("<model>/model.safetensors:") and "not a regular file" in message
 
 
 def test_fifo_as_config_json_does_not_hang(model):
@@ -104,7 +108,7 @@ def test_fifo_as_config_json_does_not_hang(model):
     config.unlink()
     os.mkfifo(config)
     message = load_error_in_subprocess(model)
-    assert "config.json" in message and "not a regular file" in message
+    assert message.startswith("<model>/config.json:") and "not a regular file" in message
 
 
 # ------------------------------------------------------------------ safetensors headers
@@ -115,7 +119,7 @@ def test_header_nested_very_deeply(model):
     _, body = header_of(weights)
     write_header(weights, b"[" * 100_000 + b"]" * 100_000, body)
     message = load_error(model)
-    assert "model.safetensors" in message and "nested" in message
+    assert message.startswith("<model>/model.safetensors:") and "nested" in message
 
 
 def test_header_offsets_given_as_strings(model):
@@ -124,7 +128,7 @@ def test_header_offsets_given_as_strings(model):
 
     edit_header(model / "model.safetensors", change)
     message = load_error(model)
-    assert "model.safetensors" in message and GATE in message and "data_offsets" in message
+    assert message.startswith("<model>/model.safetensors:") and GATE in message and "data_offsets" in message
 
 
 def test_header_negative_offsets(model):
@@ -134,7 +138,7 @@ def test_header_negative_offsets(model):
 
     edit_header(model / "model.safetensors", change)
     message = load_error(model)
-    assert "model.safetensors" in message and GATE in message and "data_offsets" in message
+    assert message.startswith("<model>/model.safetensors:") and GATE in message and "data_offsets" in message
 
 
 def test_header_overlapping_offsets(model):
@@ -143,7 +147,8 @@ def test_header_overlapping_offsets(model):
 
     edit_header(model / "model.safetensors", change)
     message = load_error(model)
-    assert "model.safetensors" in message and "overlap" in message and GATE in message and UP in message
+    assert message.startswith("<model>/model.safetensors:") and "overlap" in message
+    assert GATE in message and UP in message
 
 
 def test_header_offsets_past_end_of_file(model):
@@ -156,7 +161,7 @@ def test_header_offsets_past_end_of_file(model):
 
     edit_header(weights, change)
     message = load_error(model)
-    assert "model.safetensors" in message and GATE in message and "truncated" in message
+    assert message.startswith("<model>/model.safetensors:") and GATE in message and "truncated" in message
 
 
 @pytest.mark.parametrize("shape", [
@@ -173,7 +178,7 @@ def test_header_shape_with_bad_dims(model, shape):
 
     edit_header(model / "model.safetensors", change)
     message = load_error(model)
-    assert "model.safetensors" in message and GATE in message and "shape" in message
+    assert message.startswith("<model>/model.safetensors:") and GATE in message and "shape" in message
 
 
 def test_header_unknown_dtype(model):
@@ -182,7 +187,7 @@ def test_header_unknown_dtype(model):
 
     edit_header(model / "model.safetensors", change)
     message = load_error(model)
-    assert "model.safetensors" in message and GATE in message and "F7" in message
+    assert message.startswith("<model>/model.safetensors:") and GATE in message and "F7" in message
 
 
 def test_bf16_tensor_bytes_do_not_match_shape(checkpoint, tmp_path):
@@ -194,7 +199,8 @@ def test_bf16_tensor_bytes_do_not_match_shape(checkpoint, tmp_path):
 
     edit_header(path / "model.safetensors", change)
     message = load_error(path)
-    assert "model.safetensors" in message and GATE in message and "BF16" in message and "bytes" in message
+    assert message.startswith("<model>/model.safetensors:") and GATE in message
+    assert "BF16" in message and "bytes" in message
 
 
 # ------------------------------------------------------------------ the shard index
@@ -209,7 +215,7 @@ def test_index_with_integer_weight_map_values(sharded):
     edit_json(sharded / "model.safetensors.index.json",
               lambda index: index.update(weight_map={k: 1 for k in index["weight_map"]}))
     message = load_error(sharded)
-    assert "model.safetensors.index.json" in message and "weight_map" in message
+    assert message.startswith("<model>/model.safetensors.index.json:") and "weight_map" in message
 
 
 @pytest.mark.parametrize("change", [
@@ -219,7 +225,7 @@ def test_index_with_integer_weight_map_values(sharded):
 def test_index_not_a_mapping(sharded, change):
     edit_json(sharded / "model.safetensors.index.json", change)
     message = load_error(sharded)
-    assert "model.safetensors.index.json" in message and "object" in message
+    assert message.startswith("<model>/model.safetensors.index.json:") and "object" in message
 
 
 # ------------------------------------------------------------------ config.json
@@ -228,26 +234,26 @@ def test_index_not_a_mapping(sharded, change):
 def test_config_is_a_json_list(model):
     edit_json(model / "config.json", lambda config: [config])
     message = load_error(model)
-    assert "config.json" in message and "JSON object" in message
+    assert message.startswith("<model>/config.json:") and "JSON object" in message
 
 
 def test_eos_token_id_as_a_string(model):
     edit_json(model / "config.json", lambda config: config.update(eos_token_id="2"))
     message = load_error(model)
-    assert "config.json" in message and "eos_token_id" in message
+    assert message.startswith("<model>/config.json:") and "eos_token_id" in message
 
 
 def test_vocab_size_huge(model):
     edit_json(model / "config.json", lambda config: config.update(vocab_size=2**31))
     message = load_error(model)
-    assert "config.json" in message and "vocab_size" in message
+    assert message.startswith("<model>/config.json:") and "vocab_size" in message
 
 
 @pytest.mark.parametrize("top_k", [20, 9, 0, -1, "2"])
 def test_num_experts_per_tok_out_of_range(model, top_k):
     edit_json(model / "config.json", lambda config: config.update(num_experts_per_tok=top_k))
     message = load_error(model)
-    assert "config.json" in message and "num_experts_per_tok" in message
+    assert message.startswith("<model>/config.json:") and "num_experts_per_tok" in message
 
 
 # ------------------------------------------------------------------ tokenizer
@@ -257,13 +263,13 @@ def test_missing_tokenizer(model):
     (model / "tokenizer.json").unlink()
     (model / "tokenizer_config.json").unlink()
     message = load_error(model)
-    assert str(model) in message and "tokenizer" in message
+    assert message.startswith("<model>: no tokenizer")
 
 
 def test_broken_chat_template(model):
     edit_json(model / "tokenizer_config.json", lambda config: config.update(chat_template="{% if %}"))
     message = load_error(model)
-    assert "tokenizer_config.json" in message and "chat template" in message
+    assert message.startswith("<model>/tokenizer_config.json:") and "chat template" in message
 
 
 # ------------------------------------------------------------------ non-finite expert weights
@@ -303,7 +309,7 @@ def expect_error_when_read(path: Path) -> str:
             list(engine.stream([{"role": "user", "content": "hi"}], max_tokens=4))
     finally:
         engine.close()
-    return str(info.value)
+    return str(info.value).replace(str(path), "<model>")
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
@@ -314,7 +320,7 @@ def test_non_finite_expert_weights_fail_when_read(checkpoint, tmp_path, dtype, b
     path = Path(shutil.copytree(good, tmp_path / "model"))
     poke(path / "model.safetensors", GATE, (expert + 0.5) / 8, non_finite(bad, dtype))  # mid-row of `expert`
     message = expect_error_when_read(path)
-    assert "model.safetensors" in message and GATE in message and f"expert {expert}" in message
+    assert message.startswith("<model>/model.safetensors:") and GATE in message and f"expert {expert}" in message
 
 
 def test_non_finite_weights_of_a_per_expert_tensor(checkpoint, tmp_path):
@@ -324,4 +330,4 @@ def test_non_finite_weights_of_a_per_expert_tensor(checkpoint, tmp_path):
     tensor = f"model.layers.0.block_sparse_moe.experts.{expert}.w1.weight"
     poke(path / "model.safetensors", tensor, 0.5, non_finite("nan", mx.bfloat16))
     message = expect_error_when_read(path)
-    assert "model.safetensors" in message and tensor in message and f"expert {expert}" in message
+    assert message.startswith("<model>/model.safetensors:") and tensor in message and f"expert {expert}" in message
