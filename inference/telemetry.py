@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
-import mlx.core as mx
 import numpy as np
 import psutil
 
@@ -47,6 +46,8 @@ class MemorySample:
 
     @staticmethod
     def take(expert_cache_bytes: int, budget: int) -> MemorySample:
+        import mlx.core as mx  # here, not at the top: the telemetry types import without MLX
+
         vm = psutil.virtual_memory()
         return MemorySample(
             rss_bytes=psutil.Process(os.getpid()).memory_info().rss,

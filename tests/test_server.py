@@ -34,12 +34,12 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, model: Path, host: str = "127.0.0.1", api_key: str | None = None, max_queue: int = 16,
-                 max_body_bytes: int = 1 << 20, capacity: int | float = 4) -> None:
+                 max_body_bytes: int = 1 << 20, capacity: int | float = 4, max_tokens_cap: int = 256) -> None:
         self.runner = EngineRunner(lambda: Engine.load(model, capacity=capacity), max_queue=max_queue)
         self.runner.start()
         self.runner.ready.wait()
         self.port = free_port()
-        app = build_app(self.runner, ServerConfig("tiny", api_key=api_key, max_tokens_cap=256,
+        app = build_app(self.runner, ServerConfig("tiny", api_key=api_key, max_tokens_cap=max_tokens_cap,
                                                   max_body_bytes=max_body_bytes))
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -300,3 +300,58 @@ def test_sigterm_ends_streams_with_a_final_event(tmp_path):
         assert "Finished server process" in proc.stdout.read().decode()
     finally:
         proc.kill()
+
+
+def stop_strings(text: str) -> list[str]:
+    return sorted({text[i : i + n] for n in (1, 2, 4) for i in range(0, len(text) - n, 5)})
+
+
+def test_stop_strings_stream_exactly_the_non_streamed_text(server, oai, claude):
+    full = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=40, temperature=0)
+    reference = full.choices[0].message.content
+    for stop in stop_strings(reference)[:12]:
+        plain = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=40, temperature=0, stop=[stop])
+        streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(
+            model="tiny", messages=MSG, max_tokens=40, temperature=0, stop=[stop], stream=True) if c.choices)
+        assert plain.choices[0].message.content == streamed == reference[: reference.find(stop)], stop
+        with claude.messages.stream(model="tiny", messages=MSG, max_tokens=40, extra_body=T0,
+                                    stop_sequences=[stop]) as s:
+            text = "".join(s.text_stream)
+            final = s.get_final_message()
+        assert text == final.content[0].text == streamed and final.stop_sequence == stop, stop
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_generation(tmp_path):
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=8192)
+    live = LiveServer(model, max_tokens_cap=4000)
+    try:
+        before = live.runner.snapshot.tokens_generated
+        body = {"messages": MSG, "max_tokens": 4000, "temperature": 0, "stop": ["\u2603"]}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(live.url + "/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 60
+        while live.runner.busy or live.runner.completed == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        generated = live.runner.snapshot.tokens_generated - before
+        assert 0 < generated < 2000, generated
+    finally:
+        live.close()
+
+
+def test_health_says_when_the_inference_thread_is_gone(tmp_path):
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    live = LiveServer(make_checkpoint(tmp_path / "m", "olmoe"))
+    try:
+        assert httpx.get(live.url + "/health").status_code == 200
+        live.runner.stop()
+        live.runner.join(10)
+        r = httpx.get(live.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "stopped"
+        r = httpx.post(live.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
+        assert r.status_code == 503
+    finally:
+        live.close()

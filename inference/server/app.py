@@ -15,13 +15,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..telemetry import GenerationDone, TokenDelta
+from ..events import Delta, Generate, JobDone, JobFailed
+from ..telemetry import GenerationDone
 from .metrics import prometheus_text
-from .runner import EngineRunner, Job, QueueFull
+from .runner import EngineRunner, QueueFull, ServerJob, SessionClosed
 from .schemas import BadRequest, ChatRequest, openapi, parse_anthropic, parse_openai
 
 MAX_BODY_BYTES = 1 << 20
-DISCONNECT_POLL = 0.25
+DISCONNECT_POLL = 0.25  # seconds: how soon a non-streaming request notices its client has gone
+
+
+class GenerationFailed(Exception):
+    """The engine raised while generating this request's reply."""
 
 
 class ServerConfig:
@@ -86,69 +91,89 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             raise BadRequest(f"malformed JSON: {exc}") from exc
 
     def engine_or_error(request: Request) -> JSONResponse | None:
-        if runner.error is not None:
+        state = runner.state
+        if state == "failed":
             return error_for(request, f"the model failed to load: {runner.error}", 503)
-        if runner.engine is None:
+        if state == "loading":
             return error_for(request, "the model is still loading", 503, headers={"Retry-After": "5"})
+        if state != "ready":
+            return error_for(request, f"the inference thread has {state}; restart the server", 503)
         return None
 
-    async def prepare(request: Request, parse) -> tuple[ChatRequest, Job, int] | JSONResponse:
+    async def prepare(request: Request, parse) -> tuple[ChatRequest, ServerJob, int] | JSONResponse:
         if not authorized(request):
             return error_for(request, "invalid or missing API key", 401)
         if (problem := engine_or_error(request)) is not None:
             return problem
         try:
             chat = parse(await read_json(request), config.max_tokens_cap)
-            prompt = runner.engine.encode(chat.messages)
-            prompt_tokens = len(prompt)
+            prompt = await runner.tokenize(chat.messages)  # on the session's thread, not this event loop
         except BadRequest as exc:
             return error_for(request, str(exc), exc.status, exc.param)
+        except SessionClosed:
+            return error_for(request, "the server is shutting down", 503)
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
             return error_for(request, f"could not build the prompt: {exc}", 400)
-        context = int(runner.engine.config.get("max_position_embeddings") or 0)
-        if context and prompt_tokens + chat.max_tokens > context:
-            return error_for(request, f"prompt has {prompt_tokens} tokens and max_tokens is {chat.max_tokens}: "
+        context = runner.context_length
+        if context and len(prompt) + chat.max_tokens > context:
+            return error_for(request, f"prompt has {len(prompt)} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
-        job = Job(prompt, chat.max_tokens, chat.temperature, chat.top_p, chat.stop, chat.seed,
-                  asyncio.get_running_loop())  # token ids: the runner does not tokenize again
+        generate = Generate(prompt, chat.max_tokens, chat.temperature, chat.top_p, tuple(chat.stop), chat.seed)
         try:
-            runner.submit(job)
+            job = runner.submit(generate)  # token ids: the session does not tokenize again
         except QueueFull:
             return error_for(request, "the server is busy: too many requests waiting", 429,
                              headers={"Retry-After": "2"})
-        return chat, job, prompt_tokens
+        except SessionClosed:
+            return error_for(request, "the server is shutting down", 503)
+        return chat, job, len(prompt)
 
-    async def events(job: Job, request: Request | None) -> AsyncIterator[TokenDelta | GenerationDone]:
-        """The job's events, with deltas that queued up meanwhile merged into one (fewer, larger chunks when
-        the client or the loop falls behind). With a `request`, a client that goes away cancels the job;
-        streams notice a disconnect when their write fails, which also ends up in `finally`."""
+    async def events(job: ServerJob, request: Request | None) -> AsyncIterator[str | GenerationDone]:
+        """The job's reply text, with pieces that queued up meanwhile merged into one (fewer, larger chunks
+        when the client or the loop falls behind), then its GenerationDone. With a `request`, a client that
+        goes away cancels the job within DISCONNECT_POLL; streams notice a disconnect when their write
+        fails, which also ends up in `finally`.
+
+        Raises:
+            GenerationFailed: the engine raised while generating.
+        """
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        following = None  # an event read ahead while merging text
         try:
             while True:
-                if request is None:
+                if following is not None:
+                    event, following = following, None
+                elif request is None:
                     event = await job.events.get()
                 else:
                     try:
                         event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL)
                     except TimeoutError:
+                        event = None
+                    if event is None or loop.time() - checked >= DISCONNECT_POLL:
+                        checked = loop.time()
                         if await request.is_disconnected():
                             return
+                    if event is None:
                         continue
-                while isinstance(event, TokenDelta) and not job.events.empty():
-                    following = job.events.get_nowait()
-                    if not isinstance(following, TokenDelta):
-                        yield event
-                        event = following
-                        break
-                    event = TokenDelta(event.text + following.text, following.token)
-                if isinstance(event, Exception):
-                    raise event
-                yield event
-                if isinstance(event, GenerationDone):
+                if isinstance(event, Delta):
+                    text = event.text
+                    while following is None and not job.events.empty():
+                        following = job.events.get_nowait()
+                        if isinstance(following, Delta):
+                            text, following = text + following.text, None
+                    if text:
+                        yield text
+                elif isinstance(event, JobDone):
+                    yield event.done
                     return
+                elif isinstance(event, JobFailed):
+                    raise GenerationFailed(event.error)
         finally:
-            job.cancel.set()  # no-op when finished; stops generation when the client went away
+            job.cancel()  # no-op when finished; stops generation when the client went away
 
-    async def final(job: Job, request: Request) -> GenerationDone | None:
+    async def final(job: ServerJob, request: Request) -> GenerationDone | None:
         """A non-streaming request's result; None when the client went away first."""
         done = None
         async for event in events(job, request):
@@ -181,8 +206,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             done = None
             try:
                 async for event in events(job, None):
-                    if isinstance(event, TokenDelta):
-                        yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": event.text},
+                    if isinstance(event, str):
+                        yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": event},
                                                          "finish_reason": None}]})
                     else:
                         done = event
@@ -227,9 +252,9 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             done = None
             try:
                 async for event in events(job, None):
-                    if isinstance(event, TokenDelta):
+                    if isinstance(event, str):
                         yield sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                                "delta": {"type": "text_delta", "text": event.text}})
+                                                                "delta": {"type": "text_delta", "text": event}})
                     else:
                         done = event
             except Exception as exc:  # noqa: BLE001
@@ -251,10 +276,11 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             {"id": config.model_name, "object": "model", "created": 0, "owned_by": "moe-tui"}]})
 
     async def health(request: Request) -> Response:
-        status = "error" if runner.error else "ok" if runner.engine else "loading"
+        state = runner.state
+        status = {"ready": "ok", "loading": "loading", "failed": "error"}.get(state, state)
         return JSONResponse({"status": status, "model": config.model_name, "queued": runner.waiting(),
-                             "busy": runner.current is not None, "completed": runner.completed},
-                            status_code=503 if runner.error else 200)
+                             "busy": runner.busy, "completed": runner.completed},
+                            status_code=200 if state in ("ready", "loading") else 503)
 
     def snapshot_json() -> dict | None:
         snap = runner.snapshot

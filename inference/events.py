@@ -1,0 +1,139 @@
+"""What goes into an engine session (requests) and what comes out (events): frozen data, no MLX.
+
+Events cross threads and, for the app's child-process placement, a pipe: each is plain picklable data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .telemetry import CacheSnapshot, GenerationDone
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Generate:
+    """One reply to generate. `tag` is the caller's own (e.g. a chat id), echoed in every event of the job."""
+
+    messages: Sequence[dict] | Sequence[int]  # chat messages, or prompt token ids already templated
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    fit_context: bool = False  # drop the oldest turns (never the system prompt or the last message) to fit
+    tag: Any = None
+
+
+@dataclass(frozen=True)
+class Configure:
+    """Live engine changes: any field left None is unchanged."""
+
+    capacity: int | float | None = None
+    mode: str | None = None
+    policy: str | None = None
+    reset_stats: bool = False
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    """`prompt` (a string, or chat messages with the chat template) as this model's token ids."""
+
+    prompt: str | Sequence[dict]
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shape facts about the loaded model, for headers and panels."""
+
+    model: str
+    model_type: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    expert_bytes: int
+    dense_bytes: int
+    context_length: int
+
+    @staticmethod
+    def of(engine: Any) -> ModelInfo:
+        layout = engine.layout
+        return ModelInfo(model=engine.name, model_type=layout.model_type, num_layers=layout.num_layers,
+                         moe_layers=layout.moe_layers, num_experts=layout.num_experts, top_k=layout.top_k,
+                         expert_bytes=layout.expert_bytes, dense_bytes=layout.dense_bytes,
+                         context_length=engine.context_length)
+
+
+@dataclass(frozen=True)
+class SessionReady:
+    info: ModelInfo
+
+
+@dataclass(frozen=True)
+class SessionFailed:
+    """The model did not load, or the session ended unexpectedly."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    job_id: int
+    tag: Any
+    prompt_tokens: int
+    dropped_messages: int  # oldest turns left out to fit the context window
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Reply text since the job's last Delta, with a fresh snapshot when one was due (one repaint for both)."""
+
+    job_id: int
+    tag: Any
+    text: str
+    snapshot: CacheSnapshot | None = None
+
+
+@dataclass(frozen=True)
+class JobDone:
+    """The job's last event when it ended normally, by a stop, a length limit or a cancel."""
+
+    job_id: int
+    tag: Any
+    done: GenerationDone
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job's last event when it raised; `text` is what had been generated (and sent) until then."""
+
+    job_id: int
+    tag: Any
+    text: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A one-line notice for the user (setting changed, statistics reset, refused input...)."""
+
+    text: str
+    severity: str = "information"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The cache state, with the hit rates of every policy and Belady's MIN on the recent trace when known."""
+
+    snapshot: CacheSnapshot
+    optimum: dict[str, float] | None = None
+
+
+Event = SessionReady | SessionFailed | JobStarted | Delta | JobDone | JobFailed | Notice | Snapshot

@@ -1,0 +1,382 @@
+"""One engine session: the thread that owns every MLX call, its job queue and the events it emits.
+
+The app (in a thread or a child process) and the server are adapters over a `Session`: they submit
+jobs, cancel them, ask for token counts, and receive frozen events through a sink (a callable run on
+the session's thread). A failing job ends with a `JobFailed` event; the thread goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ModelLoadError
+from .events import (
+    Configure,
+    Delta,
+    Event,
+    Generate,
+    JobDone,
+    JobFailed,
+    JobStarted,
+    ModelInfo,
+    Notice,
+    SessionFailed,
+    SessionReady,
+    Snapshot,
+    Tokenize,
+)
+from .telemetry import CacheSnapshot, GenerationDone
+
+log = logging.getLogger("moe_tui.session")
+OPTIMUM_WINDOW = 1024  # the idle optimum replay covers the last this-many steps of each layer's trace
+
+
+class QueueFull(Exception):
+    """Too many jobs waiting; a server answers 429."""
+
+
+class SessionClosed(Exception):
+    """The session has stopped (or its thread died): it takes no more work."""
+
+
+@dataclass
+class Job:
+    """A submitted generation: its request, its own cancel flag, and where its events go."""
+
+    id: int
+    request: Generate
+    emit: Callable[[Event], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Session:
+    """Owns the engine and the one thread that runs it.
+
+    Args:
+        load: builds the engine, called on the session's thread (MLX streams are per thread).
+        sink: receives every event not routed to a job's own sink (called on the session's thread).
+        stats_interval: seconds between `Snapshot` events, idle or generating.
+        chunk_interval: seconds over which a reply's text is gathered into one `Delta` (0: every token).
+        max_queue: jobs that may wait (0: no bound); `submit` raises QueueFull beyond it.
+        replay_optimum: while idle, replay the recent routing under every policy and Belady's MIN.
+    """
+
+    def __init__(self, load: Callable[[], Any], sink: Callable[[Event], None], stats_interval: float = 0.5,
+                 chunk_interval: float = 0.0, max_queue: int = 0, replay_optimum: bool = False) -> None:
+        self._load = load
+        self._sink = sink
+        self.stats_interval = stats_interval
+        self.chunk_interval = chunk_interval
+        self.replay_optimum = replay_optimum
+        self._jobs: queue.Queue[Job | Configure | None] = queue.Queue(maxsize=max_queue)
+        self._tokenize_requests: queue.Queue[tuple[Tokenize, Future]] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moe-inference", daemon=True)
+        self.ready = threading.Event()
+        self.engine: Any = None
+        self.info: ModelInfo | None = None
+        self.error: str | None = None
+        self.current: Job | None = None
+        self.completed = 0
+        self.snapshot: CacheSnapshot | None = None  # the latest, for readers on other threads
+        self._optimum: dict[str, float] | None = None
+        self._optimum_steps = 0
+        self._last_snapshot = 0.0
+
+    # ---------------------------------------------------------------- any thread
+
+    @property
+    def state(self) -> str:
+        """"loading", "ready", "failed" (the model did not load), "stopped", or "dead" (the thread died)."""
+        if self.error is not None:
+            return "failed"
+        if self._thread.ident is None or self._thread.is_alive():
+            return "ready" if self.ready.is_set() else "loading"
+        return "stopped" if self._stopping.is_set() else "dead"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Generate, sink: Callable[[Event], None] | None = None) -> Job:
+        """Queue a generation; its events go to `sink` (default: the session's).
+
+        Raises:
+            QueueFull: `max_queue` jobs are already waiting. SessionClosed: the session has stopped.
+        """
+        self._check_open()
+        job = Job(next(self._ids), request, sink or self._sink)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job
+
+    def configure(self, request: Configure) -> None:
+        """Change capacity, mode or policy, or reset the statistics, between jobs (a `Notice` reports it)."""
+        self._check_open()
+        self._jobs.put(request)
+
+    def cancel(self, job_id: int | None = None) -> None:
+        """End job `job_id` (default: the running one) after its current token; a queued one never starts."""
+        job = self.current
+        if job is not None and job_id in (None, job.id):
+            job.cancel.set()
+        if job_id is not None:
+            for waiting in list(self._jobs.queue):
+                if isinstance(waiting, Job) and waiting.id == job_id:
+                    waiting.cancel.set()
+
+    def tokenize(self, request: Tokenize) -> Future:
+        """A Future of the prompt's token ids, tokenized on the session's thread (between two tokens of a
+        running reply, or at once when idle)."""
+        future: Future = Future()
+        try:
+            self._check_open()
+        except SessionClosed as exc:
+            future.set_exception(exc)
+            return future
+        self._tokenize_requests.put((request, future))
+        try:
+            self._jobs.put_nowait(None)  # wakes an idle loop; a full queue means it is busy and answers soon
+        except queue.Full:
+            pass
+        return future
+
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    def stop(self) -> None:
+        """Cancel the running job and every queued one (each still gets its final event), then exit."""
+        self._stopping.set()
+        job = self.current
+        if job is not None:
+            job.cancel.set()
+        try:
+            self._jobs.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+    def _check_open(self) -> None:
+        if self._stopping.is_set() or self.state in ("failed", "dead"):
+            raise SessionClosed("the inference session has stopped")
+
+    # ---------------------------------------------------------------- the session's thread
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self._sink(event)
+        except Exception:  # noqa: BLE001 - a broken sink must not take the engine down with it
+            log.exception("session sink failed on %s", type(event).__name__)
+
+    def _send(self, job: Job, event: Event) -> None:
+        try:
+            job.emit(event)
+        except Exception:  # noqa: BLE001 - e.g. the client's event loop has closed: the job goes on to its end
+            log.exception("job %d: its sink failed on %s", job.id, type(event).__name__)
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._load()
+        except (ModelLoadError, ValueError, OSError) as exc:
+            self._fail(str(exc))
+            return
+        except BaseException as exc:  # noqa: BLE001 - shown to the user rather than dying silently
+            log.exception("the model failed to load")
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        # The model and its imports live as long as this loop: keep them out of the cycle collector,
+        # whose full passes over them would otherwise pause generation.
+        gc.freeze()
+        self.info = ModelInfo.of(self.engine)
+        self.ready.set()
+        self._emit(SessionReady(self.info))
+        self._publish(force=True)
+        while True:
+            try:
+                if not self._serve_one():
+                    break
+            except Exception:  # noqa: BLE001 - e.g. EMFILE while taking a snapshot: log it, keep serving
+                log.exception("inference session: error outside a job")
+                time.sleep(0.05)
+        self._drain_queue()
+        try:
+            self.engine.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing the engine")
+
+    def _fail(self, error: str) -> None:
+        self.error = error
+        self.ready.set()
+        self._emit(SessionFailed(error))
+
+    def _serve_one(self) -> bool:
+        """Wait for and handle one item; False when the session should end."""
+        self._answer_tokenize()
+        try:
+            item = self._jobs.get(timeout=self.stats_interval)
+        except queue.Empty:
+            if self._stopping.is_set():
+                return False
+            self._idle()
+            return True
+        if item is None:
+            return not self._stopping.is_set()
+        if isinstance(item, Configure):
+            self._configure(item)
+        else:
+            self.current = item
+            try:
+                self._generate(item)
+            finally:
+                self.current = None
+                self.completed += 1
+        self._publish(force=True)
+        return True
+
+    def _idle(self) -> None:
+        if self.replay_optimum:
+            self._refresh_optimum()
+        self._publish()
+
+    def _drain_queue(self) -> None:
+        """After stop: queued jobs end with a cancelled final event, counts with an error."""
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Job):
+                self._send(item, JobDone(item.id, item.request.tag, _cancelled()))
+        while True:
+            try:
+                _, future = self._tokenize_requests.get_nowait()
+            except queue.Empty:
+                break
+            future.set_exception(SessionClosed("the inference session has stopped"))
+
+    def _answer_tokenize(self) -> None:
+        while True:
+            try:
+                request, future = self._tokenize_requests.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self.engine.encode(request.prompt))
+            except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
+                future.set_exception(exc)
+
+    def _configure(self, request: Configure) -> None:
+        engine = self.engine
+        try:
+            if request.capacity is not None:
+                engine.set_capacity(request.capacity)
+                self._emit(Notice(f"capacity {engine.capacity} experts per layer"))
+            if request.mode is not None:
+                engine.set_mode(request.mode)
+                self._emit(Notice(f"mode {engine.mode}"))
+            if request.policy is not None:
+                engine.set_policy(request.policy)
+                self._emit(Notice(f"policy {engine.policy}"))
+            if request.reset_stats:
+                engine.reset_stats()
+                self._optimum, self._optimum_steps = None, 0
+                self._emit(Notice("statistics reset"))
+        except (ValueError, ModelLoadError) as exc:
+            self._emit(Notice(str(exc), "error"))
+
+    def _fit(self, job: Job) -> tuple[Sequence[dict] | Sequence[int], int, int]:
+        """The prompt, its token count and how many oldest messages were dropped to fit the context."""
+        request = job.request
+        messages = request.messages
+        tokens = self.engine.encode(messages)
+        limit = self.engine.context_length - request.max_tokens
+        if not request.fit_context or len(tokens) <= limit or not messages or not isinstance(messages[0], dict):
+            return messages, len(tokens), 0
+        messages = list(messages)
+        dropped = 0
+        while len(tokens) > limit:
+            first = 1 if messages[0]["role"] == "system" else 0
+            if len(messages) - first <= 1:
+                break  # never the system prompt or the last message
+            del messages[first]
+            dropped += 1
+            tokens = self.engine.encode(messages)
+        return messages, len(tokens), dropped
+
+    def _generate(self, job: Job) -> None:
+        request = job.request
+        if job.cancel.is_set() or self._stopping.is_set():
+            self._send(job, JobDone(job.id, request.tag, _cancelled()))
+            return
+        pending, sent, last_chunk = "", "", time.monotonic()
+        try:
+            prompt, prompt_tokens, dropped = self._fit(job)
+            self._send(job, JobStarted(job.id, request.tag, prompt_tokens, dropped))
+            done: GenerationDone | None = None
+            for event in self.engine.stream(prompt, max_tokens=request.max_tokens, temperature=request.temperature,
+                                            top_p=request.top_p, seed=request.seed, stop=request.stop,
+                                            cancel=job.cancel):
+                if isinstance(event, GenerationDone):
+                    done = event
+                    break
+                self._answer_tokenize()
+                pending += event.text
+                now = time.monotonic()
+                if now - last_chunk >= self.chunk_interval:
+                    self._send(job, Delta(job.id, request.tag, pending, self._due_snapshot(now)))
+                    sent, pending, last_chunk = sent + pending, "", now
+        except Exception as exc:  # noqa: BLE001 - the job fails; the thread goes on serving
+            log.error("job %d failed:\n%s", job.id, traceback.format_exc())
+            self._send(job, JobFailed(job.id, request.tag, sent + pending, f"{type(exc).__name__}: {exc}"))
+            return
+        if pending:
+            self._send(job, Delta(job.id, request.tag, pending, None))
+        self._send(job, JobDone(job.id, request.tag, done or _cancelled()))
+
+    def _due_snapshot(self, now: float) -> CacheSnapshot | None:
+        if now - self._last_snapshot < self.stats_interval:
+            return None
+        self._last_snapshot = now
+        self.snapshot = self.engine.snapshot()
+        return self.snapshot
+
+    def _publish(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self.stats_interval:
+            return
+        self._last_snapshot = now
+        self.snapshot = self.engine.snapshot()
+        self._emit(Snapshot(self.snapshot, self._optimum))
+
+    def _refresh_optimum(self) -> None:
+        """Replay the recent trace under every policy and Belady's MIN (idle only: it costs CPU)."""
+        engine = self.engine
+        steps = len(engine.trace[0]) if engine.trace else 0
+        if not steps or steps == self._optimum_steps or not engine.layout.moe_layers:
+            return
+        rates = engine.hit_rates_vs_optimum(last_steps=OPTIMUM_WINDOW)
+        self._optimum = {name: r["hit_rate"] for name, r in rates.items()}
+        self._optimum_steps = steps
+        self._publish(force=True)
+
+
+def _cancelled() -> GenerationDone:
+    return GenerationDone("", "cancelled", 0, 0, 0, 0.0, 0.0, 0.0)
+

@@ -1,0 +1,158 @@
+"""The engine session: jobs with their own cancel flags, tokenizing on its thread, and a thread that
+survives whatever one job or one snapshot throws."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+from moe_tui.inference import Engine
+from moe_tui.inference.events import (
+    Configure,
+    Delta,
+    Generate,
+    JobDone,
+    JobFailed,
+    JobStarted,
+    Notice,
+    SessionFailed,
+    SessionReady,
+    Snapshot,
+    Tokenize,
+)
+from moe_tui.inference.session import QueueFull, Session, SessionClosed
+
+PROMPT = [{"role": "user", "content": "def add(a, b):"}]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, event) -> None:
+        self.events.put(event)
+
+    def until(self, kind, timeout: float = 60.0):
+        """Events up to and including the first of type `kind`."""
+        seen = []
+        while True:
+            event = self.events.get(timeout=timeout)
+            seen.append(event)
+            if isinstance(event, kind):
+                return seen
+
+
+@pytest.fixture
+def started(checkpoint):
+    sessions = []
+
+    def start(**kwargs) -> tuple[Session, Recorder]:
+        path = checkpoint("qwen3_moe")
+        sink = Recorder()
+        session = Session(lambda: Engine.load(path, capacity=4), sink, stats_interval=0.1, **kwargs)
+        session.start()
+        sink.until(SessionReady)
+        sessions.append(session)
+        return session, sink
+
+    yield start
+    for session in sessions:
+        session.stop()
+        session.join(10)
+
+
+def test_a_job_streams_deltas_that_add_up_to_its_reply(started):
+    session, sink = started()
+    job = session.submit(Generate(PROMPT, max_tokens=12, temperature=0.0, tag="chat-1"))
+    events = [e for e in sink.until(JobDone) if getattr(e, "job_id", None) == job.id]
+    assert isinstance(events[0], JobStarted) and events[0].prompt_tokens > 0 and events[0].tag == "chat-1"
+    text = "".join(e.text for e in events if isinstance(e, Delta))
+    assert text == events[-1].done.text and events[-1].done.generated_tokens == 12
+
+
+def test_the_thread_survives_a_failing_job_and_a_failing_snapshot(started, monkeypatch):
+    session, sink = started()
+    engine = session.engine
+    real_stream, real_snapshot = engine.stream, engine.snapshot
+
+    def broken_stream(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(engine, "stream", broken_stream)
+    job = session.submit(Generate(PROMPT, max_tokens=4))
+    failed = sink.until(JobFailed)[-1]
+    assert failed.job_id == job.id and "Too many open files" in failed.error
+    monkeypatch.setattr(engine, "stream", real_stream)
+
+    snapshots = []
+
+    def flaky_snapshot():
+        snapshots.append(1)
+        if len(snapshots) <= 3:
+            raise OSError(24, "Too many open files")
+        return real_snapshot()
+
+    monkeypatch.setattr(engine, "snapshot", flaky_snapshot)
+    sink.until(Snapshot, timeout=10)  # idle snapshots failed three times, then came back
+    assert session.state == "ready"
+    session.submit(Generate(PROMPT, max_tokens=4, temperature=0.0))
+    assert sink.until(JobDone)[-1].done.generated_tokens == 4
+
+
+def test_cancel_ends_only_its_own_job(started):
+    session, sink = started()
+    first = session.submit(Generate(PROMPT, max_tokens=200, temperature=0.0))
+    second = session.submit(Generate(PROMPT, max_tokens=6, temperature=0.0))
+    third = session.submit(Generate(PROMPT, max_tokens=6, temperature=0.0))
+    session.cancel(third.id)  # still queued: it never starts
+    sink.until(Delta)
+    session.cancel(first.id)
+    done = {}
+    while len(done) < 3:
+        event = sink.events.get(timeout=60)
+        if isinstance(event, JobDone):
+            done[event.job_id] = event.done
+    assert done[first.id].finish_reason == "cancelled" and done[first.id].generated_tokens < 200
+    assert done[second.id].finish_reason == "length" and done[second.id].generated_tokens == 6
+    assert done[third.id].finish_reason == "cancelled" and done[third.id].generated_tokens == 0
+
+
+def test_tokenize_runs_on_the_session_thread_even_mid_reply(started):
+    session, sink = started()
+    assert session.tokenize(Tokenize("def f(): pass")).result(10) == session.engine.encode("def f(): pass")
+    session.submit(Generate(PROMPT, max_tokens=400, temperature=0.0))
+    sink.until(Delta)
+    seen = []
+    real = session.engine.encode
+    session.engine.encode = lambda prompt: seen.append(threading.current_thread().name) or real(prompt)
+    assert len(session.tokenize(Tokenize(PROMPT)).result(10)) > 0
+    assert seen == ["moe-inference"] and session.current is not None  # answered while the reply ran
+    session.cancel()
+
+
+def test_a_bounded_queue_refuses_and_a_stopped_session_ends_queued_jobs(started):
+    session, sink = started(max_queue=1)
+    session.submit(Generate(PROMPT, max_tokens=300, temperature=0.0))
+    sink.until(JobStarted)
+    queued = session.submit(Generate(PROMPT, max_tokens=4))
+    with pytest.raises(QueueFull):
+        session.submit(Generate(PROMPT, max_tokens=4))
+    session.stop()
+    session.join(10)
+    ends = [e for e in list(sink.events.queue) if isinstance(e, JobDone)]
+    assert {e.job_id for e in ends} >= {queued.id} and all(e.done.finish_reason == "cancelled" for e in ends)
+    assert session.state == "stopped"
+    with pytest.raises(SessionClosed):
+        session.submit(Generate(PROMPT))
+
+
+def test_configure_reports_and_a_failed_load_is_an_event(started, tmp_path):
+    session, sink = started()
+    session.configure(Configure(capacity=99))
+    assert sink.until(Notice)[-1].severity == "error"
+    sink2 = Recorder()
+    broken = Session(lambda: Engine.load(tmp_path / "missing"), sink2)
+    broken.start()
+    assert "missing" in sink2.until(SessionFailed)[-1].error
+    assert broken.state == "failed"
