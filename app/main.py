@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import time
 from functools import partial, wraps
 from pathlib import Path
 
+from moe_tui.inference.events import Configure, Generate
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -16,8 +17,11 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header
 
 from . import coding
+from .commands import BY_NAME, help_text, palette_entries
 from .heatmap import HeatmapStyle
 from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
+from .reply import Reply
+from .sanitize import markup_safe, terminal_safe
 from .settings import Settings, remember
 from .store import ChatStore
 from .themes import load_themes
@@ -25,20 +29,7 @@ from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput,
 from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
 from .widgets.heatmap import HeatmapView
-from .worker import Configure, EngineSpec, Generate, InferenceProcess, InferenceWorker
-
-HELP = """\
-**Keys**: Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate · Ctrl+E edit last ·
-Ctrl+N new chat · Ctrl+P command palette · F2 toggle cache panel · Tab focus heatmap (arrows, +/-, [ ], h)
-
-**Coding**: `/add PATH` or `@path` in a message attaches a file · `/files` · `/save N PATH` writes code block N
-of the last reply (diff and confirm before overwriting) · `/copy [N]` copies the last reply or its code block N
-
-**Commands**: `/capacity N|F|P%` · `/mode exact|fast` · `/policy lru|lfu|decay` · `/reset` (stats) ·
-`/theme NAME` · `/new` · `/chats` · `/switch ID` · `/rename TITLE` · `/delete` · `/search TEXT` ·
-`/export md|json PATH` · `/system TEXT` · `/temp X` · `/clear` · `/earlier` (a long chat shows its newest
-40 messages: this, or the button at its top, shows more) · `/help`
-"""
+from .worker import EngineSpec, InferenceProcess, InferenceWorker
 
 
 def while_mounted(handler):
@@ -57,7 +48,6 @@ def while_mounted(handler):
     return wrapper
 
 
-SAVE_INTERVAL = 1.0  # seconds between saves of a reply in progress
 # Messages of a chat kept on screen (older ones load on request). A layout pass, on each mount and each
 # time a streaming reply grows, walks every widget in the chat: with 400 messages mounted one took
 # 4.7 ms on 2 cores, with the newest 40 1.2 ms (scripts/chat_layout.py; 52 and 4 ms when a message was
@@ -72,38 +62,18 @@ class MoeCommands(Provider):
 
     def _commands(self) -> list[tuple[str, str, object]]:
         app: MoeApp = self.app  # type: ignore[assignment]
-        cmds = [
-            ("New chat", "start an empty chat", app.action_new_chat),
-            ("Reset statistics", "zero the cache counters", partial(app.run_command, "/reset")),
-            ("Clear chat", "delete this chat's messages", partial(app.run_command, "/clear")),
-            ("List chats", "show stored chats", partial(app.run_command, "/chats")),
-            ("Earlier messages", "show more of a long chat's history", partial(app.run_command, "/earlier")),
-            ("Help", "keys and slash commands", partial(app.run_command, "/help")),
-        ]
-        for command, what in (("rename", "rename this chat"), ("search", "search chats"), ("switch", "open a chat"),
-                              ("delete", "delete this chat"), ("export md", "export this chat to Markdown"),
-                              ("export json", "export this chat to JSON"), ("system", "set the system prompt"),
-                              ("temp", "set this chat's temperature"), ("add", "attach a file"),
-                              ("save", "save a code block of the last reply"), ("copy", "copy the last reply")):
-            cmds.append((f"/{command} ...", what, partial(app.prefill, f"/{command} ")))
-        for mode in ("exact", "fast"):
-            cmds.append((f"Mode: {mode}", f"switch the engine to {mode} mode",
-                         partial(app.run_command, f"/mode {mode}")))
-        for policy in ("lru", "lfu", "decay"):
-            cmds.append((f"Policy: {policy}", "eviction policy", partial(app.run_command, f"/policy {policy}")))
-        for pct in (25, 50, 75, 100):
-            cmds.append((f"Capacity: {pct}%", f"cache {pct}% of each layer's experts",
-                         partial(app.run_command, f"/capacity {pct}%")))
+        cmds = [(title, about, partial(app.prefill if prefill else app.run_command, line))
+                for title, about, line, prefill in palette_entries()]
         for name in app.theme_gradients:
             cmds.append((f"Theme: {name}", "switch theme", partial(app.run_command, f"/theme {name}")))
         return cmds
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for name, help_text, callback in self._commands():
+        for name, about, callback in self._commands():
             score = matcher.match(name)
             if score > 0:
-                yield Hit(score, matcher.highlight(name), callback, help=help_text)
+                yield Hit(score, matcher.highlight(name), callback, help=about)
 
 
 class MoeApp(App):
@@ -137,20 +107,24 @@ class MoeApp(App):
             worker_factory = partial(InferenceProcess, spec=spec, stats_interval=interval, log_path=str(log))
         elif worker_factory is None:
             worker_factory = partial(InferenceWorker, spec=spec, stats_interval=interval)
-        self.worker = worker_factory(self)
+        self.backend = worker_factory(self)
         self.theme_gradients: dict[str, tuple[str, ...]] = {}
         self.chat_id: int | None = None
-        self.generating = False
-        self.reply_live: StreamingReply | None = None
-        self.reply_saved_at = 0.0
-        self.reply_id: int | None = None
-        self.reply_text = ""
+        self.reply: Reply | None = None  # the reply streaming now, if any
         self.context_length = 0
         self.last_snapshot = None
         self.last_optimum: dict | None = None  # hit rates of every policy and Belady on the recent trace
         self.last_done = None  # GenerationDone of the latest reply (speeds, token counts)
         self.attachments: list[coding.Attachment] = []
         self.cwd = Path.cwd()
+
+    @property
+    def generating(self) -> bool:
+        return self.reply is not None
+
+    @property
+    def reply_text(self) -> str:
+        return self.reply.text if self.reply is not None else ""
 
     # ---- layout
     def compose(self) -> ComposeResult:
@@ -172,7 +146,7 @@ class MoeApp(App):
         self.apply_theme(self.settings.theme if self.settings.theme in self.theme_gradients else "moe-dark")
         if self.settings.keymap:
             self.set_keymap(self.settings.keymap)
-        self.title = Path(self.spec.model).name or self.spec.model
+        self.title = terminal_safe(Path(self.spec.model).name or self.spec.model)
         self.sub_title = "loading model..."
         chats = self.store.chats()
         self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
@@ -181,16 +155,17 @@ class MoeApp(App):
         # the anchor; scrolling back to the bottom restores it.
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one(PromptInput).focus()
-        self.worker.start()
+        self.backend.start()
 
     def on_unmount(self) -> None:
         hold_full_collections(False)
-        self.worker.stop()
-        self.worker.join(timeout=5)
+        self.backend.stop()
+        self.backend.join(timeout=5)
         self.store.close()
 
     # ---- chats
     def open_chat(self, chat_id: int) -> None:
+        self.leave_reply()
         self.chat_id = chat_id
         box = self.query_one("#messages", VerticalScroll)
         box.remove_children("MessageView, StreamingReply")
@@ -244,7 +219,8 @@ class MoeApp(App):
         return view
 
     def notice(self, text: str, severity: str = "information") -> None:
-        self.notify(text, severity=severity, timeout=4)
+        """A toast; its text may come from a model, a server or a file, so it is made inert first."""
+        self.notify(markup_safe(text), severity=severity, timeout=4)
 
     # ---- sending
     @on(PromptInput.Submitted)
@@ -283,53 +259,53 @@ class MoeApp(App):
 
     def start_reply(self) -> None:
         settings = self.store.chat(self.chat_id).settings
-        self.generating = True
         hold_full_collections(True)
-        self.reply_text = ""
-        self.reply_id = self.store.add_message(self.chat_id, "assistant", "", status="partial")
-        self.reply_live = self.add_view(StreamingReply())
+        self.reply = Reply(self.store, self.chat_id, self.add_view(StreamingReply()))
         self.query_one(PromptInput).cursor_blink = False  # a blink is a repaint: none while tokens stream
-        self.reply_saved_at = time.monotonic()
-        self.worker.submit(Generate(self.chat_id, self.history(),
-                                    max_tokens=int(settings.get("max_tokens", self.settings.max_tokens)),
-                                    temperature=float(settings.get("temperature", self.settings.temperature))))
+        self.backend.submit(Generate(self.history(), fit_context=True, tag=self.reply.tag,
+                                     max_tokens=int(settings.get("max_tokens", self.settings.max_tokens)),
+                                     temperature=float(settings.get("temperature", self.settings.temperature))))
+
+    def leave_reply(self, discard: bool = False) -> None:
+        """The chat on screen changes while a reply streams: cancel it; it stops being drawn and, with
+        `discard` (its messages are being deleted), stored."""
+        if self.reply is None:
+            return
+        self.backend.cancel()
+        self.reply.discard() if discard else self.reply.detach()
 
     @on(ReplyChunk)
     @while_mounted
     async def on_reply_chunk(self, event: ReplyChunk) -> None:
         if event.stats is not None:
             self.show_snapshot(event.stats)
-        self.reply_text += event.text
-        if time.monotonic() - self.reply_saved_at >= SAVE_INTERVAL:  # the partial reply survives a kill
-            self.store.update_message(self.reply_id, self.reply_text, "partial")
-            self.reply_saved_at = time.monotonic()
-        if event.chat_id != self.chat_id or self.reply_live is None:
-            return
-        self.reply_live.append(event.text)  # the anchored chat follows it as it grows (see on_mount)
+        if self.reply is not None and event.tag == self.reply.tag:
+            self.reply.add(event.text)
 
     @on(ReplyDone)
     @while_mounted
     async def on_reply_done(self, event: ReplyDone) -> None:
-        self.generating = False
+        reply = self.reply
+        if reply is None or event.tag != reply.tag:
+            return
+        self.reply = None
         hold_full_collections(False)
         self.set_timer(IDLE_COLLECTION_DELAY, self.collect_when_idle)
         self.query_one(PromptInput).cursor_blink = True
         self.last_done = event.done
         cancelled = event.done is not None and event.done.finish_reason == "cancelled"
         status = "cancelled" if cancelled or event.error else "complete"
-        self.store.update_message(self.reply_id, event.text, status)
-        if self.reply_live is not None and event.chat_id == self.chat_id:
+        reply.finish(event.text, status)
+        if reply.view is not None and reply.view.is_attached:
             # One full Markdown render at the end, in place of the plain streaming text.
-            view = MessageView("assistant" if status == "complete" else "cancelled", event.text, self.reply_id,
+            view = MessageView("assistant" if status == "complete" else "cancelled", event.text, reply.message_id,
                                markdown=_shown(event.text, status))
-            self.render_in_place_of(self.reply_live, view, self.reply_live.content_size.width,
-                                    self.current_theme.dark)
-        self.reply_live = None
+            self.render_in_place_of(reply.view, view, reply.view.content_size.width, self.current_theme.dark)
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
-        remote = getattr(self.worker, "remote", None)
-        if remote is not None and self.last_snapshot is None:  # a server without expert telemetry
-            self.query_one(StatsPanel).show_remote(remote)
+        caps = self.backend.capabilities
+        if caps.remote and not caps.telemetry and hasattr(self.backend, "remote"):
+            self.query_one(StatsPanel).show_remote(self.backend.remote)
 
     @work(thread=True, group="render")
     def render_in_place_of(self, live: StreamingReply, view: MessageView, width: int, dark: bool) -> None:
@@ -352,7 +328,7 @@ class MoeApp(App):
 
     def action_cancel(self) -> None:
         if self.generating:
-            self.worker.cancel()
+            self.backend.cancel()
 
     def action_regenerate(self) -> None:
         if self.generating:
@@ -382,9 +358,7 @@ class MoeApp(App):
         prompt.focus()
 
     def action_new_chat(self) -> None:
-        if self.generating:
-            self.worker.cancel()
-        self.open_chat(self.store.create_chat(model=self.spec.model).id)
+        self.open_chat(self.store.create_chat(model=self.spec.model).id)  # a streaming reply is cancelled
 
     def action_toggle_side(self) -> None:
         self.query_one("#side").toggle_class("hidden")
@@ -399,19 +373,17 @@ class MoeApp(App):
         # 75-87 ms). The price: cyclic garbage among these objects (views of a chat closed later) stays.
         self.call_after_refresh(gc.freeze)
         self.context_length = event.info.context_length
-        if event.info.model_type == "remote":
-            self.title = event.info.model
+        caps = self.backend.capabilities
+        if caps.remote:
+            self.title = terminal_safe(event.info.model)  # the server names its model: untrusted text
             self.sub_title = "remote server"
-            self.query_one(HeatmapView).placeholder = "waiting for expert telemetry from the server..."
-            if getattr(self.worker, "want_telemetry", True) is False:
-                self.query_one(HeatmapView).placeholder = "this server gives no expert telemetry"
+            self.query_one(HeatmapView).placeholder = ("waiting for expert telemetry from the server..."
+                                                       if caps.telemetry else "this server gives no expert telemetry")
         self.update_subtitle()
 
     @on(EngineNotice)
     @while_mounted
     def on_engine_notice(self, event: EngineNotice) -> None:
-        if "no expert telemetry" in event.text:
-            self.query_one(HeatmapView).placeholder = "this server gives no expert telemetry"
         self.notice(event.text, event.severity)
 
     @on(EngineFailed)
@@ -424,8 +396,8 @@ class MoeApp(App):
         self.sub_title = "inference stopped"
         self.add_view(MessageView("notice", f"**The inference engine stopped.** {event.error}. "
                                             "Your chats are saved; restart `moe` to continue."))
-        if self.generating:  # keep the partial reply, marked cancelled
-            self.post_message(ReplyDone(self.chat_id, self.reply_text, None, event.error))
+        if self.reply is not None:  # keep the partial reply, marked cancelled
+            self.post_message(ReplyDone(self.reply.tag, self.reply.text, None, event.error))
 
     @on(SnapshotReady)
     @while_mounted
@@ -460,31 +432,37 @@ class MoeApp(App):
     def run_command(self, line: str) -> None:
         name, _, arg = line.strip().lstrip("/").partition(" ")
         arg = arg.strip()
-        handler = getattr(self, f"cmd_{name.replace('-', '_')}", None)
-        if handler is None:
+        if name not in BY_NAME:
             self.notice(f"unknown command /{name}; /help lists them", "warning")
             return
-        handler(arg)
+        getattr(self, f"cmd_{name}")(arg)
 
     def cmd_help(self, arg: str) -> None:
-        self.add_view(MessageView("notice", HELP))
+        self.add_view(MessageView("notice", help_text()))
 
     def cmd_capacity(self, arg: str) -> None:
         from .cli import parse_capacity
 
         try:
-            self.worker.submit(Configure(capacity=parse_capacity(arg)))
+            self.configure(Configure(capacity=parse_capacity(arg)))
         except ValueError as exc:
             self.notice(str(exc), "error")
 
     def cmd_mode(self, arg: str) -> None:
-        self.worker.submit(Configure(mode=arg))
+        self.configure(Configure(mode=arg))
 
     def cmd_policy(self, arg: str) -> None:
-        self.worker.submit(Configure(policy=arg))
+        self.configure(Configure(policy=arg))
 
     def cmd_reset(self, arg: str) -> None:
-        self.worker.submit(Configure(reset_stats=True))
+        self.configure(Configure(reset_stats=True))
+
+    def configure(self, request: Configure) -> None:
+        if not self.backend.capabilities.configurable:
+            self.notice("capacity, mode and policy are set where the server runs "
+                        "(moe serve --capacity/--mode/--policy)", "warning")
+            return
+        self.backend.configure(request)
 
     def cmd_theme(self, arg: str) -> None:
         if arg not in self.theme_gradients:
@@ -504,6 +482,7 @@ class MoeApp(App):
         self.call_next(self.show_earlier)
 
     def cmd_clear(self, arg: str) -> None:
+        self.leave_reply(discard=True)
         for m in self.store.messages(self.chat_id):
             self.store.delete_message(m.id)
         self.open_chat(self.chat_id)
@@ -531,6 +510,7 @@ class MoeApp(App):
             self.notice(f"renamed to {arg}")
 
     def cmd_delete(self, arg: str) -> None:
+        self.leave_reply(discard=True)
         self.store.delete_chat(self.chat_id)
         chats = self.store.chats()
         self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
@@ -557,12 +537,19 @@ class MoeApp(App):
         except coding.AttachmentError as exc:
             self.notice(str(exc), "error")
             return
-        tokenizer = getattr(self.worker, "tokenizer", None)
-        # A remote server's tokenizer is not here: estimate ~4 characters per token.
-        tokens = len(tokenizer.encode(text)) if tokenizer is not None else max(1, len(text) // 4)
-        self.attachments = [a for a in self.attachments if a.path != path] + [coding.Attachment(path, text, tokens)]
-        about = "" if tokenizer is not None else "≈"
-        self.notice(f"attached {path} ({about}{tokens} tokens); it goes with your next message")
+        self.attachments = [a for a in self.attachments if a.path != path] + [coding.Attachment(path, text, 0)]
+        exact = self.backend.capabilities.exact_token_counts
+        # The count comes from the model's tokenizer on the inference thread (or is estimated for a server).
+        self.backend.count_tokens(text).add_done_callback(
+            lambda counted: self.call_from_thread(self._attached, path, counted, exact))
+
+    def _attached(self, path: Path, counted, exact: bool) -> None:
+        if counted.exception() is not None:
+            self.notice(f"attached {path}; its token count is unknown ({counted.exception()})", "warning")
+            return
+        tokens = counted.result()
+        self.attachments = [dataclasses.replace(a, tokens=tokens) if a.path == path else a for a in self.attachments]
+        self.notice(f"attached {path} ({'' if exact else '≈'}{tokens} tokens); it goes with your next message")
 
     def cmd_add(self, arg: str) -> None:
         if not arg:

@@ -5,9 +5,8 @@ pickled as its constructor arguments and built afresh on the UI side."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from moe_tui.inference import CacheSnapshot, GenerationDone
+from moe_tui.inference.events import ModelInfo
+from moe_tui.inference.telemetry import CacheSnapshot, GenerationDone
 from textual.message import Message
 
 
@@ -22,17 +21,7 @@ class WorkerMessage(Message):
         return type(self), self._args
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    model_type: str
-    num_layers: int
-    moe_layers: tuple[int, ...]
-    num_experts: int
-    top_k: int
-    expert_bytes: int
-    dense_bytes: int
-    context_length: int
+EngineInfo = ModelInfo  # shape facts about the loaded model (or the server), shown in headers and panels
 
 
 class EngineReady(WorkerMessage):
@@ -48,20 +37,20 @@ class EngineFailed(WorkerMessage):
 
 
 class ReplyChunk(WorkerMessage):
-    """New reply text since the last chunk (the thread batches tokens: at most ~20 chunks a second), with
-    the stats when they are due, so that both reach the screen in one repaint."""
+    """New reply text since the last chunk (the session batches tokens), with the stats when they are due,
+    so that both reach the screen in one repaint. `tag` is the one the reply's request carried."""
 
-    def __init__(self, chat_id: int, text: str, stats: SnapshotReady | None = None) -> None:
-        super().__init__(chat_id, text, stats)
-        self.chat_id = chat_id
+    def __init__(self, tag, text: str, stats: SnapshotReady | None = None) -> None:
+        super().__init__(tag, text, stats)
+        self.tag = tag
         self.text = text
         self.stats = stats
 
 
 class ReplyDone(WorkerMessage):
-    def __init__(self, chat_id: int, text: str, done: GenerationDone | None, error: str | None = None) -> None:
-        super().__init__(chat_id, text, done, error)
-        self.chat_id = chat_id
+    def __init__(self, tag, text: str, done: GenerationDone | None, error: str | None = None) -> None:
+        super().__init__(tag, text, done, error)
+        self.tag = tag
         self.text = text
         self.done = done
         self.error = error

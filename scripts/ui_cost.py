@@ -22,11 +22,13 @@ import threading
 import time
 
 import numpy as np
+from moe_tui.app.backend import estimated_tokens
 from moe_tui.app.main import MoeApp
 from moe_tui.app.messages import EngineInfo, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.chat import MessageView, PromptInput
-from moe_tui.app.worker import CHUNK_INTERVAL, EngineSpec, Generate
+from moe_tui.app.worker import CHUNK_INTERVAL, LOCAL, EngineSpec
+from moe_tui.inference.events import Generate
 from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
 
 LAYERS, EXPERTS, TOKENS_PER_SECOND = 4, 16, 150
@@ -52,7 +54,9 @@ def snapshot(step: int) -> CacheSnapshot:
 
 
 class ScriptedWorker:
-    """Posts what the inference thread would post during a reply, at the same rates, for `seconds`."""
+    """A Backend posting what the inference session would post during a reply, at the same rates."""
+
+    capabilities = LOCAL
 
     def __init__(self, app, seconds: float, stats_interval: float) -> None:
         self.app, self.seconds, self.stats_interval = app, seconds, stats_interval
@@ -66,9 +70,15 @@ class ScriptedWorker:
 
     def submit(self, request) -> None:
         if isinstance(request, Generate):
-            threading.Thread(target=self._reply, args=(request.chat_id,), daemon=True).start()
+            threading.Thread(target=self._reply, args=(request.tag,), daemon=True).start()
 
-    def _reply(self, chat_id: int) -> None:
+    def configure(self, request) -> None:
+        pass
+
+    def count_tokens(self, text: str):
+        return estimated_tokens(text)
+
+    def _reply(self, tag) -> None:
         self.streaming.set()
         start = last_stats = time.monotonic()
         text, step = "", 0
@@ -80,10 +90,10 @@ class ScriptedWorker:
             stats = None
             if time.monotonic() - last_stats >= self.stats_interval:  # as the worker does: with the text
                 stats, last_stats = SnapshotReady(snapshot(step), None), time.monotonic()
-            self.app.post_message(ReplyChunk(chat_id, chunk, stats))
+            self.app.post_message(ReplyChunk(tag, chunk, stats))
         self.streaming.clear()
         time.sleep(0.2)
-        self.app.post_message(ReplyDone(chat_id, text, None))
+        self.app.post_message(ReplyDone(tag, text, None))
 
     def cancel(self) -> None:
         pass

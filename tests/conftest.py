@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 from moe_tui.inference.synthetic import make_checkpoint
 
@@ -20,3 +22,20 @@ def checkpoint(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture
+def make_app(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    model = str(checkpoint("qwen3_moe"))
+
+    def build(**settings):
+        from moe_tui.app.main import MoeApp
+        from moe_tui.app.settings import Settings
+        from moe_tui.app.worker import EngineSpec
+
+        spec = EngineSpec(model=model, capacity=4)
+        return MoeApp(spec, Settings(data_dir=str(tmp_path / "data"), refresh_hz=4, **settings))
+
+    yield build
+    gc.unfreeze()  # the app froze the test process's objects at startup: let later tests' garbage go

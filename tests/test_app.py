@@ -7,26 +7,12 @@ import gc
 import threading
 import time
 
-import pytest
 from moe_tui.app.main import MoeApp
 from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput, StreamingReply
 from moe_tui.app.widgets.confirm import ConfirmScreen
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
-
-
-@pytest.fixture
-def make_app(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
-    model = str(checkpoint("qwen3_moe"))
-
-    def build(**settings):
-        spec = EngineSpec(model=model, capacity=4)
-        return MoeApp(spec, Settings(data_dir=str(tmp_path / "data"), refresh_hz=4, **settings))
-
-    yield build
-    gc.unfreeze()  # the app froze the test process's objects at startup: let later tests' garbage go
 
 
 async def wait_until(pilot, predicate, timeout: float = 30.0) -> None:
@@ -156,7 +142,8 @@ async def test_add_attaches_file_with_token_count(make_app, tmp_path, monkeypatc
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.run_command("/add util.py")
-        assert [a.path.name for a in app.attachments] == ["util.py"] and app.attachments[0].tokens > 0
+        assert [a.path.name for a in app.attachments] == ["util.py"]
+        await wait_until(pilot, lambda: app.attachments[0].tokens > 0)  # counted on the inference thread
         app.run_command("/add missing.py")
         assert len(app.attachments) == 1  # the error is a notice; nothing is lost
         await send(pilot, app, "explain @util.py please")
@@ -220,21 +207,17 @@ async def test_save_code_block_asks_before_overwriting(make_app, tmp_path, monke
 
 
 async def test_full_context_drops_oldest_turns_with_notice(make_app):
-    from moe_tui.app.worker import Generate
-
-    app = make_app(inference_process=False)  # reaches into the worker's thread and engine
+    app = make_app(inference_process=False, max_tokens=50)  # reaches into the session's engine
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
-        app.worker.context_length = 200
-        long_turns = []
+        app.backend.session.engine.config["max_position_embeddings"] = 200
         for i in range(6):
-            long_turns += [{"role": "user", "content": f"question {i} " + "word " * 30},
-                           {"role": "assistant", "content": "answer " * 30}]
-        request = Generate(app.chat_id, long_turns + [{"role": "user", "content": "last"}], max_tokens=50)
-        kept = app.worker._fit_context(request)
-        assert kept[-1]["content"] == "last" and len(kept) < len(request.messages)
-        assert len(app.worker.engine.encode(kept)) <= 150
+            app.store.add_message(app.chat_id, "user", f"question {i} " + "word " * 30)
+            app.store.add_message(app.chat_id, "assistant", "answer " * 30)
+        await send(pilot, app, "last")
         await wait_until(pilot, lambda: any("dropped" in n.message for n in app._notifications))
+        await wait_until(pilot, lambda: replies(app)[-1].status == "complete")
+        assert 0 < app.last_done.prompt_tokens <= 150
 
 
 async def test_keymap_from_settings_and_palette_prefill(make_app):
@@ -276,10 +259,10 @@ async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_
     app = make_app(max_tokens=400)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
-        assert isinstance(app.worker, InferenceProcess) and app.worker.process.pid != os.getpid()
+        assert isinstance(app.backend, InferenceProcess) and app.backend.process.pid != os.getpid()
         await send(pilot, app, "def add(a, b):")
         await wait_until(pilot, lambda: app.reply_text)
-        app.worker.process.kill()  # e.g. the OOM killer, mid-reply
+        app.backend.process.kill()  # e.g. the OOM killer, mid-reply
         await wait_until(pilot, lambda: not app.generating)
         assert app.sub_title == "inference stopped"
         assert any("engine stopped" in v.text for v in app.query(MessageView) if v.role == "notice")

@@ -50,7 +50,7 @@ async def test_openai_compatible_server_without_telemetry(live, tmp_path, monkey
         await send(pilot, app, "import os")
         await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "complete")
         assert app.last_snapshot is None
-        assert app.worker.remote.replies == 1 and app.worker.remote.ttft_s[0] > 0
+        assert app.backend.remote.replies == 1 and app.backend.remote.ttft_s[0] > 0
         app.run_command("/capacity 2")  # settings belong to the server: a notice, nothing breaks
         await pilot.pause(0.2)
 

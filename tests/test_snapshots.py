@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from moe_tui.app.backend import estimated_tokens
 from moe_tui.app.main import MoeApp
 from moe_tui.app.messages import EngineInfo, EngineReady, SnapshotReady
 from moe_tui.app.settings import Settings
-from moe_tui.app.worker import EngineSpec
+from moe_tui.app.worker import LOCAL, EngineSpec
 from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
 
 pytest.importorskip("pytest_textual_snapshot")
@@ -41,11 +42,12 @@ def fixed_snapshot() -> CacheSnapshot:
 
 
 class FakeWorker:
-    """Stands in for the inference thread: posts one fixed engine state, ignores requests."""
+    """A Backend that posts one fixed engine state and ignores requests."""
+
+    capabilities = LOCAL
 
     def __init__(self, app) -> None:
         self.app = app
-        self.engine = None
 
     def start(self) -> None:
         self.app.post_message(EngineReady(EngineInfo("demo", "qwen3_moe", 6, tuple(range(LAYERS)), EXPERTS, 2,
@@ -55,6 +57,12 @@ class FakeWorker:
 
     def submit(self, request) -> None:
         pass
+
+    def configure(self, request) -> None:
+        pass
+
+    def count_tokens(self, text: str):
+        return estimated_tokens(text)
 
     def cancel(self) -> None:
         pass

@@ -1,0 +1,58 @@
+"""The contract between the UI and whatever generates its replies: a local engine session (in a thread or
+a child process), a `moe serve` it attaches to, or any OpenAI-compatible server.
+
+The UI reads `capabilities`, never a backend's type or the text of its messages. Every backend posts
+the messages of app/messages.py to the app and never touches a widget.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+from moe_tui.inference.events import Configure, Generate
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    remote: bool
+    """Replies come from a server over HTTP; there is no engine in this machine's memory."""
+    telemetry: bool
+    """Cache snapshots arrive (heatmap and gauges have data); else the panels show client-side speeds."""
+    configurable: bool
+    """/capacity, /mode, /policy and /reset reach the engine."""
+    exact_token_counts: bool
+    """count_tokens uses the model's own tokenizer; else it estimates (~4 characters a token)."""
+
+
+class Backend(Protocol):
+    capabilities: Capabilities
+
+    def start(self) -> None:
+        """Begin loading or connecting; EngineReady or EngineFailed follows."""
+
+    def submit(self, request: Generate) -> None:
+        """Generate a reply; ReplyChunk messages then one ReplyDone arrive, tagged with `request.tag`."""
+
+    def configure(self, request: Configure) -> None:
+        """Change capacity, mode or policy, or reset the statistics; an EngineNotice reports the outcome."""
+
+    def cancel(self) -> None:
+        """End the running reply after its current token (its ReplyDone says 'cancelled')."""
+
+    def count_tokens(self, text: str) -> Future:
+        """A Future of the text's token count (exact or estimated, see capabilities)."""
+
+    def stop(self) -> None:
+        """Cancel any reply and shut down; no message is posted after `join` returns."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the backend's threads or process to end."""
+
+
+def estimated_tokens(text: str) -> Future:
+    """~4 characters a token, for backends without the model's tokenizer."""
+    future: Future = Future()
+    future.set_result(max(1, len(text) // 4))
+    return future

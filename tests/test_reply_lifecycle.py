@@ -1,0 +1,43 @@
+"""Changing chats while a reply streams: the reply is cancelled (or, for a chat that is cleared or deleted,
+dropped) cleanly, and the app keeps working."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_app import replies, reply_shown, send, wait_until
+
+
+async def start_long_reply(pilot, app) -> int:
+    await wait_until(pilot, lambda: app.last_snapshot is not None)
+    await send(pilot, app, "for i in range(10):")
+    await wait_until(pilot, lambda: app.reply_text != "")
+    return app.chat_id
+
+
+@pytest.mark.parametrize("action", ["/clear", "/delete", "/new", "switch-and-back", "ctrl+n"])
+async def test_changing_chats_mid_reply_ends_it_cleanly(make_app, action):
+    app = make_app(max_tokens=4000, inference_process=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        other = app.store.create_chat(title="other").id
+        streaming = await start_long_reply(pilot, app)
+        if action == "switch-and-back":
+            app.run_command(f"/switch {other}")
+            await pilot.pause(0.3)
+            app.run_command(f"/switch {streaming}")
+        elif action == "ctrl+n":
+            await pilot.press("ctrl+n")
+        else:
+            app.run_command(action)
+        await wait_until(pilot, lambda: not app.generating)
+        await pilot.pause(0.3)  # chunks and the end of the old reply arrive meanwhile
+        stored = {c.id for c in app.store.chats()}
+        if action in ("/clear", "/delete"):
+            assert streaming not in stored or not app.store.messages(streaming)
+        else:
+            old = [m for m in app.store.messages(streaming) if m.role == "assistant"]
+            assert len(old) == 1 and old[0].status == "cancelled" and old[0].content
+        app.settings.max_tokens = 6
+        await send(pilot, app, "import os")
+        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "complete" and reply_shown(app))
+        assert app.is_running
