@@ -76,3 +76,15 @@ def palette_entries() -> list[tuple[str, str, str, bool]]:
         elif not c.presets:
             entries.append((c.help[0].upper() + c.help[1:], f"/{c.name}", f"/{c.name}", False))
     return entries
+
+
+def parse_capacity(value: str) -> int | float:
+    """'12' -> 12 experts; '0.5' or '50%' -> that fraction of the experts."""
+    value = value.strip()
+    try:
+        number = float(value[:-1]) / 100 if value.endswith("%") else float(value) if "." in value else int(value)
+    except ValueError:
+        raise ValueError(f"capacity must be a count (12), fraction (0.5) or percent (50%), not {value!r}") from None
+    if number <= 0:
+        raise ValueError(f"capacity must be positive, not {value!r}")
+    return number

@@ -17,7 +17,7 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header
 
 from . import coding
-from .commands import BY_NAME, help_text, palette_entries
+from .commands import BY_NAME, help_text, palette_entries, parse_capacity
 from .heatmap import HeatmapStyle
 from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 from .reply import Reply
@@ -441,8 +441,6 @@ class MoeApp(App):
         self.add_view(MessageView("notice", help_text()))
 
     def cmd_capacity(self, arg: str) -> None:
-        from .cli import parse_capacity
-
         try:
             self.configure(Configure(capacity=parse_capacity(arg)))
         except ValueError as exc:
