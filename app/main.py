@@ -48,10 +48,9 @@ def while_mounted(handler):
     return wrapper
 
 
-# Messages of a chat kept on screen (older ones load on request). A layout pass, on each mount and each
-# time a streaming reply grows, walks every widget in the chat: with 400 messages mounted one took
-# 4.7 ms on 2 cores, with the newest 40 1.2 ms (scripts/chat_layout.py; 52 and 4 ms when a message was
-# Textual's Markdown widget, several widgets each).
+# Messages of a chat kept on screen (older ones load on request): a layout pass, on each mount and each
+# time a streaming reply grows, walks every mounted widget, so its cost grows with this window.
+# Figures: docs/performance.md, "Chat layout pass and the message window".
 MESSAGE_WINDOW = 40
 FULL_COLLECTION_HELD = 1 << 30  # gen2 threshold while a reply streams: no full cycle-collector pass
 IDLE_COLLECTION_DELAY = 1.0  # seconds after a reply ends before the held full pass runs
@@ -310,8 +309,8 @@ class MoeApp(App):
     @work(thread=True, group="render")
     def render_in_place_of(self, live: StreamingReply, view: MessageView, width: int, dark: bool) -> None:
         """Render `view`'s Markdown on a thread (for `width` and the theme, read on the UI thread), then
-        show it where `live` was: the UI thread keeps handling keys meanwhile (rendering a long reply took
-        it 40-70 ms)."""
+        show it where `live` was: the UI thread keeps handling keys meanwhile (a long reply's render would
+        hold them; see docs/performance.md, "Rendering a finished reply")."""
         view.prerender(self.console, width, dark)
         self.call_from_thread(self._swap, live, view)
 
@@ -368,9 +367,9 @@ class MoeApp(App):
     @while_mounted
     def on_engine_ready(self, event: EngineReady) -> None:
         # Everything built so far (imports, themes, the screen) lives until exit. Freezing it keeps the
-        # cycle collector's full passes short: one over the ~250k startup objects stalled the UI thread
-        # for 0.4 s mid-reply; after freezing, ~12 ms (scripts/keypress_latency.py: max 243-277 ms ->
-        # 75-87 ms). The price: cyclic garbage among these objects (views of a chat closed later) stays.
+        # cycle collector's full passes short, so they do not stall the UI thread mid-reply (figures:
+        # docs/performance.md, "Garbage collection"). The price: cyclic garbage among these objects
+        # (views of a chat closed later) stays.
         self.call_after_refresh(gc.freeze)
         self.context_length = event.info.context_length
         caps = self.backend.capabilities
@@ -652,10 +651,8 @@ class MoeApp(App):
 
 def hold_full_collections(hold: bool) -> None:
     """While a reply streams, the cycle collector makes no full passes (the young generations are still
-    collected); the reply's end schedules one for when the UI is idle. A full pass over the objects made
-    since startup (60-70k: cached strips, messages, widgets) took 50-70 ms of the UI thread mid-reply,
-    and keys typed then waited for it: the two slowest of 600 keys in a run of
-    scripts/keypress_latency.py (127 and 111 ms) each began with one."""
+    collected); the reply's end schedules one for when the UI is idle. A full pass holds the UI thread,
+    and keys typed meanwhile wait for it (figures: docs/performance.md, "Garbage collection")."""
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_HELD if hold else _FULL_COLLECTION_THRESHOLD)
 

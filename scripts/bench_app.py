@@ -5,8 +5,8 @@ scripts/keypress_latency.py.
     python scripts/bench_app.py [MODEL] [--tokens 200] [--rounds 40] [--thread]
 
 Both stay loaded for the whole run and take turns, one reply each per round (the order alternates), so
-each pair of replies is seconds apart and shares the machine's noise; on a shared 2-core machine the
-same engine's speed drifts by 20-30% over minutes. The headless engine is a plain process that only
+each pair of replies is seconds apart and shares the machine's noise; on a shared machine the same
+engine's speed drifts over minutes (docs/performance.md). The headless engine is a plain process that only
 loads the model and generates; while it runs, the app's UI loop is blocked (it spends nothing). The app
 runs headless (Textual's test driver: layout, rendering and widget updates all happen; only the
 terminal write is skipped), each round in a new chat with the same prompt. With --thread the app runs

@@ -81,7 +81,7 @@ def main() -> int:
     engine = Engine.load(args.model, capacity=1.0)
     layout = engine.layout
     text = "\n".join(heldout_text(args.stdlib, args.docs))
-    tokens = list(engine.tokenizer.encode(text[: args.tokens * 8]))[: args.tokens]  # ~3.8 bytes per token
+    tokens = list(engine.tokenizer.encode(text[: args.tokens * 8]))[: args.tokens]  # 8 characters a token: ample
     started = time.perf_counter()
     trace, ce = per_token_trace(engine, tokens)
     rng = np.random.default_rng(0)

@@ -27,8 +27,7 @@ class OnePassResize:
     """Mix into a widget whose size is set only by layout passes (before the Widget class). A pass that
     changes such a widget's virtual size sets Textual's `virtual_size` reactive, which asks for a second
     full pass; that pass finds nothing to move, since the first already placed every child and updated
-    the scrollbars. Traced in the running app: each time a streaming reply grew, the second pass came
-    30-40 ms after the first and cost 10-15 ms more, and a key typed meanwhile waited for both."""
+    the scrollbars, yet a key typed while a reply grows waits for both (docs/performance.md)."""
 
     def _size_updated(self, size: Size, virtual_size: Size, container_size: Size, layout: bool = True) -> bool:
         return super()._size_updated(size, virtual_size, container_size, layout=False)
@@ -80,7 +79,7 @@ class MessageView(OnePassResize, StyledRows, Widget):
 
     def prerender(self, console: Console, width: int, dark: bool) -> None:
         """Render the rows for this width and theme now; safe off the UI thread before the view is mounted
-        (a long reply's Markdown takes tens of milliseconds: done on the UI thread, keys wait)."""
+        (a long reply's Markdown is slow to render: done on the UI thread, keys would wait)."""
         # Rich keeps ESC in its segments: a reply's OSC 52 would write the clipboard on every redraw.
         markdown = RichMarkdown(terminal_safe(self.markdown), code_theme="monokai" if dark else "default",
                                 hyperlinks=False)
@@ -143,8 +142,8 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
     """A reply while it streams: plain text through the Line API, replaced by a MessageView (rendered as
     Markdown once) when it ends. Appending re-wraps only the last paragraph and repaints only the rows
     that changed. The height grows a page at a time (see _fit_height), because each change is a layout pass
-    over the whole screen. (Measured with scripts/ui_cost.py: a fixed-height box that scrolls its text
-    costs more, since every new row then repaints the whole box.)"""
+    over the whole screen. (Not a fixed-height box that scrolls its text: every new row would repaint the
+    whole box; see docs/performance.md.)"""
 
     DEFAULT_CSS = """
     StreamingReply { margin: 0 1 1 1; padding: 0 1; border-left: thick $primary; height: 8; }
