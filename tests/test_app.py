@@ -9,6 +9,7 @@ import time
 
 from moe_tui.app.main import MoeApp
 from moe_tui.app.settings import Settings
+from moe_tui.app.textual_compat import notification_texts
 from moe_tui.app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput, StreamingReply
 from moe_tui.app.widgets.confirm import ConfirmScreen
 from moe_tui.app.widgets.heatmap import HeatmapView
@@ -215,7 +216,7 @@ async def test_full_context_drops_oldest_turns_with_notice(make_app):
             app.store.add_message(app.chat_id, "user", f"question {i} " + "word " * 30)
             app.store.add_message(app.chat_id, "assistant", "answer " * 30)
         await send(pilot, app, "last")
-        await wait_until(pilot, lambda: any("dropped" in n.message for n in app._notifications))
+        await wait_until(pilot, lambda: any("dropped" in text for text in notification_texts(app)))
         await wait_until(pilot, lambda: replies(app)[-1].status == "complete")
         assert 0 < app.last_done.prompt_tokens <= 150
 

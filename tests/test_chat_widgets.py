@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+from moe_tui.app.textual_compat import layout_passes
 from moe_tui.app.widgets.chat import PAGE_OVERLAP, ChatScroll, MessageView, StreamingReply
 from moe_tui.app.widgets.gauges import Readout, grid
 from rich.markdown import Markdown
@@ -111,13 +112,11 @@ async def test_a_growing_reply_costs_one_layout_pass():
     async with app.run_test(size=(60, 20)) as pilot:
         reply = app.query_one(StreamingReply)
         await pilot.pause()
-        passes = []
-        refresh_layout = app.screen._refresh_layout
-        app.screen._refresh_layout = lambda *args, **kwargs: (passes.append(1), refresh_layout(*args, **kwargs))
         height = reply.size.height
-        reply.append("\n".join(f"row {row}" for row in range(height + 2)))
-        for _ in range(5):
-            await pilot.pause()
+        with layout_passes(app.screen) as passes:
+            reply.append("\n".join(f"row {row}" for row in range(height + 2)))
+            for _ in range(5):
+                await pilot.pause()
         assert reply.size.height > height and len(passes) == 1
 
 

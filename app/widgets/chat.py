@@ -17,20 +17,11 @@ from textual.widget import Widget
 from textual.widgets import Button, TextArea
 
 from ..sanitize import terminal_safe
+from ..textual_compat import OnePassResize
 from .rows import StyledRows
 
 # A CRLF ends a line like a LF: split on the LF alone, the CR would show (as ␍) at the end of each row.
 _LINE_END = re.compile(r"\r?\n")
-
-
-class OnePassResize:
-    """Mix into a widget whose size is set only by layout passes (before the Widget class). A pass that
-    changes such a widget's virtual size sets Textual's `virtual_size` reactive, which asks for a second
-    full pass; that pass finds nothing to move, since the first already placed every child and updated
-    the scrollbars, yet a key typed while a reply grows waits for both (docs/performance.md)."""
-
-    def _size_updated(self, size: Size, virtual_size: Size, container_size: Size, layout: bool = True) -> bool:
-        return super()._size_updated(size, virtual_size, container_size, layout=False)
 
 
 class ChatScroll(OnePassResize, VerticalScroll):
