@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,26 +29,70 @@ class Attachment:
         return f"File `{self.path}`:\n{fence}{LANGUAGES.get(self.path.suffix, '')}\n{self.text}\n{fence}"
 
 
-class AttachmentError(Exception):
+class PathError(Exception):
+    """A path the user typed cannot be used (to attach, save or export); the message says why, in one line."""
+
+
+class AttachmentError(PathError):
     """A file cannot be attached; the message says why."""
 
 
 def resolve(path_text: str, cwd: Path) -> tuple[Path, bool]:
-    """(absolute path, whether it lies outside `cwd`)."""
-    path = Path(path_text).expanduser()
-    path = (cwd / path if not path.is_absolute() else path).resolve()
+    """(absolute path, whether it lies outside `cwd`) for a path that is missing or a regular file.
+
+    Raises PathError for what would otherwise surface as a traceback or a hang later: an unknown `~user`, a
+    name too long for the file system, a directory, and anything not a regular file (a FIFO would block the
+    UI thread as soon as it is opened, so it is refused from its stat, never opened)."""
+    try:
+        path = Path(path_text).expanduser()
+    except RuntimeError:  # pathlib's only word for "~name: no such user" (or no home directory at all)
+        user = path_text.split("/", 1)[0][1:]
+        raise PathError(f"{shorten(path_text)}: no user {user!r}" if user else
+                        f"{shorten(path_text)}: no home directory to expand ~ to") from None
+    try:
+        path = (cwd / path if not path.is_absolute() else path).resolve()
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None  # to be written, or a mention of nothing (a decorator, a handle)
+    except RuntimeError as exc:  # a symlink loop, from resolve()
+        raise PathError(f"{shorten(path_text)}: {exc}") from None
+    except ValueError:  # a NUL byte: no path can hold one
+        raise PathError(f"{shorten(path_text)}: a path cannot contain a NUL character") from None
+    except OSError as exc:
+        reason = "file name too long" if exc.errno == errno.ENAMETOOLONG else exc.strerror or str(exc)
+        raise PathError(f"{shorten(path_text)}: {reason}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise PathError(f"{shorten(str(path))}: is a directory, not a file")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise PathError(f"{shorten(str(path))}: not a regular file (a FIFO, socket or device); refused")
     return path, not path.is_relative_to(cwd.resolve())
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """A path cut in its middle to fit one line of a notice."""
+    return text if len(text) <= limit else f"{text[: limit // 2 - 1]}…{text[-(limit // 2):]}"
+
+
 def read_text_file(path: Path) -> str:
-    if not path.exists():
-        raise AttachmentError(f"{path}: no such file")
-    if not path.is_file():
-        raise AttachmentError(f"{path}: not a file")
-    size = path.stat().st_size
-    if size > MAX_ATTACHMENT_BYTES:
-        raise AttachmentError(f"{path}: {size // 1024} KiB is over the {MAX_ATTACHMENT_BYTES // 1024} KiB limit")
-    data = path.read_bytes()
+    """The file's text, or AttachmentError saying why not. Opened without blocking and checked on the open
+    file: a FIFO put in its place after resolve() must not hang the UI thread."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise AttachmentError(f"{shorten(str(path))}: no such file") from None
+    except OSError as exc:
+        raise AttachmentError(f"{shorten(str(path))}: {exc.strerror or exc}") from None
+    with open(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise AttachmentError(f"{shorten(str(path))}: not a regular file")
+        if info.st_size > MAX_ATTACHMENT_BYTES:
+            raise AttachmentError(f"{shorten(str(path))}: {info.st_size // 1024} KiB is over the "
+                                  f"{MAX_ATTACHMENT_BYTES // 1024} KiB limit")
+        try:
+            data = file.read(MAX_ATTACHMENT_BYTES + 1)
+        except OSError as exc:
+            raise AttachmentError(f"{shorten(str(path))}: {exc.strerror or exc}") from None
     if b"\0" in data[:8192]:
         raise AttachmentError(f"{path}: looks binary; only text files can be attached")
     try:

@@ -232,14 +232,21 @@ class MoeApp(App):
             self.notice("a reply is still streaming: Esc cancels it", "warning")
             self.query_one(PromptInput).text = event.text
             return
-        mentioned = [p for p in coding.mentions(text) if coding.resolve(p, self.cwd)[0].is_file()]
-        outside = [p for p in mentioned if coding.resolve(p, self.cwd)[1]]
+        try:
+            resolved = {p: coding.resolve(p, self.cwd) for p in coding.mentions(text)}
+        except coding.PathError as exc:  # not sent: the user fixes the @path and sends again
+            self.notice(str(exc), "error")
+            self.query_one(PromptInput).text = event.text
+            return
+        mentioned = [p for p, (path, _) in resolved.items() if path.is_file()]  # a missing one is a @decorator
+        outside = [p for p in mentioned if resolved[p][1]]
 
         def proceed(allow_outside: bool | None = True) -> None:
-            for p in mentioned:
-                if allow_outside or p not in outside:
-                    self.attach(p)
-            self.send(text)
+            attached = [self.attach(p) for p in mentioned if allow_outside or p not in outside]
+            if all(attached):
+                self.send(text)
+            else:  # a file named in the message could not go with it (notice given): the user decides
+                self.query_one(PromptInput).text = event.text
 
         if outside:
             self.push_screen(ConfirmScreen(f"Attach files outside {self.cwd}? {', '.join(outside)}"), proceed)
@@ -498,7 +505,7 @@ class MoeApp(App):
     def cmd_switch(self, arg: str) -> None:
         try:
             self.open_chat(self.store.chat(int(arg)).id)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, OverflowError):  # OverflowError: past SQLite's 64-bit integers
             self.notice(f"no chat {arg!r}; /chats lists them", "error")
 
     def cmd_rename(self, arg: str) -> None:
@@ -527,18 +534,20 @@ class MoeApp(App):
         self.notice(f"temperature {value} for this chat")
 
     # ---- coding
-    def attach(self, path_text: str) -> None:
-        path, _ = coding.resolve(path_text, self.cwd)
+    def attach(self, path_text: str) -> bool:
+        """Attach a file to the next message; False (and an error notice) when it cannot be."""
         try:
+            path, _ = coding.resolve(path_text, self.cwd)
             text = coding.read_text_file(path)
-        except coding.AttachmentError as exc:
+        except coding.PathError as exc:
             self.notice(str(exc), "error")
-            return
+            return False
         self.attachments = [a for a in self.attachments if a.path != path] + [coding.Attachment(path, text, 0)]
         exact = self.backend.capabilities.exact_token_counts
         # The count comes from the model's tokenizer on the inference thread (or is estimated for a server).
         self.backend.count_tokens(text).add_done_callback(
             lambda counted: self.call_from_thread(self._attached, path, counted, exact))
+        return True
 
     def _attached(self, path: Path, counted, exact: bool) -> None:
         if counted.exception() is not None:
@@ -552,7 +561,11 @@ class MoeApp(App):
         if not arg:
             self.notice("usage: /add PATH", "error")
             return
-        path, outside = coding.resolve(arg, self.cwd)
+        try:
+            path, outside = coding.resolve(arg, self.cwd)
+        except coding.PathError as exc:
+            self.notice(str(exc), "error")
+            return
         if outside:
             self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Attach it?"),
                              lambda ok: ok and self.attach(arg))
@@ -591,7 +604,11 @@ class MoeApp(App):
         code = self.code_block(number)
         if code is None:
             return
-        path, outside = coding.resolve(target.strip(), self.cwd)
+        try:
+            path, outside = coding.resolve(target.strip(), self.cwd)
+        except coding.PathError as exc:
+            self.notice(str(exc), "error")
+            return
 
         def write(ok: bool | None = True) -> None:
             if not ok:
@@ -640,7 +657,11 @@ class MoeApp(App):
             self.notice("usage: /export md|json PATH", "error")
             return
         text = self.store.export_markdown(self.chat_id) if kind == "md" else self.store.export_json(self.chat_id)
-        path = Path(target.strip()).expanduser()
+        try:
+            path, _ = coding.resolve(target.strip(), self.cwd)  # anywhere the user says, but a regular file
+        except coding.PathError as exc:
+            self.notice(str(exc), "error")
+            return
         try:
             path.write_text(text)
         except OSError as exc:

@@ -1,0 +1,67 @@
+"""Hostile input to the app: bad paths, a full disk, default answers, odd numbers, huge or blocking files, two
+instances on one data dir. Each must end in a one-line notice, never a traceback or a frozen screen."""
+
+from __future__ import annotations
+
+from moe_tui.app.widgets.chat import PromptInput
+
+from ..test_app import send
+
+SIZE = (120, 40)
+REPLY_WITH_CODE = "Here:\n```python\ndef a():\n    return 1\n```"
+
+
+def errors(app) -> list[str]:
+    return [n.message for n in app._notifications if n.severity == "error"]
+
+
+def user_messages(app) -> list[str]:
+    return [m.content for m in app.store.messages(app.chat_id) if m.role == "user"]
+
+
+async def test_bad_at_paths_are_a_notice_and_the_message_stays_in_the_prompt(make_app, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "blob.bin").write_bytes(b"\0\1\2")
+    monkeypatch.chdir(project)
+    app = make_app(inference_process=False)
+    async with app.run_test(size=SIZE) as pilot:
+        for typed in ("explain @~nosuchuser/file.py please", f"explain @{'a' * 300}.py please", "what is @blob.bin"):
+            before = len(errors(app))
+            await send(pilot, app, typed)
+            await pilot.pause(0.1)
+            assert app.is_running
+            assert len(errors(app)) == before + 1 and "\n" not in errors(app)[-1]
+            assert app.query_one(PromptInput).text == typed  # not sent: the user can fix it
+            assert user_messages(app) == []
+
+
+async def test_bad_paths_in_commands_are_a_notice(make_app, tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "adir").mkdir()
+    (project / "[").mkdir()
+    (project / "[" / "]x.py").write_text("old\n")
+    monkeypatch.chdir(project)
+    app = make_app(inference_process=False)
+    async with app.run_test(size=SIZE) as pilot:
+        app.store.add_message(app.chat_id, "user", "code please")
+        app.store.add_message(app.chat_id, "assistant", REPLY_WITH_CODE)
+        for line in ("/add ~nosuchuser/x", "/save 1 ~nosuchuser/x", "/export md ~nosuchuser/x", "/save 1 adir",
+                     "/switch 99999999999999999999999", f"/add {'b' * 300}"):
+            before = len(errors(app))
+            await send(pilot, app, line)
+            await pilot.pause(0.1)
+            assert app.is_running, line
+            assert len(errors(app)) == before + 1, line
+            assert "\n" not in errors(app)[-1] and "Traceback" not in errors(app)[-1], line
+        assert not (project / "adir" / "a").exists() and app.attachments == []
+        # A path holding Rich markup, shown in the overwrite question and the diff: drawn as written.
+        await send(pilot, app, "/save 1 [/]x.py")
+        await pilot.pause(0.2)
+        from moe_tui.app.widgets.confirm import ConfirmScreen
+
+        assert isinstance(app.screen, ConfirmScreen) and "[/]x.py" in app.screen.question
+        await pilot.press("y")
+        await pilot.pause(0.1)
+        assert app.is_running and (project / "[" / "]x.py").read_text() == "def a():\n    return 1\n"
