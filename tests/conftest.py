@@ -34,8 +34,10 @@ def make_app(checkpoint, tmp_path, monkeypatch):
         from moe_tui.app.settings import Settings
         from moe_tui.app.worker import EngineSpec
 
+        from tests.helpers import watched
+
         spec = EngineSpec(model=model, capacity=4)
-        return MoeApp(spec, Settings(data_dir=str(tmp_path / "data"), refresh_hz=4, **settings))
+        return watched(MoeApp(spec, Settings(data_dir=str(tmp_path / "data"), refresh_hz=4, **settings)))
 
     yield build
     gc.unfreeze()  # the app froze the test process's objects at startup: let later tests' garbage go

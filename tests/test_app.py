@@ -5,38 +5,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-import time
 
 from moe_tui.app.main import MoeApp
 from moe_tui.app.settings import Settings
 from moe_tui.app.textual_compat import notification_texts
-from moe_tui.app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput, StreamingReply
+from moe_tui.app.widgets.chat import HEIGHT_STEP, MessageView, PromptInput
 from moe_tui.app.widgets.confirm import ConfirmScreen
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
 
-
-async def wait_until(pilot, predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await pilot.pause(0.05)
-
-
-async def send(pilot, app, text: str) -> None:
-    app.query_one(PromptInput).text = text
-    app.query_one(PromptInput).focus()
-    await pilot.press("enter")
-
-
-def replies(app):
-    return [m for m in app.store.messages(app.chat_id) if m.role == "assistant"]
-
-
-def reply_shown(app) -> bool:
-    """The reply has ended and its Markdown (rendered on a thread) has replaced the streaming text."""
-    return not app.generating and not app.query(StreamingReply)
+from tests.helpers import replies, reply_shown, send, wait_until, watched
 
 
 async def test_send_message_streams_a_reply_and_fills_the_heatmap(make_app):
@@ -274,7 +252,7 @@ async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_
 
 async def test_a_model_that_fails_to_load_is_reported_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
-    app = MoeApp(EngineSpec(model=str(tmp_path / "missing")), Settings(data_dir=str(tmp_path / "data")))
+    app = watched(MoeApp(EngineSpec(model=str(tmp_path / "missing")), Settings(data_dir=str(tmp_path / "data"))))
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.sub_title == "model failed to load")
         await pilot.pause(0.5)

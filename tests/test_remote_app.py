@@ -9,7 +9,7 @@ from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
 
-from tests.test_app import replies, send, wait_until
+from tests.helpers import replies, send, wait_until, watched
 from tests.test_server import LiveServer
 
 
@@ -26,8 +26,8 @@ def live(tmp_path_factory):
 def remote_app(tmp_path, monkeypatch, url, telemetry):
     monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
     settings = Settings(data_dir=str(tmp_path / "data"), max_tokens=12, refresh_hz=4)
-    return MoeApp(EngineSpec(model=url), settings,
-                  worker_factory=lambda app: RemoteWorker(app, url, telemetry=telemetry, stats_hz=4))
+    return watched(MoeApp(EngineSpec(model=url), settings,
+                          worker_factory=lambda app: RemoteWorker(app, url, telemetry=telemetry, stats_hz=4)))
 
 
 async def test_attach_streams_a_reply_and_fills_the_heatmap(live, tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_app import replies, reply_shown, send, wait_until
+from tests.helpers import replies, reply_shown, send, wait_until
 
 
 async def start_long_reply(pilot, app) -> int:
