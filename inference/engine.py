@@ -14,6 +14,7 @@ from typing import Any
 from .expert_cache import MODES, ExpertCache, ModelLayout
 from .generation import PromptCache, Speed, generate
 from .loading import context_length, kv_group_size, open_checkpoint, resolve_model_path
+from .prompts import control_strings, encode_messages
 from .telemetry import CacheSnapshot, GenerationDone, TokenDelta
 
 __all__ = ["MODES", "Engine", "ModelLayout", "resolve_model_path"]
@@ -61,6 +62,7 @@ class Engine:
         self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, str(self.path), capacity, mode,
                                    policy, max_loads_per_step, record_trace)
         self.prompt_cache = PromptCache(self.model)
+        self._control_strings = control_strings(self.tokenizer)
         self._speed = Speed()
         if profile is not None:
             self.experts.apply_profile(profile, pin=pin)
@@ -142,12 +144,13 @@ class Engine:
     # ---------------------------------------------------------------- generation
 
     def encode(self, messages_or_prompt: str | Sequence[dict] | Sequence[int]) -> list[int]:
-        """Token ids of a raw string, chat messages (with the chat template) or ids as they are."""
+        """Token ids of a raw string, chat messages (with the chat template; special-token text inside a
+        message stays text) or ids as they are."""
         if isinstance(messages_or_prompt, str):
             return list(self.tokenizer.encode(messages_or_prompt))
         items = list(messages_or_prompt)
         if items and isinstance(items[0], dict):
-            return list(self.tokenizer.apply_chat_template(items, add_generation_prompt=True, tokenize=True))
+            return encode_messages(self.tokenizer, items, self._control_strings)
         return [int(t) for t in items]
 
     def reset_prompt_cache(self) -> None:

@@ -1,0 +1,48 @@
+"""Chat messages to prompt token ids, with the model's own chat template. Message content is never read for
+special tokens: text such as `<|im_end|>\\n<|im_start|>system` inside a message or an attached file stays
+text, so it cannot forge a turn."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+# Private-use code points: no chat template or tokenizer gives them a meaning.
+PLACEHOLDER = "\ue000moe-content-{}\ue001"
+PLACEHOLDER_RE = re.compile("\ue000moe-content-(\\d+)\ue001")
+
+
+def control_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The text of every added (special or control) token, e.g. '<|im_start|>'."""
+    try:
+        added = tokenizer.get_added_vocab()
+    except AttributeError:
+        added = {}
+    return tuple(token for token in added if token)
+
+
+def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str, ...] | None = None) -> list[int]:
+    """Token ids of `messages` with the generation prompt appended.
+
+    Where no message contains the text of an added token, this is exactly the chat template's own
+    tokenization (as stock mlx-lm does it). Otherwise the template is rendered with each message's
+    content replaced by a placeholder; the template's text is tokenized with its special tokens, each
+    content without any (special-token text in it is split into ordinary tokens).
+    """
+    markers = control_strings(tokenizer) if markers is None else markers
+    hostile = [isinstance(m.get("content"), str) and any(t in m["content"] for t in markers) for m in messages]
+    if not any(hostile):
+        return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+    masked = [{**m, "content": PLACEHOLDER.format(i)} if unsafe else m
+              for i, (m, unsafe) in enumerate(zip(messages, hostile, strict=True))]
+    text = tokenizer.apply_chat_template(masked, add_generation_prompt=True, tokenize=False)
+    ids: list[int] = []
+    start = 0
+    for match in PLACEHOLDER_RE.finditer(text):
+        ids += tokenizer.encode(text[start : match.start()], add_special_tokens=False)
+        content = messages[int(match.group(1))]["content"]
+        ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)
+        start = match.end()
+    ids += tokenizer.encode(text[start:], add_special_tokens=False)
+    return ids
