@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sqlite3
+import time
 from functools import partial, wraps
 from pathlib import Path
 
@@ -47,6 +49,44 @@ def while_mounted(handler):
 
     return wrapper
 
+
+def store_writes(method):
+    """A handler that writes to the chat store: a failed write (a full disk) is a notice, not a traceback."""
+
+    @wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            self.store_failed(exc, "the change")
+
+    return wrapper
+
+
+class FailSoftStore:
+    """The store as a streaming reply writes to it: a failed write is a notice, and the reply goes on streaming
+    on screen; its row keeps what was saved last (or there is none)."""
+
+    def __init__(self, app: MoeApp) -> None:
+        self.app = app
+
+    def add_message(self, *args, **kwargs) -> int | None:
+        try:
+            return self.app.store.add_message(*args, **kwargs)
+        except sqlite3.Error as exc:
+            self.app.store_failed(exc, "the reply (it is shown, not stored)")
+            return None
+
+    def update_message(self, message_id: int | None, content: str, status: str) -> None:
+        if message_id is None:
+            return
+        try:
+            self.app.store.update_message(message_id, content, status)
+        except sqlite3.Error as exc:
+            self.app.store_failed(exc, "the reply (it stays on screen)")
+
+
+STORE_NOTICE_INTERVAL = 10.0  # seconds: a reply saved every second must not stack a notice a second
 
 # Messages of a chat kept on screen (older ones load on request): a layout pass, on each mount and each
 # time a streaming reply grows, walks every mounted widget, so its cost grows with this window.
@@ -116,6 +156,7 @@ class MoeApp(App):
         self.last_done = None  # GenerationDone of the latest reply (speeds, token counts)
         self.attachments: list[coding.Attachment] = []
         self.cwd = Path.cwd()
+        self._store_notice: tuple[str, float] = ("", 0.0)  # the last could-not-save notice and when
 
     @property
     def generating(self) -> bool:
@@ -221,6 +262,15 @@ class MoeApp(App):
         """A toast; its text may come from a model, a server or a file, so it is made inert first."""
         self.notify(markup_safe(text), severity=severity, timeout=4)
 
+    def store_failed(self, exc: sqlite3.Error, what: str) -> None:
+        """A write to the chat store failed (most often a full disk): say so once in a while, in one line."""
+        reason = "disk full" if "full" in str(exc).lower() else str(exc)
+        text = f"could not save {what}: {reason} ({self.store.path.parent})"
+        last, at = self._store_notice
+        if text != last or time.monotonic() - at > STORE_NOTICE_INTERVAL:
+            self._store_notice = (text, time.monotonic())
+            self.notice(text, "error")
+
     # ---- sending
     @on(PromptInput.Submitted)
     def on_submit(self, event: PromptInput.Submitted) -> None:
@@ -255,18 +305,25 @@ class MoeApp(App):
 
     def send(self, typed: str) -> None:
         text = "\n\n".join([a.as_prompt() for a in self.attachments] + [typed])
+        try:
+            message_id = self.store.add_message(self.chat_id, "user", text)
+        except sqlite3.Error as exc:  # not sent: the text goes back to the prompt, the attachments stay
+            self.store_failed(exc, "your message (it is back in the prompt)")
+            self.query_one(PromptInput).text = typed
+            return
         self.attachments = []
-        message_id = self.store.add_message(self.chat_id, "user", text)
-        chat = self.store.chat(self.chat_id)
-        if chat.title == "New chat":
-            self.store.update_chat(self.chat_id, title=typed.splitlines()[0][:60])
+        try:
+            if self.store.chat(self.chat_id).title == "New chat":
+                self.store.update_chat(self.chat_id, title=typed.splitlines()[0][:60])
+        except sqlite3.Error as exc:
+            self.store_failed(exc, "the chat's title")
         self.add_view(MessageView("user", text, message_id))
         self.start_reply()
 
     def start_reply(self) -> None:
         settings = self.store.chat(self.chat_id).settings
         hold_full_collections(True)
-        self.reply = Reply(self.store, self.chat_id, self.add_view(StreamingReply()))
+        self.reply = Reply(FailSoftStore(self), self.chat_id, self.add_view(StreamingReply()))
         self.query_one(PromptInput).cursor_blink = False  # a blink is a repaint: none while tokens stream
         self.backend.submit(Generate(self.history(), fit_context=True, tag=self.reply.tag,
                                      max_tokens=int(settings.get("max_tokens", self.settings.max_tokens)),
@@ -336,6 +393,7 @@ class MoeApp(App):
         if self.generating:
             self.backend.cancel()
 
+    @store_writes
     def action_regenerate(self) -> None:
         if self.generating:
             return
@@ -347,6 +405,7 @@ class MoeApp(App):
         self.open_chat(self.chat_id)
         self.start_reply()
 
+    @store_writes
     def action_edit_last(self) -> None:
         if self.generating:
             return
@@ -363,6 +422,7 @@ class MoeApp(App):
         prompt.text = last_user.content
         prompt.focus()
 
+    @store_writes
     def action_new_chat(self) -> None:
         self.open_chat(self.store.create_chat(model=self.spec.model).id)  # a streaming reply is cancelled
 
@@ -435,6 +495,7 @@ class MoeApp(App):
         prompt.move_cursor(prompt.document.end)
         prompt.focus()
 
+    @store_writes
     def run_command(self, line: str) -> None:
         name, _, arg = line.strip().lstrip("/").partition(" ")
         arg = arg.strip()

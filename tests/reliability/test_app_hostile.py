@@ -3,9 +3,11 @@ instances on one data dir. Each must end in a one-line notice, never a traceback
 
 from __future__ import annotations
 
+import sqlite3
+
 from moe_tui.app.widgets.chat import PromptInput
 
-from ..test_app import send
+from ..test_app import replies, send, wait_until
 
 SIZE = (120, 40)
 REPLY_WITH_CODE = "Here:\n```python\ndef a():\n    return 1\n```"
@@ -65,3 +67,38 @@ async def test_bad_paths_in_commands_are_a_notice(make_app, tmp_path, monkeypatc
         await pilot.press("y")
         await pilot.pause(0.1)
         assert app.is_running and (project / "[" / "]x.py").read_text() == "def a():\n    return 1\n"
+
+
+def disk_full(*args, **kwargs):
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+async def test_a_full_disk_when_sending_keeps_the_typed_text(make_app):
+    app = make_app(inference_process=False, max_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.store.add_message = disk_full
+        await send(pilot, app, "words worth keeping")
+        await pilot.pause(0.1)
+        assert app.is_running and not app.generating
+        assert app.query_one(PromptInput).text == "words worth keeping"
+        assert any("could not save" in e and "disk full" in e for e in errors(app))
+        assert "words worth keeping" not in "".join(errors(app))
+
+
+async def test_a_full_disk_while_a_reply_streams_keeps_the_reply_on_screen(make_app, monkeypatch):
+    from moe_tui.app.widgets.chat import MessageView
+
+    monkeypatch.setattr("moe_tui.app.reply.SAVE_INTERVAL", 0.0)  # every chunk is a write
+    app = make_app(inference_process=False, max_tokens=16)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.store.update_message = disk_full
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: not app.generating)
+        await pilot.pause(0.2)
+        assert app.is_running
+        assert any("could not save" in e and "disk full" in e for e in errors(app))
+        shown = [v.text for v in app.query(MessageView) if v.role in ("assistant", "cancelled")]
+        assert shown and shown[-1]  # the reply is on screen; its row holds what was saved last
+        assert replies(app)[-1].status == "partial"
