@@ -83,6 +83,11 @@ class Engine:
         return self.experts.trace
 
     @property
+    def traced_steps(self) -> int:
+        """Steps routed since the statistics were last reset (the trace itself keeps only the newest)."""
+        return self.experts.traced_steps
+
+    @property
     def expert_reader(self):
         return self.experts.expert_reader
 

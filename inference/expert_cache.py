@@ -5,6 +5,7 @@ snapshot. Nothing here knows about prompts or tokens."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_toke
 MEMORY_FRACTION = 0.6  # share of available memory an automatic capacity may use
 DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
 LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
+TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones drop off (memory stays bounded)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,8 @@ class ExpertCache:
             normalizes_topk=normalizes,
         )
         self.counters = LayerCounters(len(blocks), max(num_experts, 1))
-        self.trace: list[list[np.ndarray]] = [[] for _ in blocks]
+        self.trace: list[deque[np.ndarray]] = [deque(maxlen=TRACE_STEPS) for _ in blocks]
+        self.traced_steps = 0  # every step ever traced, including those dropped from the ring
         self._step = 0
         self._policy = policy
         self.max_loads_per_step = max_loads_per_step or max(top_k, 1)
@@ -420,6 +423,8 @@ class ExpertCache:
         if self.record_trace:
             dtype = np.int16 if E < 2**15 else np.int32
             self.trace[i].extend(np.flatnonzero(row).astype(dtype) for row in used)
+            if i == 0:
+                self.traced_steps += n
 
     def drain(self, before_step: int | None = None) -> None:
         """Fold deferred routing records (lookup-table path) into the counters; refill in fast mode.
@@ -477,7 +482,8 @@ class ExpertCache:
     def reset_stats(self) -> None:
         self.drain()
         self.counters.reset()
-        self.trace = [[] for _ in self._layers]
+        self.trace = [deque(maxlen=TRACE_STEPS) for _ in self._layers]
+        self.traced_steps = 0
         mx.reset_peak_memory()
 
     def snapshot(self, speed: dict[str, float]) -> CacheSnapshot:
@@ -529,7 +535,7 @@ class ExpertCache:
         from .oracle import compare
 
         self.drain()
-        trace = self.trace if last_steps is None else [layer[-last_steps:] for layer in self.trace]
+        trace = [list(layer) if last_steps is None else list(layer)[-last_steps:] for layer in self.trace]
         return compare(trace, self.layout.num_experts, capacity or self._capacity)
 
     def close(self) -> None:

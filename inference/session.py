@@ -368,7 +368,7 @@ class Session:
     def _refresh_optimum(self) -> None:
         """Replay the recent trace under every policy and Belady's MIN (idle only: it costs CPU)."""
         engine = self.engine
-        steps = len(engine.trace[0]) if engine.trace else 0
+        steps = engine.traced_steps
         if not steps or steps == self._optimum_steps or not engine.layout.moe_layers:
             return
         rates = engine.hit_rates_vs_optimum(last_steps=OPTIMUM_WINDOW)
