@@ -15,7 +15,10 @@ from ..sanitize import terminal_safe
 class ConfirmScreen(ModalScreen[bool]):
     """The question and the diff are shown as plain text: they hold file names and file contents."""
 
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape", "answer(False)", "no")]
+    # No is the default: it has the focus, so a bare Enter (typed on, from the prompt) answers No, as does
+    # Enter with the focus on the diff; Yes takes `y` or Enter on its button.
+    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape,enter", "answer(False)", "no")]
+    AUTO_FOCUS = "#no"
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical { width: 90%; height: auto; max-height: 90%; border: thick $warning; padding: 1 2;

@@ -102,3 +102,31 @@ async def test_a_full_disk_while_a_reply_streams_keeps_the_reply_on_screen(make_
         shown = [v.text for v in app.query(MessageView) if v.role in ("assistant", "cancelled")]
         assert shown and shown[-1]  # the reply is on screen; its row holds what was saved last
         assert replies(app)[-1].status == "partial"
+
+
+async def test_a_bare_enter_or_escape_answers_no(make_app):
+    from moe_tui.app.widgets.confirm import ConfirmScreen
+
+    app = make_app(inference_process=False)
+    async with app.run_test(size=SIZE) as pilot:
+        for key in ("enter", "escape"):
+            answers = []
+            app.push_screen(ConfirmScreen("Overwrite everything?", "-old\n+new\n"), answers.append)
+            await pilot.pause(0.1)
+            await pilot.press(key)
+            await pilot.pause(0.1)
+            assert answers == [False], key
+            assert not isinstance(app.screen, ConfirmScreen)
+        answers = []
+        app.push_screen(ConfirmScreen("Overwrite everything?"), answers.append)
+        await pilot.pause(0.1)
+        await pilot.press("y")
+        await pilot.pause(0.1)
+        assert answers == [True]
+        answers = []
+        app.push_screen(ConfirmScreen("Overwrite everything?"), answers.append)
+        await pilot.pause(0.1)
+        app.screen.query_one("#yes").focus()  # chosen on purpose: Enter on Yes is a yes
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert answers == [True]
