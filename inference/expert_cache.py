@@ -119,8 +119,9 @@ class ExpertCache:
         half = (mx.bfloat16, mx.float16)
         expert_dtypes = {dtypes[f"{b.path}.{s.projection}.{s.param}"]
                          for b, src in zip(blocks, sources, strict=True) for s in src}
-        if needs_f32 and blocks and not any(map(is_quantized, blocks)) and expert_dtypes & set(half):
+        if needs_f32 and blocks and expert_dtypes & set(half):
             # As stock mlx-lm needs here (model.set_dtype(float32)): upcast while loading, so outputs match it.
+            # Quantized experts too: their bf16/f16 scales and biases run many times slower on the CPU.
             self.model.set_dtype(mx.float32, lambda d: d in half)
         mx.eval(self.model.parameters())
         self._dense_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
@@ -132,7 +133,7 @@ class ExpertCache:
             slot_dtypes = {}
             for s in src:
                 dt = dtypes[f"{block.path}.{s.projection}.{s.param}"]
-                if needs_f32 and not is_quantized(block) and dt in (mx.bfloat16, mx.float16):
+                if needs_f32 and dt in half:
                     dt = mx.float32
                 slot_dtypes[(s.projection, s.param)] = dt
             probe = probe_block(runtime, runtime.output_dims, self._dense_dtype())

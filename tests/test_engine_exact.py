@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.generate import generate_step
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -160,3 +161,21 @@ def test_half_precision_model_matches_stock_upcast(checkpoint, dtype):
     engine = Engine.load(path, capacity=2)
     assert float(mx.abs(engine.model(mx.array([PROMPT])) - ref).max()) <= 1e-4
     assert greedy(engine.model, 16) == greedy(stock, 16)
+
+
+def test_half_precision_quantized_experts_run_in_float32_on_cpu(tmp_path):
+    """mlx-community 4-bit checkpoints keep bf16 scales and biases, which MLX's CPU backend runs many times
+    slower: the cache holds them in float32, as stock does once upcast, with the same tokens."""
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the upcast is for the CPU backend")
+    path = make_checkpoint(tmp_path / "bf16q4", "qwen3_moe", quant_bits=4, dtype=mx.bfloat16, router_scale=4.0)
+    stock, _ = load(str(path))
+    half = (mx.bfloat16, mx.float16)
+    assert any(v.dtype in half for _, v in tree_flatten(stock.parameters()))
+    stock.set_dtype(mx.float32, lambda d: d in half)
+    ref_tokens = greedy(stock, GREEDY_TOKENS)
+    engine = Engine.load(path, capacity=4)
+    assert not any(v.dtype in half for _, v in tree_flatten(engine.model.parameters()))
+    assert greedy(engine.model, GREEDY_TOKENS) == ref_tokens
