@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import sqlite3
 import time
 from functools import partial, wraps
@@ -86,6 +87,7 @@ class FailSoftStore:
             self.app.store_failed(exc, "the reply (it stays on screen)")
 
 
+MAX_TEMPERATURE = 2.0  # as the OpenAI API: beyond it sampling is noise
 STORE_NOTICE_INTERVAL = 10.0  # seconds: a reply saved every second must not stack a notice a second
 
 # Messages of a chat kept on screen (older ones load on request): a layout pass, on each mount and each
@@ -585,10 +587,17 @@ class MoeApp(App):
         self.notice("system prompt set" if arg else "system prompt cleared")
 
     def cmd_temp(self, arg: str) -> None:
+        current = self.store.chat(self.chat_id).settings.get("temperature", self.settings.temperature)
+        if not arg:
+            self.notice(f"temperature {current} for this chat; /temp X sets it, from 0 to {MAX_TEMPERATURE}")
+            return
         try:
             value = float(arg)
         except ValueError:
-            self.notice("/temp needs a number, e.g. /temp 0.2", "error")
+            value = math.nan
+        # float() takes nan and inf: the sampler would turn them (or a negative) into garbage or an error.
+        if not 0 <= value <= MAX_TEMPERATURE:
+            self.notice(f"/temp needs a number from 0 to {MAX_TEMPERATURE}, e.g. /temp 0.2 (now {current})", "error")
             return
         settings = {**self.store.chat(self.chat_id).settings, "temperature": value}
         self.store.update_chat(self.chat_id, settings=settings)

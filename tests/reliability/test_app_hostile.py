@@ -130,3 +130,21 @@ async def test_a_bare_enter_or_escape_answers_no(make_app):
         await pilot.press("enter")
         await pilot.pause(0.1)
         assert answers == [True]
+
+
+async def test_temp_refuses_what_is_not_a_temperature(make_app):
+    app = make_app(inference_process=False, temperature=0.7)
+    async with app.run_test(size=SIZE) as pilot:
+        for value in ("nan", "-1", "inf", "-inf", "2.5", "1e400", "abc"):
+            before = len(errors(app))
+            app.run_command(f"/temp {value}")
+            await pilot.pause()
+            assert len(errors(app)) == before + 1, value
+            assert "temperature" not in app.store.chat(app.chat_id).settings, value
+        app.run_command("/temp")  # the value in use, and how to change it
+        await pilot.pause()
+        shown = list(app._notifications)[-1].message
+        assert "0.7" in shown and "/temp" in shown
+        app.run_command("/temp 0")
+        app.run_command("/temp 2")
+        assert app.store.chat(app.chat_id).settings["temperature"] == 2.0
