@@ -109,6 +109,17 @@ class PromptCache:
         self.tokens = known[:offset]
 
 
+GREEDY_BELOW = 1e-5  # a temperature this small samples the argmax anyway: take it without dividing by ~0
+
+
+def sampling(temperature: float, top_p: float) -> dict[str, float]:
+    """mlx-lm sampler settings. Greedy when either leaves one candidate: temperature ~0, or top_p 0 (only
+    the most likely token is inside the nucleus; mlx-lm reads top_p 0 as "no nucleus", i.e. all of them)."""
+    if temperature < GREEDY_BELOW or top_p <= 0.0:
+        return {"temp": 0.0, "top_p": 0.0}
+    return {"temp": temperature, "top_p": top_p if top_p < 1.0 else 0.0}
+
+
 class Speed:
     """The latest reply's speeds, shown in snapshots."""
 
@@ -130,7 +141,7 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
     if seed is not None:
         mx.random.seed(seed % (1 << 64))  # OpenAI seeds are signed 64-bit
     reuse = prompt_cache.reuse(tokens)
-    sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1.0 else 0.0)
+    sampler = make_sampler(**sampling(temperature, top_p))
     text = StopText(stop)
     generated: list[int] = []
     reason = "length"

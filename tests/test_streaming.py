@@ -127,3 +127,10 @@ def test_a_failed_read_mid_reply_leaves_the_engine_correct(model_path, monkeypat
     snap = engine.snapshot()
     assert (snap.resident.sum(axis=1) <= 2).all()
     assert run(engine, third_turn(""), max_tokens=16)[1].tokens == fresh_tokens(model_path, 2, third_turn(""))
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-320, 1.0), (1.5, 0.0), (0.0, 0.5)])
+def test_settings_that_leave_one_candidate_are_greedy(engine, temperature, top_p):
+    greedy = run(engine, PROMPT, max_tokens=12, temperature=0.0)[1].tokens
+    for seed in (1, 2):
+        assert run(engine, PROMPT, max_tokens=12, temperature=temperature, top_p=top_p, seed=seed)[1].tokens == greedy
