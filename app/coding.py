@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_ATTACHMENT_BYTES = 256 * 1024
+MAX_DIFF_BYTES = 1024 * 1024  # a file over this is overwritten after a plain question: no diff on the UI thread
 FENCE = re.compile(r"^(`{3,}|~{3,})([^\n`]*)\n(.*?)^\1[ \t]*$", re.S | re.M)
 MENTION = re.compile(r"(?<![\w@])@([\w./~+-]+)")
 LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".rs": "rust", ".go": "go", ".c": "c",
@@ -99,6 +100,34 @@ def read_text_file(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise AttachmentError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+
+
+def open_regular(path: Path, flags: int) -> int:
+    """A file descriptor for `path`, opened without blocking (O_NONBLOCK: a FIFO's open waits for its other end)
+    and refused unless it is a regular file. OSError or PathError."""
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PathError(f"{shorten(str(path))}: not a regular file (a FIFO, socket or device); refused")
+    return fd
+
+
+def existing_text(path: Path, limit: int = MAX_DIFF_BYTES) -> tuple[int, str | None] | None:
+    """None when `path` does not exist, else (its size, its text, or None when it is over `limit` bytes)."""
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with open(fd, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        return size, None if size > limit else file.read(limit + 1).decode("utf-8", errors="replace")
+
+
+def write_text_file(path: Path, text: str) -> None:
+    """Write `text` to `path` (created with its folders), never blocking on what is not a regular file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 def mentions(message: str) -> list[str]:

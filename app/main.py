@@ -685,8 +685,10 @@ class MoeApp(App):
                 self.notice("not saved")
                 return
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(code + "\n")
+                coding.write_text_file(path, code + "\n")
+            except coding.PathError as exc:
+                self.notice(str(exc), "error")
+                return
             except OSError as exc:
                 self.notice(f"could not write {path}: {exc}", "error")
                 return
@@ -695,11 +697,23 @@ class MoeApp(App):
         def check_existing(ok: bool | None = True) -> None:
             if not ok:
                 self.notice("not saved")
-            elif path.exists():
-                old = path.read_text(errors="replace")
-                self.push_screen(ConfirmScreen(f"Overwrite {path}?", coding.diff(old, code + "\n", path)), write)
-            else:
+                return
+            try:  # read without blocking: what stood there at /save may have changed while the user was asked
+                existing = coding.existing_text(path)
+            except coding.PathError as exc:
+                self.notice(str(exc), "error")
+                return
+            except OSError as exc:
+                self.notice(f"could not read {path}: {exc}", "error")
+                return
+            if existing is None:
                 write()
+            elif existing[1] is None:  # too large to diff here: the UI would freeze for as long as it takes
+                self.push_screen(ConfirmScreen(f"Overwrite {path}? It holds {existing[0] / 1e6:.1f} MB, too much "
+                                               "to show what changes."), write)
+            else:
+                self.push_screen(ConfirmScreen(f"Overwrite {path}?", coding.diff(existing[1], code + "\n", path)),
+                                 write)
 
         if outside:
             self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Write there?"), check_existing)
@@ -733,7 +747,10 @@ class MoeApp(App):
             self.notice(str(exc), "error")
             return
         try:
-            path.write_text(text)
+            coding.write_text_file(path, text)
+        except coding.PathError as exc:
+            self.notice(str(exc), "error")
+            return
         except OSError as exc:
             self.notice(f"could not write {path}: {exc}", "error")
             return

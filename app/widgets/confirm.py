@@ -11,6 +11,15 @@ from textual.widgets import Button, Label, Static
 
 from ..sanitize import terminal_safe
 
+MAX_DIFF_LINES = 400  # highlighting is slow (a megabyte of diff held the UI for seconds): the rest is counted
+
+
+def shown_diff(diff: str) -> str:
+    lines = diff.splitlines(keepends=True)
+    if len(lines) <= MAX_DIFF_LINES:
+        return diff
+    return "".join(lines[:MAX_DIFF_LINES]) + f"... {len(lines) - MAX_DIFF_LINES} more lines of diff not shown\n"
+
 
 class ConfirmScreen(ModalScreen[bool]):
     """The question and the diff are shown as plain text: they hold file names and file contents."""
@@ -39,7 +48,7 @@ class ConfirmScreen(ModalScreen[bool]):
             yield Label(terminal_safe(self.question), markup=False)
             if self.diff:
                 with VerticalScroll():
-                    yield Static(Syntax(terminal_safe(self.diff), "diff", word_wrap=True))
+                    yield Static(Syntax(terminal_safe(shown_diff(self.diff)), "diff", word_wrap=True))
             with Horizontal():
                 yield Button("Yes (y)", variant="warning", id="yes")
                 yield Button("No (n)", variant="primary", id="no")

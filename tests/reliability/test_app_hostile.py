@@ -3,7 +3,10 @@ instances on one data dir. Each must end in a one-line notice, never a traceback
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sqlite3
+import threading
 
 from moe_tui.app.widgets.chat import PromptInput
 
@@ -148,3 +151,90 @@ async def test_temp_refuses_what_is_not_a_temperature(make_app):
         app.run_command("/temp 0")
         app.run_command("/temp 2")
         assert app.store.chat(app.chat_id).settings["temperature"] == 2.0
+
+
+class FifoWatch:
+    """Opens the FIFO's write end without blocking, over and over: that succeeds only while someone has its read
+    end open (the app, stuck in open() or read()), and then it lets that reader go, with an empty file."""
+
+    def __init__(self, path) -> None:
+        self.path, self.opened, self.stop = path, False, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+                self.opened = True
+            except OSError:  # ENXIO: no reader, as it should be
+                pass
+
+
+async def test_save_onto_a_huge_file_asks_without_a_diff(make_app, tmp_path, monkeypatch):
+    from moe_tui.app import coding
+    from moe_tui.app.widgets.confirm import ConfirmScreen
+
+    project = tmp_path / "project"
+    project.mkdir()
+    big = project / "big.py"
+    big.write_text("x = 1\n" * (5 * 1024 * 1024 // 6))
+    diffed: list[int] = []
+    diff = coding.diff
+
+    def measured(old, new, path):
+        diffed.append(len(old))
+        assert len(old) <= 1024 * 1024, "a 5 MB file diffed on the UI thread"
+        return diff(old, new, path)
+
+    monkeypatch.setattr(coding, "diff", measured)
+    monkeypatch.chdir(project)
+    app = make_app(inference_process=False)
+
+    async def steps(pilot) -> None:
+        app.store.add_message(app.chat_id, "assistant", REPLY_WITH_CODE)
+        await send(pilot, app, "/save 1 big.py")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10)
+        assert app.screen.diff == "" and "MB" in app.screen.question
+        await pilot.press("y")
+        await wait_until(pilot, lambda: big.stat().st_size < 100, timeout=10)
+
+    async with app.run_test(size=SIZE) as pilot:
+        await asyncio.wait_for(steps(pilot), 60)
+    assert big.read_text() == "def a():\n    return 1\n" and diffed == []
+
+
+async def test_a_fifo_is_never_opened(make_app, tmp_path, monkeypatch):
+    from moe_tui.app.widgets.confirm import ConfirmScreen
+
+    project = tmp_path / "project"
+    project.mkdir()
+    os.mkfifo(project / "pipe.py")
+    monkeypatch.chdir(project)
+    watch = FifoWatch(project / "pipe.py")
+    app = make_app(inference_process=False)
+
+    async def steps(pilot) -> None:
+        app.store.add_message(app.chat_id, "assistant", REPLY_WITH_CODE)
+        for line in ("/save 1 pipe.py", "/export md pipe.py", "/add pipe.py", "look at @pipe.py"):
+            before = len(errors(app))
+            await send(pilot, app, line)
+            await pilot.pause(0.2)
+            assert app.is_running and not isinstance(app.screen, ConfirmScreen), line
+            assert len(errors(app)) == before + 1 and "regular file" in errors(app)[-1], line
+
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await asyncio.wait_for(steps(pilot), 60)
+    finally:
+        watch.stop.set()
+    assert not watch.opened
+
+
+def test_a_long_diff_is_cut_for_the_dialog():
+    from moe_tui.app.widgets.confirm import MAX_DIFF_LINES, shown_diff
+
+    diff = "".join(f"-line {i}\n" for i in range(MAX_DIFF_LINES + 50))
+    shown = shown_diff(diff)
+    assert shown.count("\n") == MAX_DIFF_LINES + 1 and "50 more lines" in shown
+    assert shown_diff("-a\n+b\n") == "-a\n+b\n"
