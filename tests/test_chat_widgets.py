@@ -196,3 +196,20 @@ async def test_a_readout_shows_its_rows_redraws_a_changed_row_and_cuts_long_ones
         readout.show("one row")
         await pilot.pause()
         assert readout.size.height == 1 and rows() == ["one row"]
+
+
+async def test_a_reply_that_is_one_huge_line_costs_linear_time():
+    """Each fragment re-wraps a bounded tail, not the whole line so far (a 3.5 MB line held the UI for
+    over a minute)."""
+    app = AnchoredChat()
+    async with app.run_test(size=(60, 20)) as pilot:
+        reply = app.query_one(StreamingReply)
+        await pilot.pause()
+        wrapped = []
+        wrap = reply._wrap
+        reply._wrap = lambda paragraph: (wrapped.append(len(paragraph)), wrap(paragraph))[1]
+        fragment = ("word " * 200)[:1000]
+        for _ in range(300):
+            reply.append(fragment)
+        assert sum(wrapped) <= 10 * len(reply.text)
+        assert "".join(strip.text for strip in reply._strips).replace(" ", "") == reply.text.replace(" ", "")

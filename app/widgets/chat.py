@@ -22,6 +22,21 @@ from .rows import StyledRows
 
 # A CRLF ends a line like a LF: split on the LF alone, the CR would show (as ␍) at the end of each row.
 _LINE_END = re.compile(r"\r?\n")
+# A streaming line longer than this is broken (at a space where there is one), so that each fragment
+# re-wraps a bounded tail: a reply that is one huge line would otherwise cost quadratic time.
+LONG_LINE = 4096
+
+
+def _paragraphs(text: str) -> list[str]:
+    """`text` split into lines, long lines into pieces of at most LONG_LINE characters; the last is open."""
+    pieces = []
+    for line in _LINE_END.split(text):
+        while len(line) > LONG_LINE:
+            cut = line.rfind(" ", LONG_LINE // 2, LONG_LINE) + 1 or LONG_LINE
+            pieces.append(line[:cut])
+            line = line[cut:]
+        pieces.append(line)
+    return pieces
 
 
 class ChatScroll(OnePassResize, VerticalScroll):
@@ -154,7 +169,7 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
         return [Strip(line.render(console), line.cell_len) for line in lines] or [Strip.blank(0)]
 
     def _rewrap(self) -> None:
-        *paragraphs, self._tail = _LINE_END.split(self.text)
+        *paragraphs, self._tail = _paragraphs(self.text)
         self._done = [strip for paragraph in paragraphs for strip in self._wrap(paragraph)]
         self._strips = self._done + self._wrap(self._tail)
 
@@ -175,7 +190,7 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
             return
         first = len(self._done)
         # The tail is wrapped whole again: a sequence split over fragments is removed once it is complete.
-        *finished, self._tail = _LINE_END.split(self._tail + fragment)
+        *finished, self._tail = _paragraphs(self._tail + fragment)
         for paragraph in finished:
             self._done.extend(self._wrap(paragraph))
         self._strips = self._done + self._wrap(self._tail)
