@@ -26,7 +26,7 @@ from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, Reply
 from .reply import Reply
 from .sanitize import markup_safe, terminal_safe
 from .settings import Settings, remember
-from .store import ChatStore
+from .store import ChatStore, DataDirLock
 from .themes import load_themes
 from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
 from .widgets.confirm import ConfirmScreen
@@ -141,7 +141,14 @@ class MoeApp(App):
         super().__init__()
         self.spec = spec
         self.settings = settings
-        self.store = ChatStore(store_path or settings.resolved_data_dir() / "chats.sqlite3")
+        store_path = store_path or settings.resolved_data_dir() / "chats.sqlite3"
+        self.lock = DataDirLock(store_path)
+        self.lock.acquire()  # StoreInUse when another app has these chats open: the CLI prints it
+        try:
+            self.store = ChatStore(store_path)
+        except BaseException:
+            self.lock.release()
+            raise
         interval = 1.0 / max(settings.refresh_hz, 0.1)
         if worker_factory is None and settings.inference_process:
             log = settings.resolved_data_dir() / "inference.log"
@@ -204,6 +211,7 @@ class MoeApp(App):
         self.backend.stop()
         self.backend.join(timeout=5)
         self.store.close()
+        self.lock.release()
 
     # ---- chats
     def open_chat(self, chat_id: int) -> None:

@@ -7,11 +7,17 @@ updated as it grows, so killing the app mid-reply keeps everything said so far.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; two apps on one data dir are not caught
+    fcntl = None
 
 
 def _v1(db: sqlite3.Connection) -> None:
@@ -61,6 +67,51 @@ class StoredMessage:
     role: str
     content: str
     status: str  # complete, partial (reply in progress or interrupted), cancelled
+
+
+class StoreInUse(ValueError):
+    """Another moe-tui has this data dir open. A ValueError: the `moe` command prints it as one line."""
+
+
+class DataDirLock:
+    """One app per chat database: two would write into the same chat, and /clear in one would delete what the
+    other shows. An advisory flock on `<db>.lock` beside it, held until release() or the process ends (a
+    killed app leaves no stale lock); the file holds the holder's pid, for the message."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self.path = db_path.with_name(db_path.name + ".lock")
+        self.file = None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            file = open(self.path, "a+")  # held open for as long as the lock: not a with block
+        except OSError:
+            return  # a folder we cannot write to: the database will say so itself
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip()
+            file.close()
+            raise StoreInUse(
+                f"{self.db_path.parent} is in use by another moe-tui{f' (pid {holder})' if holder.isdigit() else ''}; "
+                "close that one, or start this one with --data-dir DIR for a separate set of chats") from None
+        except OSError:  # ENOLCK, e.g. some network file systems: run unlocked, as before
+            file.close()
+            return
+        file.truncate(0)
+        file.write(str(os.getpid()))
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the descriptor drops the flock
+            self.file = None
 
 
 class ChatStore:

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import threading
 
+import pytest
 from moe_tui.app.widgets.chat import PromptInput
 
 from ..test_app import replies, send, wait_until
@@ -238,3 +239,43 @@ def test_a_long_diff_is_cut_for_the_dialog():
     shown = shown_diff(diff)
     assert shown.count("\n") == MAX_DIFF_LINES + 1 and "50 more lines" in shown
     assert shown_diff("-a\n+b\n") == "-a\n+b\n"
+
+
+async def test_a_second_app_on_the_same_data_dir_refuses_to_start(make_app, tmp_path, capsys):
+    from moe_tui.app import cli
+
+    app = make_app(inference_process=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        # Both would write into one chat, and /clear in one would delete what the other shows.
+        with pytest.raises(ValueError, match="--data-dir") as refused:
+            make_app(inference_process=False)
+        message = str(refused.value)
+        assert str(tmp_path / "data") in message and "\n" not in message
+    from moe_tui.app.store import DataDirLock
+
+    held = DataDirLock(tmp_path / "data" / "chats.sqlite3")  # as by an app in another process
+    held.acquire()
+    try:
+        assert cli.main(["chat", app.spec.model, "--data-dir", str(tmp_path / "data")]) == 2
+    finally:
+        held.release()
+    assert "in use by another moe-tui" in capsys.readouterr().err
+    again = make_app(inference_process=False)  # the first one is gone: its lock with it
+    async with again.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert again.is_running
+
+
+def test_the_data_dir_lock(tmp_path):
+    from moe_tui.app.store import DataDirLock, StoreInUse
+
+    first = DataDirLock(tmp_path / "chats.sqlite3")
+    first.acquire()
+    second = DataDirLock(tmp_path / "chats.sqlite3")
+    with pytest.raises(StoreInUse, match=str(os.getpid())):
+        second.acquire()
+    assert (tmp_path / "chats.sqlite3.lock").exists()
+    first.release()
+    second.acquire()
+    second.release()
