@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+from moe_tui.app.textual_compat import notification_texts
 from moe_tui.app.widgets.chat import PromptInput, StreamingReply
+from moe_tui.app.widgets.confirm import ConfirmScreen
+from textual.command import Command, CommandInput, CommandList, CommandPalette
 
 RECHECK = 0.5  # seconds: a condition changed by another thread (the store, a worker) is re-read this often
 
@@ -62,3 +65,33 @@ def reply_shown(app) -> bool:
     return not app.generating and not app.query(StreamingReply)
 
 
+
+
+def dialog_open(app) -> bool:
+    """A yes/no question is on screen and mounted, so its y/n keys reach it."""
+    return isinstance(app.screen, ConfirmScreen) and app.screen.is_mounted
+
+
+def dialog_closed(app) -> bool:
+    return not isinstance(app.screen, ConfirmScreen)
+
+
+def palette_open(app) -> bool:
+    """The command palette is on screen with its input focused: keys typed now go into its search."""
+    return isinstance(app.screen, CommandPalette) and isinstance(app.focused, CommandInput)
+
+
+def palette_offers(app, title: str) -> bool:
+    """The palette's highlighted entry, the one Enter picks, is `title`. Its results come from a worker, a
+    search per keystroke (each cancelling the last), so until the search for the whole text typed is back
+    the list may be empty or still show an earlier search's entries."""
+    if not isinstance(app.screen, CommandPalette):
+        return False
+    results = app.screen.query_one(CommandList)
+    option = results.highlighted_option
+    return results.option_count > 0 and isinstance(option, Command) and option.hit.text == title
+
+
+def notified(app, text: str) -> bool:
+    """A toast containing `text` is showing."""
+    return any(text in shown for shown in notification_texts(app))

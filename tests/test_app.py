@@ -14,7 +14,18 @@ from moe_tui.app.widgets.confirm import ConfirmScreen
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
 
-from tests.helpers import replies, reply_shown, send, wait_until, watched
+from tests.helpers import (
+    dialog_closed,
+    dialog_open,
+    notified,
+    palette_offers,
+    palette_open,
+    replies,
+    reply_shown,
+    send,
+    wait_until,
+    watched,
+)
 
 
 async def test_send_message_streams_a_reply_and_fills_the_heatmap(make_app):
@@ -72,7 +83,7 @@ async def test_session_survives_restart(make_app):
         chat_id, expected = app.chat_id, [(m.role, m.content) for m in app.store.messages(app.chat_id)]
     again = make_app()
     async with again.run_test(size=(120, 40)) as pilot:
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: len(again.query(MessageView)) == len(expected))  # the chat reopened
         assert again.chat_id == chat_id
         assert [(m.role, m.content) for m in again.store.messages(chat_id)] == expected
         assert [v.role for v in again.query(MessageView)] == ["user", "assistant"]
@@ -83,10 +94,10 @@ async def test_capacity_change_from_palette_reaches_engine(make_app):
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await pilot.press("ctrl+p")
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: palette_open(app))
         for ch in "Capacity: 50%":
             await pilot.press(ch if ch != " " else "space")
-        await pilot.pause(0.3)
+        await wait_until(pilot, lambda: palette_offers(app, "Capacity: 50%"))
         await pilot.press("enter")
         # Snapshots are built by the engine itself (in the inference process): they show what it runs with.
         await wait_until(pilot, lambda: app.last_snapshot.capacity == 4)
@@ -104,7 +115,9 @@ async def test_small_terminal_and_theme_switch(make_app, tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.run_command("/theme moe-colorblind")
-        await pilot.pause(0.1)
+        config = tmp_path / "config.toml"
+        await wait_until(pilot, lambda: app.theme == "moe-colorblind" and config.exists()
+                         and "moe-colorblind" in config.read_text())
         assert app.theme == "moe-colorblind"
         assert "moe-colorblind" in (tmp_path / "config.toml").read_text()
         await pilot.press("f2")
@@ -143,12 +156,15 @@ async def test_file_outside_cwd_needs_confirmation(make_app, tmp_path, monkeypat
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.run_command("/add ../secret.txt")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: dialog_open(app))
         await pilot.press("n")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: dialog_closed(app))
+        # No observable sign of a "no" (it attaches nothing, says nothing): the answer's callback, queued
+        # on the app as the dialog closed, runs during this pause (it waits for pending messages).
+        await pilot.pause()
         assert app.attachments == []
         app.run_command("/add ../secret.txt")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: dialog_open(app))
         await pilot.press("y")
         await wait_until(pilot, lambda: len(app.attachments) == 1)
 
@@ -164,19 +180,19 @@ async def test_save_code_block_asks_before_overwriting(make_app, tmp_path, monke
         reply = "First:\n```python\ndef a():\n    return 1\n```\nThen:\n```python\ndef b():\n    return 2\n```"
         app.store.add_message(app.chat_id, "assistant", reply)
         app.run_command("/save 2 out/b.py")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: notified(app, "saved code block 2"))
         assert (project / "out" / "b.py").read_text() == "def b():\n    return 2\n"
         app.run_command("/save 1 out/b.py")  # exists: a diff and a question
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: dialog_open(app))
         assert isinstance(app.screen, ConfirmScreen)
         assert "-    return 2" in app.screen.diff and "+    return 1" in app.screen.diff
         await pilot.press("n")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: dialog_closed(app) and notified(app, "not saved"))
         assert "return 2" in (project / "out" / "b.py").read_text()
         app.run_command("/save 1 out/b.py")
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: dialog_open(app))
         await pilot.press("y")
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: dialog_closed(app) and notified(app, "saved code block 1"))
         assert (project / "out" / "b.py").read_text() == "def a():\n    return 1\n"
         app.run_command("/save 3 out/c.py")
         assert not (project / "out" / "c.py").exists()
@@ -207,10 +223,10 @@ async def test_keymap_from_settings_and_palette_prefill(make_app):
         await pilot.press("ctrl+b")
         await wait_until(pilot, lambda: app.chat_id != first)
         await pilot.press("ctrl+p")
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: palette_open(app))
         for ch in "/rename":
             await pilot.press(ch)
-        await pilot.pause(0.3)
+        await wait_until(pilot, lambda: palette_offers(app, "/rename TITLE"))
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.query_one(PromptInput).text == "/rename ")
         await pilot.press(*"sorting", "enter")
@@ -226,7 +242,7 @@ async def test_belady_optimum_is_shown_after_a_reply(make_app):
         await wait_until(pilot, lambda: app.last_optimum is not None)  # replayed while idle
         assert set(app.last_optimum) == {"lru", "lfu", "decay", "belady"}
         assert 0 <= app.last_optimum["belady"] <= 1
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: any("Belady" in line.plain for line in app.query_one("#routing").lines))
         assert any("Belady" in line.plain for line in app.query_one("#routing").lines)
 
 
@@ -255,7 +271,12 @@ async def test_a_model_that_fails_to_load_is_reported_once(tmp_path, monkeypatch
     app = watched(MoeApp(EngineSpec(model=str(tmp_path / "missing")), Settings(data_dir=str(tmp_path / "data"))))
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.sub_title == "model failed to load")
-        await pilot.pause(0.5)
+        # "Once": nothing more about the failure may follow. A round trip through the inference process (a
+        # token count, which the failed session refuses at once) comes back through the same pipe after
+        # everything the process sent before it; its reader posts those to the app before the answer.
+        answered = app.backend.count_tokens("x")
+        await wait_until(pilot, answered.done)
+        await pilot.pause()  # what the reader posted before the answer is handled
         notices = [v.text for v in app.query(MessageView) if v.role == "notice"]
         assert len(notices) == 1 and "missing" in notices[0]
     assert (tmp_path / "data" / "inference.log").exists()  # the child's output went there, not to the screen

@@ -9,7 +9,7 @@ from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
 
-from tests.helpers import replies, send, wait_until, watched
+from tests.helpers import notified, replies, send, wait_until, watched
 from tests.test_server import LiveServer
 
 
@@ -52,7 +52,7 @@ async def test_openai_compatible_server_without_telemetry(live, tmp_path, monkey
         assert app.last_snapshot is None
         assert app.backend.remote.replies == 1 and app.backend.remote.ttft_s[0] > 0
         app.run_command("/capacity 2")  # settings belong to the server: a notice, nothing breaks
-        await pilot.pause(0.2)
+        await wait_until(pilot, lambda: notified(app, "set where the server runs"))
 
 
 async def test_unreachable_server_is_reported(tmp_path, monkeypatch):
