@@ -204,7 +204,9 @@ def cmd_serve(args) -> int:
     profile, pin = _profile(args, demo=args.model is None)
     serve(model, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           max_tokens_cap=args.max_tokens_cap, capacity=args.capacity, mode=args.mode, policy=args.policy,
-          profile=profile, pin=pin, kv_bits=args.kv_bits)
+          profile=profile, pin=pin, kv_bits=args.kv_bits, allowed_hosts=args.allow_host,
+          allowed_origins=args.allow_origin, request_timeout=args.request_timeout,
+          max_connections=args.max_connections, access_log=args.access_log)
     return 0
 
 
@@ -253,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require this key (or set MOE_API_KEY)")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="also answer requests whose Host header names HOST (any port; repeatable; '*' for any). "
+                        "On loopback only localhost, 127.0.0.1 and [::1] are answered, against DNS rebinding")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000; repeatable; '*' for any) call the "
+                        "server, with CORS; by default requests carrying an Origin header get 403")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close connections whose request headers, or whose body, take longer than this (default 30)")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="open connections kept (the oldest idle are closed to make room) and requests run at once; "
+                        "beyond that, 503 (default 64)")
+    p.add_argument("--access-log", action="store_true", help="log each request (off by default)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")
