@@ -285,10 +285,10 @@ class ExpertCache:
         layer.lut = mx.array(slot_of)
         layer.identity = bool(np.array_equal(slot_of, np.arange(len(slot_of))))
 
-    def _load(self, layer: _Layer, placements: list[tuple[int, int, int]], count: bool = True) -> None:
-        """Read the placed experts from disk and write them into their slots."""
+    def _load(self, layer: _Layer, placements: list[tuple[int, int, int]], count: bool = True) -> bool:
+        """Read the placed experts from disk and write them into their slots; False when there were none."""
         if not placements:
-            return
+            return False
         started = time.perf_counter()
         placements = sorted(placements)  # ascending expert ids: adjacent experts are read in one call
         experts = [e for e, _, _ in placements]
@@ -299,11 +299,13 @@ class ExpertCache:
             for start in range(0, len(placements), per_chunk):
                 chunk = placements[start : start + per_chunk]
                 reads = self.expert_reader.read(layer.sources, [e for e, _, _ in chunk], layer.slot_dtypes)
+                targets = []
                 for (proj, param), values in reads:
                     target = layer.block.projections[proj][param]
                     for (_, slot, _), value in zip(chunk, values, strict=False):
                         target[slot] = value  # integer-index updates run in place; a scatter copies the tensor
-                        mx.eval(target)
+                    targets.append(target)
+                mx.eval(targets)  # one evaluation for the chunk's slots of every parameter
         except BaseException:
             # A slot whose read failed may hold part of another expert: none of them counts as resident.
             for expert, slot, _ in placements:
@@ -320,6 +322,7 @@ class ExpertCache:
                 self.counters.evictions[i, evicted] += 1
         self.counters.bytes_read[i] += nbytes
         self.counters.load_seconds[i] += time.perf_counter() - started
+        return True
 
     def warm(self, experts: Sequence[Sequence[int]] | None = None, batch: int | None = None) -> None:
         """Load experts ahead of use: per layer the given ids (default: as many as fit, lowest ids first),
@@ -377,22 +380,27 @@ class ExpertCache:
         others = [int(e) for e in needed if int(e) not in cache.pinned]
         room = cache.capacity - len(cache.pinned)  # >= top_k: pins are capped at capacity - top_k
         if len(others) <= room:
-            self._load(layer, cache.access(needed, self._step))
-            self._sync_lut(layer)
+            if self._load(layer, cache.access(needed, self._step)):
+                self._sync_lut(layer)
             return stock(x, mx.array(cache.slot_of[inds]))
-        # More distinct experts than free slots (long prefill): run the layer in cache-sized groups.
+        # More distinct experts than free slots (long prefill): expert-major, a cache-sized group at a time,
+        # each needed expert read once and each routed (token, expert) pair computed once.
         cache.touch(pinned_needed, self._step)
-        out = None
+        routed = inds.reshape(-1)
+        token_of = np.repeat(np.arange(routed.size // inds.shape[-1]), inds.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        order, outputs = [], []
         for start in range(0, len(others), room):
             group = others[start : start + room] + (pinned_needed if start == 0 else [])
             self._load(layer, cache.access(group, self._step))
-            in_group = np.isin(inds, group)
-            slots = np.where(in_group, np.maximum(cache.slot_of[inds], 0), 0)
-            y = mx.where(mx.array(in_group)[..., None], stock(x, mx.array(slots)), 0)
-            out = y if out is None else out + y
-            mx.eval(out)
+            pairs = np.flatnonzero(np.isin(routed, group))
+            y = stock(rows[mx.array(token_of[pairs])], mx.array(cache.slot_of[routed[pairs]])[:, None])[:, 0]
+            mx.eval(y)  # before the next group's loads overwrite these slots
+            order.append(pairs)
+            outputs.append(y)
         self._sync_lut(layer)
-        return out
+        out = mx.concatenate(outputs)[mx.array(np.argsort(np.concatenate(order)))]
+        return out.reshape(*inds.shape, out.shape[-1])
 
     # ------------------------------------------------------------------ stats
 
