@@ -9,20 +9,9 @@ import sys
 from pathlib import Path
 
 from moe_tui.inference.demo_paths import DEMO_CAPACITY, DEMO_MODEL, DEMO_PROFILE
-from moe_tui.inference.engine import resolve_model_path
 from moe_tui.inference.errors import ModelLoadError
 
-
-def parse_capacity(value: str) -> int | float:
-    """'12' -> 12 experts; '0.5' or '50%' -> that fraction of the experts."""
-    value = value.strip()
-    try:
-        number = float(value[:-1]) / 100 if value.endswith("%") else float(value) if "." in value else int(value)
-    except ValueError:
-        raise ValueError(f"capacity must be a count (12), fraction (0.5) or percent (50%), not {value!r}") from None
-    if number <= 0:
-        raise ValueError(f"capacity must be positive, not {value!r}")
-    return number
+from .commands import parse_capacity
 
 
 def _capacity(value: str) -> int | float:
@@ -166,6 +155,8 @@ def cmd_chat(args) -> int:
         return run_remote(settings, args.base_url, args.remote_model or args.model, args.api_key, telemetry=False)
     model = args.model or settings.default_model
     model = ensure_local(model) if model else str(DEMO_MODEL)
+    from moe_tui.inference.loading import resolve_model_path
+
     resolve_model_path(model)  # a wrong path is a one-line error here, not a broken screen
     profile, pin = _profile(args, demo=model == str(DEMO_MODEL))
     if model == str(DEMO_MODEL):
