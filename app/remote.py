@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -20,6 +21,7 @@ from .backend import Capabilities, estimated_tokens
 from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI
+ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read for its message: a server may send one without end
 
 
 class BadReply(Exception):
@@ -56,7 +58,12 @@ class RemoteWorker(threading.Thread):
         self.want_telemetry = telemetry
         self.stats_hz = stats_hz
         self.remote = RemoteStats()
-        self.client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=httpx.Timeout(10, read=300))
+        # No keep-alive: each reply opens its own connection, so the trace below always sees the socket that
+        # `cancel` must shut (a reused connection reports no connect event).
+        self.client = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=httpx.Timeout(10, read=300),
+                                   limits=httpx.Limits(max_keepalive_connections=0))
+        self._open_lock = threading.Lock()
+        self._open_stream = None  # the network stream of the reply being read, if any
 
     # ---- the Backend contract (called from the UI thread)
     def submit(self, request: Generate) -> None:
@@ -67,6 +74,7 @@ class RemoteWorker(threading.Thread):
 
     def cancel(self) -> None:
         self._cancel.set()
+        self._interrupt()
 
     def count_tokens(self, text: str) -> Future:
         return estimated_tokens(text)
@@ -74,7 +82,32 @@ class RemoteWorker(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
         self._cancel.set()
+        self._interrupt()
         self.requests.put(None)
+
+    def _interrupt(self) -> None:
+        """Shut the open reply's socket. The reading thread checks the cancel flag only when a line arrives,
+        so a server that goes silent (or never sends its headers) would hold the reply until the read timeout;
+        a shut socket ends that read at once, and the server sees the client leave."""
+        with self._open_lock:  # held so that the stream cannot be released (and its socket reused) meanwhile
+            stream = self._open_stream
+            if stream is None:
+                return
+            try:
+                sock = stream.get_extra_info("socket")
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by either side
+                pass
+
+    def _trace(self, event: str, info: dict) -> None:
+        """httpcore's trace hook for a reply's request: keeps the connection's stream for `_interrupt`."""
+        if event in ("connection.connect_tcp.complete", "connection.connect_unix_socket.complete",
+                     "connection.start_tls.complete") and info.get("return_value") is not None:
+            with self._open_lock:
+                self._open_stream = info["return_value"]
+            if self._cancel.is_set():  # cancelled while connecting
+                self._interrupt()
 
     # ---- the thread
     def run(self) -> None:
@@ -82,8 +115,8 @@ class RemoteWorker(threading.Thread):
             models = self.client.get("/v1/models")
             models.raise_for_status()
             names = _model_names(models.json())
-        except (httpx.HTTPError, ValueError, BadReply) as exc:
-            self.app.post_message(EngineFailed(f"{self.base_url}: cannot list models ({exc})"))
+        except Exception as exc:  # noqa: BLE001 - anything (RecursionError from nested JSON too) is a failed start
+            self.app.post_message(EngineFailed(f"{self.base_url}: cannot list models ({_short(exc)})"))
             return
         if not self.model:
             if not names:
@@ -118,7 +151,7 @@ class RemoteWorker(threading.Thread):
             r = self.client.get("/v1/stats")
             data = r.json()
             return r.status_code == 200 and isinstance(data, dict) and "resident" in data
-        except (httpx.HTTPError, ValueError):
+        except Exception:  # noqa: BLE001 - unreachable, or junk (RecursionError too): no telemetry
             return False
 
     def _stream_stats(self) -> None:
@@ -143,41 +176,74 @@ class RemoteWorker(threading.Thread):
         started = time.perf_counter()
         first = None
         tokens, prompt_tokens, finish = 0, 0, "stop"
+        kind, data_lines, finished = "", 0, False  # finished: [DONE] or a finish_reason came
+        skipped, example = 0, ""  # chunks that are JSON objects but carry nothing in the OpenAI format; the first
+        error = None
         try:
-            with self.client.stream("POST", "/v1/chat/completions", json=body) as r:
+            with self.client.stream("POST", "/v1/chat/completions", json=body,
+                                    extensions={"trace": self._trace}) as r:
+                kind = r.headers.get("content-type", "")
                 if r.status_code != 200:
-                    r.read()
-                    raise RuntimeError(_error_text(r))
+                    raise RuntimeError(_error_text(r.status_code, _head(r)))
                 for line in r.iter_lines():
                     if self._cancel.is_set():
-                        finish = "cancelled"
                         break  # leaving the block closes the connection: the server cancels
-                    if not line.startswith("data: ") or line == "data: [DONE]":
+                    if not line.startswith("data:"):
                         continue
-                    chunk = _object(json.loads(line[6:]), "a stream chunk")
+                    data = line[5:].removeprefix(" ")  # SSE drops one space after the colon
+                    data_lines += 1
+                    if data == "[DONE]":
+                        finished = True
+                        break  # a server may keep the connection open after it
+                    chunk = _object(json.loads(data), "a stream chunk")
                     if "error" in chunk:
                         raise BadReply(f"the server reported an error: {_message(chunk['error'])}")
                     usage = chunk.get("usage")
                     if isinstance(usage, dict):
                         tokens = _int(usage.get("completion_tokens"), tokens)
                         prompt_tokens = _int(usage.get("prompt_tokens"), 0)
-                    for choice in chunk.get("choices") or []:
+                    choices = chunk.get("choices")
+                    if not isinstance(choices, list):
+                        if choices is not None or not isinstance(usage, dict):  # a usage-only chunk is fine
+                            skipped, example = skipped + 1, example or data
+                        continue
+                    for choice in choices:
                         choice = _object(choice, "a choice")
                         delta = choice.get("delta")
                         content = delta.get("content") if isinstance(delta, dict) else None
-                        if isinstance(content, str) and content:
-                            first = first or time.perf_counter()
-                            tokens += 0 if usage else 1
-                            pending += content
-                        if isinstance(choice.get("finish_reason"), str):
-                            finish = choice["finish_reason"]
+                        reason = choice.get("finish_reason")
+                        if isinstance(reason, str):
+                            finish, finished = reason, True
+                        if isinstance(content, str):
+                            if content:
+                                first = first or time.perf_counter()
+                                tokens += 0 if usage else 1
+                                pending += content
+                        elif content is not None or not (isinstance(delta, dict) or isinstance(reason, str)):
+                            skipped, example = skipped + 1, example or data
                     now = time.monotonic()
                     if pending and now - last_post >= CHUNK_INTERVAL:
                         self.app.post_message(ReplyChunk(request.tag, pending))
                         text, pending, last_post = text + pending, "", now
-        except (httpx.HTTPError, RuntimeError, ValueError, BadReply) as exc:
-            self.app.post_message(ReplyDone(request.tag, text + pending, None, str(exc)))
+        except (httpx.HTTPError, RuntimeError, ValueError, RecursionError, BadReply) as exc:
+            error = _short(exc)
+        finally:
+            with self._open_lock:
+                self._open_stream = None
+        if self._cancel.is_set() and (error is not None or not finished):
+            finish, error = "cancelled", None  # the user's doing: whatever the read ended with, no error to show
+        elif error is None and not data_lines:
+            error = f"the server's answer is not an event stream ({kind or 'no content type'})"
+        elif error is None and skipped and not text + pending:
+            error = f"the server's stream has no text in the OpenAI format: {_sample(skipped, example)}"
+        elif error is None and not finished:
+            error = "the server closed the stream before the reply ended"
+        if error is not None:
+            self.app.post_message(ReplyDone(request.tag, text + pending, None, error))
             return
+        if skipped:
+            self.app.post_message(EngineNotice("skipped stream chunks not in the OpenAI format: "
+                                               f"{_sample(skipped, example)}", "warning"))
         if pending:
             self.app.post_message(ReplyChunk(request.tag, pending))
         ended = time.perf_counter()
@@ -191,13 +257,31 @@ class RemoteWorker(threading.Thread):
         self.app.post_message(ReplyDone(request.tag, done.text, done))
 
 
-def _error_text(response: httpx.Response) -> str:
+def _head(response: httpx.Response) -> bytes:
+    """The start of an answer's body, at most ERROR_BODY_LIMIT bytes."""
+    body = b""
+    for part in response.iter_bytes():
+        body += part
+        if len(body) >= ERROR_BODY_LIMIT:
+            break
+    return body[:ERROR_BODY_LIMIT]
+
+
+def _sample(count: int, example: str) -> str:
+    return f"{count} chunk{'s' if count > 1 else ''}, the first {example[:80]}"
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:300] or type(exc).__name__
+
+
+def _error_text(status: int, body: bytes) -> str:
     try:
-        data = response.json()
-    except ValueError:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
         data = None
     message = _message(data.get("error")) if isinstance(data, dict) else None
-    return f"server answered {response.status_code}: {message or response.text[:200]}"
+    return f"server answered {status}: {message or body[:200].decode(errors='replace')}"
 
 
 def _message(error) -> str:
