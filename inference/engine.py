@@ -14,7 +14,7 @@ from typing import Any
 from .expert_cache import MODES, ExpertCache, ModelLayout
 from .generation import PromptCache, Speed, generate
 from .loading import context_length, kv_group_size, open_checkpoint, resolve_model_path
-from .prompts import control_strings, encode_messages
+from .prompts import control_strings, encode_messages, max_token_bytes
 from .telemetry import CacheSnapshot, GenerationDone, TokenDelta
 
 __all__ = ["MODES", "Engine", "ModelLayout", "resolve_model_path"]
@@ -63,6 +63,7 @@ class Engine:
                                    policy, max_loads_per_step, record_trace)
         self.prompt_cache = PromptCache(self.model)
         self._control_strings = control_strings(self.tokenizer)
+        self.max_token_bytes = max_token_bytes(self.tokenizer)
         self._speed = Speed()
         if profile is not None:
             self.experts.apply_profile(profile, pin=pin)

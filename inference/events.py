@@ -61,6 +61,7 @@ class ModelInfo:
     expert_bytes: int
     dense_bytes: int
     context_length: int
+    max_token_bytes: int = 64  # no token stands for more UTF-8 bytes than this
 
     @staticmethod
     def of(engine: Any) -> ModelInfo:
@@ -68,7 +69,8 @@ class ModelInfo:
         return ModelInfo(model=engine.name, model_type=layout.model_type, num_layers=layout.num_layers,
                          moe_layers=layout.moe_layers, num_experts=layout.num_experts, top_k=layout.top_k,
                          expert_bytes=layout.expert_bytes, dense_bytes=layout.dense_bytes,
-                         context_length=engine.context_length)
+                         context_length=engine.context_length,
+                         max_token_bytes=getattr(engine, "max_token_bytes", 64))
 
 
 @dataclass(frozen=True)

@@ -46,3 +46,15 @@ def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str
         start = match.end()
     ids += tokenizer.encode(text[start:], add_special_tokens=False)
     return ids
+
+
+def max_token_bytes(tokenizer: Any) -> int:
+    """An upper bound on the UTF-8 bytes one token stands for: a text of B bytes takes at least
+    B / this many tokens, which rules out a prompt far over the context without tokenizing it.
+    (A vocabulary entry's own spelling is never shorter than the bytes it decodes to: byte-level BPE spells
+    each byte as one character, SentencePiece a space as '▁' and a raw byte as '<0xNN>'.)"""
+    try:
+        vocab = tokenizer.get_vocab()
+    except AttributeError:
+        return 64  # no vocabulary to read: a generous bound
+    return max((len(token.encode("utf-8", "replace")) for token in vocab), default=64) or 64

@@ -148,6 +148,7 @@ def test_stats_json_sse_and_prometheus_change_with_generation(server, oai):
     after = httpx.get(server.url + "/v1/stats").json()
     assert sum(map(sum, after["requests"])) > sum(map(sum, before["requests"]))
     assert after["tokens_generated"] > before["tokens_generated"] and 0 <= after["hit_rate"] <= 1
+    assert after["model"] == "tiny"  # the served name, not the model's path on this machine
 
     def total(text: str, name: str) -> float:
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
@@ -294,7 +295,9 @@ def test_sigterm_ends_streams_with_a_final_event(tmp_path):
                 lines.append(line)
                 if len(lines) == 8:
                     proc.send_signal(signal.SIGTERM)
-        assert "event: message_stop" in lines and "event: message_delta" in lines
+        # The reply was cut by the server: an error event says so, and no stop_reason claims a clean end.
+        assert "event: error" in lines and any("shutting down" in line for line in lines)
+        assert not any("end_turn" in line for line in lines)
         # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM.
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         assert "Finished server process" in proc.stdout.read().decode()
@@ -353,5 +356,41 @@ def test_health_says_when_the_inference_thread_is_gone(tmp_path):
         assert r.status_code == 503 and r.json()["status"] == "stopped"
         r = httpx.post(live.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
         assert r.status_code == 503
+    finally:
+        live.close()
+
+
+def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(server, monkeypatch):
+    tokenized = []
+    real = server.runner.tokenize
+
+    async def counting(prompt):
+        tokenized.append(1)
+        return await real(prompt)
+
+    monkeypatch.setattr(server.runner, "tokenize", counting)
+    huge = [{"role": "user", "content": "x" * 800_000}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": huge, "max_tokens": 10})
+    assert r.status_code == 400 and "context window of 512" in r.json()["error"]["message"]
+    assert tokenized == []
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2})
+    assert r.status_code == 200 and tokenized == [1]
+
+
+def test_a_reply_cut_by_shutdown_is_not_reported_as_finished(tmp_path):
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    live = LiveServer(make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=8192), max_tokens_cap=4000)
+    try:
+        body = {"messages": MSG, "max_tokens": 4000, "temperature": 0, "stop": ["\u2603"]}
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, live.url + "/v1/chat/completions", json=body, timeout=60)
+            deadline = time.monotonic() + 30
+            while not live.runner.busy:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            live.runner.stop()
+            r = pending.result()
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     finally:
         live.close()

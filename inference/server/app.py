@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -27,6 +27,13 @@ DISCONNECT_POLL = 0.25  # seconds: how soon a non-streaming request notices its 
 
 class GenerationFailed(Exception):
     """The engine raised while generating this request's reply."""
+
+
+class ReplyCut(Exception):
+    """The server ended this reply itself (it is shutting down): the client is told, not given a clean stop."""
+
+    def __str__(self) -> str:
+        return "the server is shutting down: this reply was cut short"
 
 
 class ServerConfig:
@@ -107,14 +114,22 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return problem
         try:
             chat = parse(await read_json(request), config.max_tokens_cap)
+            context = runner.context_length
+            size = sum(len(m["content"].encode()) for m in chat.messages)
+            if context and size > (context - chat.max_tokens) * runner.max_token_bytes:
+                # Certainly over the context: refused without spending the inference thread on tokenizing it.
+                return error_for(request, f"the messages take {size} bytes, at least {size // runner.max_token_bytes} "
+                                 f"tokens: with max_tokens {chat.max_tokens} over the context window of {context} "
+                                 "tokens", 400, "messages")
             prompt = await runner.tokenize(chat.messages)  # on the session's thread, not this event loop
         except BadRequest as exc:
             return error_for(request, str(exc), exc.status, exc.param)
         except SessionClosed:
             return error_for(request, "the server is shutting down", 503)
+        except ClientDisconnect:
+            return error_for(request, "client disconnected", 499)
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
             return error_for(request, f"could not build the prompt: {exc}", 400)
-        context = runner.context_length
         if context and len(prompt) + chat.max_tokens > context:
             return error_for(request, f"prompt has {len(prompt)} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
@@ -135,7 +150,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         fails, which also ends up in `finally`.
 
         Raises:
-            GenerationFailed: the engine raised while generating.
+            GenerationFailed: the engine raised while generating. ReplyCut: the server is shutting down.
         """
         loop = asyncio.get_running_loop()
         checked = loop.time()
@@ -166,6 +181,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                     if text:
                         yield text
                 elif isinstance(event, JobDone):
+                    if event.done.finish_reason == "cancelled":
+                        raise ReplyCut  # the client is still here (else we returned above): the server cut it
                     yield event.done
                     return
                 elif isinstance(event, JobFailed):
@@ -191,6 +208,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         if not chat.stream:
             try:
                 done = await final(job, request)
+            except ReplyCut as exc:
+                return openai_error(str(exc), 503, kind="server_error")
             except Exception as exc:  # noqa: BLE001
                 return openai_error(f"generation failed: {exc}", 500, kind="server_error")
             if done is None:
@@ -211,8 +230,11 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                                                          "finish_reason": None}]})
                     else:
                         done = event
-            except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band, then end properly
-                yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error"}})
+            except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band; no finish_reason claims a clean end
+                message = str(exc) if isinstance(exc, ReplyCut) else f"generation failed: {exc}"
+                yield sse({"error": {"message": message, "type": "server_error"}})
+                yield "data: [DONE]\n\n"
+                return
             finish = openai_finish(done) if done else "stop"
             yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
             if chat.include_usage and done is not None:
@@ -231,6 +253,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         if not chat.stream:
             try:
                 done = await final(job, request)
+            except ReplyCut as exc:
+                return anthropic_error(str(exc), 503, "overloaded_error")
             except Exception as exc:  # noqa: BLE001
                 return anthropic_error(f"generation failed: {exc}", 500, "api_error")
             if done is None:
@@ -257,8 +281,10 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                                                                 "delta": {"type": "text_delta", "text": event}})
                     else:
                         done = event
-            except Exception as exc:  # noqa: BLE001
-                yield sse_event("error", {"type": "error", "error": {"type": "api_error", "message": str(exc)}})
+            except Exception as exc:  # noqa: BLE001 - an error event ends the stream; no stop_reason claims a clean end
+                kind = "overloaded_error" if isinstance(exc, ReplyCut) else "api_error"
+                yield sse_event("error", {"type": "error", "error": {"type": kind, "message": str(exc)}})
+                return
             yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
             reason, sequence = anthropic_stop(done, chat.stop) if done else ("end_turn", None)
             yield sse_event("message_delta", {"type": "message_delta",
@@ -284,7 +310,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
 
     def snapshot_json() -> dict | None:
         snap = runner.snapshot
-        return None if snap is None else snap.to_dict()
+        # The served name, not the model's path on this machine.
+        return None if snap is None else {**snap.to_dict(), "model": config.model_name}
 
     async def stats(request: Request) -> Response:
         if not authorized(request):

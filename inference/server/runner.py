@@ -72,6 +72,10 @@ class EngineRunner:
     def context_length(self) -> int:
         return self.session.info.context_length if self.session.info else 0
 
+    @property
+    def max_token_bytes(self) -> int:
+        return self.session.info.max_token_bytes if self.session.info else 64
+
     def waiting(self) -> int:
         return self.session.waiting()
 
