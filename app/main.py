@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import math
+import signal
 import sqlite3
 import time
 from functools import partial, wraps
@@ -159,6 +161,7 @@ class MoeApp(App):
         self.theme_gradients: dict[str, tuple[str, ...]] = {}
         self.chat_id: int | None = None
         self.reply: Reply | None = None  # the reply streaming now, if any
+        self.engine_down: str | None = None  # why no reply can be generated (load failed, engine stopped)
         self.context_length = 0
         self.last_snapshot = None
         self.last_optimum: dict | None = None  # hit rates of every policy and Belady on the recent trace
@@ -204,7 +207,21 @@ class MoeApp(App):
         # the anchor; scrolling back to the bottom restores it.
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one(PromptInput).focus()
+        self.exit_on_signals()
         self.backend.start()
+
+    def exit_on_signals(self) -> None:
+        """SIGTERM and SIGHUP (a closed terminal, `kill`) end the app like Ctrl+Q, so the terminal is given
+        back as it was (main screen, no mouse reporting) and the chat is closed cleanly."""
+        loop = asyncio.get_running_loop()
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                loop.add_signal_handler(sig, self.exit)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such support
+                pass
 
     def on_unmount(self) -> None:
         hold_full_collections(False)
@@ -290,6 +307,10 @@ class MoeApp(App):
             return
         if self.generating:
             self.notice("a reply is still streaming: Esc cancels it", "warning")
+            self.query_one(PromptInput).text = event.text
+            return
+        if self.engine_down is not None:
+            self.notice(f"no reply can be generated: {self.engine_down}; restart moe (your text is kept)", "error")
             self.query_one(PromptInput).text = event.text
             return
         try:
@@ -465,6 +486,7 @@ class MoeApp(App):
     @on(EngineFailed)
     @while_mounted
     def on_engine_failed(self, event: EngineFailed) -> None:
+        self.engine_down = "the model did not load" if self.last_snapshot is None else "the inference engine stopped"
         if self.last_snapshot is None:
             self.sub_title = "model failed to load"
             self.add_view(MessageView("notice", f"**Could not load the model.** {event.error}"))
@@ -750,19 +772,30 @@ class MoeApp(App):
             return
         text = self.store.export_markdown(self.chat_id) if kind == "md" else self.store.export_json(self.chat_id)
         try:
-            path, _ = coding.resolve(target.strip(), self.cwd)  # anywhere the user says, but a regular file
+            path, outside = coding.resolve(target.strip(), self.cwd)  # anywhere the user says, but a regular file
         except coding.PathError as exc:
             self.notice(str(exc), "error")
             return
-        try:
-            coding.write_text_file(path, text)
-        except coding.PathError as exc:
-            self.notice(str(exc), "error")
-            return
-        except OSError as exc:
-            self.notice(f"could not write {path}: {exc}", "error")
-            return
-        self.notice(f"exported to {path}")
+
+        def write(ok: bool | None = True) -> None:
+            if not ok:
+                self.notice("not exported")
+                return
+            try:
+                coding.write_text_file(path, text)
+            except coding.PathError as exc:
+                self.notice(str(exc), "error")
+                return
+            except OSError as exc:
+                self.notice(f"could not write {path}: {exc}", "error")
+                return
+            self.notice(f"exported to {path}")
+
+        if path.exists() or outside:  # never overwrite, nor write outside the project, without asking
+            where = "exists" if path.exists() else f"is outside {self.cwd}"
+            self.push_screen(ConfirmScreen(f"{path} {where}. Write the export there?"), write)
+        else:
+            write()
 
 
 def hold_full_collections(hold: bool) -> None:

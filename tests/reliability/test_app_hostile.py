@@ -11,7 +11,7 @@ import threading
 import pytest
 from moe_tui.app.widgets.chat import PromptInput
 
-from ..test_app import replies, send, wait_until
+from ..helpers import replies, send, wait_until
 
 SIZE = (120, 40)
 REPLY_WITH_CODE = "Here:\n```python\ndef a():\n    return 1\n```"
