@@ -511,7 +511,8 @@ class MoeApp(App):
     def update_subtitle(self) -> None:
         s = self.last_snapshot
         if s is not None:
-            self.sub_title = f"{s.mode} · {s.policy} · {s.capacity}/{s.num_experts} experts per layer"
+            # A server attached to sends these strings: shown through terminal_safe like any untrusted text.
+            self.sub_title = terminal_safe(f"{s.mode} · {s.policy} · {s.capacity}/{s.num_experts} experts per layer")
 
     # ---- themes
     def apply_theme(self, name: str) -> None:
