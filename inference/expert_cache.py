@@ -548,4 +548,5 @@ class ExpertCache:
         return compare(trace, self.layout.num_experts, capacity or self._capacity)
 
     def close(self) -> None:
+        self.expert_reader.close()
         self.reader.close()

@@ -7,6 +7,7 @@ and per-expert as in original HF checkpoints (`...experts.7.w1.weight`, `...expe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -90,24 +91,52 @@ def locate(block: MoEBlock, params: dict[str, list[str]], model_shapes: dict[str
     return sources
 
 
+READ_THREADS = 4  # positional reads in flight at once: they release the GIL, and disks serve several faster
+
+
 class ExpertReader:
     """Reads a batch of experts of one layer from disk into MLX arrays of the slot dtype."""
 
-    def __init__(self, reader: RangeReader) -> None:
+    def __init__(self, reader: RangeReader, threads: int = READ_THREADS) -> None:
         self.reader = reader
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
 
     def read(self, sources: list[ParamSource], experts: list[int],
              slot_dtypes: dict[tuple[str, str], mx.Dtype]) -> Iterator[tuple[tuple[str, str], Iterator[mx.array]]]:
-        """Yields ((projection, param), per-expert arrays) one parameter at a time.
+        """Yields ((projection, param), per-expert arrays) one parameter at a time, in `sources` order.
 
-        Bytes are read in as few calls as possible (adjacent experts together) but converted to MLX one
-        expert at a time, so only one parameter's raw buffer and one expert's array are alive at once.
+        Every parameter's bytes are requested at once from a small pool of reader threads (adjacent experts
+        in one call), so the disk works on several while the caller converts and stores the first; each is
+        checked for NaN/Inf on its reader thread. Arrays are made one expert at a time.
+
+        Raises:
+            ModelLoadError: a read came up short, or an expert holds NaN/Inf.
         """
-        for src in sources:
-            raw = self._read_raw(src, experts)
-            _check_finite(src, experts, raw)
-            target = slot_dtypes[(src.projection, src.param)]
-            yield (src.projection, src.param), (_to_mx(row, src.file_dtype, target) for row in raw)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moe-read")
+        pending: list[Future] = [self._pool.submit(self._read_checked, src, experts) for src in sources]
+        try:
+            for src, future in zip(sources, pending, strict=True):
+                raw = future.result()
+                target = slot_dtypes[(src.projection, src.param)]
+                yield (src.projection, src.param), (_to_mx(row, src.file_dtype, target) for row in raw)
+        finally:
+            for future in pending:  # the caller stopped early or a read failed: drop what is still queued
+                future.cancel()
+            for future in pending:
+                if not future.cancelled():
+                    future.exception()  # wait: no reader may still be writing into a buffer being dropped
+
+    def _read_checked(self, src: ParamSource, experts: list[int]) -> np.ndarray:
+        raw = self._read_raw(src, experts)
+        _check_finite(src, experts, raw)
+        return raw
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _read_raw(self, src: ParamSource, experts: list[int]) -> np.ndarray:
         """Rows for `experts` in the order given; runs of consecutive ids are read with one call each."""

@@ -8,6 +8,7 @@ import math
 import os
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -254,16 +255,21 @@ def index_model(model_dir: Path) -> dict[str, TensorInfo]:
 
 
 class RangeReader:
-    """Reads byte ranges of checkpoint files with positional reads into preallocated buffers."""
+    """Reads byte ranges of checkpoint files with positional reads into preallocated buffers (thread-safe:
+    positional reads share no file offset, and the descriptors and the byte count are guarded)."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
         self.bytes_read = 0
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
     def read_into(self, path: Path, offset: int, out: np.ndarray) -> None:
@@ -278,7 +284,8 @@ class RangeReader:
             if n <= 0:
                 raise ModelLoadError(f"{path}: unexpected end of file at byte {offset + done}; re-download it")
             done += n
-        self.bytes_read += done
+        with self._lock:
+            self.bytes_read += done
 
     def read_rows(self, info: TensorInfo, first: int, count: int = 1) -> np.ndarray:
         """Rows [first, first+count) along axis 0 of a tensor, as raw-typed numpy."""
