@@ -348,7 +348,9 @@ class ExpertCache:
         if layer.identity:  # the stock call as is; routing is counted later from `pending`
             layer.pending.append((self._step, indices, None))
             return stock(x, indices)
-        if self._mode == "fast":
+        # Fast mode drops misses only for a call of one token (decoding): a prompt runs exact, so the reply
+        # starts from the same state as stock (a cold prefill in fast mode dropped nearly every expert).
+        if self._mode == "fast" and indices.size == indices.shape[-1]:
             return self._forward_fast(layer, stock, x, indices)
         return self._forward_exact(layer, stock, x, indices)
 
