@@ -132,7 +132,8 @@ class MoeApp(App):
     BINDINGS = [
         Binding("escape", "cancel", "cancel reply", id="app.cancel"),
         Binding("ctrl+r", "regenerate", "regenerate", id="app.regenerate"),
-        Binding("ctrl+e", "edit_last", "edit last", id="app.edit_last"),
+        # priority: the prompt's own ctrl+e (end of line) would win while it has focus, which it nearly always has
+        Binding("ctrl+e", "edit_last", "edit last", id="app.edit_last", priority=True),
         Binding("ctrl+n", "new_chat", "new chat", id="app.new_chat"),
         Binding("f2", "toggle_side", "cache panel", id="app.toggle_side"),
         Binding("ctrl+q", "quit", "quit", id="app.quit"),
@@ -162,6 +163,7 @@ class MoeApp(App):
         self.chat_id: int | None = None
         self.reply: Reply | None = None  # the reply streaming now, if any
         self.engine_down: str | None = None  # why no reply can be generated (load failed, engine stopped)
+        self.editing: int | None = None  # id of the user message Ctrl+E took back into the prompt, if any
         self.context_length = 0
         self.last_snapshot = None
         self.last_optimum: dict | None = None  # hit rates of every policy and Belady on the recent trace
@@ -233,6 +235,8 @@ class MoeApp(App):
     # ---- chats
     def open_chat(self, chat_id: int) -> None:
         self.leave_reply()
+        if chat_id != self.chat_id:
+            self.editing = None
         self.chat_id = chat_id
         box = self.query_one("#messages", VerticalScroll)
         box.remove_children("MessageView, StreamingReply")
@@ -335,6 +339,9 @@ class MoeApp(App):
             proceed()
 
     def send(self, typed: str) -> None:
+        if self.editing is not None and not self.replace_edited():
+            self.query_one(PromptInput).text = typed
+            return
         text = "\n\n".join([a.as_prompt() for a in self.attachments] + [typed])
         try:
             message_id = self.store.add_message(self.chat_id, "user", text)
@@ -423,6 +430,10 @@ class MoeApp(App):
     def action_cancel(self) -> None:
         if self.generating:
             self.backend.cancel()
+        elif self.editing is not None:
+            self.editing = None
+            self.query_one(PromptInput).text = ""
+            self.notice("edit dropped: your message and its reply are unchanged")
 
     @store_writes
     def action_regenerate(self) -> None:
@@ -438,20 +449,34 @@ class MoeApp(App):
 
     @store_writes
     def action_edit_last(self) -> None:
+        """Put the last message back into the prompt; it and what followed are replaced only when the edited
+        text is sent (Esc, a new chat or quitting leaves the chat as it was)."""
         if self.generating:
+            self.notice("a reply is still streaming: Esc cancels it first", "warning")
             return
-        stored = self.store.messages(self.chat_id)
-        users = [m for m in stored if m.role == "user"]
+        users = [m for m in self.store.messages(self.chat_id) if m.role == "user"]
         if not users:
+            self.notice("no message to edit yet", "warning")
             return
-        last_user = users[-1]
-        for m in stored:
-            if m.id >= last_user.id:
-                self.store.delete_message(m.id)
-        self.open_chat(self.chat_id)
+        self.editing = users[-1].id
         prompt = self.query_one(PromptInput)
-        prompt.text = last_user.content
+        prompt.text = users[-1].content
+        prompt.move_cursor(prompt.document.end)
         prompt.focus()
+        self.notice("editing your last message: Enter replaces it and its reply; Esc keeps them")
+
+    def replace_edited(self) -> bool:
+        """Delete the message being edited and everything after it (the edited text is being sent)."""
+        edited, self.editing = self.editing, None
+        try:
+            for m in self.store.messages(self.chat_id):
+                if m.id >= edited:
+                    self.store.delete_message(m.id)
+        except sqlite3.Error as exc:
+            self.store_failed(exc, "the edit (your text is back in the prompt)")
+            return False
+        self.open_chat(self.chat_id)
+        return True
 
     @store_writes
     def action_new_chat(self) -> None:

@@ -394,3 +394,27 @@ async def test_a_finished_reply_is_rendered_off_the_ui_thread(make_app, monkeypa
         assert view.role == "assistant" and view.text == replies(app)[-1].content
         # Rendered once, on the worker thread, for the width it is shown at (the user's message: on the UI).
         assert [call for call in calls if call[0] == "assistant"] == [("assistant", False)]
+
+
+async def test_edit_last_works_from_the_prompt_and_deletes_nothing_until_sent(make_app):
+    app = make_app(max_tokens=6, inference_process=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "import os")
+        await wait_until(pilot, lambda: replies(app) and reply_shown(app))
+        before = [(m.role, m.content) for m in app.store.messages(app.chat_id)]
+        app.query_one(PromptInput).focus()
+        await pilot.press("ctrl+e")  # from the prompt, where the text area binds ctrl+e itself
+        await wait_until(pilot, lambda: app.query_one(PromptInput).text == "import os")
+        assert [(m.role, m.content) for m in app.store.messages(app.chat_id)] == before  # nothing deleted yet
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.query_one(PromptInput).text == "")
+        assert [(m.role, m.content) for m in app.store.messages(app.chat_id)] == before
+        await pilot.press("ctrl+e")
+        await wait_until(pilot, lambda: app.query_one(PromptInput).text == "import os")
+        app.query_one(PromptInput).text = "import sys"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(replies(app)) == 1 and replies(app)[0].status == "complete"
+                         and reply_shown(app))
+        users = [m.content for m in app.store.messages(app.chat_id) if m.role == "user"]
+        assert users == ["import sys"]
