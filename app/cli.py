@@ -28,12 +28,25 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
         p.add_argument("model", help="model folder or Hugging Face repo id")
     p.add_argument("--capacity", type=_capacity, default=None,
                    help="experts cached per MoE layer: count, fraction or percent (default: fit available memory)")
-    p.add_argument("--mode", choices=("exact", "fast"), default="exact")
-    p.add_argument("--policy", choices=("lru", "lfu", "decay"), default="lru")
+    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
+                   help="exact: outputs equal stock mlx-lm; fast: a missed expert is dropped for that token while "
+                        "decoding (default: exact)")
+    p.add_argument("--policy", choices=("lru", "lfu", "decay"), default="lru",
+                   help="which cached expert to evict: least recently, least often, or by decayed frequency "
+                        "(default: lru)")
     p.add_argument("--profile", type=Path, default=None, help="expert profile JSON to warm and pin from")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="pin the profile's universal experts (default: yes for --profile, no for the demo's own)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moe-tui")
+    except PackageNotFoundError:  # a checkout run without installing
+        return "unknown (not installed)"
 
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -42,8 +55,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken"
 def ensure_local(model: str) -> str:
     """A local folder as is; a Hugging Face repo id from the hub cache, else downloaded with progress bars."""
     path = Path(model).expanduser()
-    if path.exists() or model.count("/") != 1:
-        return model  # the engine reports a missing folder clearly
+    if path.exists() or model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        return model  # a path, not a repo id: the engine reports a missing folder clearly
     from huggingface_hub import snapshot_download
 
     try:
@@ -155,9 +168,9 @@ def cmd_chat(args) -> int:
         return run_remote(settings, args.base_url, args.remote_model or args.model, args.api_key, telemetry=False)
     model = args.model or settings.default_model
     model = ensure_local(model) if model else str(DEMO_MODEL)
-    from moe_tui.inference.loading import resolve_model_path
+    from moe_tui.inference.loading import check_model_folder
 
-    resolve_model_path(model)  # a wrong path is a one-line error here, not a broken screen
+    check_model_folder(model)  # a wrong path is a one-line error here, not a broken screen
     profile, pin = _profile(args, demo=model == str(DEMO_MODEL))
     if model == str(DEMO_MODEL):
         # The demo fits in memory many times over; half the experts per layer shows the cache at work.
@@ -174,9 +187,28 @@ def run_remote(settings, base_url: str, model: str | None, api_key: str | None, 
     from .worker import EngineSpec
 
     api_key = api_key or os.environ.get("MOE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    check_server(base_url)
     MoeApp(EngineSpec(model=base_url), settings, worker_factory=lambda app: RemoteWorker(
         app, base_url, model=model, api_key=api_key, telemetry=telemetry, stats_hz=settings.refresh_hz)).run()
     return 0
+
+
+def check_server(base_url: str) -> None:
+    """A one-line error before the app opens when the address is malformed or nothing answers there.
+
+    Raises:
+        ValueError: not an http(s) URL, or no server answers (refused, unknown host, timeout).
+    """
+    import httpx
+
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"{base_url}: a server address starts with http:// or https://")
+    try:
+        httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/v1/models", timeout=5.0)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{base_url}: not a valid address ({exc})") from exc
+    except httpx.TransportError as exc:
+        raise ValueError(f"{base_url}: no server answers there ({type(exc).__name__}: {exc})") from exc
 
 
 def cmd_attach(args) -> int:
@@ -202,7 +234,10 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe", description="Run and watch Mixture-of-Experts models.")
+    parser = argparse.ArgumentParser(
+        prog="moe", description="Run and watch Mixture-of-Experts models. `moe` alone opens the chat on the "
+        "built-in demo model (offline); `moe MODEL` or `moe chat MODEL` on another one.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("chat", help="open the app on a model (default: the built-in demo)")
@@ -215,17 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("attach", help="open the app on a running `moe serve` (chat, heatmap and gauges)")
-    p.add_argument("url", help="e.g. http://127.0.0.1:8080")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("url", help="the server's address, e.g. http://127.0.0.1:8080")
+    p.add_argument("--api-key", default=None, help="the server's key (or MOE_API_KEY)")
+    p.add_argument("--data-dir", type=Path, default=None, help="where chats are stored (default: user data dir)")
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("generate", help="generate one reply and print cache stats")
     _add_engine_args(p, model_optional=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the user message (or the raw prompt with --raw)")
     p.add_argument("--raw", action="store_true", help="no chat template")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=128, help="longest reply in tokens (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="model layout and cache size as JSON")
@@ -235,14 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="record expert routing on prompts into a profile JSON")
     _add_engine_args(p, model_optional=True)
     p.add_argument("--prompts", type=Path, required=True, help="text file (blank-line separated) or JSON list")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True, help="where to write the profile JSON")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with cache telemetry")
     _add_engine_args(p, model_optional=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs an API key)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
     p.add_argument("--api-key", default=None, help="require this key (or set MOE_API_KEY)")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
     p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
@@ -266,6 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--offload", action="store_true",
+                   help="the engine on a checkpoint the page cache cannot hold (memory cgroup per run where "
+                        "possible): per capacity and mode, decode speed, bytes read and read stall per token, "
+                        "the compute and I/O limits")
+    p.add_argument("--offload-model", default=None, metavar="PATH",
+                   help="--offload: this checkpoint (made there if PATH does not exist; default: a synthetic one "
+                        "in a temporary folder, removed afterwards)")
+    p.add_argument("--offload-size", choices=("full", "medium", "small", "tiny"), default="full",
+                   help="--offload: synthetic checkpoint size: full ~2.3 GiB, medium ~0.6, small ~0.2, tiny ~3 MB")
+    p.add_argument("--offload-capacities", default="12.5,25,50,100", metavar="PERCENTS",
+                   help="--offload: expert cache capacities in percent (default 12.5,25,50,100)")
+    p.add_argument("--offload-modes", default="exact,fast", help="--offload: modes (default exact,fast)")
+    p.add_argument("--offload-headroom", type=int, default=512, metavar="MIB",
+                   help="--offload: memory cgroup limit above dense weights + expert cache (default 512)")
+    p.add_argument("--offload-no-cgroup", action="store_true",
+                   help="--offload: no memory cgroup, only drop the page cache before each run")
+    p.add_argument("--offload-calibrate", action="store_true",
+                   help="--offload: search the synthetic routing's embedding scale against the demo's hit rates")
     p.set_defaults(func=_bench)
     parser.commands = tuple(sub.choices)
     return parser
@@ -273,12 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def with_command(argv: list[str], commands: tuple[str, ...]) -> list[str]:
     """`moe [ARGS]` without a command is `moe chat [ARGS]`: `moe --capacity 8`, `moe ./my-model`."""
-    if argv and (argv[0] in commands or argv[0] in ("-h", "--help")):
+    if argv and (argv[0] in commands or argv[0] in ("-h", "--help", "--version")):
         return argv
     return ["chat", *argv]
 
 
 def _bench(args) -> int:
+    if args.offload or args.offload_calibrate:
+        from moe_tui.inference.offload_bench import main as offload_main
+
+        return offload_main(args)
     from moe_tui.inference.bench import main as bench_main
 
     if not args.synthetic and args.model is None:

@@ -44,7 +44,7 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
             raise ModelLoadError(f"{path}: expected a model folder (config.json + *.safetensors), got a file")
         return path
     repo = str(path_or_repo)
-    if repo.count("/") != 1:
+    if repo.count("/") != 1 or repo.startswith(("/", ".", "~")):
         raise ModelLoadError(f"{repo}: no such folder, and not a Hugging Face repo id (owner/name)")
     try:
         from huggingface_hub import snapshot_download
@@ -55,6 +55,19 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
             f"{repo}: not in the local Hugging Face cache; download it first "
             f"(`hf download {repo}`) or pass a local folder"
         ) from exc
+
+
+def check_model_folder(path_or_repo: str | Path) -> Path:
+    """The model folder, if it looks like one (a folder with config.json); reads no weights.
+
+    Raises:
+        ModelLoadError: no such folder, not a folder, or no config.json in it.
+    """
+    path = resolve_model_path(path_or_repo)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path}: not a model folder (no config.json); pass a folder with config.json and "
+                             "*.safetensors, or a Hugging Face repo id")
+    return path
 
 
 def open_checkpoint(path_or_repo: str | Path) -> Checkpoint:

@@ -121,3 +121,24 @@ def test_options_without_a_command_open_the_chat():
     assert parser.parse_args(with_command([], parser.commands)).command == "chat"
     assert parser.parse_args(with_command(["info", "m"], parser.commands)).command == "info"
     assert with_command(["--help"], parser.commands) == ["--help"]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--version"], "moe 0."),
+    (["/nonexistent"], "no such folder"),  # one slash: not to be taken for a hub repo id
+    (["attach", "http://127.0.0.1:1"], "no server answers there"),
+    (["chat", "--base-url", "localhost:8000"], "starts with http"),
+])
+def test_the_cli_checks_before_the_app_opens(argv, expected):
+    result = subprocess.run([sys.executable, "-m", "moe_tui.app.cli", *argv], capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL)
+    output = result.stdout + result.stderr
+    assert expected in output and "Traceback" not in output
+    assert result.returncode == (0 if argv == ["--version"] else 2)
+    assert "\x1b[?1049h" not in output  # the app (alternate screen) never opened
+
+
+def test_an_empty_folder_is_not_a_model(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "moe_tui.app.cli", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "no config.json" in result.stderr and "\x1b[?1049h" not in result.stdout
