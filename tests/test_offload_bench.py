@@ -1,0 +1,112 @@
+"""`moe bench --offload` at a tiny size (no root needed: the page-cache-drop fallback is forced)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from moe_tui.app.cli import main
+from moe_tui.inference.offload_bench import EMBED_STD, MemoryCgroup, parse_percents
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_offload_bench_tiny(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    rc = main(["bench", "--offload", "--offload-size", "tiny", "--offload-model", str(ckpt),
+               "--offload-capacities", "25,100", "--offload-modes", "exact,fast", "--offload-no-cgroup",
+               "--prompt-tokens", "12", "--decode-tokens", "6"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    report = json.loads(out)
+
+    env = report["environment"]
+    assert env["isolation"] == "fadvise" and env["cgroup"] is None
+    assert env["page_cache_dropped_before_each_run"] is True
+    assert env["file_bytes"] > 0 and env["file_bytes"] < 20 << 20
+    assert report["synthetic"]["size"] == "tiny" and report["synthetic"]["embed_std"] == EMBED_STD
+    assert (ckpt / "config.json").exists()  # made at --offload-model and kept
+
+    layout = report["layout"]
+    assert layout["num_experts"] == 64 and layout["top_k"] == 4
+
+    routing = report["routing"]
+    for key in ("demo_lru", "synthetic_lru", "synthetic_belady", "benchmark_decode_lru"):
+        assert set(routing[key]) == {"0.25", "0.5"}
+        assert all(0.0 <= v <= 1.0 for v in routing[key].values())
+    for f in ("0.25", "0.5"):
+        assert routing["synthetic_lru"][f] <= routing["synthetic_belady"][f] + 1e-9
+
+    io = report["io"]
+    assert _positive(io["sequential_read_bandwidth"])
+    assert _positive(io["engine_cold_load_bandwidth"]) and _positive(io["engine_warm_load_bandwidth"])
+    assert 0 < io["engine_vs_sequential"]
+    assert _positive(report["limits"]["compute_decode_tps"])
+    assert _positive(report["limits"]["compute_prefill_tps"])
+
+    configs = report["configs"]
+    assert [(c["mode"], c["capacity_fraction"]) for c in configs] == [
+        ("exact", 0.25), ("exact", 1.0), ("fast", 0.25), ("fast", 1.0)]
+    for c in configs:
+        assert "error" not in c, c
+        assert _positive(c["prefill_tps"]) and _positive(c["decode_tps"])
+        assert c["generated_tokens"] == 6 and c["decode"]["tokens"] == 5
+        assert 0.0 <= c["hit_rate"] <= 1.0 and 0.0 <= c["decode"]["hit_rate"] <= 1.0
+        assert c["compute_limit_tps"] == report["limits"]["compute_decode_tps"]
+        assert c["decode"]["stall_s_per_token"] >= 0 and 0 <= c["stall_share"] <= 1.5
+        if c["capacity_fraction"] < 1.0:
+            assert c["capacity"] == 16
+            assert c["decode"]["bytes_per_token"] > 0 and _positive(c["io_limit_tps"])
+            assert _positive(c["load_bandwidth"]) and _positive(c["decode"]["stall_s_per_token"])
+            assert c["decode"]["hit_rate"] < 1.0
+        else:
+            assert c["decode"]["bytes_per_token"] == 0 and c["io_limit_tps"] is None
+            assert c["decode"]["hit_rate"] == 1.0
+        if c["mode"] == "exact":
+            assert c["fallback_rate"] == 0.0
+    assert "isolation fadvise" in err and "exact@25%" in err and "fast@100%" in err
+
+
+def test_parse_percents():
+    assert parse_percents("12.5,25, 50%,100") == [0.125, 0.25, 0.5, 1.0]
+    for bad in ("", "0", "150", "-5"):
+        with pytest.raises(ValueError):
+            parse_percents(bad)
+
+
+def _fake_v1(root, own="/jobs/42"):
+    (root / "memory" / own.lstrip("/")).mkdir(parents=True)
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    proc = root / "proc_cgroup"
+    proc.write_text(f"5:devices:/\n4:memory:{own}\n0::/\n")
+    return proc
+
+
+def test_cgroup_detect_v1_nests_under_own_cgroup(tmp_path):
+    proc = _fake_v1(tmp_path)
+    cg = MemoryCgroup.detect(root=tmp_path, proc_cgroup=proc, name="moe-bench-test")
+    assert cg is not None and cg.kind == "cgroup-v1"
+    assert cg.path == tmp_path / "memory" / "jobs" / "42" / "moe-bench-test" and cg.path.is_dir()
+    cg.set_limit(123 << 20)
+    assert (cg.path / "memory.limit_in_bytes").read_text() == str(123 << 20)
+    assert cg.procs == cg.path / "cgroup.procs"
+
+
+def test_cgroup_detect_v2_and_none(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (v2 / "cgroup.subtree_control").write_text("cpu memory\n")
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/user.slice/session-1.scope\n")
+    cg = MemoryCgroup.detect(root=v2, proc_cgroup=proc, name="moe-bench-test")
+    assert cg is not None and cg.kind == "cgroup-v2" and cg.path == v2 / "moe-bench-test"
+    cg.set_limit(1 << 30)
+    assert (cg.path / "memory.max").read_text() == str(1 << 30)
+
+    (v2 / "cgroup.subtree_control").write_text("cpu\n")  # memory not delegated: no cgroup
+    assert MemoryCgroup.detect(root=v2, proc_cgroup=proc, name="moe-bench-other") is None
+    assert MemoryCgroup.detect(root=tmp_path / "missing", proc_cgroup=tmp_path / "nope") is None
