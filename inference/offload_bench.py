@@ -40,8 +40,9 @@ DEMO_LRU = {"0.25": 0.403, "0.5": 0.673}
 # locality. A random model's residual stream is dominated by its attention and expert outputs, which
 # change slowly from token to token, so with the usual embedding scale (1/sqrt(hidden)) its routers
 # keep choosing the same few experts (LRU hits ~94% at 25% capacity). Larger embeddings make routing
-# follow the tokens: ~0.36/0.66 at 25%/50% with std 1.0, rising as it shrinks. The router's own scale
-# (make_checkpoint's router_scale) cannot do this: scaling logits keeps every top-k choice the same.
+# follow the tokens: LRU 33%/64% at 25%/50% with std 1.0, 49%/80% with 0.4, 38%/70% with 0.58 (small).
+# The router's own scale (make_checkpoint's router_scale) cannot do this: scaling logits keeps every
+# top-k choice the same.
 # Found with `moe bench --offload --offload-calibrate` (the "small" size; the knob does not depend on
 # the hidden size, since the layer outputs and a unit-variance embedding both scale as sqrt(hidden)).
 EMBED_STD = 0.58
