@@ -143,3 +143,16 @@ def code_blocks(markdown: str) -> list[tuple[str, str]]:
 def diff(old: str, new: str, path: Path) -> str:
     return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
                                         fromfile=f"{path} (current)", tofile=f"{path} (new)"))
+
+
+def close_open_fence(markdown: str) -> str:
+    """`markdown` with a closing fence added if it ends inside a fenced code block (a reply cut mid-code)."""
+    fence = None
+    for line in markdown.splitlines():
+        stripped = line.lstrip()
+        if fence is None:
+            if stripped.startswith(("```", "~~~")):
+                fence = stripped[: len(stripped) - len(stripped.lstrip(stripped[0]))]
+        elif stripped.startswith(fence) and not stripped.strip(fence[0]).strip():
+            fence = None
+    return markdown if fence is None else markdown.rstrip("\n") + "\n" + fence

@@ -24,7 +24,15 @@ from textual.widgets import Footer, Header
 from . import coding
 from .commands import BY_NAME, help_text, palette_entries, parse_capacity
 from .heatmap import HeatmapStyle
-from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
+from .messages import (
+    EngineFailed,
+    EngineNotice,
+    EngineReady,
+    PrefillProgress,
+    ReplyChunk,
+    ReplyDone,
+    SnapshotReady,
+)
 from .reply import Reply
 from .sanitize import markup_safe, terminal_safe
 from .settings import Settings, remember
@@ -383,6 +391,18 @@ class MoeApp(App):
         if self.reply is not None and event.tag == self.reply.tag:
             self.reply.add(event.text)
 
+    @on(PrefillProgress)
+    @while_mounted
+    def on_prefill_progress(self, event: PrefillProgress) -> None:
+        reply = self.reply
+        if reply is None or event.tag != reply.tag or reply.view is None or not reply.view.is_attached:
+            return
+        if event.done >= event.total:
+            reply.view.status = ""
+            return
+        rate = f", {event.done / event.seconds:.0f} tok/s" if event.done and event.seconds > 0 else ""
+        reply.view.status = f"reading the prompt: {event.done:,} of {event.total:,} tokens{rate} · Esc cancels"
+
     @on(ReplyDone)
     @while_mounted
     async def on_reply_done(self, event: ReplyDone) -> None:
@@ -394,12 +414,11 @@ class MoeApp(App):
         self.set_timer(IDLE_COLLECTION_DELAY, self.collect_when_idle)
         self.query_one(PromptInput).cursor_blink = True
         self.last_done = event.done
-        cancelled = event.done is not None and event.done.finish_reason == "cancelled"
-        status = "cancelled" if cancelled or event.error else "complete"
+        status = reply_status(event)
         reply.finish(event.text, status)
         if reply.view is not None and reply.view.is_attached:
             # One full Markdown render at the end, in place of the plain streaming text.
-            view = MessageView("assistant" if status == "complete" else "cancelled", event.text, reply.message_id,
+            view = MessageView(_view_role("assistant", status), event.text, reply.message_id,
                                markdown=_shown(event.text, status))
             self.render_in_place_of(reply.view, view, reply.view.content_size.width, self.current_theme.dark)
         if event.error:
@@ -841,11 +860,32 @@ def _at_bottom(box: VerticalScroll) -> bool:
 
 
 def _view(message) -> MessageView:
-    return MessageView(message.role if message.status == "complete" else "cancelled", message.content, message.id,
+    return MessageView(_view_role(message.role, message.status), message.content, message.id,
                        markdown=_shown(message.content, message.status))
 
 
-def _shown(content: str, status: str) -> str:
-    return content + ("\n\n*(cancelled)*" if status == "cancelled" else "\n\n*(interrupted)*" if status == "partial"
-                      else "")
+def reply_status(event: ReplyDone) -> str:
+    """How a reply ended, as stored: complete, truncated (max_tokens), cancelled or failed."""
+    if event.error:
+        return "failed"
+    if event.done is not None and event.done.finish_reason == "cancelled":
+        return "cancelled"
+    if event.done is not None and event.done.finish_reason == "length":
+        return "truncated"
+    return "complete"
 
+
+def _view_role(role: str, status: str) -> str:
+    return role if status in ("complete", "truncated") else "cancelled"
+
+
+MARKS = {"cancelled": "cancelled", "partial": "interrupted", "failed": "failed",
+         "truncated": "cut short: the reply reached its length limit (max_tokens)"}
+
+
+def _shown(content: str, status: str) -> str:
+    """A reply's Markdown with its ending's mark, outside any code block it left open."""
+    mark = MARKS.get(status)
+    if mark is None:
+        return content
+    return coding.close_open_fence(content) + f"\n\n*({mark})*"

@@ -75,3 +75,17 @@ class EngineNotice(WorkerMessage):
         super().__init__(text, severity)
         self.text = text
         self.severity = severity
+
+
+class PrefillProgress(WorkerMessage):
+    """How far the reply's prompt has been read (a long prompt takes a while before its first token)."""
+
+    def __init__(self, tag, done: int, total: int, seconds: float) -> None:
+        super().__init__(tag, done, total, seconds)
+        self.tag = tag
+        self.done = done
+        self.total = total
+        self.seconds = seconds
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, PrefillProgress) and message.tag == self.tag

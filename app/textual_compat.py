@@ -40,4 +40,9 @@ def layout_passes(screen: Screen) -> Iterator[list[int]]:
 
 def notification_texts(app: App) -> list[str]:
     """The texts of the toasts the app is showing now."""
-    return [notification.message for notification in app._notifications]
+    return [text for text, _ in notifications(app)]
+
+
+def notifications(app: App) -> list[tuple[str, str]]:
+    """(text, severity) of each toast the app is showing now."""
+    return [(notification.message, notification.severity) for notification in app._notifications]

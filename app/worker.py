@@ -23,6 +23,7 @@ from moe_tui.inference.events import (
     JobFailed,
     JobStarted,
     Notice,
+    Progress,
     SessionFailed,
     SessionReady,
     Snapshot,
@@ -30,7 +31,15 @@ from moe_tui.inference.events import (
 )
 
 from .backend import Capabilities
-from .messages import EngineFailed, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
+from .messages import (
+    EngineFailed,
+    EngineNotice,
+    EngineReady,
+    PrefillProgress,
+    ReplyChunk,
+    ReplyDone,
+    SnapshotReady,
+)
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI (5 a second: each costs a repaint)
 LOCAL = Capabilities(remote=False, telemetry=True, configurable=True, exact_token_counts=True)
@@ -74,10 +83,14 @@ def to_message(event: Event, replies: Replies):
         replies.text.pop(event.tag, None)
         return ReplyDone(event.tag, event.text, None, event.error)
     if isinstance(event, JobStarted):
+        notes = []
         if event.dropped_messages:
-            return EngineNotice(f"context window full: dropped the {event.dropped_messages} oldest message(s) "
-                                "from the prompt", "warning")
-        return None
+            notes.append(f"dropped the {event.dropped_messages} oldest message(s) from the prompt")
+        if event.max_tokens < event.requested_max_tokens:
+            notes.append(f"the reply can take at most {event.max_tokens} tokens")
+        return EngineNotice("context window full: " + "; ".join(notes), "warning") if notes else None
+    if isinstance(event, Progress):
+        return PrefillProgress(event.tag, event.done, event.total, event.seconds)
     if isinstance(event, Snapshot):
         return SnapshotReady(event.snapshot, event.optimum)
     if isinstance(event, Notice):

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +166,15 @@ class Engine:
     def stream(self, messages_or_prompt: str | Sequence[dict] | Sequence[int], max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                stop: Sequence[str] = (), cancel: threading.Event | None = None,
-               ) -> Iterator[TokenDelta | GenerationDone]:
+               progress: Callable[[int, int], None] | None = None) -> Iterator[TokenDelta | GenerationDone]:
         """Generate a reply, reusing the KV cache of earlier turns for the prompt's common prefix.
 
         Args:
             messages_or_prompt: chat messages, a raw prompt string, or token ids.
             stop: strings that end the reply; no part of one is ever streamed.
-            cancel: set it to end the reply after the current token (finish_reason "cancelled").
+            cancel: set it to end the reply after the current token, or a long prompt between two of its
+                chunks (finish_reason "cancelled").
+            progress: called with (prompt tokens processed, prompt tokens to process) between prompt chunks.
 
         Yields:
             `TokenDelta`s whose texts concatenate to the final text, then one `GenerationDone`.
@@ -185,7 +187,7 @@ class Engine:
         return generate(self.model, self.tokenizer, self.prompt_cache, self.encode(messages_or_prompt),
                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                         cancel=cancel, speed=self._speed, kv_args=self._kv_args,
-                        after_step=self.experts.after_step, finish=self.experts.drain)
+                        after_step=self.experts.after_step, finish=self.experts.drain, progress=progress)
 
     def close(self) -> None:
         self.experts.close()

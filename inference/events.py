@@ -91,6 +91,19 @@ class JobStarted:
     tag: Any
     prompt_tokens: int
     dropped_messages: int  # oldest turns left out to fit the context window
+    max_tokens: int = 0  # the reply's budget: the request's, or less where the context window leaves less
+    requested_max_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far the prompt's prefill has come (before the first token of a long prompt)."""
+
+    job_id: int
+    tag: Any
+    done: int
+    total: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -138,4 +151,4 @@ class Snapshot:
     optimum: dict[str, float] | None = None
 
 
-Event = SessionReady | SessionFailed | JobStarted | Delta | JobDone | JobFailed | Notice | Snapshot
+Event = SessionReady | SessionFailed | JobStarted | Progress | Delta | JobDone | JobFailed | Notice | Snapshot

@@ -130,12 +130,21 @@ class Speed:
         self.values = {"decode_tps": 0.0, "prefill_tps": 0.0, "ttft_s": 0.0, "tokens": 0}
 
 
+PREFILL_STEP = 512  # prompt tokens per forward pass: progress is reported, and a cancel honoured, between them
+
+
+class PrefillCancelled(Exception):
+    """Raised from mlx-lm's prompt-progress callback to stop a prefill between two chunks."""
+
+
 def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list[int], *, max_tokens: int,
              temperature: float, top_p: float, seed: int | None, stop: Sequence[str],
              cancel: threading.Event | None, speed: Speed, kv_args: dict,
-             after_step: Callable[[], None], finish: Callable[[], None]) -> Iterator[TokenDelta | GenerationDone]:
+             after_step: Callable[[], None], finish: Callable[[], None],
+             progress: Callable[[int, int], None] | None = None) -> Iterator[TokenDelta | GenerationDone]:
     """The generation loop behind `Engine.stream` (see there). `after_step` runs after every token,
-    `finish` once at the end however the loop ends (before the prompt cache is settled)."""
+    `finish` once at the end however the loop ends (before the prompt cache is settled), `progress` with
+    (prompt tokens processed, prompt tokens to process) between prefill chunks."""
     if not tokens:
         raise ValueError("empty prompt")
     if seed is not None:
@@ -147,8 +156,17 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
     reason = "length"
     started = time.perf_counter()
     first_token_at = None
+    speed.values["decode_tps"] = 0.0
+
+    def prefilled(done: int, total: int) -> None:
+        if cancel is not None and cancel.is_set() and done < total:
+            raise PrefillCancelled
+        if progress is not None:
+            progress(done, total)
+
     steps = stream_generate(model, tokenizer, tokens[reuse:], max_tokens=max_tokens, sampler=sampler,
-                            prompt_cache=prompt_cache.kv, **kv_args)
+                            prompt_cache=prompt_cache.kv, prefill_step_size=PREFILL_STEP,
+                            prompt_progress_callback=prefilled, **kv_args)
     broken = False
     try:
         for response in steps:
@@ -159,7 +177,8 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
                 speed.values["ttft_s"] = first_token_at - started
             if response.finish_reason in (None, "length"):  # a final "stop" carries the EOS token
                 generated.append(response.token)
-            speed.values["decode_tps"] = response.generation_tps
+            if response.generation_tokens > 1:  # the first token's rate is ~1/0: its clock starts after prefill
+                speed.values["decode_tps"] = response.generation_tps
             speed.values["tokens"] += 1
             if response.finish_reason is not None:
                 reason = response.finish_reason
@@ -177,6 +196,8 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
                 break
     except GeneratorExit:  # the consumer left at a yield: the forward pass is complete
         raise
+    except PrefillCancelled:  # between two prompt chunks: the reply ends before its first token
+        broken, reason = True, "cancelled"
     except BaseException:
         # An exception may have stopped the forward pass between layers, so the KV cache's layers may
         # disagree with each other: the next turn starts from a fresh cache.

@@ -30,6 +30,7 @@ from .events import (
     JobStarted,
     ModelInfo,
     Notice,
+    Progress,
     SessionFailed,
     SessionReady,
     Snapshot,
@@ -38,11 +39,16 @@ from .events import (
 from .telemetry import CacheSnapshot, GenerationDone
 
 log = logging.getLogger("moe_tui.session")
+MIN_REPLY = 32  # tokens: a prompt leaving less room than this in the context window is refused
 OPTIMUM_WINDOW = 1024  # the idle optimum replay covers the last this-many steps of each layer's trace
 
 
 class QueueFull(Exception):
     """Too many jobs waiting; a server answers 429."""
+
+
+class ContextOverflow(ValueError):
+    """The prompt does not fit the model's context window even with every older turn dropped."""
 
 
 class SessionClosed(Exception):
@@ -301,14 +307,20 @@ class Session:
         except (ValueError, ModelLoadError) as exc:
             self._emit(Notice(str(exc), "error"))
 
-    def _fit(self, job: Job) -> tuple[Sequence[dict] | Sequence[int], int, int]:
-        """The prompt, its token count and how many oldest messages were dropped to fit the context."""
+    def _fit(self, job: Job) -> tuple[Sequence[dict] | Sequence[int], int, int, int]:
+        """The prompt, its token count, how many oldest messages were dropped to fit the context, and the
+        reply's token budget (shortened when even the newest turns leave less room than max_tokens).
+
+        Raises:
+            ContextOverflow: (fit_context) the last message alone leaves less than MIN_REPLY tokens.
+        """
         request = job.request
         messages = request.messages
         tokens = self.engine.encode(messages)
-        limit = self.engine.context_length - request.max_tokens
+        context = self.engine.context_length
+        limit = context - request.max_tokens
         if not request.fit_context or len(tokens) <= limit or not messages or not isinstance(messages[0], dict):
-            return messages, len(tokens), 0
+            return messages, len(tokens), 0, request.max_tokens
         messages = list(messages)
         dropped = 0
         while len(tokens) > limit:
@@ -318,7 +330,12 @@ class Session:
             del messages[first]
             dropped += 1
             tokens = self.engine.encode(messages)
-        return messages, len(tokens), dropped
+        room = context - len(tokens)
+        if room < min(MIN_REPLY, request.max_tokens):
+            raise ContextOverflow(f"the prompt takes {len(tokens)} tokens even without older turns, leaving "
+                                  f"{max(room, 0)} of the context window's {context} for the reply: shorten the "
+                                  "message or its attachments")
+        return messages, len(tokens), dropped, min(request.max_tokens, room)
 
     def _generate(self, job: Job) -> None:
         request = job.request
@@ -327,12 +344,18 @@ class Session:
             return
         pending, sent, last_chunk = "", "", time.monotonic()
         try:
-            prompt, prompt_tokens, dropped = self._fit(job)
-            self._send(job, JobStarted(job.id, request.tag, prompt_tokens, dropped))
+            prompt, prompt_tokens, dropped, max_tokens = self._fit(job)
+            self._send(job, JobStarted(job.id, request.tag, prompt_tokens, dropped, max_tokens, request.max_tokens))
             done: GenerationDone | None = None
-            for event in self.engine.stream(prompt, max_tokens=request.max_tokens, temperature=request.temperature,
+            started = time.monotonic()
+
+            def progress(done: int, total: int) -> None:
+                self._answer_tokenize()
+                self._send(job, Progress(job.id, request.tag, done, total, time.monotonic() - started))
+
+            for event in self.engine.stream(prompt, max_tokens=max_tokens, temperature=request.temperature,
                                             top_p=request.top_p, seed=request.seed, stop=request.stop,
-                                            cancel=job.cancel):
+                                            cancel=job.cancel, progress=progress):
                 if isinstance(event, GenerationDone):
                     done = event
                     break

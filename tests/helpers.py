@@ -95,3 +95,8 @@ def palette_offers(app, title: str) -> bool:
 def notified(app, text: str) -> bool:
     """A toast containing `text` is showing."""
     return any(text in shown for shown in notification_texts(app))
+
+
+def finished(message) -> bool:
+    """A stored reply that ended on its own: complete, or cut at its length limit."""
+    return message.status in ("complete", "truncated")

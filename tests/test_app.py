@@ -17,6 +17,7 @@ from moe_tui.app.worker import EngineSpec
 from tests.helpers import (
     dialog_closed,
     dialog_open,
+    finished,
     notified,
     palette_offers,
     palette_open,
@@ -33,7 +34,7 @@ async def test_send_message_streams_a_reply_and_fills_the_heatmap(make_app):
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "def add(a, b):")
-        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
         await wait_until(pilot, lambda: reply_shown(app))
         reply = replies(app)[-1]
         assert reply.content
@@ -71,7 +72,7 @@ async def test_regenerate_replaces_the_last_reply(make_app):
         first_id = replies(app)[-1].id
         await pilot.press("ctrl+r")
         await wait_until(pilot, lambda: replies(app) and replies(app)[-1].id != first_id and not app.generating)
-        assert len(replies(app)) == 1 and replies(app)[-1].status == "complete"
+        assert len(replies(app)) == 1 and finished(replies(app)[-1])
 
 
 async def test_session_survives_restart(make_app):
@@ -211,7 +212,7 @@ async def test_full_context_drops_oldest_turns_with_notice(make_app):
             app.store.add_message(app.chat_id, "assistant", "answer " * 30)
         await send(pilot, app, "last")
         await wait_until(pilot, lambda: any("dropped" in text for text in notification_texts(app)))
-        await wait_until(pilot, lambda: replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: finished(replies(app)[-1]))
         assert 0 < app.last_done.prompt_tokens <= 150
 
 
@@ -262,7 +263,7 @@ async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_
         assert app.sub_title == "inference stopped"
         assert any("engine stopped" in v.text for v in app.query(MessageView) if v.role == "notice")
         reply = replies(app)[-1]
-        assert reply.status == "cancelled" and reply.content  # the partial reply is kept
+        assert reply.status == "failed" and reply.content  # the partial reply is kept, marked failed
         assert "inference.log" in next(v.text for v in app.query(MessageView) if "engine stopped" in v.text)
 
 
@@ -335,7 +336,7 @@ async def test_a_long_chat_keeps_only_its_newest_messages_on_screen(make_app, tm
         box.scroll_end(animate=False)
         await wait_until(pilot, lambda: _at_bottom(box) and app.last_snapshot is not None)
         await send(pilot, app, "hi")
-        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app) and finished(replies(app)[-1]))
         assert len(shown()) == MESSAGE_WINDOW + 2 and shown()[-2] == "hi"
         assert earlier.hidden == 100 - MESSAGE_WINDOW and len(app.store.messages(app.chat_id)) == 102
 
@@ -347,7 +348,7 @@ async def test_the_chat_follows_a_reply_only_while_the_reader_is_at_the_bottom(m
         box = app.query_one("#messages")
         await wait_until(pilot, lambda: app.last_snapshot is not None and box.max_scroll_y > 0)
         await send(pilot, app, "hi")
-        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app) and finished(replies(app)[-1]))
         await pilot.pause()
         assert box.scroll_y == box.max_scroll_y  # the end of the reply in view, as it ended
         assert app.query(MessageView).last().size.height > HEIGHT_STEP  # it did grow while streaming
@@ -355,7 +356,7 @@ async def test_the_chat_follows_a_reply_only_while_the_reader_is_at_the_bottom(m
         await pilot.pause()
         await pilot.pause()
         box.scroll_to(y=5, animate=False, immediate=True)  # the reader scrolls up to read something
-        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app) and finished(replies(app)[-1]))
         await pilot.pause()
         assert box.scroll_y == 5 < box.max_scroll_y  # the reply's growth and its final render left them there
 
@@ -367,7 +368,7 @@ async def test_full_collections_wait_while_a_reply_streams(make_app):
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "hi")
         assert app.generating and gc.get_threshold()[2] > 1_000_000
-        await wait_until(pilot, lambda: not app.generating and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: not app.generating and finished(replies(app)[-1]))
         assert gc.get_threshold() == default
         collections = gc.get_stats()[2]["collections"]
         await wait_until(pilot, lambda: gc.get_stats()[2]["collections"] > collections, timeout=5)  # when idle
@@ -388,7 +389,7 @@ async def test_a_finished_reply_is_rendered_off_the_ui_thread(make_app, monkeypa
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         calls.clear()
         await send(pilot, app, "def add(a, b):")
-        await wait_until(pilot, lambda: reply_shown(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: reply_shown(app) and finished(replies(app)[-1]))
         await pilot.pause()
         view = app.query(MessageView).last()
         assert view.role == "assistant" and view.text == replies(app)[-1].content
@@ -414,7 +415,18 @@ async def test_edit_last_works_from_the_prompt_and_deletes_nothing_until_sent(ma
         await wait_until(pilot, lambda: app.query_one(PromptInput).text == "import os")
         app.query_one(PromptInput).text = "import sys"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: len(replies(app)) == 1 and replies(app)[0].status == "complete"
+        await wait_until(pilot, lambda: len(replies(app)) == 1 and finished(replies(app)[0])
                          and reply_shown(app))
         users = [m.content for m in app.store.messages(app.chat_id) if m.role == "user"]
         assert users == ["import sys"]
+
+
+async def test_a_reply_cut_by_max_tokens_is_marked(make_app):
+    app = make_app(max_tokens=5, inference_process=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "truncated" and reply_shown(app))
+        view = app.query(MessageView).last()
+        assert view.role == "assistant"
+        assert any("max_tokens" in view.render_line(y).text for y in range(view.content_size.height))

@@ -213,3 +213,23 @@ async def test_a_reply_that_is_one_huge_line_costs_linear_time():
             reply.append(fragment)
         assert sum(wrapped) <= 10 * len(reply.text)
         assert "".join(strip.text for strip in reply._strips).replace(" ", "") == reply.text.replace(" ", "")
+
+
+async def test_a_reply_shows_its_prompt_progress_until_text_arrives():
+    app = AnchoredChat()
+    async with app.run_test(size=(60, 20)) as pilot:
+        reply = app.query_one(StreamingReply)
+        reply.status = "reading the prompt: 512 of 9,800 tokens · Esc cancels"
+        await pilot.pause()
+        assert "512 of 9,800" in reply.render_line(0).text
+        reply.append("def f():")
+        await pilot.pause()
+        assert reply.render_line(0).text.strip().startswith("def f():")
+
+
+def test_reply_marks_stay_outside_an_open_code_block():
+    from moe_tui.app.main import _shown
+
+    shown = _shown("Here:\n```python\ndef f():\n    return", "cancelled")
+    assert shown.endswith("```\n\n*(cancelled)*")
+    assert "max_tokens" in _shown("all of it", "truncated") and _shown("all", "complete") == "all"

@@ -9,7 +9,7 @@ from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
 
-from tests.helpers import notified, replies, send, wait_until, watched
+from tests.helpers import finished, notified, replies, send, wait_until, watched
 from tests.test_server import LiveServer
 
 
@@ -35,7 +35,7 @@ async def test_attach_streams_a_reply_and_fills_the_heatmap(live, tmp_path, monk
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "def add(a, b):")
-        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
         assert replies(app)[-1].content
         await wait_until(pilot, lambda: app.last_snapshot.requests.sum() > 0)
         assert app.query_one(HeatmapView).snapshot.num_moe_layers == 2
@@ -48,7 +48,7 @@ async def test_openai_compatible_server_without_telemetry(live, tmp_path, monkey
         await wait_until(pilot, lambda: "remote" in app.sub_title)
         assert app.query_one(HeatmapView).placeholder == "this server gives no expert telemetry"
         await send(pilot, app, "import os")
-        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "complete")
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
         assert app.last_snapshot is None
         assert app.backend.remote.replies == 1 and app.backend.remote.ttft_s[0] > 0
         app.run_command("/capacity 2")  # settings belong to the server: a notice, nothing breaks

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import replies, reply_shown, send, wait_until
+from tests.helpers import finished, replies, reply_shown, send, wait_until
 
 
 async def start_long_reply(pilot, app) -> int:
@@ -39,5 +39,5 @@ async def test_changing_chats_mid_reply_ends_it_cleanly(make_app, action):
             assert len(old) == 1 and old[0].status == "cancelled" and old[0].content
         app.settings.max_tokens = 6
         await send(pilot, app, "import os")
-        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].status == "complete" and reply_shown(app))
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]) and reply_shown(app))
         assert app.is_running

@@ -16,6 +16,7 @@ from moe_tui.inference.events import (
     JobFailed,
     JobStarted,
     Notice,
+    Progress,
     SessionFailed,
     SessionReady,
     Snapshot,
@@ -156,3 +157,20 @@ def test_configure_reports_and_a_failed_load_is_an_event(started, tmp_path):
     broken.start()
     assert "missing" in sink2.until(SessionFailed)[-1].error
     assert broken.state == "failed"
+
+
+def test_a_message_too_long_for_the_context_fails_with_the_numbers(started):
+    session, sink = started()
+    session.engine.config["max_position_embeddings"] = 64
+    huge = [{"role": "user", "content": "word " * 200}]
+    job = session.submit(Generate(huge, max_tokens=16, fit_context=True))
+    failed = sink.until(JobFailed)[-1]
+    assert failed.job_id == job.id and "of the context window's 64 for the reply" in failed.error
+
+
+def test_a_long_prompt_reports_progress(started):
+    session, sink = started()
+    session.submit(Generate([5 + (i * 7) % 300 for i in range(1100)], max_tokens=2, temperature=0.0))
+    events = sink.until(JobDone)
+    progress = [e for e in events if isinstance(e, Progress)]
+    assert progress and progress[0].done == 0 and progress[-1].done >= 1024 and progress[-1].total == 1100

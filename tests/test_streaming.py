@@ -134,3 +134,32 @@ def test_settings_that_leave_one_candidate_are_greedy(engine, temperature, top_p
     greedy = run(engine, PROMPT, max_tokens=12, temperature=0.0)[1].tokens
     for seed in (1, 2):
         assert run(engine, PROMPT, max_tokens=12, temperature=temperature, top_p=top_p, seed=seed)[1].tokens == greedy
+
+
+LONG_PROMPT = [5 + (i * 7) % 300 for i in range(1300)]  # three prefill chunks of 512
+
+
+def test_a_long_prompt_reports_progress_and_cancels_between_chunks(model_path):
+    engine = Engine.load(model_path, capacity=4)
+    seen = []
+    done = run(engine, LONG_PROMPT, max_tokens=3, progress=lambda d, t: seen.append((d, t)))[1]
+    assert seen[0] == (0, 1300) and seen[-1][0] >= 1024 and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert done.finish_reason == "length" and done.generated_tokens == 3
+    cancel = threading.Event()
+    calls = []
+
+    def cancel_after_first_chunk(d, t):
+        calls.append(d)
+        if d > 0:
+            cancel.set()
+
+    done = run(engine, LONG_PROMPT[::-1], max_tokens=3, cancel=cancel, progress=cancel_after_first_chunk)[1]
+    assert done.finish_reason == "cancelled" and done.generated_tokens == 0 and max(calls) < 1300
+    # The partly filled cache was dropped: the next turn equals a fresh engine's.
+    assert run(engine, PROMPT, max_tokens=8)[1].tokens == fresh_tokens(model_path, 4, PROMPT)[:8]
+
+
+def test_decode_speed_is_not_reported_for_a_single_token(engine):
+    done = run(engine, PROMPT, max_tokens=1)[1]
+    assert done.decode_tps == 0.0  # its clock starts after prefill: ~1/0
+    assert 0 < run(engine, PROMPT, max_tokens=6)[1].decode_tps < 1e5

@@ -162,6 +162,18 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
         self._strips: list[Strip] = []  # _done + the rows of the paragraph still being written
         self._tail = ""  # text after the last newline
         self._width = 0
+        self._status = ""
+
+    @property
+    def status(self) -> str:
+        """A line shown (dimmed) while the reply has no text yet, e.g. how far a long prompt has been read."""
+        return self._status
+
+    @status.setter
+    def status(self, line: str) -> None:
+        if line != self._status:
+            self._status = line
+            self.refresh(Region(0, 0, self._width or self.content_size.width, 1))
 
     def _wrap(self, paragraph: str) -> list[Strip]:
         console = self.app.console
@@ -181,6 +193,10 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
             self.refresh()
 
     def render_line(self, y: int) -> Strip:
+        if y == 0 and not self.text and self._status:
+            status = Text(terminal_safe(self._status), style="dim", no_wrap=True, overflow="ellipsis")
+            status.truncate(max(self.content_size.width, 1), overflow="ellipsis")
+            return self.row_over_style(Strip(status.render(self.app.console), status.cell_len), self.content_size.width)
         return self.row_over_style(self._strips[y] if y < len(self._strips) else None, self.content_size.width)
 
     def append(self, fragment: str) -> None:

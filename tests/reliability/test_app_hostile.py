@@ -9,6 +9,7 @@ import sqlite3
 import threading
 
 import pytest
+from moe_tui.app.textual_compat import notifications
 from moe_tui.app.widgets.chat import PromptInput
 
 from ..helpers import replies, send, wait_until
@@ -18,7 +19,7 @@ REPLY_WITH_CODE = "Here:\n```python\ndef a():\n    return 1\n```"
 
 
 def errors(app) -> list[str]:
-    return [n.message for n in app._notifications if n.severity == "error"]
+    return [text for text, severity in notifications(app) if severity == "error"]
 
 
 def user_messages(app) -> list[str]:
@@ -147,7 +148,7 @@ async def test_temp_refuses_what_is_not_a_temperature(make_app):
             assert "temperature" not in app.store.chat(app.chat_id).settings, value
         app.run_command("/temp")  # the value in use, and how to change it
         await pilot.pause()
-        shown = list(app._notifications)[-1].message
+        shown = notifications(app)[-1][0]
         assert "0.7" in shown and "/temp" in shown
         app.run_command("/temp 0")
         app.run_command("/temp 2")

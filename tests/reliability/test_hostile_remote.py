@@ -9,6 +9,7 @@ import time
 
 import pytest
 import uvicorn
+from moe_tui.app.textual_compat import notifications
 from moe_tui.app.widgets.chat import MessageView
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -189,7 +190,7 @@ def finished(app) -> bool:
 
 
 def errors(app) -> list[str]:
-    return [n.message for n in app._notifications if n.severity in ("error", "warning")]
+    return [text for text, severity in notifications(app) if severity in ("error", "warning")]
 
 
 async def ready(pilot, app) -> None:
@@ -214,7 +215,7 @@ async def test_a_bad_stream_ends_the_reply_with_an_error(fake, mode, tmp_path, m
         fake.chat = mode
         await send(pilot, app, "hello")
         await wait_until(pilot, lambda: finished(app), timeout=15)
-        assert replies(app)[-1].status == "cancelled"  # an error keeps what came, marked unfinished
+        assert replies(app)[-1].status == "failed"  # an error keeps what came, marked failed
         assert any("generation failed" in e for e in errors(app)), errors(app)
         assert not any("Traceback" in e for e in errors(app))
         await recovers(pilot, app, fake)
