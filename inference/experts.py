@@ -92,6 +92,7 @@ def locate(block: MoEBlock, params: dict[str, list[str]], model_shapes: dict[str
 
 
 READ_THREADS = 4  # positional reads in flight at once: they release the GIL, and disks serve several faster
+INLINE_READ_BYTES = 1 << 20  # smaller loads are read on the calling thread: a hand-off would cost more
 
 
 class ExpertReader:
@@ -113,6 +114,12 @@ class ExpertReader:
         Raises:
             ModelLoadError: a read came up short, or an expert holds NaN/Inf.
         """
+        if sum(src.expert_nbytes for src in sources) * len(experts) < INLINE_READ_BYTES:
+            for src in sources:
+                raw = self._read_checked(src, experts)
+                target = slot_dtypes[(src.projection, src.param)]
+                yield (src.projection, src.param), (_to_mx(row, src.file_dtype, target) for row in raw)
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moe-read")
         pending: list[Future] = [self._pool.submit(self._read_checked, src, experts) for src in sources]
