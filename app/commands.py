@@ -43,15 +43,17 @@ COMMANDS: tuple[Command, ...] = (
     Command("delete", "", "delete this chat", "Chats"),
     Command("search", "TEXT", "search chats", "Chats"),
     Command("export", "md|json PATH", "export this chat", "Chats"),
-    Command("system", "TEXT", "set this chat's system prompt", "Chats"),
-    Command("temp", "X", "set this chat's temperature", "Chats"),
+    Command("system", "[TEXT|--clear]", "show, set or remove this chat's system prompt", "Chats"),
+    Command("temp", "[X]", "show or set this chat's temperature (0 to 2)", "Chats"),
     Command("clear", "", "delete this chat's messages", "Chats"),
+    Command("restore", "", "bring back the reply Ctrl+R set aside (swap it with the current one)", "Chats"),
     Command("earlier", "", "show more of a long chat (it shows its newest messages)", "Chats"),
     Command("help", "", "keys and commands", "App"),
 )
 BY_NAME = {c.name: c for c in COMMANDS}
 
-KEYS = ("Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate · Ctrl+E edit last · "
+KEYS = ("Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate (/restore undoes) · "
+        "Ctrl+E edit last · "
         "Ctrl+N new chat · Ctrl+P command palette · F2 toggle cache panel · Tab focus heatmap (arrows, +/-, [ ], h)")
 
 

@@ -286,7 +286,7 @@ class MoeApp(App):
         chat = self.store.chat(self.chat_id)
         messages = [{"role": "system", "content": chat.system_prompt}] if chat.system_prompt else []
         messages += [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat_id)
-                     if m.role in ("user", "assistant") and m.content]
+                     if m.role in ("user", "assistant") and m.content and m.status != "replaced"]
         return messages
 
     def add_view(self, view: MessageView) -> MessageView:
@@ -458,13 +458,33 @@ class MoeApp(App):
     def action_regenerate(self) -> None:
         if self.generating:
             return
-        stored = self.store.messages(self.chat_id)
+        stored = [m for m in self.store.messages(self.chat_id) if m.status != "replaced"]
         if not stored or stored[-1].role != "assistant":
             self.notice("nothing to regenerate", "warning")
             return
-        self.store.delete_message(stored[-1].id)
+        # The previous reply stays, set aside: /restore brings it back.
+        self.store.update_message(stored[-1].id, stored[-1].content, "replaced")
         self.open_chat(self.chat_id)
         self.start_reply()
+
+    @store_writes
+    def cmd_restore(self, arg: str) -> None:
+        if self.generating:
+            self.notice("a reply is still streaming: Esc cancels it first", "warning")
+            return
+        stored = self.store.messages(self.chat_id)
+        users = [m.id for m in stored if m.role == "user"]
+        after = users[-1] if users else -1
+        replaced = [m for m in stored if m.status == "replaced" and m.id > after]
+        if not replaced:
+            self.notice("no earlier version of the last reply to restore (Ctrl+R keeps one each time)")
+            return
+        current = [m for m in stored if m.role == "assistant" and m.status != "replaced" and m.id > after]
+        for m in current:
+            self.store.update_message(m.id, m.content, "replaced")
+        self.store.update_message(replaced[-1].id, replaced[-1].content, "complete")
+        self.open_chat(self.chat_id)
+        self.notice("the earlier reply is back; the newer one is set aside (/restore again swaps them)")
 
     @store_writes
     def action_edit_last(self) -> None:
@@ -624,6 +644,15 @@ class MoeApp(App):
         self.call_next(self.show_earlier)
 
     def cmd_clear(self, arg: str) -> None:
+        count = len(self.store.messages(self.chat_id))
+        if not count:
+            self.notice("this chat has no messages")
+            return
+        self.push_screen(ConfirmScreen(f"Delete all {count} messages of this chat? The chat stays, empty."),
+                         lambda ok: self.clear_chat() if ok else self.notice("nothing deleted"))
+
+    @store_writes
+    def clear_chat(self) -> None:
         self.leave_reply(discard=True)
         for m in self.store.messages(self.chat_id):
             self.store.delete_message(m.id)
@@ -652,14 +681,37 @@ class MoeApp(App):
             self.notice(f"renamed to {arg}")
 
     def cmd_delete(self, arg: str) -> None:
+        chat = self.store.chat(self.chat_id)
+        count = len(self.store.messages(self.chat_id))
+        self.push_screen(ConfirmScreen(f"Delete the chat {chat.title!r} and its {count} messages?"),
+                         lambda ok: self.delete_chat() if ok else self.notice("nothing deleted"))
+
+    @store_writes
+    def delete_chat(self) -> None:
         self.leave_reply(discard=True)
         self.store.delete_chat(self.chat_id)
         chats = self.store.chats()
         self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
 
     def cmd_system(self, arg: str) -> None:
-        self.store.update_chat(self.chat_id, system_prompt=arg)
-        self.notice("system prompt set" if arg else "system prompt cleared")
+        current = self.store.chat(self.chat_id).system_prompt
+        if not arg:
+            shown = f"{current!r}" if current else "none"
+            self.notice(f"system prompt: {shown}. /system TEXT sets it; /system --clear removes it")
+            return
+        if arg == "--clear":
+            if not current:
+                self.notice("this chat has no system prompt")
+                return
+            self.push_screen(ConfirmScreen(f"Remove this chat's system prompt? {current!r}"),
+                             lambda ok: self.set_system_prompt("") if ok else self.notice("system prompt kept"))
+            return
+        self.set_system_prompt(arg)
+
+    @store_writes
+    def set_system_prompt(self, text: str) -> None:
+        self.store.update_chat(self.chat_id, system_prompt=text)
+        self.notice("system prompt set" if text else "system prompt removed")
 
     def cmd_temp(self, arg: str) -> None:
         current = self.store.chat(self.chat_id).settings.get("temperature", self.settings.temperature)
@@ -880,6 +932,7 @@ def _view_role(role: str, status: str) -> str:
 
 
 MARKS = {"cancelled": "cancelled", "partial": "interrupted", "failed": "failed",
+         "replaced": "set aside by Ctrl+R: not part of the conversation; /restore brings it back",
          "truncated": "cut short: the reply reached its length limit (max_tokens)"}
 
 

@@ -63,16 +63,22 @@ async def test_escape_cancels_and_keeps_partial_text(make_app):
         assert any("(cancelled)" in view.render_line(y).text for y in range(view.content_size.height))
 
 
-async def test_regenerate_replaces_the_last_reply(make_app):
+async def test_regenerate_sets_the_last_reply_aside_and_restore_brings_it_back(make_app):
     app = make_app(max_tokens=8)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "import os")
         await wait_until(pilot, lambda: replies(app) and not app.generating)
-        first_id = replies(app)[-1].id
+        first = replies(app)[-1]
         await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].id != first_id and not app.generating)
-        assert len(replies(app)) == 1 and finished(replies(app)[-1])
+        await wait_until(pilot, lambda: replies(app)[-1].id != first.id and not app.generating)
+        old, new = replies(app)
+        assert old.id == first.id and old.status == "replaced" and finished(new)
+        assert [m["content"] for m in app.history() if m["role"] == "assistant"] == [new.content]
+        app.run_command("/restore")
+        await wait_until(pilot, lambda: replies(app)[0].status == "complete")
+        assert replies(app)[1].status == "replaced"
+        assert [m["content"] for m in app.history() if m["role"] == "assistant"] == [first.content]
 
 
 async def test_session_survives_restart(make_app):
@@ -430,3 +436,29 @@ async def test_a_reply_cut_by_max_tokens_is_marked(make_app):
         view = app.query(MessageView).last()
         assert view.role == "assistant"
         assert any("max_tokens" in view.render_line(y).text for y in range(view.content_size.height))
+
+
+async def test_destructive_commands_ask_first_and_default_to_no(make_app):
+    app = make_app(max_tokens=4, inference_process=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "import os")
+        await wait_until(pilot, lambda: replies(app) and reply_shown(app))
+        chat, before = app.chat_id, len(app.store.messages(app.chat_id))
+        for command in ("/clear", "/delete"):
+            app.run_command(command)
+            await wait_until(pilot, lambda: dialog_open(app))
+            await pilot.press("enter")  # the default answer: No
+            await wait_until(pilot, lambda: notified(app, "nothing deleted") and dialog_closed(app))
+            assert app.chat_id == chat and len(app.store.messages(chat)) == before
+        app.run_command("/system You write Python.")
+        app.run_command("/system")
+        await wait_until(pilot, lambda: notified(app, "You write Python."))
+        app.run_command("/system --clear")
+        await wait_until(pilot, lambda: dialog_open(app))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.store.chat(chat).system_prompt == "")
+        app.run_command("/clear")
+        await wait_until(pilot, lambda: dialog_open(app))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.store.messages(chat) == [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import finished, replies, reply_shown, send, wait_until
+from tests.helpers import dialog_open, finished, replies, reply_shown, send, wait_until
 
 
 async def start_long_reply(pilot, app) -> int:
@@ -29,6 +29,9 @@ async def test_changing_chats_mid_reply_ends_it_cleanly(make_app, action):
             await pilot.press("ctrl+n")
         else:
             app.run_command(action)
+            if action in ("/clear", "/delete"):  # destructive: asked first (the reply streams meanwhile)
+                await wait_until(pilot, lambda: dialog_open(app))
+                await pilot.press("y")
         # The old reply's end has been handled; its chunks came before it (one worker posts them in order).
         await wait_until(pilot, lambda: not app.generating)
         stored = {c.id for c in app.store.chats()}
