@@ -141,7 +141,7 @@ class MoeApp(App):
         Binding("escape", "cancel", "cancel reply", id="app.cancel"),
         Binding("ctrl+r", "regenerate", "regenerate", id="app.regenerate"),
         # priority: the prompt's own ctrl+e (end of line) would win while it has focus, which it nearly always has
-        Binding("ctrl+e", "edit_last", "edit last", id="app.edit_last", priority=True),
+        Binding("ctrl+e", "edit_last", "edit last", id="app.edit_last", priority=True, show=False),
         Binding("ctrl+n", "new_chat", "new chat", id="app.new_chat"),
         Binding("f2", "toggle_side", "cache panel", id="app.toggle_side"),
         Binding("ctrl+q", "quit", "quit", id="app.quit"),
