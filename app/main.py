@@ -25,6 +25,7 @@ from . import coding
 from .commands import BY_NAME, help_text, palette_entries, parse_capacity
 from .heatmap import HeatmapStyle
 from .messages import (
+    ConnectionChanged,
     EngineFailed,
     EngineNotice,
     EngineReady,
@@ -172,6 +173,7 @@ class MoeApp(App):
         self.reply: Reply | None = None  # the reply streaming now, if any
         self.engine_down: str | None = None  # why no reply can be generated (load failed, engine stopped)
         self.editing: int | None = None  # id of the user message Ctrl+E took back into the prompt, if any
+        self.disconnected: str | None = None  # why the remote server does not answer, while it does not
         self.context_length = 0
         self.last_snapshot = None
         self.last_optimum: dict | None = None  # hit rates of every policy and Belady on the recent trace
@@ -542,6 +544,16 @@ class MoeApp(App):
                                                        if caps.telemetry else "this server gives no expert telemetry")
         self.update_subtitle()
 
+    @on(ConnectionChanged)
+    @while_mounted
+    def on_connection_changed(self, event: ConnectionChanged) -> None:
+        self.disconnected = None if event.connected else event.reason
+        if event.connected:
+            self.notice("the server answers again")
+        else:
+            self.notice(f"lost the server ({event.reason}); retrying in the background", "warning")
+        self.update_subtitle()
+
     @on(EngineNotice)
     @while_mounted
     def on_engine_notice(self, event: EngineNotice) -> None:
@@ -573,10 +585,15 @@ class MoeApp(App):
         self.update_subtitle()
 
     def update_subtitle(self) -> None:
+        if self.disconnected is not None:
+            self.sub_title = "disconnected from the server · retrying"
+            return
         s = self.last_snapshot
         if s is not None:
             # A server attached to sends these strings: shown through terminal_safe like any untrusted text.
             self.sub_title = terminal_safe(f"{s.mode} · {s.policy} · {s.capacity}/{s.num_experts} experts per layer")
+        elif self.backend.capabilities.remote:
+            self.sub_title = "remote server"
 
     # ---- themes
     def apply_theme(self, name: str) -> None:

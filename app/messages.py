@@ -89,3 +89,13 @@ class PrefillProgress(WorkerMessage):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, PrefillProgress) and message.tag == self.tag
+
+
+class ConnectionChanged(WorkerMessage):
+    """A remote server stopped answering, or answers again (`moe attach`, `moe chat --base-url`)."""
+
+    def __init__(self, connected: bool, reason: str = "", retry_in: float = 0.0) -> None:
+        super().__init__(connected, reason, retry_in)
+        self.connected = connected
+        self.reason = reason
+        self.retry_in = retry_in

@@ -18,7 +18,16 @@ from moe_tui.inference.events import Configure, Generate
 from moe_tui.inference.telemetry import CacheSnapshot, GenerationDone
 
 from .backend import Capabilities, estimated_tokens
-from .messages import EngineFailed, EngineInfo, EngineNotice, EngineReady, ReplyChunk, ReplyDone, SnapshotReady
+from .messages import (
+    ConnectionChanged,
+    EngineFailed,
+    EngineInfo,
+    EngineNotice,
+    EngineReady,
+    ReplyChunk,
+    ReplyDone,
+    SnapshotReady,
+)
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read for its message: a server may send one without end
@@ -57,6 +66,11 @@ class RemoteWorker(threading.Thread):
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.want_telemetry = telemetry
         self.stats_hz = stats_hz
+        self.heartbeat = 5.0  # seconds between checks of a server without telemetry, while it answers
+        self.first_backoff = 1.0  # seconds before the first retry of a lost server; doubles each time
+        self.max_backoff = 30.0
+        self._up = True  # as far as we know: EngineReady is only posted once the server answered
+        self._failures = 0
         self.remote = RemoteStats()
         # No keep-alive: each reply opens its own connection, so the trace below always sees the socket that
         # `cancel` must shut (a reused connection reports no connect event).
@@ -127,9 +141,9 @@ class RemoteWorker(threading.Thread):
         self.app.post_message(EngineReady(EngineInfo(
             model=f"{self.model} @ {self.base_url}", model_type="remote", num_layers=0, moe_layers=(),
             num_experts=0, top_k=0, expert_bytes=0, dense_bytes=0, context_length=0)))
-        if telemetry:
-            threading.Thread(target=self._stream_stats, name="moe-remote-stats", daemon=True).start()
-        else:
+        watch = self._stream_stats if telemetry else self._heartbeat
+        threading.Thread(target=watch, name="moe-remote-watch", daemon=True).start()
+        if not telemetry:
             self.app.post_message(EngineNotice("this server gives no expert telemetry: the panels show "
                                                "throughput and latency measured here"))
         while not self._stopping.is_set():
@@ -155,17 +169,43 @@ class RemoteWorker(threading.Thread):
             return False
 
     def _stream_stats(self) -> None:
+        """Snapshots from /v1/stats/stream; the stream doubles as the connection's heartbeat."""
         while not self._stopping.is_set():
             try:
                 with self.client.stream("GET", "/v1/stats/stream", params={"hz": self.stats_hz}) as r:
+                    r.raise_for_status()
+                    self._connected(True)
                     for line in r.iter_lines():
                         if self._stopping.is_set():
                             return
                         if line.startswith("data: "):
                             snap = CacheSnapshot.from_dict(json.loads(line[6:]))
                             self.app.post_message(SnapshotReady(snap, None))
-            except Exception:  # noqa: BLE001 - server restarting, gone, or sending junk: retry quietly
-                time.sleep(1.0)
+                raise BadReply("the server closed the stats stream")
+            except Exception as exc:  # noqa: BLE001 - server restarting, gone, or sending junk: back off, retry
+                self._connected(False, _short(exc))
+                self._stopping.wait(self._backoff())
+
+    def _heartbeat(self) -> None:
+        """Without telemetry: ask for the model list now and then, to notice a server that went away."""
+        while not self._stopping.wait(self.heartbeat if self._up else self._backoff()):
+            try:
+                self.client.get("/v1/models", timeout=5.0).raise_for_status()
+                self._connected(True)
+            except Exception as exc:  # noqa: BLE001 - any failure means the server cannot serve us now
+                self._connected(False, _short(exc))
+
+    def _backoff(self) -> float:
+        delay = min(self.max_backoff, self.first_backoff * 2 ** self._failures)
+        return delay
+
+    def _connected(self, up: bool, reason: str = "") -> None:
+        """Post a ConnectionChanged when the state changes (and count failures for the backoff)."""
+        self._failures = 0 if up else self._failures + 1
+        if up != self._up:
+            self._up = up
+            retry = 0.0 if up else min(self.max_backoff, self.first_backoff * 2 ** (self._failures - 1))
+            self.app.post_message(ConnectionChanged(up, reason, retry))
 
     def _generate(self, request: Generate) -> None:
         self._cancel.clear()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 from moe_tui.app.main import MoeApp
 from moe_tui.app.remote import RemoteWorker
@@ -10,7 +15,7 @@ from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
 
 from tests.helpers import finished, notified, replies, send, wait_until, watched
-from tests.test_server import LiveServer
+from tests.test_server import LiveServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +64,43 @@ async def test_unreachable_server_is_reported(tmp_path, monkeypatch):
     app = remote_app(tmp_path, monkeypatch, "http://127.0.0.1:9", telemetry=False)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.sub_title == "model failed to load")
+
+
+def start_server(model, port: int):
+    """`moe serve` in its own process (so that it can die as a real server does), once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "serve", str(model), "--port", str(port),
+                             "--capacity", "1.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("telemetry", [True, False])
+async def test_a_server_that_goes_away_is_shown_and_found_again(tmp_path, monkeypatch, telemetry):
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", "qwen3_moe", router_scale=4.0)
+    port = free_port()
+    server = start_server(model, port)
+    app = remote_app(tmp_path, monkeypatch, f"http://127.0.0.1:{port}", telemetry=telemetry)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.last_snapshot is not None if telemetry else "remote" in app.sub_title)
+            app.backend.first_backoff, app.backend.max_backoff, app.backend.heartbeat = 0.2, 0.5, 0.3
+            server.kill()  # as the OOM killer would
+            server.wait()
+            await wait_until(pilot, lambda: "disconnected" in app.sub_title)
+            assert notified(app, "lost the server")
+            server = start_server(model, port)
+            await wait_until(pilot, lambda: "disconnected" not in app.sub_title, timeout=60)
+            assert notified(app, "answers again")
+            await send(pilot, app, "def add(a, b):")
+            await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
+    finally:
+        server.kill()

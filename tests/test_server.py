@@ -34,11 +34,12 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, model: Path, host: str = "127.0.0.1", api_key: str | None = None, max_queue: int = 16,
-                 max_body_bytes: int = 1 << 20, capacity: int | float = 4, max_tokens_cap: int = 256) -> None:
+                 max_body_bytes: int = 1 << 20, capacity: int | float = 4, max_tokens_cap: int = 256,
+                 port: int | None = None) -> None:
         self.runner = EngineRunner(lambda: Engine.load(model, capacity=capacity), max_queue=max_queue)
         self.runner.start()
         self.runner.ready.wait()
-        self.port = free_port()
+        self.port = port or free_port()
         app = build_app(self.runner, ServerConfig("tiny", api_key=api_key, max_tokens_cap=max_tokens_cap,
                                                   max_body_bytes=max_body_bytes))
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
