@@ -827,16 +827,8 @@ class MoeApp(App):
         def write(ok: bool | None = True) -> None:
             if not ok:
                 self.notice("not saved")
-                return
-            try:
-                coding.write_text_file(path, code + "\n")
-            except coding.PathError as exc:
-                self.notice(str(exc), "error")
-                return
-            except OSError as exc:
-                self.notice(f"could not write {path}: {exc}", "error")
-                return
-            self.notice(f"saved code block {number} to {path}")
+            elif self.write_file(path, code + "\n"):
+                self.notice(f"saved code block {number} to {path}")
 
         def check_existing(ok: bool | None = True) -> None:
             if not ok:
@@ -863,6 +855,18 @@ class MoeApp(App):
             self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Write there?"), check_existing)
         else:
             check_existing()
+
+    def write_file(self, path: Path, text: str) -> bool:
+        """Write `path` (never blocking on a FIFO); a failure is an error notice. True when written."""
+        try:
+            coding.write_text_file(path, text)
+        except coding.PathError as exc:
+            self.notice(str(exc), "error")
+            return False
+        except OSError as exc:
+            self.notice(f"could not write {path}: {exc}", "error")
+            return False
+        return True
 
     def cmd_copy(self, arg: str) -> None:
         text = self.code_block(arg) if arg else self.last_reply()
@@ -894,16 +898,8 @@ class MoeApp(App):
         def write(ok: bool | None = True) -> None:
             if not ok:
                 self.notice("not exported")
-                return
-            try:
-                coding.write_text_file(path, text)
-            except coding.PathError as exc:
-                self.notice(str(exc), "error")
-                return
-            except OSError as exc:
-                self.notice(f"could not write {path}: {exc}", "error")
-                return
-            self.notice(f"exported to {path}")
+            elif self.write_file(path, text):
+                self.notice(f"exported to {path}")
 
         if path.exists() or outside:  # never overwrite, nor write outside the project, without asking
             where = "exists" if path.exists() else f"is outside {self.cwd}"
