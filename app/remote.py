@@ -169,21 +169,28 @@ class RemoteWorker(threading.Thread):
             return False
 
     def _stream_stats(self) -> None:
-        """Snapshots from /v1/stats/stream; the stream doubles as the connection's heartbeat."""
+        """Snapshots from /v1/stats/stream; the stream doubles as the connection's heartbeat. A line that is
+        not a snapshot is skipped: junk telemetry is not a lost server."""
         while not self._stopping.is_set():
             try:
                 with self.client.stream("GET", "/v1/stats/stream", params={"hz": self.stats_hz}) as r:
-                    r.raise_for_status()
+                    if r.status_code >= 500:
+                        raise BadReply(f"the stats stream answered {r.status_code}")
                     self._connected(True)
                     for line in r.iter_lines():
                         if self._stopping.is_set():
                             return
                         if line.startswith("data: "):
-                            snap = CacheSnapshot.from_dict(json.loads(line[6:]))
+                            try:
+                                snap = CacheSnapshot.from_dict(json.loads(line[6:]))
+                            except Exception:  # noqa: BLE001 - not a snapshot (of this version): skip it
+                                continue
                             self.app.post_message(SnapshotReady(snap, None))
                 raise BadReply("the server closed the stats stream")
-            except Exception as exc:  # noqa: BLE001 - server restarting, gone, or sending junk: back off, retry
+            except (httpx.TransportError, BadReply) as exc:  # gone, restarting, or refusing: back off, retry
                 self._connected(False, _short(exc))
+                self._stopping.wait(self._backoff())
+            except Exception:  # noqa: BLE001 - anything else from a server sending nonsense: retry quietly
                 self._stopping.wait(self._backoff())
 
     def _heartbeat(self) -> None:
