@@ -54,7 +54,8 @@ BY_NAME = {c.name: c for c in COMMANDS}
 
 KEYS = ("Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate (/restore undoes) · "
         "Ctrl+E edit last · "
-        "Ctrl+N new chat · Ctrl+P command palette · F2 toggle cache panel · Tab focus heatmap (arrows, +/-, [ ], h)")
+        "Ctrl+N new chat · Ctrl+P command palette · PageUp/PageDown scroll the chat · F2 toggle cache panel · "
+        "Tab focus heatmap (arrows, +/-, [ ], h)")
 
 
 def help_text() -> str:

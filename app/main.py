@@ -145,6 +145,9 @@ class MoeApp(App):
         Binding("ctrl+e", "edit_last", "edit last", id="app.edit_last", priority=True, show=False),
         Binding("ctrl+n", "new_chat", "new chat", id="app.new_chat"),
         Binding("f2", "toggle_side", "cache panel", id="app.toggle_side"),
+        # priority: the prompt (a text area) would take them for its own cursor, which a one-line prompt rarely needs
+        Binding("pageup", "page_chat(-1)", "page up", id="app.page_up", priority=True, show=False),
+        Binding("pagedown", "page_chat(1)", "page down", id="app.page_down", priority=True, show=False),
         Binding("ctrl+q", "quit", "quit", id="app.quit"),
     ]
 
@@ -522,6 +525,11 @@ class MoeApp(App):
     @store_writes
     def action_new_chat(self) -> None:
         self.open_chat(self.store.create_chat(model=self.spec.model).id)  # a streaming reply is cancelled
+
+    def action_page_chat(self, direction: int) -> None:
+        """Scroll the chat a page (from the prompt too)."""
+        box = self.query_one("#messages", VerticalScroll)
+        box.scroll_page_up(animate=False) if direction < 0 else box.scroll_page_down(animate=False)
 
     def action_toggle_side(self) -> None:
         self.query_one("#side").toggle_class("hidden")

@@ -462,3 +462,20 @@ async def test_destructive_commands_ask_first_and_default_to_no(make_app):
         await wait_until(pilot, lambda: dialog_open(app))
         await pilot.press("y")
         await wait_until(pilot, lambda: app.store.messages(chat) == [])
+
+
+async def test_page_up_and_down_scroll_the_chat_from_the_prompt(make_app):
+    app = make_app(inference_process=False)
+    async with app.run_test(size=(100, 24)) as pilot:
+        for i in range(12):
+            app.store.add_message(app.chat_id, "user", f"question {i}\n\nwith a second paragraph")
+        app.open_chat(app.chat_id)
+        box = app.query_one("#messages")
+        await wait_until(pilot, lambda: box.max_scroll_y > 0 and box.scroll_y == box.max_scroll_y)
+        app.query_one(PromptInput).focus()
+        bottom = box.scroll_y
+        await pilot.press("pageup")
+        await wait_until(pilot, lambda: box.scroll_y < bottom)
+        assert app.focused is app.query_one(PromptInput)
+        await pilot.press("pagedown")
+        await wait_until(pilot, lambda: box.scroll_y == bottom)
