@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,7 +84,11 @@ class Session:
         self.stats_interval = stats_interval
         self.chunk_interval = chunk_interval
         self.replay_optimum = replay_optimum
-        self._jobs: queue.Queue[Job | Configure | None] = queue.Queue(maxsize=max_queue)
+        # Unbounded: it also carries Configure requests and wake-ups (None), which must never take a job's place.
+        self._jobs: queue.Queue[Job | Configure | None] = queue.Queue()
+        self.max_queue = max_queue
+        self._waiting = 0  # jobs queued, not yet started (the bound applies to these alone)
+        self._waiting_lock = threading.Lock()
         self._tokenize_requests: queue.Queue[tuple[Tokenize, Future]] = queue.Queue()
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
@@ -122,10 +126,11 @@ class Session:
         """
         self._check_open()
         job = Job(next(self._ids), request, sink or self._sink)
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        with self._waiting_lock:
+            if self.max_queue and self._waiting >= self.max_queue:
+                raise QueueFull
+            self._waiting += 1
+        self._jobs.put(job)
         return job
 
     def configure(self, request: Configure) -> None:
@@ -153,14 +158,11 @@ class Session:
             future.set_exception(exc)
             return future
         self._tokenize_requests.put((request, future))
-        try:
-            self._jobs.put_nowait(None)  # wakes an idle loop; a full queue means it is busy and answers soon
-        except queue.Full:
-            pass
+        self._jobs.put(None)  # wakes an idle loop
         return future
 
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return self._waiting
 
     def stop(self) -> None:
         """Cancel the running job and every queued one (each still gets its final event), then exit."""
@@ -168,10 +170,7 @@ class Session:
         job = self.current
         if job is not None:
             job.cancel.set()
-        try:
-            self._jobs.put_nowait(None)
-        except queue.Full:
-            pass
+        self._jobs.put(None)  # wakes an idle loop
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.ident is not None:
@@ -245,6 +244,7 @@ class Session:
         if isinstance(item, Configure):
             self._configure(item)
         else:
+            self._dequeued(item)
             self.current = item
             try:
                 self._generate(item)
@@ -253,6 +253,10 @@ class Session:
                 self.completed += 1
         self._publish(force=True)
         return True
+
+    def _dequeued(self, job: Job) -> None:
+        with self._waiting_lock:
+            self._waiting -= 1
 
     def _idle(self) -> None:
         if self.replay_optimum:
@@ -267,6 +271,7 @@ class Session:
             except queue.Empty:
                 break
             if isinstance(item, Job):
+                self._dequeued(item)
                 self._send(item, JobDone(item.id, item.request.tag, _cancelled()))
         while True:
             try:
@@ -307,9 +312,9 @@ class Session:
         except (ValueError, ModelLoadError) as exc:
             self._emit(Notice(str(exc), "error"))
 
-    def _fit(self, job: Job) -> tuple[Sequence[dict] | Sequence[int], int, int, int]:
-        """The prompt, its token count, how many oldest messages were dropped to fit the context, and the
-        reply's token budget (shortened when even the newest turns leave less room than max_tokens).
+    def _fit(self, job: Job) -> tuple[list[int], int, int]:
+        """The prompt's token ids, how many oldest messages were dropped to fit the context, and the reply's
+        token budget (shortened when even the newest turns leave less room than max_tokens).
 
         Raises:
             ContextOverflow: (fit_context) the last message alone leaves less than MIN_REPLY tokens.
@@ -320,7 +325,7 @@ class Session:
         context = self.engine.context_length
         limit = context - request.max_tokens
         if not request.fit_context or len(tokens) <= limit or not messages or not isinstance(messages[0], dict):
-            return messages, len(tokens), 0, request.max_tokens
+            return tokens, 0, request.max_tokens
         messages = list(messages)
         dropped = 0
         while len(tokens) > limit:
@@ -335,7 +340,7 @@ class Session:
             raise ContextOverflow(f"the prompt takes {len(tokens)} tokens even without older turns, leaving "
                                   f"{max(room, 0)} of the context window's {context} for the reply: shorten the "
                                   "message or its attachments")
-        return messages, len(tokens), dropped, min(request.max_tokens, room)
+        return tokens, dropped, min(request.max_tokens, room)
 
     def _generate(self, job: Job) -> None:
         request = job.request
@@ -344,8 +349,8 @@ class Session:
             return
         pending, sent, last_chunk = "", "", time.monotonic()
         try:
-            prompt, prompt_tokens, dropped, max_tokens = self._fit(job)
-            self._send(job, JobStarted(job.id, request.tag, prompt_tokens, dropped, max_tokens, request.max_tokens))
+            prompt, dropped, max_tokens = self._fit(job)  # token ids: the engine does not tokenize again
+            self._send(job, JobStarted(job.id, request.tag, len(prompt), dropped, max_tokens, request.max_tokens))
             done: GenerationDone | None = None
             started = time.monotonic()
 
@@ -373,20 +378,17 @@ class Session:
             self._send(job, Delta(job.id, request.tag, pending, None))
         self._send(job, JobDone(job.id, request.tag, done or _cancelled()))
 
-    def _due_snapshot(self, now: float) -> CacheSnapshot | None:
-        if now - self._last_snapshot < self.stats_interval:
+    def _due_snapshot(self, now: float, force: bool = False) -> CacheSnapshot | None:
+        """A fresh snapshot (kept for readers on other threads) when one is due, else None."""
+        if not force and now - self._last_snapshot < self.stats_interval:
             return None
         self._last_snapshot = now
         self.snapshot = self.engine.snapshot()
         return self.snapshot
 
     def _publish(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_snapshot < self.stats_interval:
-            return
-        self._last_snapshot = now
-        self.snapshot = self.engine.snapshot()
-        self._emit(Snapshot(self.snapshot, self._optimum))
+        if (snapshot := self._due_snapshot(time.monotonic(), force)) is not None:
+            self._emit(Snapshot(snapshot, self._optimum))
 
     def _refresh_optimum(self) -> None:
         """Replay the recent trace under every policy and Belady's MIN (idle only: it costs CPU)."""

@@ -174,3 +174,22 @@ def test_a_long_prompt_reports_progress(started):
     events = sink.until(JobDone)
     progress = [e for e in events if isinstance(e, Progress)]
     assert progress and progress[0].done == 0 and progress[-1].done >= 1024 and progress[-1].total == 1100
+
+
+def test_wake_ups_and_settings_never_take_a_waiting_jobs_place(started):
+    session, sink = started(max_queue=1)
+    session.submit(Generate(PROMPT, max_tokens=400, temperature=0.0))
+    sink.until(JobStarted)
+    answers = [session.tokenize(Tokenize("def f(): pass")) for _ in range(3)]  # each wakes the loop
+    session.configure(Configure(policy="lfu"))
+    assert session.waiting() == 0
+    queued = session.submit(Generate(PROMPT, max_tokens=2))  # the one place is still free
+    assert session.waiting() == 1
+    with pytest.raises(QueueFull):
+        session.submit(Generate(PROMPT, max_tokens=2))
+    assert all(len(answer.result(30)) > 0 for answer in answers)
+    session.cancel()
+    done = [e for e in sink.until(JobDone) if isinstance(e, JobDone)]
+    while not any(e.job_id == queued.id for e in done):
+        done += [e for e in sink.until(JobDone) if isinstance(e, JobDone)]
+    assert session.waiting() == 0
