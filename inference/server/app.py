@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from ..events import Delta, Generate, JobDone, JobFailed
 from ..telemetry import GenerationDone
+from .errors import anthropic_body, error_body, openai_body
 from .metrics import prometheus_text
 from .runner import EngineRunner, QueueFull, ServerJob, SessionClosed
 from .schemas import BadRequest, ChatRequest, openapi, parse_anthropic, parse_openai
@@ -49,26 +50,17 @@ class ServerConfig:
 
 def openai_error(message: str, status: int, param: str | None = None, kind: str = "invalid_request_error",
                  headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status, headers=headers)
+    return JSONResponse(openai_body(message, kind, param), status_code=status, headers=headers)
 
 
 def anthropic_error(message: str, status: int, kind: str = "invalid_request_error",
                     headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status_code=status,
-                        headers=headers)
-
-
-ANTHROPIC_KINDS = {400: "invalid_request_error", 401: "authentication_error", 413: "request_too_large",
-                   429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
-OPENAI_KINDS = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+    return JSONResponse(anthropic_body(message, kind), status_code=status, headers=headers)
 
 
 def error_for(request: Request, message: str, status: int, param: str | None = None,
               headers: dict | None = None) -> JSONResponse:
-    if request.url.path == "/v1/messages":
-        return anthropic_error(message, status, ANTHROPIC_KINDS.get(status, "invalid_request_error"), headers)
-    return openai_error(message, status, param, OPENAI_KINDS.get(status, "invalid_request_error"), headers)
+    return JSONResponse(error_body(request.url.path, status, message, param), status_code=status, headers=headers)
 
 
 # ---------------------------------------------------------------- the app

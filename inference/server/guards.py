@@ -12,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from .errors import error_body
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -23,21 +25,12 @@ JSON_TYPE = "application/json"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 REQUEST_TIMEOUT = 30.0
 
-# The two APIs' error shapes, as in app.error_for. Copied rather than imported: app.py pulls in the engine
-# runner, this module must stay importable on its own (tests mount it over a bare app), and app.py may import it.
-ANTHROPIC_KINDS = {403: "permission_error", 413: "request_too_large", 503: "overloaded_error"}
-
-
-def error_body(path: str, status: int, message: str) -> bytes:
-    if path == "/v1/messages":
-        kind = ANTHROPIC_KINDS.get(status, "invalid_request_error")
-        return json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+def encoded_error(path: str, status: int, message: str) -> bytes:
+    return json.dumps(error_body(path, status, message)).encode()
 
 
 async def send_error(send: Send, path: str, status: int, message: str, close: bool = False) -> None:
-    body = error_body(path, status, message)
+    body = encoded_error(path, status, message)
     headers = [(b"content-type", JSON_TYPE.encode()), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))
@@ -172,7 +165,7 @@ def guard(app: ASGIApp, allowed_hosts: Iterable[str] | None, allowed_origins: It
 
 # ---------------------------------------------------------------- connections (uvicorn's h11 protocol)
 
-REQUEST_TIMEOUT_REPLY = error_body("", 408, "the request headers did not arrive in time")
+REQUEST_TIMEOUT_REPLY = encoded_error("", 408, "the request headers did not arrive in time")
 REQUEST_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                             % (len(REQUEST_TIMEOUT_REPLY), REQUEST_TIMEOUT_REPLY))
