@@ -203,16 +203,15 @@ class RemoteWorker(threading.Thread):
                 self._connected(False, _short(exc))
 
     def _backoff(self) -> float:
-        delay = min(self.max_backoff, self.first_backoff * 2 ** self._failures)
-        return delay
+        """Seconds before the next retry: first_backoff after one failure, doubling, at most max_backoff."""
+        return min(self.max_backoff, self.first_backoff * 2 ** max(self._failures - 1, 0))
 
     def _connected(self, up: bool, reason: str = "") -> None:
         """Post a ConnectionChanged when the state changes (and count failures for the backoff)."""
         self._failures = 0 if up else self._failures + 1
         if up != self._up:
             self._up = up
-            retry = 0.0 if up else min(self.max_backoff, self.first_backoff * 2 ** (self._failures - 1))
-            self.app.post_message(ConnectionChanged(up, reason, retry))
+            self.app.post_message(ConnectionChanged(up, reason, 0.0 if up else self._backoff()))
 
     def _generate(self, request: Generate) -> None:
         self._cancel.clear()

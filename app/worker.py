@@ -63,24 +63,18 @@ class EngineSpec:
                            profile=self.profile, pin=self.pin, kv_bits=self.kv_bits)
 
 
-class Replies:
-    """Text of each running reply so far, so that a failed job's ReplyDone carries all of it."""
-
-    def __init__(self) -> None:
-        self.text: dict[Any, str] = {}
-
-
-def to_message(event: Event, replies: Replies):
-    """The app message for a session event (None for events the UI does not show)."""
+def to_message(event: Event, replies: dict[Any, str]):
+    """The app message for a session event (None for events the UI does not show). `replies` keeps each
+    running reply's text so far, by tag: a reply cut short by the inference process's death keeps it."""
     if isinstance(event, Delta):
-        replies.text[event.tag] = replies.text.get(event.tag, "") + event.text
+        replies[event.tag] = replies.get(event.tag, "") + event.text
         stats = SnapshotReady(event.snapshot, None) if event.snapshot is not None else None
         return ReplyChunk(event.tag, event.text, stats)
     if isinstance(event, JobDone):
-        replies.text.pop(event.tag, None)
+        replies.pop(event.tag, None)
         return ReplyDone(event.tag, event.done.text, event.done)
     if isinstance(event, JobFailed):
-        replies.text.pop(event.tag, None)
+        replies.pop(event.tag, None)
         return ReplyDone(event.tag, event.text, None, event.error)
     if isinstance(event, JobStarted):
         notes = []
@@ -117,7 +111,7 @@ class InferenceWorker:
     def __init__(self, app, spec: EngineSpec, stats_interval: float = 0.5) -> None:
         self.app = app
         self.spec = spec
-        self._replies = Replies()
+        self._replies: dict[Any, str] = {}
         self.session = _session(spec, self._post, stats_interval)
 
     def _post(self, event: Event) -> None:
@@ -211,7 +205,7 @@ class InferenceProcess:
                                    args=(spec, stats_interval, send, self._control, log_path))
         self._send = send
         self._reader = threading.Thread(target=self._read, name="moe-inference-reader", daemon=True)
-        self._replies = Replies()
+        self._replies: dict[Any, str] = {}
         self._counts: dict[int, Future] = {}
         self._count_ids = 0
         self._lock = threading.Lock()
@@ -270,7 +264,7 @@ class InferenceProcess:
             where = f"; its output is in {self.log_path}" if self.log_path else ""
             self.app.post_message(EngineFailed(
                 f"the inference process exited unexpectedly (exit code {self.process.exitcode}){where}"))
-            for tag, text in list(self._replies.text.items()):  # replies cut short keep their text
+            for tag, text in list(self._replies.items()):  # replies cut short keep their text
                 self.app.post_message(ReplyDone(tag, text, None, "the inference process exited"))
 
     def join(self, timeout: float | None = None) -> None:

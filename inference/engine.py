@@ -59,7 +59,7 @@ class Engine:
         self.kv_bits = kv_bits
         self._kv_args = ({"kv_bits": kv_bits, "kv_group_size": kv_group_size(self.config), "quantized_kv_start": 0}
                          if kv_bits else {})
-        self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, str(self.path), capacity, mode,
+        self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, self.name, capacity, mode,
                                    policy, max_loads_per_step, record_trace)
         self.prompt_cache = PromptCache(self.model)
         self._control_strings = control_strings(self.tokenizer)

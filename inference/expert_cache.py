@@ -90,8 +90,7 @@ class ExpertCache:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.model = model
         self.config = config
-        self.name = name
-        self.path = name
+        self.name = name  # the model as the user named it (snapshots, messages)
         self.reader = RangeReader()
         self.expert_reader = ExpertReader(self.reader)
         self._mode = mode
@@ -213,7 +212,7 @@ class ExpertCache:
             fit = budget // max(per_slot, 1)
             if fit < K:
                 raise ModelLoadError(
-                    f"{self.path}: even {K} experts per layer ({K * per_slot / 2**30:.2f} GiB) do not fit "
+                    f"{self.name}: even {K} experts per layer ({K * per_slot / 2**30:.2f} GiB) do not fit "
                     f"in the memory available for the expert cache ({budget / 2**30:.2f} GiB); free memory "
                     "or use a quantized model"
                 )
