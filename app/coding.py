@@ -78,15 +78,15 @@ def read_text_file(path: Path) -> str:
     """The file's text, or AttachmentError saying why not. Opened without blocking and checked on the open
     file: a FIFO put in its place after resolve() must not hang the UI thread."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         raise AttachmentError(f"{shorten(str(path))}: no such file") from None
+    except PathError as exc:
+        raise AttachmentError(str(exc)) from None
     except OSError as exc:
         raise AttachmentError(f"{shorten(str(path))}: {exc.strerror or exc}") from None
     with open(fd, "rb") as file:
         info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise AttachmentError(f"{shorten(str(path))}: not a regular file")
         if info.st_size > MAX_ATTACHMENT_BYTES:
             raise AttachmentError(f"{shorten(str(path))}: {info.st_size // 1024} KiB is over the "
                                   f"{MAX_ATTACHMENT_BYTES // 1024} KiB limit")
