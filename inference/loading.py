@@ -13,7 +13,7 @@ from mlx_lm.utils import _get_classes, load_config, load_model, load_tokenizer
 from .errors import ModelLoadError
 from .expert_cache import TOP_K_KEYS
 from .moe import find_moe_blocks
-from .safetensors_io import TensorInfo, index_model, read_json, regular_file
+from .safetensors_io import TensorInfo, index_model, is_int, read_json, regular_file
 
 # Files mlx-lm or transformers may open while loading: each must be a regular file (a FIFO would block open()).
 READ_PATTERNS = ("*.json", "model*.safetensors", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt")
@@ -127,10 +127,6 @@ def check_folder_files(path: Path) -> None:
             regular_file(path / name)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_config(config: dict, config_path: Path) -> None:
     """The values mlx-lm and the engine use without checking: the wrong type or range would surface later as
     an overflow, a type error deep in a model class, or a routing kernel error mid-generation."""
@@ -139,17 +135,17 @@ def check_config(config: dict, config_path: Path) -> None:
         raise ModelLoadError(f"{config_path}: model_type must be a string, got {model_type!r}")
     for key in POSITIVE_INTS:
         value = config.get(key)
-        if value is not None and not (_is_int(value) and 1 <= value <= MAX_INT32):
+        if value is not None and not (is_int(value) and 1 <= value <= MAX_INT32):
             raise ModelLoadError(f"{config_path}: {key} must be an integer from 1 to {MAX_INT32}, got {value!r}")
     _check_eos(config.get("eos_token_id"), config_path)
     key, top_k = _top_k(config)
-    if key is not None and not (_is_int(top_k) and top_k >= 1):
+    if key is not None and not (is_int(top_k) and top_k >= 1):
         raise ModelLoadError(f"{config_path}: {key} (experts per token) must be a positive integer, got {top_k!r}")
 
 
 def _check_eos(value: Any, source: Path) -> None:
     ids = value if isinstance(value, list) else [value]
-    if value is not None and not all(_is_int(i) and 0 <= i <= MAX_INT32 for i in ids):
+    if value is not None and not all(is_int(i) and 0 <= i <= MAX_INT32 for i in ids):
         raise ModelLoadError(f"{source}: eos_token_id must be a token id (a non-negative integer) or a list of "
                              f"them, got {value!r}")
 

@@ -123,7 +123,8 @@ def _parse_json(path: Path, data: bytes, problem: str, fix: str) -> Any:
         raise ModelLoadError(f"{path}: {problem} ({exc}); {fix}") from exc
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true would pass isinstance(int))."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -172,9 +173,9 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) 
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}; re-download or convert it")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise corrupt(f"has an invalid shape {shape!r} (dims must be non-negative integers)")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_int, offsets))
             or not 0 <= offsets[0] <= offsets[1]):
         raise corrupt(f"has invalid data_offsets {offsets!r} (two integers, 0 <= begin <= end)")
     begin, end = offsets
