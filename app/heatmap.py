@@ -6,6 +6,7 @@ No App needed: the widget (app/widgets/heatmap.py) only scrolls, moves a cursor 
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -185,14 +186,48 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
 
 
 def legend(style: HeatmapStyle = HeatmapStyle(), width: int = 60) -> list[Segment]:
-    if not style.unicode:
-        return [Segment(f"heat '{ASCII_DENSITY.strip()}' low->high  o cached  P pinned  x missed"[:width],
-                        style.base)]
-    segs = [Segment("low ", style.base)]
-    for j in range(8):
-        segs.append(Segment(" ", style.base + Style(bgcolor=gradient_color(style.gradient, j / 7))))
-    segs.append(Segment(" high  • cached  ◆ pinned  × missed  % = layer hit rate"[: max(width - 12, 0)], style.base))
-    return segs
+    """The legend on one row, cut at `width` (legend_lines wraps it instead)."""
+    rows = legend_lines(style, 1 << 16)
+    cut: list[Segment] = []
+    room = width
+    for segment in rows[0]:
+        cut.append(Segment(segment.text[:room], segment.style))
+        room -= len(cut[-1].text)
+        if room <= 0:
+            break
+    return cut
+
+
+def legend_lines(style: HeatmapStyle = HeatmapStyle(), width: int = 60) -> list[list[Segment]]:
+    """The legend as rows of at most `width` cells: its entries wrap instead of being cut."""
+    if style.unicode:
+        scale = [Segment("low ", style.base)]
+        scale += [Segment(" ", style.base + Style(bgcolor=gradient_color(style.gradient, j / 7))) for j in range(8)]
+        scale.append(Segment(" high", style.base))
+        entries = [scale] + [[Segment(text, style.base)] for text in
+                             ("• cached", "◆ pinned", "× missed", "% = layer hit rate")]
+    else:
+        entries = [[Segment(text, style.base)] for text in
+                   (f"heat '{ASCII_DENSITY.strip()}' low->high", "o cached", "P pinned", "x missed",
+                    "% = layer hit rate")]
+    rows: list[list[Segment]] = [[]]
+    used = 0
+    for entry in entries:
+        size = sum(len(segment.text) for segment in entry)
+        if rows[-1] and used + 2 + size > width:
+            rows.append([])
+            used = 0
+        if rows[-1]:
+            rows[-1].append(Segment("  ", style.base))
+            used += 2
+        rows[-1].extend(entry)
+        used += size
+    return rows
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """`text` in rows of at most `width` characters, broken between words (a longer word is cut)."""
+    return textwrap.wrap(text, max(width, 1), break_on_hyphens=False) or [""]
 
 
 def describe(snapshot: CacheSnapshot, view: View, style: HeatmapStyle, layer: int, column: int) -> str:

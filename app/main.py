@@ -13,7 +13,7 @@ from functools import partial, wraps
 from pathlib import Path
 
 from moe_tui.inference.events import Configure, Generate
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.command import Hit, Hits, Provider
@@ -107,6 +107,7 @@ STORE_NOTICE_INTERVAL = 10.0  # seconds: a reply saved every second must not sta
 MESSAGE_WINDOW = 40
 FULL_COLLECTION_HELD = 1 << 30  # gen2 threshold while a reply streams: no full cycle-collector pass
 IDLE_COLLECTION_DELAY = 1.0  # seconds after a reply ends before the held full pass runs
+NARROW_WIDTH = 76  # columns: below it the chat (40) and the cache panel (36) do not both fit
 
 
 class MoeCommands(Provider):
@@ -135,8 +136,12 @@ class MoeApp(App):
     #main { height: 1fr; }
     #chat { width: 3fr; min-width: 40; }
     #messages { height: 1fr; }
-    #side { width: 2fr; min-width: 36; border-left: solid $panel; padding: 0 1; }
+    #side { width: 2fr; min-width: 36; border-left: solid $panel; padding: 0 1; scrollbar-size-vertical: 1; }
     #side.hidden { display: none; }
+    /* Narrow: the chat alone; F2 shows the cache panel in its place (never both, so nothing is clipped). */
+    #main.narrow > #side { display: none; }
+    #main.narrow.panel-only > #side { display: block; width: 1fr; min-width: 0; border-left: none; }
+    #main.narrow.panel-only > #chat { display: none; }
     """
     BINDINGS = [
         Binding("escape", "cancel", "cancel reply", id="app.cancel"),
@@ -222,6 +227,7 @@ class MoeApp(App):
         # the anchor; scrolling back to the bottom restores it.
         self.query_one("#messages", VerticalScroll).anchor()
         self.query_one(PromptInput).focus()
+        self.fit_width(self.size.width)
         self.exit_on_signals()
         self.backend.start()
 
@@ -532,7 +538,30 @@ class MoeApp(App):
         box.scroll_page_up(animate=False) if direction < 0 else box.scroll_page_down(animate=False)
 
     def action_toggle_side(self) -> None:
-        self.query_one("#side").toggle_class("hidden")
+        main = self.query_one("#main")
+        if not main.has_class("narrow"):
+            self.query_one("#side").toggle_class("hidden")
+            return
+        main.toggle_class("panel-only")
+        self.query_one(HeatmapView if main.has_class("panel-only") else PromptInput).focus()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.fit_width(event.size.width)
+
+    def fit_width(self, width: int) -> None:
+        """Below NARROW_WIDTH columns the chat and the cache panel do not both fit: the panel hides itself
+        (F2 shows it in place of the chat), and says so once each time the terminal becomes narrow."""
+        main = self.query_one("#main")
+        narrow = width < NARROW_WIDTH
+        if narrow == main.has_class("narrow"):
+            return
+        main.set_class(narrow, "narrow")
+        if narrow:
+            self.notice(f"the terminal is narrow ({width} columns): the cache panel is hidden; "
+                        "F2 shows it in place of the chat, and F2 again brings the chat back")
+        elif main.has_class("panel-only"):
+            main.remove_class("panel-only")
+            self.query_one(PromptInput).focus()
 
     # ---- worker events
     @on(EngineReady)

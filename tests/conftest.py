@@ -41,3 +41,23 @@ def make_app(checkpoint, tmp_path, monkeypatch):
 
     yield build
     gc.unfreeze()  # the app froze the test process's objects at startup: let later tests' garbage go
+
+
+@pytest.fixture
+def fake_app(tmp_path, monkeypatch):
+    """fake_app(**settings) -> a MoeApp on a FakeWorker (one fixed snapshot, no engine): quick to start."""
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+
+    def build(**settings):
+        from moe_tui.app.main import MoeApp
+        from moe_tui.app.settings import Settings
+        from moe_tui.app.worker import EngineSpec
+
+        from tests.helpers import FakeWorker, watched
+
+        settings.setdefault("glyphs", "unicode")
+        return watched(MoeApp(EngineSpec(model="demo"), Settings(data_dir=str(tmp_path / "data"), **settings),
+                              worker_factory=FakeWorker))
+
+    yield build
+    gc.unfreeze()

@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
+from moe_tui.app.backend import estimated_tokens
+from moe_tui.app.messages import EngineInfo, EngineReady, SnapshotReady
 from moe_tui.app.textual_compat import notification_texts
 from moe_tui.app.widgets.chat import PromptInput, StreamingReply
 from moe_tui.app.widgets.confirm import ConfirmScreen
+from moe_tui.app.worker import LOCAL
+from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
 from textual.command import Command, CommandInput, CommandList, CommandPalette
 
 RECHECK = 0.5  # seconds: a condition changed by another thread (the store, a worker) is re-read this often
@@ -100,3 +105,69 @@ def notified(app, text: str) -> bool:
 def finished(message) -> bool:
     """A stored reply that ended on its own: complete, or cut at its length limit."""
     return message.status in ("complete", "truncated")
+
+
+LAYERS, EXPERTS = 6, 48
+
+
+def fixed_snapshot() -> CacheSnapshot:
+    rng = np.random.default_rng(7)
+    recent = rng.gamma(0.6, 4.0, size=(LAYERS, EXPERTS))
+    resident = np.zeros((LAYERS, EXPERTS), bool)
+    for i in range(LAYERS):
+        resident[i, np.argsort(-recent[i])[:16]] = True
+    pinned = np.zeros_like(resident)
+    pinned[:, 3] = True
+    resident[:, 3] = True
+    missed = np.zeros_like(resident)
+    missed[[0, 2, 5], [7, 11, 40]] = True
+    hits = (recent * 3).astype(int) * resident
+    misses = (recent * 1).astype(int) * ~resident
+    return CacheSnapshot.build(
+        model="demo", mode="exact", policy="lru", capacity=16, num_experts=EXPERTS, top_k=2,
+        layer_ids=tuple(range(LAYERS)), resident=resident, pinned=pinned, just_missed=missed,
+        requests=hits + misses, hits=hits, misses=misses, fallbacks=np.zeros_like(hits), loads=misses,
+        evictions=misses, recent=recent, bytes_read=48 << 20, load_seconds=0.25,
+        memory=MemorySample(rss_bytes=900 << 20, mlx_active_bytes=300 << 20, mlx_peak_bytes=420 << 20,
+                            mlx_cache_bytes=12 << 20, expert_cache_bytes=200 << 20,
+                            expert_cache_budget_bytes=800 << 20, system_used_bytes=6 << 30,
+                            system_available_bytes=10 << 30),
+        decode_tps=42.5, prefill_tps=310.0, ttft_s=0.12, tokens_generated=256, steps=300, trace_length=300)
+
+
+class FakeWorker:
+    """A Backend that posts one fixed engine state and ignores requests."""
+
+    capabilities = LOCAL
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def start(self) -> None:
+        self.app.post_message(EngineReady(EngineInfo("demo", "qwen3_moe", 6, tuple(range(LAYERS)), EXPERTS, 2,
+                                                     1 << 20, 10 << 20, 2048)))
+        self.app.post_message(SnapshotReady(fixed_snapshot(), {"lru": 0.61, "lfu": 0.63, "decay": 0.64,
+                                                               "belady": 0.78}))
+
+    def submit(self, request) -> None:
+        pass
+
+    def configure(self, request) -> None:
+        pass
+
+    def count_tokens(self, text: str):
+        return estimated_tokens(text)
+
+    def cancel(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def join(self, timeout=None) -> None:
+        pass
+
+
+def screen_rows(app) -> list[str]:
+    """The screen as the terminal would show it, one string per row (toasts and modals included)."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]

@@ -90,20 +90,48 @@ def stats_table(snap: CacheSnapshot, optimum: dict | None, speeds: deque) -> Tex
     return grid(rows)
 
 
+def wrapped(line: Text, width: int, indent: int = LABEL_WIDTH + 1) -> list[Text]:
+    """`line` as rows of at most `width` cells: broken at a space past the label column, the rest indented
+    under the values. A line with no such space is left whole (the caller cuts it with an ellipsis)."""
+    rows = []
+    while line.cell_len > width > indent + 1:
+        cut = line.plain.rfind(" ", indent + 1, width + 1)
+        if cut <= indent:
+            break
+        head, tail = line.divide([cut])
+        head.rstrip()
+        rows.append(head)
+        rest = tail.plain.lstrip(" ")
+        line = Text(" " * indent) + tail[len(tail.plain) - len(rest):]
+    rows.append(line)
+    return rows
+
+
 class Readout(StyledRows, Widget):
     """Rows of text that change a few times a second. Each row is drawn once per change through the Line
-    API; a change repaints only the rows that differ, and lays out only when the number of rows changes."""
+    API; a change repaints only the rows that differ, and lays out only when the number of rows changes.
+    A row too long for the width goes on in the next row (under its values), so nothing is cut at 80
+    columns; one that cannot be broken is cut with an ellipsis."""
 
     DEFAULT_CSS = "Readout { height: auto; }"
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.lines: list[Text] = []
+        self.text_lines: list[Text] = []  # as shown with show()
+        self.lines: list[Text] = []  # the rows drawn at self._width
         self._strips: dict[int, Strip] = {}  # row -> drawn at self._width
         self._width = 0
 
+    def _rows(self, width: int) -> list[Text]:
+        if width <= 0:
+            return list(self.text_lines)
+        return [row for line in self.text_lines for row in wrapped(line, width)]
+
     def show(self, text: Text | str) -> None:
-        lines = list((Text(text) if isinstance(text, str) else text).split("\n"))
+        self.text_lines = list((Text(text) if isinstance(text, str) else text).split("\n"))
+        self._update(self._rows(self._width or self.size.width))
+
+    def _update(self, lines: list[Text]) -> None:
         if len(lines) != len(self.lines):
             self.lines, self._strips = lines, {}
             self.refresh(layout=True)
@@ -114,8 +142,15 @@ class Readout(StyledRows, Widget):
                 self._strips.pop(y, None)
                 self.refresh(Region(0, y, self.size.width, 1))
 
+    def on_resize(self) -> None:
+        if self.size.width != self._width:
+            self._width = self.size.width
+            self._strips = {}
+            self._update(self._rows(self._width))
+            self.refresh()
+
     def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
-        return len(self.lines)
+        return len(self._rows(width))
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
@@ -124,7 +159,8 @@ class Readout(StyledRows, Widget):
     def render_line(self, y: int) -> Strip:
         width = self.size.width
         if width != self._width:
-            self._strips, self._width = {}, width
+            self._width = width
+            self.lines, self._strips = self._rows(width), {}
         strip = self._strips.get(y)
         if strip is None:
             if y >= len(self.lines):

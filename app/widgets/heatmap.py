@@ -94,9 +94,10 @@ class HeatmapView(StyledRows, ScrollView, can_focus=True):
             view = self._view()
             rows = renderer.render(snap, view, style)
             width = renderer.row_width(snap.num_experts, view, style)
-            extra = [renderer.legend(style, view.width)]
+            extra = renderer.legend_lines(style, view.width)
             if not view.half_blocks and snap.num_moe_layers:
-                extra.append([Segment(renderer.describe(snap, view, style, *self.cursor)[: view.width], style.base)])
+                details = renderer.describe(snap, view, style, *self.cursor)
+                extra += [[Segment(row, style.base)] for row in renderer.wrap_words(details, view.width)]
             self._lines = [Strip(row) for row in rows + extra]
             width = max([width] + [line.cell_length for line in self._lines[len(rows):]])
         self.virtual_size = Size(width, len(self._lines))
