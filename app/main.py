@@ -38,7 +38,7 @@ from .reply import Reply
 from .sanitize import markup_safe, terminal_safe
 from .settings import Settings, remember
 from .store import ChatStore, DataDirLock
-from .themes import load_themes
+from .themes import VARIABLE_DEFAULTS, load_themes
 from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
 from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
@@ -136,7 +136,7 @@ class MoeApp(App):
     #main { height: 1fr; }
     #chat { width: 3fr; min-width: 40; }
     #messages { height: 1fr; }
-    #side { width: 2fr; min-width: 36; border-left: solid $panel; padding: 0 1; scrollbar-size-vertical: 1; }
+    #side { width: 2fr; min-width: 36; border-left: solid $divider; padding: 0 1; scrollbar-size-vertical: 1; }
     #side.hidden { display: none; }
     /* Narrow: the chat alone; F2 shows the cache panel in its place (never both, so nothing is clipped). */
     #main.narrow > #side { display: none; }
@@ -633,6 +633,9 @@ class MoeApp(App):
             self.sub_title = "remote server"
 
     # ---- themes
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return {**super().get_theme_variable_defaults(), **VARIABLE_DEFAULTS}
+
     def apply_theme(self, name: str) -> None:
         self.theme = name
         self.query_one(HeatmapView).set_style(

@@ -1,4 +1,4 @@
-"""Themes from themes/*.toml: a Textual Theme plus the heatmap gradient each."""
+"""Themes from themes/*.toml: a Textual Theme (its [variables] table included) plus the heatmap gradient each."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ def load_themes(folder: Path = THEMES_DIR) -> dict[str, tuple[Theme, tuple[str, 
     for path in sorted(folder.glob("*.toml")):
         try:
             data = tomllib.loads(path.read_text())
-            theme = Theme(name=data["name"], **{k: data[k] for k in THEME_KEYS if k in data})
+            variables = data.get("variables", {})
+            if not isinstance(variables, dict) or not all(isinstance(v, str) for v in variables.values()):
+                raise ValueError("[variables] maps CSS variable names to colours (strings)")
+            theme = Theme(name=data["name"], variables=dict(variables),
+                          **{k: data[k] for k in THEME_KEYS if k in data})
             gradient = tuple(data.get("heatmap") or ())
             if len(gradient) < 2:
                 raise ValueError("heatmap needs at least two colours")
@@ -26,3 +30,7 @@ def load_themes(folder: Path = THEMES_DIR) -> dict[str, tuple[Theme, tuple[str, 
             raise ValueError(f"{path}: bad theme ({exc})") from exc
         themes[theme.name] = (theme, gradient)
     return themes
+
+
+# CSS variables the app's own styles use, for a theme that does not set them.
+VARIABLE_DEFAULTS = {"divider": "#5a5a5a"}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from moe_tui.app.widgets.chat import PromptInput
 from moe_tui.app.widgets.heatmap import HeatmapView
+from rich.color import ColorSystem
 
 from tests.helpers import notified, screen_rows, wait_until
 
@@ -38,3 +40,42 @@ async def test_at_80_columns_the_legend_and_the_decode_line_are_not_cut(fake_app
         for shown in ("high", "• cached", "◆ pinned", "× missed", "layer hit rate", "max 42.5", "cold start)"):
             assert shown in text, shown
         assert "…" not in text
+
+
+def contrast(one, two) -> float:
+    """WCAG contrast ratio of two Rich colours."""
+
+    def luminance(color) -> float:
+        def linear(v: int) -> float:
+            c = v / 255
+            return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+        r, g, b = color.get_truecolor()
+        return 0.2126 * linear(r) + 0.7152 * linear(g) + 0.0722 * linear(b)
+
+    high, low = sorted((luminance(one), luminance(two)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+@pytest.mark.parametrize("theme", ["moe-dark", "moe-light", "moe-colorblind"])
+async def test_the_divider_and_the_unfocused_prompt_border_survive_256_and_16_colours(fake_app, theme):
+    """tmux with TERM=screen-256color and no COLORTERM gets 256 colours: Rich rounds each colour to that
+    palette (bluish dark greys became colour 17 or black, on black)."""
+    app = fake_app(theme=theme)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None and app.theme == theme)
+        app.query_one(HeatmapView).focus()  # the prompt unfocused
+        await pilot.pause()
+        side, prompt = app.query_one("#side"), app.query_one(PromptInput)
+        pairs = {
+            "divider": (side.styles.border_left[1], side.background_colors[0]),
+            "prompt border": (prompt.styles.border_left[1], prompt.background_colors[0]),
+        }
+        for name, (line, under) in pairs.items():
+            line = line.blend(under, 0) if line.a < 1 else line  # noqa: PLW2901
+            line, under = line.rich_color, under.rich_color
+            for system in (ColorSystem.EIGHT_BIT, ColorSystem.STANDARD):
+                shown, behind = line.downgrade(system), under.downgrade(system)
+                assert shown.number != behind.number, (name, system)
+            assert contrast(line.downgrade(ColorSystem.EIGHT_BIT), under.downgrade(ColorSystem.EIGHT_BIT)) >= 1.6, name
+            assert contrast(line, under) >= 1.6, name  # and in truecolor
