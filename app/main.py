@@ -23,6 +23,7 @@ from textual.widgets import Footer, Header
 
 from . import coding
 from .commands import BY_NAME, help_text, palette_entries, parse_capacity
+from .glyphs import AsciiFilter
 from .heatmap import HeatmapStyle
 from .messages import (
     ConnectionChanged,
@@ -38,6 +39,7 @@ from .reply import Reply
 from .sanitize import markup_safe, terminal_safe
 from .settings import Settings, remember
 from .store import ChatStore, DataDirLock
+from .textual_compat import add_line_filter
 from .themes import VARIABLE_DEFAULTS, load_themes
 from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
 from .widgets.confirm import ConfirmScreen
@@ -218,6 +220,8 @@ class MoeApp(App):
         self.apply_theme(self.settings.theme if self.settings.theme in self.theme_gradients else "moe-dark")
         if self.settings.keymap:
             self.set_keymap(self.settings.keymap)
+        if not self.settings.unicode():
+            add_line_filter(self, AsciiFilter())
         self.title = terminal_safe(Path(self.spec.model).name or self.spec.model)
         self.sub_title = "loading model..."
         chats = self.store.chats()

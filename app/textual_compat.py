@@ -46,3 +46,8 @@ def notification_texts(app: App) -> list[str]:
 def notifications(app: App) -> list[tuple[str, str]]:
     """(text, severity) of each toast the app is showing now."""
     return [(notification.message, notification.severity) for notification in app._notifications]
+
+
+def add_line_filter(app: App, line_filter) -> None:
+    """Run every row the app draws through `line_filter` (a textual.filter.LineFilter), as NO_COLOR does."""
+    app._filters.append(line_filter)

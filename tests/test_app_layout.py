@@ -79,3 +79,20 @@ async def test_the_divider_and_the_unfocused_prompt_border_survive_256_and_16_co
                 assert shown.number != behind.number, (name, system)
             assert contrast(line.downgrade(ColorSystem.EIGHT_BIT), under.downgrade(ColorSystem.EIGHT_BIT)) >= 1.6, name
             assert contrast(line, under) >= 1.6, name  # and in truecolor
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24), (70, 24)])
+async def test_ascii_glyphs_put_nothing_but_ascii_on_the_screen(fake_app, size):
+    app = fake_app(glyphs="ascii")
+    chat = app.store.create_chat(title="glyphs")
+    app.store.add_message(chat.id, "user", "Lists — and “quotes”… café")
+    app.store.add_message(chat.id, "assistant", "# Title\n\n- one\n- two\n\n> quoted\n\n---\n\n| a | b |\n|---|---|\n"
+                          "| 1 | 2 |\n\n```python\nprint('→ ✓')\n```\n" + "more\n\n" * 30 + "café — “end”…")
+    async with app.run_test(size=size) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.notice("a toast · with a middle dot")
+        await pilot.pause(0.3)
+        rows = screen_rows(app)
+        bad = {(y, char) for y, row in enumerate(rows) for char in row if not char.isascii()}
+        assert not bad, bad
+        assert 'cafe - "end".' in "\n".join(rows)  # the chat's text is on screen, as ASCII
