@@ -16,13 +16,12 @@ from moe_tui.inference.events import Configure, Generate
 from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.command import Hit, Hits, Provider
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
 from textual.widgets import Footer, Header
 
 from . import coding
-from .commands import BY_NAME, help_text, palette_entries, parse_capacity
+from .commands import BY_NAME, help_text, parse_capacity
 from .glyphs import AsciiFilter
 from .heatmap import HeatmapStyle
 from .messages import (
@@ -35,6 +34,7 @@ from .messages import (
     ReplyDone,
     SnapshotReady,
 )
+from .palette import MoeCommands
 from .reply import Reply
 from .sanitize import markup_safe, terminal_safe
 from .settings import Settings, remember
@@ -110,25 +110,6 @@ MESSAGE_WINDOW = 40
 FULL_COLLECTION_HELD = 1 << 30  # gen2 threshold while a reply streams: no full cycle-collector pass
 IDLE_COLLECTION_DELAY = 1.0  # seconds after a reply ends before the held full pass runs
 NARROW_WIDTH = 76  # columns: below it the chat (40) and the cache panel (36) do not both fit
-
-
-class MoeCommands(Provider):
-    """Command palette entries for every engine and chat action."""
-
-    def _commands(self) -> list[tuple[str, str, object]]:
-        app: MoeApp = self.app  # type: ignore[assignment]
-        cmds = [(title, about, partial(app.prefill if prefill else app.run_command, line))
-                for title, about, line, prefill in palette_entries()]
-        for name in app.theme_gradients:
-            cmds.append((f"Theme: {name}", "switch theme", partial(app.run_command, f"/theme {name}")))
-        return cmds
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for name, about, callback in self._commands():
-            score = matcher.match(name)
-            if score > 0:
-                yield Hit(score, matcher.highlight(name), callback, help=about)
 
 
 class MoeApp(App):
@@ -635,6 +616,13 @@ class MoeApp(App):
             self.sub_title = terminal_safe(f"{s.mode} · {s.policy} · {s.capacity}/{s.num_experts} experts per layer")
         elif self.backend.capabilities.remote:
             self.sub_title = "remote server"
+
+    def get_system_commands(self, screen):
+        # Textual's own theme picker offers its 20 built-in themes (half-applied to this app, never saved):
+        # the palette's "Theme: NAME" entries offer the app's themes and remember the choice.
+        for command in super().get_system_commands(screen):
+            if command.callback != self.action_change_theme:
+                yield command
 
     # ---- themes
     def get_theme_variable_defaults(self) -> dict[str, str]:
