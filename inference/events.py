@@ -40,9 +40,11 @@ class Configure:
 
 @dataclass(frozen=True)
 class Tokenize:
-    """`prompt` (a string, or chat messages with the chat template) as this model's token ids."""
+    """`prompt` (a string, or chat messages with the chat template) as this model's token ids; `tools`
+    (OpenAI function-tool form) are given to the chat template."""
 
     prompt: str | Sequence[dict]
+    tools: Sequence[dict] | None = None
 
 
 # ---------------------------------------------------------------- events

@@ -4,6 +4,7 @@ text, so it cannot forge a turn."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -22,21 +23,35 @@ def control_strings(tokenizer: Any) -> tuple[str, ...]:
     return tuple(token for token in added if token)
 
 
-def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str, ...] | None = None) -> list[int]:
-    """Token ids of `messages` with the generation prompt appended.
+def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str, ...] | None = None,
+                    tools: Sequence[dict] | None = None) -> list[int]:
+    """Token ids of `messages` with the generation prompt appended (and `tools`, if given, for the chat
+    template to list).
 
     Where no message contains the text of an added token, this is exactly the chat template's own
     tokenization (as stock mlx-lm does it). Otherwise the template is rendered with each message's
     content replaced by a placeholder; the template's text is tokenized with its special tokens, each
     content without any (special-token text in it is split into ordinary tokens).
+
+    Raises:
+        ValueError: a tool definition or a tool call's arguments contain the text of an added token (templates
+            render those as JSON, or field by field, so no placeholder can stand in for them).
     """
     markers = control_strings(tokenizer) if markers is None else markers
+    structured = [("tools", tools)] if tools else []
+    structured += [(f"message {i}'s tool calls", m["tool_calls"])
+                   for i, m in enumerate(messages) if m.get("tool_calls")]
+    for where, value in structured:
+        text = json.dumps(value, ensure_ascii=False)
+        if found := next((t for t in markers if t in text), None):
+            raise ValueError(f"{where} contain the special-token text {found!r}")
+    extra = {} if tools is None else {"tools": list(tools)}
     hostile = [isinstance(m.get("content"), str) and any(t in m["content"] for t in markers) for m in messages]
     if not any(hostile):
-        return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+        return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **extra))
     masked = [{**m, "content": PLACEHOLDER.format(i)} if unsafe else m
               for i, (m, unsafe) in enumerate(zip(messages, hostile, strict=True))]
-    text = tokenizer.apply_chat_template(masked, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(masked, add_generation_prompt=True, tokenize=False, **extra)
     ids: list[int] = []
     start = 0
     for match in PLACEHOLDER_RE.finditer(text):

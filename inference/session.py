@@ -36,6 +36,7 @@ from .events import (
     Snapshot,
     Tokenize,
 )
+from .prompts import encode_messages
 from .telemetry import CacheSnapshot, GenerationDone
 
 log = logging.getLogger("moe_tui.session")
@@ -289,7 +290,10 @@ class Session:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self.engine.encode(request.prompt))
+                if request.tools is None:
+                    future.set_result(self.engine.encode(request.prompt))
+                else:
+                    future.set_result(encode_messages(self.engine.tokenizer, list(request.prompt), tools=request.tools))
             except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
                 future.set_exception(exc)
 

@@ -83,9 +83,10 @@ class EngineRunner:
     def start(self) -> None:
         self.session.start()
 
-    async def tokenize(self, prompt) -> list[int]:
-        """The prompt's token ids, computed on the session's thread (the event loop keeps serving)."""
-        return await asyncio.wrap_future(self.session.tokenize(Tokenize(prompt)))
+    async def tokenize(self, prompt, tools: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids (`tools` given to the chat template), computed on the session's thread (the
+        event loop keeps serving)."""
+        return await asyncio.wrap_future(self.session.tokenize(Tokenize(prompt, tools)))
 
     def submit(self, request: Generate) -> ServerJob:
         """Queue a generation whose events arrive on the returned job's queue.
