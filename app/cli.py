@@ -229,7 +229,7 @@ def cmd_serve(args) -> int:
           max_tokens_cap=args.max_tokens_cap, capacity=args.capacity, mode=args.mode, policy=args.policy,
           profile=profile, pin=pin, kv_bits=args.kv_bits, allowed_hosts=args.allow_host,
           allowed_origins=args.allow_origin, request_timeout=args.request_timeout,
-          max_connections=args.max_connections, access_log=args.access_log)
+          max_connections=args.max_connections, access_log=args.access_log, tool_parser=args.tool_parser)
     return 0
 
 
@@ -293,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open connections kept (the oldest idle are closed to make room) and requests run at once; "
                         "beyond that, 503 (default 64)")
     p.add_argument("--access-log", action="store_true", help="log each request (off by default)")
+    p.add_argument("--tool-parser", default=None, metavar="NAME",
+                   help="read tool calls with mlx-lm's parser NAME (json_tools, qwen3_coder, glm47, mistral, ...) "
+                        "instead of the one inferred from the model's chat template")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")

@@ -130,9 +130,15 @@ def uvicorn_config(app: Any, host: str, port: int, request_timeout: float = REQU
 def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           max_queue: int = 16, max_tokens_cap: int = 4096, *, allowed_hosts: Sequence[str] = (),
           allowed_origins: Sequence[str] = (), request_timeout: float = REQUEST_TIMEOUT,
-          max_connections: int = MAX_CONNECTIONS, access_log: bool = False, **engine_kwargs) -> None:
-    """Load the model on the inference thread and serve until SIGINT/SIGTERM."""
+          max_connections: int = MAX_CONNECTIONS, access_log: bool = False, tool_parser: str | None = None,
+          **engine_kwargs) -> None:
+    """Load the model on the inference thread and serve until SIGINT/SIGTERM. `tool_parser` names the mlx-lm
+    tool-call parser to use instead of the one inferred from the model's tokenizer."""
     check_limits(port, request_timeout, max_connections)
+    if tool_parser is not None:
+        from .tools import load_parser
+
+        load_parser(tool_parser)  # a mistyped name is a one-line error before the model loads
     addresses(host, port)  # a mistyped host is named as such, not as "exposes the server"
     api_key = api_key or os.environ.get("MOE_API_KEY") or None
     if not is_loopback(host) and not api_key:
@@ -156,7 +162,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
             error = runner.error
             raise error if isinstance(error, BaseException) else ModelLoadError(str(error))
         app = build_app(runner, ServerConfig(model_name=os.path.basename(os.path.normpath(model)) or model,
-                                             api_key=api_key, max_tokens_cap=max_tokens_cap))
+                                             api_key=api_key, max_tokens_cap=max_tokens_cap,
+                                             tool_parser=tool_parser))
         app = guard(app, allowed_hosts_for(host, allowed_hosts), allowed_origins, request_timeout)
 
         class Server(uvicorn.Server):

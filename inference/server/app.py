@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import NamedTuple
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -21,6 +22,7 @@ from .errors import anthropic_body, error_body, openai_body
 from .metrics import prometheus_text
 from .runner import EngineRunner, QueueFull, ServerJob, SessionClosed
 from .schemas import BadRequest, ChatRequest, openapi, parse_anthropic, parse_openai
+from .tools import ToolCall, ToolCallSplitter, ToolFormat, tool_format
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL = 0.25  # seconds: how soon a non-streaming request notices its client has gone
@@ -39,11 +41,22 @@ class ReplyCut(Exception):
 
 class ServerConfig:
     def __init__(self, model_name: str, api_key: str | None = None, max_tokens_cap: int = 4096,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, tool_parser: str | None = None) -> None:
         self.model_name = model_name
         self.api_key = api_key
         self.max_tokens_cap = max_tokens_cap
         self.max_body_bytes = max_body_bytes
+        self.tool_parser = tool_parser  # an mlx-lm tool parser's name; None: the one inferred from the tokenizer
+
+
+class Prepared(NamedTuple):
+    chat: ChatRequest
+    job: ServerJob
+    prompt_tokens: int
+    tools: ToolFormat | None  # the model's tool-call format when the request offers tools
+
+    def splitter(self, id_prefix: str) -> ToolCallSplitter | None:
+        return ToolCallSplitter(self.tools, self.chat.template_tools, id_prefix) if self.tools else None
 
 
 # ---------------------------------------------------------------- errors in each API's own format
@@ -99,13 +112,24 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return error_for(request, f"the inference thread has {state}; restart the server", 503)
         return None
 
-    async def prepare(request: Request, parse) -> tuple[ChatRequest, ServerJob, int] | JSONResponse:
+    model_tools: list[ToolFormat | str] = []  # the model's tool-call format (or why none), found on first use
+
+    def tool_support() -> ToolFormat | str:
+        if not model_tools:
+            model_tools.append(tool_format(runner.engine.tokenizer, config.tool_parser))
+        return model_tools[0]
+
+    async def prepare(request: Request, parse) -> Prepared | JSONResponse:
         if not authorized(request):
             return error_for(request, "invalid or missing API key", 401)
         if (problem := engine_or_error(request)) is not None:
             return problem
         try:
             chat = parse(await read_json(request), config.max_tokens_cap)
+            tools = tool_support() if chat.uses_tools else None
+            if isinstance(tools, str):
+                return error_for(request, f"model {config.model_name!r} does not support tool calling: {tools}",
+                                 400, "tools")
             context = runner.context_length
             size = sum(len(m["content"].encode()) for m in chat.messages)
             if context and size > (context - chat.max_tokens) * runner.max_token_bytes:
@@ -113,7 +137,10 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 return error_for(request, f"the messages take {size} bytes, at least {size // runner.max_token_bytes} "
                                  f"tokens: with max_tokens {chat.max_tokens} over the context window of {context} "
                                  "tokens", 400, "messages")
-            prompt = await runner.tokenize(chat.messages)  # on the session's thread, not this event loop
+            # On the session's thread, not this event loop.
+            tools_offered = chat.template_tools
+            prompt = await (runner.tokenize(chat.messages, tools_offered) if tools_offered
+                            else runner.tokenize(chat.messages))
         except BadRequest as exc:
             return error_for(request, str(exc), exc.status, exc.param)
         except SessionClosed:
@@ -133,7 +160,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                              headers={"Retry-After": "2"})
         except SessionClosed:
             return error_for(request, "the server is shutting down", 503)
-        return chat, job, len(prompt)
+        return Prepared(chat, job, len(prompt), tools if tools_offered else None)
 
     async def events(job: ServerJob, request: Request | None) -> AsyncIterator[str | GenerationDone]:
         """The job's reply text, with pieces that queued up meanwhile merged into one (fewer, larger chunks
@@ -189,14 +216,42 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             done = event if isinstance(event, GenerationDone) else done
         return done
 
+    async def parts(job: ServerJob, request: Request | None,
+                    splitter: ToolCallSplitter) -> AsyncIterator[str | ToolCall | GenerationDone]:
+        """As `events`, with the reply's text split into text and tool calls."""
+        async for event in events(job, request):
+            if isinstance(event, str):
+                for part in splitter.feed(event):
+                    yield part
+            else:
+                for part in splitter.finish():
+                    yield part
+                yield event
+
+    async def final_parts(job: ServerJob, request: Request,
+                          splitter: ToolCallSplitter) -> tuple[GenerationDone | None, str, list[ToolCall]]:
+        """A non-streaming request's result, its text and its tool calls; (None, ...) when the client went away."""
+        done, text, calls = None, "", []
+        async for part in parts(job, request, splitter):
+            if isinstance(part, str):
+                text += part
+            elif isinstance(part, ToolCall):
+                calls.append(part)
+            else:
+                done = part
+        return done, text, calls
+
     # ---- OpenAI
     async def chat_completions(request: Request) -> Response:
         prepared = await prepare(request, parse_openai)
         if isinstance(prepared, Response):
             return prepared
-        chat, job, prompt_tokens = prepared
+        chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": cid, "created": created, "model": config.model_name}
+        splitter = prepared.splitter("call_")
+        if splitter is not None:
+            return await openai_with_tools(request, prepared, splitter, base)
         if not chat.stream:
             try:
                 done = await final(job, request)
@@ -240,8 +295,11 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         prepared = await prepare(request, parse_anthropic)
         if isinstance(prepared, Response):
             return prepared
-        chat, job, prompt_tokens = prepared
+        chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
         mid = f"msg_{uuid.uuid4().hex}"
+        splitter = prepared.splitter("toolu_")
+        if splitter is not None:
+            return await anthropic_with_tools(request, prepared, splitter, mid)
         if not chat.stream:
             try:
                 done = await final(job, request)
@@ -279,6 +337,150 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 return
             yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
             reason, sequence = anthropic_stop(done, chat.stop) if done else ("end_turn", None)
+            yield sse_event("message_delta", {"type": "message_delta",
+                                              "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                              "usage": {"output_tokens": done.generated_tokens if done else 0}})
+            yield sse_event("message_stop", {"type": "message_stop"})
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- tool calling: the same two APIs with the reply split into text and calls
+    async def openai_with_tools(request: Request, prepared: Prepared, splitter: ToolCallSplitter,
+                                base: dict) -> Response:
+        chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
+
+        def finish_reason(done: GenerationDone) -> str:
+            return "tool_calls" if splitter.calls and done.finish_reason != "length" else openai_finish(done)
+
+        if not chat.stream:
+            try:
+                done, text, calls = await final_parts(job, request, splitter)
+            except ReplyCut as exc:
+                return openai_error(str(exc), 503, kind="server_error")
+            except Exception as exc:  # noqa: BLE001
+                return openai_error(f"generation failed: {exc}", 500, kind="server_error")
+            if done is None:
+                return openai_error("client disconnected", 499)
+            message: dict = {"role": "assistant", "content": text if text or not calls else None}
+            if calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": c.arguments_json}} for c in calls]
+            return JSONResponse({**base, "object": "chat.completion", "choices": [{
+                "index": 0, "message": message, "finish_reason": finish_reason(done)}],
+                "usage": usage(prompt_tokens, done)})
+
+        async def stream() -> AsyncIterator[str]:
+            chunk = {**base, "object": "chat.completion.chunk"}
+
+            def delta(content: dict) -> str:
+                return sse({**chunk, "choices": [{"index": 0, "delta": content, "finish_reason": None}]})
+
+            yield delta({"role": "assistant", "content": ""})
+            done, index = None, 0
+            try:
+                async for part in parts(job, None, splitter):
+                    if isinstance(part, str):
+                        yield delta({"content": part})
+                    elif isinstance(part, ToolCall):  # id and name first, then the arguments
+                        yield delta({"tool_calls": [{"index": index, "id": part.id, "type": "function",
+                                                     "function": {"name": part.name, "arguments": ""}}]})
+                        yield delta({"tool_calls": [{"index": index, "function": {"arguments": part.arguments_json}}]})
+                        index += 1
+                    else:
+                        done = part
+            except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band; no finish_reason claims a clean end
+                message = str(exc) if isinstance(exc, ReplyCut) else f"generation failed: {exc}"
+                yield sse({"error": {"message": message, "type": "server_error"}})
+                yield "data: [DONE]\n\n"
+                return
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {},
+                                             "finish_reason": finish_reason(done) if done else "stop"}]})
+            if chat.include_usage and done is not None:
+                yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, done)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def anthropic_with_tools(request: Request, prepared: Prepared, splitter: ToolCallSplitter,
+                                   mid: str) -> Response:
+        chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
+
+        def stop_reason(done: GenerationDone) -> tuple[str, str | None]:
+            if splitter.calls and done.finish_reason != "length":
+                return "tool_use", None
+            return anthropic_stop(done, chat.stop)
+
+        if not chat.stream:
+            try:
+                done = None
+                content: list[dict] = []
+                async for part in parts(job, request, splitter):
+                    if isinstance(part, str):
+                        if content and content[-1]["type"] == "text":
+                            content[-1]["text"] += part
+                        else:
+                            content.append({"type": "text", "text": part})
+                    elif isinstance(part, ToolCall):
+                        content.append({"type": "tool_use", "id": part.id, "name": part.name, "input": part.arguments})
+                    else:
+                        done = part
+            except ReplyCut as exc:
+                return anthropic_error(str(exc), 503, "overloaded_error")
+            except Exception as exc:  # noqa: BLE001
+                return anthropic_error(f"generation failed: {exc}", 500, "api_error")
+            if done is None:
+                return anthropic_error("client disconnected", 499)
+            reason, sequence = stop_reason(done)
+            return JSONResponse({
+                "id": mid, "type": "message", "role": "assistant", "model": config.model_name,
+                "content": content or [{"type": "text", "text": ""}], "stop_reason": reason,
+                "stop_sequence": sequence,
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": done.generated_tokens}})
+
+        async def stream() -> AsyncIterator[str]:
+            yield sse_event("message_start", {"type": "message_start", "message": {
+                "id": mid, "type": "message", "role": "assistant", "model": config.model_name, "content": [],
+                "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+            done = None
+            index, text_open = -1, False  # blocks open as their first part arrives: a text block per run of text
+
+            def start(block: dict) -> str:
+                return sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                         "content_block": block})
+
+            def stop() -> str:
+                return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
+
+            try:
+                async for part in parts(job, None, splitter):
+                    if isinstance(part, str):
+                        if not text_open:
+                            index, text_open = index + 1, True
+                            yield start({"type": "text", "text": ""})
+                        yield sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                                "delta": {"type": "text_delta", "text": part}})
+                    elif isinstance(part, ToolCall):
+                        if text_open:
+                            yield stop()
+                        index, text_open = index + 1, False
+                        yield start({"type": "tool_use", "id": part.id, "name": part.name, "input": {}})
+                        yield sse_event("content_block_delta", {
+                            "type": "content_block_delta", "index": index,
+                            "delta": {"type": "input_json_delta", "partial_json": part.arguments_json}})
+                        yield stop()
+                    else:
+                        done = part
+            except Exception as exc:  # noqa: BLE001 - an error event ends the stream; no stop_reason claims a clean end
+                kind = "overloaded_error" if isinstance(exc, ReplyCut) else "api_error"
+                yield sse_event("error", {"type": "error", "error": {"type": kind, "message": str(exc)}})
+                return
+            if index < 0:  # no part at all: one empty text block, as without tools
+                index, text_open = 0, True
+                yield start({"type": "text", "text": ""})
+            if text_open:
+                yield stop()
+            reason, sequence = stop_reason(done) if done else ("end_turn", None)
             yield sse_event("message_delta", {"type": "message_delta",
                                               "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                               "usage": {"output_tokens": done.generated_tokens if done else 0}})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,19 @@ class ChatRequest:
     seed: int | None
     stream: bool
     include_usage: bool = False
+    tools: tuple[dict, ...] = ()  # OpenAI function-tool form, as chat templates take them
+    tool_choice: str = "auto"  # "auto", "none", "required" (Anthropic "any") or "named"
+    tool_name: str | None = None  # the named tool
+
+    @property
+    def template_tools(self) -> list[dict] | None:
+        """The tools offered to the chat template (none with tool_choice "none")."""
+        return list(self.tools) if self.tools and self.tool_choice != "none" else None
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools offered, or tool calls and results in the history: the model must support tool calling."""
+        return bool(self.template_tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in self.messages)
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
@@ -88,12 +103,20 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list", "messages")
+    tools = openai_tools(body.get("tools"))
+    names = {t["function"]["name"] for t in tools}
+    tool_choice, tool_name = openai_tool_choice(body.get("tool_choice"), names)
     parsed = []
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise BadRequest(f"messages[{i}]: role must be system, developer, user or assistant", f"messages[{i}]")
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
+            raise BadRequest(f"messages[{i}]: role must be system, developer, user, assistant or tool",
+                             f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
-        parsed.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
+        if role == "tool" or (role == "assistant" and m.get("tool_calls")):
+            parsed.append(_openai_tool_message(m, i, names, call_ids))
+        else:
+            parsed.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _int({"max_tokens": limit}, "max_tokens", min(512, max_tokens_cap), 1, max_tokens_cap)
     options = body.get("stream_options") or {}
@@ -103,15 +126,15 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
         messages=parsed, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=_stops(body.get("stop"), "stop"),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1), stream=_bool(body, "stream"),
-        include_usage=bool(options.get("include_usage")),
+        include_usage=bool(options.get("include_usage")), tools=tools, tool_choice=tool_choice, tool_name=tool_name,
     )
 
 
 ANTHROPIC_FIELDS = {"model", "messages", "max_tokens", "system", "stop_sequences", "temperature", "top_p", "top_k",
-                    "stream", "metadata"}
+                    "stream", "metadata", "tools", "tool_choice"}
 # Fields of the current Messages API this server accepts and ignores (no effect on a local model).
 ANTHROPIC_IGNORED = {"service_tier", "speed", "inference_geo", "cache_control", "container", "diagnostics",
-                     "output_config", "user_profile_id", "workspace_id", "thinking", "tool_choice", "tools"}
+                     "output_config", "user_profile_id", "workspace_id", "thinking"}
 
 
 def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
@@ -120,8 +143,6 @@ def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
     unknown = sorted(set(body) - ANTHROPIC_FIELDS - ANTHROPIC_IGNORED)
     if unknown:
         raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted", unknown[0])
-    if body.get("tools"):
-        raise BadRequest("tools: tool use is not supported by this server", "tools")
     if body.get("max_tokens") is None:
         raise BadRequest("max_tokens: Field required (an integer)", "max_tokens")
     messages = body.get("messages")
@@ -131,21 +152,245 @@ def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
     system = body.get("system")
     if system is not None:
         parsed.append({"role": "system", "content": _text(system, "system")})
+    tools = anthropic_tools(body.get("tools"))
+    names = {t["function"]["name"] for t in tools}
+    tool_choice, tool_name = anthropic_tool_choice(body.get("tool_choice"), names)
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise BadRequest(f"messages.{i}.role: must be 'user' or 'assistant'", f"messages.{i}")
-        parsed.append({"role": m["role"], "content": _text(m.get("content"), f"messages.{i}.content")})
+        content = m.get("content")
+        if isinstance(content, list) and any(isinstance(b, dict) and b.get("type") in ("tool_use", "tool_result")
+                                             for b in content):
+            parsed += _anthropic_tool_turn(m["role"], content, i, names, call_ids)
+        else:
+            parsed.append({"role": m["role"], "content": _text(content, f"messages.{i}.content")})
     return ChatRequest(
         messages=parsed, max_tokens=_int(body, "max_tokens", None, 1, max_tokens_cap),
         temperature=_number(body, "temperature", 1.0, 0.0, 1.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         stop=_stops(body.get("stop_sequences"), "stop_sequences"), seed=None, stream=_bool(body, "stream"),
+        tools=tools, tool_choice=tool_choice, tool_name=tool_name,
     )
+
+
+# ---------------------------------------------------------------- tools (both APIs to the chat template's form)
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _schema(value: Any, where: str) -> dict:
+    """A tool's parameters: a JSON Schema object describing an object."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}: must be a JSON Schema object", where)
+    if value.get("type", "object") != "object":
+        raise BadRequest(f"{where}: the schema's type must be 'object'", where)
+    properties = value.get("properties")
+    if properties is not None and not (isinstance(properties, dict)
+                                       and all(isinstance(p, dict) for p in properties.values())):
+        raise BadRequest(f"{where}.properties: must map each parameter's name to its schema (an object)", where)
+    required = value.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+        raise BadRequest(f"{where}.required: must be a list of parameter names", where)
+    return value
+
+
+def _tool(name: Any, description: Any, parameters: dict, where: str) -> dict:
+    if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+        raise BadRequest(f"{where}.name: must be 1 to 64 letters, digits, '_' or '-'", where)
+    if description is not None and not isinstance(description, str):
+        raise BadRequest(f"{where}.description: must be a string", where)
+    function: dict[str, Any] = {"name": name}
+    if description:
+        function["description"] = description
+    function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+def _unique(tools: list[dict], key: str) -> tuple[dict, ...]:
+    seen: set[str] = set()
+    for tool in tools:
+        name = tool["function"]["name"]
+        if name in seen:
+            raise BadRequest(f"{key}: tool {name!r} is defined twice", key)
+        seen.add(name)
+    return tuple(tools)
+
+
+def openai_tools(value: Any) -> tuple[dict, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest("'tools' must be a list", "tools")
+    tools = []
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise BadRequest(f"{where}: must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+        function = tool["function"]
+        parameters = _schema(function.get("parameters", {"type": "object", "properties": {}}),
+                             f"{where}.function.parameters")
+        tools.append(_tool(function.get("name"), function.get("description"), parameters, f"{where}.function"))
+    return _unique(tools, "tools")
+
+
+def openai_tool_choice(value: Any, names: set[str]) -> tuple[str, str | None]:
+    if value is None or value == "auto":
+        return "auto", None
+    if value in ("none", "required"):
+        if value == "required" and not names:
+            raise BadRequest("tool_choice 'required' needs tools", "tool_choice")
+        return value, None
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict):
+        name = value["function"].get("name")
+        if name not in names:
+            raise BadRequest(f"tool_choice: unknown tool {name!r} (not in tools)", "tool_choice")
+        return "named", name
+    raise BadRequest("'tool_choice' must be 'auto', 'none', 'required' or "
+                     "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+
+
+def _arguments(value: Any, where: str) -> dict:
+    """A call's arguments as the chat template takes them: an object (OpenAI sends it as a JSON string)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"{where}: arguments are not valid JSON ({exc})", where) from exc
+    if not isinstance(value, dict):
+        raise BadRequest(f"{where}: arguments must be a JSON object", where)
+    return value
+
+
+def _openai_tool_message(m: dict, i: int, names: set[str], call_ids: set[str]) -> dict:
+    """A `tool` message (answering an earlier call by its id) or an assistant message with `tool_calls`."""
+    if m["role"] == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str) or call_id not in call_ids:
+            raise BadRequest(f"messages[{i}].tool_call_id: {call_id!r} answers no earlier tool call",
+                             f"messages[{i}]")
+        return {"role": "tool", "tool_call_id": call_id, "content": _text(m.get("content"), f"messages[{i}].content")}
+    calls = m["tool_calls"]
+    if not isinstance(calls, list):
+        raise BadRequest(f"messages[{i}].tool_calls: must be a list", f"messages[{i}]")
+    parsed = []
+    for j, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{j}]"
+        if (not isinstance(call, dict) or call.get("type", "function") != "function"
+                or not isinstance(call.get("function"), dict)):
+            raise BadRequest(f"{where}: must be {{\"id\": ..., \"type\": \"function\", \"function\": {{...}}}}",
+                             where)
+        function = call["function"]
+        name, call_id = function.get("name"), call.get("id")
+        if name not in names:
+            raise BadRequest(f"{where}: unknown tool {name!r} (not in tools)", where)
+        if not isinstance(call_id, str) or not call_id:
+            raise BadRequest(f"{where}.id: must be a non-empty string", where)
+        call_ids.add(call_id)
+        parsed.append({"id": call_id, "type": "function",
+                       "function": {"name": name, "arguments": _arguments(function.get("arguments"), where)}})
+    content = m.get("content")
+    text = "" if content is None else _text(content, f"messages[{i}].content")
+    return {"role": "assistant", "content": text, "tool_calls": parsed}
+
+
+def anthropic_tools(value: Any) -> tuple[dict, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest("tools: must be a list", "tools")
+    tools = []
+    for i, tool in enumerate(value):
+        where = f"tools.{i}"
+        if not isinstance(tool, dict):
+            raise BadRequest(f"{where}: must be an object", where)
+        if tool.get("type", "custom") not in ("custom", None):
+            raise BadRequest(f"{where}.type: only custom tools (name, description, input_schema) are supported, "
+                             f"not {tool.get('type')!r}", where)
+        if "input_schema" not in tool:
+            raise BadRequest(f"{where}.input_schema: Field required", where)
+        parameters = _schema(tool["input_schema"], f"{where}.input_schema")
+        tools.append(_tool(tool.get("name"), tool.get("description"), parameters, where))
+    return _unique(tools, "tools")
+
+
+def anthropic_tool_choice(value: Any, names: set[str]) -> tuple[str, str | None]:
+    if value is None:
+        return "auto", None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("auto", "none"):
+        return kind, None
+    if kind == "any":
+        if not names:
+            raise BadRequest("tool_choice: 'any' needs tools", "tool_choice")
+        return "required", None
+    if kind == "tool":
+        if value.get("name") not in names:
+            raise BadRequest(f"tool_choice.name: unknown tool {value.get('name')!r} (not in tools)", "tool_choice")
+        return "named", value["name"]
+    raise BadRequest("tool_choice: type must be 'auto', 'any', 'tool' or 'none'", "tool_choice")
+
+
+def _anthropic_tool_turn(role: str, blocks: list, i: int, names: set[str], call_ids: set[str]) -> list[dict]:
+    """An assistant turn with tool_use blocks (one message with tool_calls), or a user turn with tool_result
+    blocks (a tool message per result, then its text as a user message)."""
+    texts: list[str] = []
+    calls: list[dict] = []
+    results: list[dict] = []
+    for j, block in enumerate(blocks):
+        where = f"messages.{i}.content.{j}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_use" and role == "assistant":
+            name, call_id, arguments = block.get("name"), block.get("id"), block.get("input", {})
+            if name not in names:
+                raise BadRequest(f"{where}: unknown tool {name!r} (not in tools)", where)
+            if not isinstance(call_id, str) or not call_id:
+                raise BadRequest(f"{where}.id: must be a non-empty string", where)
+            if not isinstance(arguments, dict):
+                raise BadRequest(f"{where}.input: must be an object", where)
+            call_ids.add(call_id)
+            calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+        elif kind == "tool_result" and role == "user":
+            call_id = block.get("tool_use_id")
+            if not isinstance(call_id, str) or call_id not in call_ids:
+                raise BadRequest(f"{where}.tool_use_id: {call_id!r} answers no earlier tool_use", where)
+            content = block.get("content")
+            text = "" if content is None else _text(content, f"{where}.content")
+            if block.get("is_error"):
+                text = f"Error: {text}"
+            results.append({"role": "tool", "tool_call_id": call_id, "content": text})
+        else:
+            allowed = "text and tool_use" if role == "assistant" else "text and tool_result"
+            raise BadRequest(f"{where}: only {allowed} blocks are supported in {role} turns", where)
+    if role == "assistant":
+        return [{"role": "assistant", "content": "".join(texts), "tool_calls": calls}]
+    return results + ([{"role": "user", "content": "".join(texts)}] if texts else [])
 
 
 def openapi(max_tokens_cap: int) -> dict:
     text_parts = {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
         "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}}
     content = {"oneOf": [{"type": "string"}, text_parts]}
+    name = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+    parameters = {"type": "object", "properties": {"type": {"type": "string", "enum": ["object"]},
+                                                   "properties": {"type": "object"}}}
+    function = {"type": "object", "required": ["name"], "properties": {
+        "name": name, "description": {"type": "string"}, "parameters": parameters}}
+    openai_call = {"type": "object", "required": ["id", "type", "function"], "properties": {
+        "id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+        "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+            "name": name, "arguments": {"type": "string"}}}}}
+    blocks = {"type": "array", "items": {"oneOf": [
+        text_parts["items"],
+        {"type": "object", "required": ["type", "id", "name", "input"], "properties": {
+            "type": {"type": "string", "enum": ["tool_use"]}, "id": {"type": "string"}, "name": name,
+            "input": {"type": "object"}}},
+        {"type": "object", "required": ["type", "tool_use_id"], "properties": {
+            "type": {"type": "string", "enum": ["tool_result"]}, "tool_use_id": {"type": "string"},
+            "content": content, "is_error": {"type": "boolean"}}}]}}
     stop = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16},
                       {"type": "null"}]}
     error = {"description": "invalid request", "content": {"application/json": {"schema": {"type": "object"}}}}
@@ -153,30 +398,44 @@ def openapi(max_tokens_cap: int) -> dict:
                                                 "text/event-stream": {"schema": {"type": "string"}}}}
     chat_body = {"type": "object", "required": ["messages"], "properties": {
         "model": {"type": "string"},
-        "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"],
+        "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role"],
                      "properties": {"role": {"type": "string",
-                                             "enum": ["system", "developer", "user", "assistant"]},
-                                    "content": content}}},
+                                             "enum": ["system", "developer", "user", "assistant", "tool"]},
+                                    "content": {"oneOf": [*content["oneOf"], {"type": "null"}]},
+                                    "tool_calls": {"type": "array", "items": openai_call},
+                                    "tool_call_id": {"type": "string"}}}},
         "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": max_tokens_cap},
         "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": max_tokens_cap},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
         "stop": stop, "seed": {"type": ["integer", "null"]}, "stream": {"type": ["boolean", "null"]},
         "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+        "tools": {"type": ["array", "null"], "items": {"type": "object", "required": ["type", "function"],
+                  "properties": {"type": {"type": "string", "enum": ["function"]}, "function": function}}},
+        "tool_choice": {"oneOf": [{"type": "string", "enum": ["auto", "none", "required"]}, {
+            "type": "object", "required": ["type", "function"], "properties": {
+                "type": {"type": "string", "enum": ["function"]},
+                "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}},
+            {"type": "null"}]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
     }}
     messages_body = {"type": "object", "required": ["model", "messages", "max_tokens"],
                      "additionalProperties": False, "properties": {
         "model": {"type": "string"},
         "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["role", "content"],
                      "properties": {"role": {"type": "string", "enum": ["user", "assistant"]},
-                                    "content": content}}},
+                                    "content": {"oneOf": [{"type": "string"}, blocks]}}}},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": max_tokens_cap},
         "system": content, "stop_sequences": stop,
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1}, "top_k": {"type": "integer", "minimum": 0},
         "stream": {"type": "boolean"}, "metadata": {"type": "object"},
-        **{name: {} for name in sorted(ANTHROPIC_IGNORED - {"tools"})},
-        "tools": {"type": "array", "maxItems": 0},
+        **{name: {} for name in sorted(ANTHROPIC_IGNORED)},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["name", "input_schema"], "properties": {
+            "name": name, "description": {"type": "string"}, "input_schema": parameters}}},
+        "tool_choice": {"type": "object", "required": ["type"], "properties": {
+            "type": {"type": "string", "enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
+            "disable_parallel_tool_use": {"type": "boolean"}}},
     }}
 
     def get(summary: str, media: str = "application/json") -> dict:
