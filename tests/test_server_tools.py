@@ -1,8 +1,9 @@
 """Tool calling in `moe serve` against the real openai and anthropic SDKs, on 127.0.0.1, with the demo model.
 
-The demo model cannot write tool calls itself, so the `scripted` fixture forces its continuation: a wrapper
-around the engine's model replaces the logits of each reply position with a one-hot row for the next token of
-a script (then EOS). Only the model's choice of tokens is scripted: the demo's own chat template builds the
+The demo model cannot write tool calls itself, so the `demo` fixture forces its continuation (`Script`, set
+per test through the `script` fixture): a wrapper around the engine's model, installed by the fixture and never
+by the server, replaces the logits of each reply position with a one-hot row for the next token of a script
+(then EOS). Only the model's choice of tokens is scripted: the demo's own chat template builds the
 prompt, mlx-lm's parser (inferred from that template) reads the calls and the server's wire format carries
 them, so the SDKs see what they would see from a model that calls tools.
 """
@@ -196,6 +197,24 @@ def test_splitter_streams_text_holds_calls_and_returns_unreadable_calls_as_text(
     plain = "no calls here <tool_ but a near miss\n\n"
     splitter = ToolCallSplitter(load_parser("json_tools"), [WEATHER])
     assert "".join(splitter.feed(plain) + splitter.finish()) == plain
+
+
+FORECAST = {"type": "function", "function": {"name": "forecast", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "days": {"type": "integer"}}}}}
+
+
+@pytest.mark.parametrize("parser, reply", [
+    # Qwen3-Coder's XML calls: the parser types each value from the tool's schema
+    ("qwen3_coder", "Sure.\n<tool_call>\n<function=forecast>\n<parameter=city>\nParis\n</parameter>\n"
+                    "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"),
+    # Mistral's calls have no end marker: they run to the end of the reply
+    ("mistral", 'Sure.[TOOL_CALLS]forecast[ARGS]{"city": "Paris", "days": 3}'),
+])
+def test_other_parsers_named_with_tool_parser(parser, reply):
+    splitter = ToolCallSplitter(load_parser(parser), [FORECAST])
+    parts = [part for i in range(0, len(reply), 5) for part in splitter.feed(reply[i:i + 5])] + splitter.finish()
+    assert parts[0] == "Sure."
+    assert [(c.name, c.arguments) for c in parts[1:]] == [("forecast", {"city": "Paris", "days": 3})]
 
 
 # ---------------------------------------------------------------- OpenAI
