@@ -17,6 +17,12 @@ class Command:
     """/help's heading."""
     presets: tuple[tuple[str, str], ...] = ()
     """(argument, palette title) pairs offered ready-made in the palette, e.g. ("50%", "Capacity: 50%")."""
+    details: str = ""
+    """More than `help`, for /help NAME (examples, what it does without an argument)."""
+
+    @property
+    def usage_line(self) -> str:
+        return f"/{self.name}{' ' + self.usage if self.usage else ''}"
 
     @property
     def needs_argument(self) -> bool:
@@ -24,47 +30,82 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("add", "PATH", "attach a file to your next message (or @path in a message)", "Coding"),
+    Command("add", "PATH", "attach a file to your next message (or @path in a message)", "Coding",
+            details='The file goes with your next message, with its token count. `@path` in a message does the same.'),
     Command("files", "", "list the files attached to your next message", "Coding"),
-    Command("save", "N PATH", "write code block N of the last reply to PATH (diff and confirm first)", "Coding"),
-    Command("copy", "[N]", "copy the last reply, or its code block N", "Coding"),
+    Command("save", "N PATH", "write code block N of the last reply to PATH (diff and confirm first)", "Coding",
+            details='Code blocks are numbered on screen ([1], [2] ...). A file that exists is shown '
+                    'as a diff and overwritten only if you say yes; a path outside the working '
+                    'directory asks first.'),
+    Command("copy", "[N]", "copy the last reply, or its code block N", "Coding",
+            details='Copies through the terminal (OSC 52, works over SSH) and writes the text to '
+                    'clipboard.txt in the data dir. N is the number shown on the code block.'),
     Command("capacity", "N|F|P%", "experts cached per layer", "Engine",
-            tuple((f"{p}%", f"Capacity: {p}%") for p in (25, 50, 75, 100))),
+            tuple((f"{p}%", f"Capacity: {p}%") for p in (25, 50, 75, 100)),
+            details='A count (`/capacity 8`), a fraction (`/capacity 0.5`) or a percentage '
+                    "(`/capacity 50%`) of each layer's experts. Without an argument: the current "
+                    'capacity. Live, no reload.'),
     Command("mode", "exact|fast", "exact: outputs equal stock; fast: misses dropped for the token", "Engine",
-            (("exact", "Mode: exact"), ("fast", "Mode: fast"))),
+            (("exact", "Mode: exact"), ("fast", "Mode: fast")),
+            details='`exact`: missing experts are loaded before a layer computes (outputs equal stock'
+                    ' mlx-lm). `fast`: a missed expert is dropped for that token and loaded between '
+                    'tokens. Without an argument: the current mode.'),
     Command("policy", "lru|lfu|decay", "the cache's eviction policy", "Engine",
-            (("lru", "Policy: lru"), ("lfu", "Policy: lfu"), ("decay", "Policy: decay"))),
+            (("lru", "Policy: lru"), ("lfu", "Policy: lfu"), ("decay", "Policy: decay")),
+            details='Which expert is evicted when the cache is full: least recently used, least '
+                    'frequently used, or frequency with exponential decay. Without an argument: the '
+                    'current policy.'),
     Command("reset", "", "zero the cache statistics", "Engine"),
-    Command("theme", "NAME", "switch theme (remembered)", "App"),
+    Command("theme", "NAME", "switch theme (remembered)", "App",
+            details='Themes: moe-dark, moe-light, moe-colorblind. The choice is saved in config.toml.'),
     Command("new", "", "start an empty chat", "Chats"),
-    Command("chats", "", "list stored chats", "Chats"),
-    Command("switch", "ID", "open a chat", "Chats"),
-    Command("rename", "TITLE", "rename this chat", "Chats"),
-    Command("delete", "", "delete this chat", "Chats"),
-    Command("search", "TEXT", "search chats", "Chats"),
-    Command("export", "md|json PATH", "export this chat", "Chats"),
-    Command("system", "[TEXT|--clear]", "show, set or remove this chat's system prompt", "Chats"),
-    Command("temp", "[X]", "show or set this chat's temperature (0 to 2)", "Chats"),
-    Command("clear", "", "delete this chat's messages", "Chats"),
+    Command("chats", "", "list stored chats", "Chats",
+            details='A list to pick from: arrows move, Enter opens the chat, Esc closes.'),
+    Command("switch", "ID", "open a chat", "Chats",
+            details='Opens chat ID (the number `/chats` shows). Without an argument: the chat open now.'),
+    Command("rename", "TITLE", "rename this chat", "Chats",
+            details="Without an argument: this chat's title."),
+    Command("delete", "", "delete this chat", "Chats",
+            details='Asks first. The next chat opens (a new one if none is left).'),
+    Command("search", "TEXT", "search chats", "Chats",
+            details='A list of the messages that contain TEXT, with the matching words: Enter opens '
+                    'the chat at that message.'),
+    Command("export", "md|json PATH", "export this chat", "Chats",
+            details='`md` writes Markdown, `json` every message with its status. An existing file is '
+                    'not overwritten without asking.'),
+    Command("system", "[TEXT|--clear]", "show, set or remove this chat's system prompt", "Chats",
+            details='Without an argument: the current system prompt. `--clear` removes it (asks first).'),
+    Command("temp", "[X]", "show or set this chat's temperature (0 to 2)", "Chats",
+            details='0 is greedy (always the likeliest token); higher is more varied. Without an '
+                    'argument: the current value.'),
+    Command("clear", "", "delete this chat's messages", "Chats",
+            details='Asks first. The chat stays, empty.'),
     Command("restore", "", "bring back the reply Ctrl+R set aside (swap it with the current one)", "Chats"),
     Command("earlier", "", "show more of a long chat (it shows its newest messages)", "Chats"),
-    Command("help", "", "keys and commands", "App"),
+    Command("help", "[NAME]", "keys and commands; /help NAME explains one", "App",
+            details='`/help` lists every command; `/help NAME` explains one. F1 shows the keys of the focused pane.'),
 )
 BY_NAME = {c.name: c for c in COMMANDS}
 
-KEYS = ("Enter send · Shift+Enter / Ctrl+J newline · Esc cancel · Ctrl+R regenerate (/restore undoes) · "
-        "Ctrl+E edit last · "
-        "Ctrl+N new chat · Ctrl+P command palette · PageUp/PageDown scroll the chat · F2 toggle cache panel · "
-        "Tab focus heatmap (arrows, +/-, [ ], h)")
+KEYS = ("Enter send · Shift+Enter / Ctrl+J newline · Up/Down earlier messages · Esc cancel · "
+        "Ctrl+R regenerate · Ctrl+E edit last · Ctrl+N new chat · Ctrl+P palette · PageUp/PageDown scroll · "
+        "F1 keys of the focused pane · F2 cache panel · Tab heatmap")
 
 
 def help_text() -> str:
-    """/help as Markdown, grouped as the table is."""
-    lines = [f"**Keys**: {KEYS}", ""]
-    for group in dict.fromkeys(c.group for c in COMMANDS):
-        entries = [f"`/{c.name}{' ' + c.usage if c.usage else ''}` {c.help}" for c in COMMANDS if c.group == group]
-        lines += [f"**{group}**: " + " · ".join(entries), ""]
-    return "\n".join(lines).rstrip() + "\n"
+    """/help as Markdown: the keys, then one line per command."""
+    lines = [f"**Keys**: {KEYS}", "", "**Commands** (`/help NAME` explains one; `/` in the prompt completes them)", ""]
+    lines += [f"- `{c.usage_line}` {c.help}" for c in COMMANDS]
+    return "\n".join(lines) + "\n"
+
+
+def command_help(name: str) -> str | None:
+    """/help NAME as Markdown, or None for an unknown command."""
+    command = BY_NAME.get(name.strip().lstrip("/"))
+    if command is None:
+        return None
+    text = f"`{command.usage_line}`: {command.help}."
+    return text + (f"\n\n{command.details}" if command.details else "") + "\n"
 
 
 def palette_entries() -> list[tuple[str, str, str, bool]]:

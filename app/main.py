@@ -21,7 +21,7 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header
 
 from . import coding
-from .commands import BY_NAME, help_text, parse_capacity
+from .commands import BY_NAME, command_help, help_text, parse_capacity
 from .glyphs import AsciiFilter
 from .heatmap import HeatmapStyle
 from .messages import (
@@ -651,19 +651,44 @@ class MoeApp(App):
         getattr(self, f"cmd_{name}")(arg)
 
     def cmd_help(self, arg: str) -> None:
-        self.add_view(MessageView("notice", help_text()))
+        text = command_help(arg) if arg else help_text()
+        if text is None:
+            self.notice(f"no command /{arg.lstrip('/')}; /help lists them", "warning")
+            return
+        self.add_view(MessageView("notice", text))
+
+    def usage(self, name: str, current: str = "") -> None:
+        """A command given no argument (or a wrong one): the current value, if any, and how to use it."""
+        command = BY_NAME[name]
+        now = f"{current}. " if current else ""
+        self.notice(f"{now}usage: {command.usage_line} ({command.help}); /help {name} for more")
 
     def cmd_capacity(self, arg: str) -> None:
+        snap = self.last_snapshot
+        if not arg:
+            self.usage("capacity", f"capacity: {snap.capacity} of {snap.num_experts} experts per layer"
+                       if snap is not None else "")
+            return
         try:
             self.configure(Configure(capacity=parse_capacity(arg)))
         except ValueError as exc:
             self.notice(str(exc), "error")
 
     def cmd_mode(self, arg: str) -> None:
-        self.configure(Configure(mode=arg))
+        self.set_choice("mode", arg, ("exact", "fast"))
 
     def cmd_policy(self, arg: str) -> None:
-        self.configure(Configure(policy=arg))
+        self.set_choice("policy", arg, ("lru", "lfu", "decay"))
+
+    def set_choice(self, name: str, arg: str, choices: tuple[str, ...]) -> None:
+        current = getattr(self.last_snapshot, name, None)
+        if arg not in choices:
+            if arg:
+                self.notice(f"/{name} takes {' or '.join(choices)}, not {arg!r}", "error")
+            else:
+                self.usage(name, f"{name}: {current}" if current else "")
+            return
+        self.configure(Configure(**{name: arg}))
 
     def cmd_reset(self, arg: str) -> None:
         self.configure(Configure(reset_stats=True))
@@ -719,15 +744,21 @@ class MoeApp(App):
         self.add_view(MessageView("notice", "\n".join(lines) if chats else f"no {heading}"))
 
     def cmd_switch(self, arg: str) -> None:
+        if not arg:
+            chat = self.store.chat(self.chat_id)
+            self.usage("switch", f"this is chat {chat.id} ({chat.title!r})")
+            return
         try:
             self.open_chat(self.store.chat(int(arg)).id)
         except (ValueError, KeyError, OverflowError):  # OverflowError: past SQLite's 64-bit integers
             self.notice(f"no chat {arg!r}; /chats lists them", "error")
 
     def cmd_rename(self, arg: str) -> None:
-        if arg:
-            self.store.update_chat(self.chat_id, title=arg)
-            self.notice(f"renamed to {arg}")
+        if not arg:
+            self.usage("rename", f"this chat is {self.store.chat(self.chat_id).title!r}")
+            return
+        self.store.update_chat(self.chat_id, title=arg)
+        self.notice(f"renamed to {arg}")
 
     def cmd_delete(self, arg: str) -> None:
         chat = self.store.chat(self.chat_id)
@@ -746,7 +777,7 @@ class MoeApp(App):
         current = self.store.chat(self.chat_id).system_prompt
         if not arg:
             shown = f"{current!r}" if current else "none"
-            self.notice(f"system prompt: {shown}. /system TEXT sets it; /system --clear removes it")
+            self.usage("system", f"system prompt: {shown}")
             return
         if arg == "--clear":
             if not current:
@@ -765,7 +796,7 @@ class MoeApp(App):
     def cmd_temp(self, arg: str) -> None:
         current = self.store.chat(self.chat_id).settings.get("temperature", self.settings.temperature)
         if not arg:
-            self.notice(f"temperature {current} for this chat; /temp X sets it, from 0 to {MAX_TEMPERATURE}")
+            self.usage("temp", f"temperature {current} for this chat")
             return
         try:
             value = float(arg)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from moe_tui.app.commands import COMMANDS
+from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView
 from textual.command import Command, CommandList
 
-from tests.helpers import palette_offers, palette_open, wait_until
+from tests.helpers import notified, palette_offers, palette_open, wait_until
 
 
 def palette_titles(app) -> list[str]:
@@ -33,3 +35,45 @@ async def test_the_palette_lists_the_apps_commands_on_open_and_offers_only_its_o
         config = tmp_path / "config.toml"
         await wait_until(pilot, lambda: app.theme == "moe-light" and config.exists()
                          and 'theme = "moe-light"' in config.read_text())
+
+
+def shown_rows(view) -> list[str]:
+    return [view.render_line(y).text.rstrip() for y in range(view.content_size.height)]
+
+
+async def test_app_notices_look_unlike_the_users_messages_and_help_is_one_line_per_command(fake_app):
+    app = fake_app()
+    chat = app.store.create_chat(title="hello")
+    app.store.add_message(chat.id, "user", "Write a quicksort")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/help")
+        await wait_until(pilot, lambda: app.query(MessageView).last().role == "notice")
+        await pilot.pause()
+        user, notice = app.query(MessageView).first(), app.query(MessageView).last()
+        assert user.role == "user"
+        assert notice.styles.border_left != user.styles.border_left  # another colour and another glyph
+        rows = shown_rows(notice)
+        assert rows[0].strip() == NOTICE_LABEL and NOTICE_LABEL not in "".join(shown_rows(user))
+        entries = [line for line in notice.text.splitlines() if line.startswith("- `/")]
+        assert [line.split()[1].strip("`") for line in entries] == [f"/{c.name}" for c in COMMANDS]
+        bullets = [row.split()[1] for row in rows if row.strip().startswith("•")]
+        assert bullets == [f"/{c.name}" for c in COMMANDS]  # each command starts a row of its own
+        app.run_command("/help save")
+        await wait_until(pilot, lambda: "diff" in app.query(MessageView).last().text)
+        assert app.query(MessageView).last().text.startswith("`/save N PATH`")
+
+
+async def test_commands_without_their_argument_show_the_current_value_and_a_usage_line(fake_app):
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.store.update_chat(app.chat_id, title="sorting")
+        expected = {"/capacity": "capacity: 16 of 48 experts per layer", "/mode": "mode: exact",
+                    "/policy": "policy: lru", "/rename": "'sorting'", "/switch": f"chat {app.chat_id}",
+                    "/temp": "temperature 0.7", "/system": "system prompt: none"}
+        for command, current in expected.items():
+            app.run_command(command)
+            await wait_until(pilot, lambda c=command, v=current: notified(app, v) and notified(app, f"usage: {c}"))
+        app.run_command("/mode turbo")
+        await wait_until(pilot, lambda: notified(app, "exact or fast, not 'turbo'"))

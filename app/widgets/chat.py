@@ -48,6 +48,9 @@ class ChatScroll(OnePassResize, VerticalScroll):
     """
 
 
+NOTICE_LABEL = "moe-tui says"  # the first row of the app's own messages (/help, /chats, errors)
+
+
 class MessageView(OnePassResize, StyledRows, Widget):
     """A chat message as Markdown, code blocks syntax-highlighted.
 
@@ -62,7 +65,7 @@ class MessageView(OnePassResize, StyledRows, Widget):
     MessageView { height: auto; margin: 0 1 1 1; padding: 0 1; }
     MessageView.user { border-left: thick $accent; }
     MessageView.assistant { border-left: thick $primary; }
-    MessageView.notice { color: $text-muted; border-left: thick $warning; }
+    MessageView.notice { color: $text-muted; border-left: outer $secondary; background: $secondary 8%; }
     MessageView.cancelled { border-left: thick $error; }
     """
 
@@ -92,6 +95,8 @@ class MessageView(OnePassResize, StyledRows, Widget):
         lines = console.render_lines(markdown, console.options.update_width(max(width, 1)), pad=False)
         while lines and not lines[0]:  # Rich starts a list with an empty row; the margin spaces messages
             lines.pop(0)
+        if self.role == "notice":  # the app speaking, not the user or the model: labelled so
+            lines.insert(0, list(Text(NOTICE_LABEL, style="bold italic").render(console)))
         self._rows = [Strip(line).simplify() for line in lines]
         self._key = (width, dark)
 
