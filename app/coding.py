@@ -30,6 +30,14 @@ class Attachment:
         return f"File `{self.path}`:\n{fence}{LANGUAGES.get(self.path.suffix, '')}\n{self.text}\n{fence}"
 
 
+def typed_part(message: str) -> str:
+    """What the user typed of a stored message: the attached files put before it (as_prompt) left out."""
+    if not message.startswith("File `"):
+        return message
+    end = max(message.rfind("\n```\n\n"), message.rfind("\n````\n\n"))
+    return message[message.index("\n\n", end + 1) + 2:] if end >= 0 else message
+
+
 class PathError(Exception):
     """A path the user typed cannot be used (to attach, save or export); the message says why, in one line."""
 

@@ -127,12 +127,13 @@ class MoeApp(App):
     #main.narrow.panel-only > #chat { display: none; }
     """
     BINDINGS = [
-        Binding("escape", "cancel", "cancel reply", id="app.cancel"),
+        Binding("escape", "cancel", "cancel", id="app.cancel"),
+        Binding("f1", "toggle_keys", "keys", id="app.keys"),
+        Binding("f2", "toggle_side", "cache panel", id="app.toggle_side"),
         Binding("ctrl+r", "regenerate", "regenerate", id="app.regenerate"),
         # priority: the prompt's own ctrl+e (end of line) would win while it has focus, which it nearly always has
         Binding("ctrl+e", "edit_last", "edit last", id="app.edit_last", priority=True, show=False),
         Binding("ctrl+n", "new_chat", "new chat", id="app.new_chat"),
-        Binding("f2", "toggle_side", "cache panel", id="app.toggle_side"),
         # priority: the prompt (a text area) would take them for its own cursor, which a one-line prompt rarely needs
         Binding("pageup", "page_chat(-1)", "page up", id="app.page_up", priority=True, show=False),
         Binding("pagedown", "page_chat(1)", "page down", id="app.page_down", priority=True, show=False),
@@ -192,7 +193,7 @@ class MoeApp(App):
             with VerticalScroll(id="side"):
                 yield HeatmapView(HeatmapStyle(unicode=self.settings.unicode()), id="heatmap")
                 yield StatsPanel(unicode=self.settings.unicode(), id="stats")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         for name, (theme, gradient) in load_themes().items():
@@ -249,6 +250,8 @@ class MoeApp(App):
         self.query_one(EarlierMessages).set_hidden(hidden)
         box.mount_all([_view(m) for m in stored[hidden:]])
         box.scroll_end(animate=False)
+        # Up in the prompt brings back this chat's messages (the typed part: attached files are not repeated).
+        self.query_one(PromptInput).sent.reset([coding.typed_part(m.content) for m in stored if m.role == "user"])
 
     @on(EarlierMessages.Pressed)
     async def show_earlier(self) -> None:
@@ -521,6 +524,13 @@ class MoeApp(App):
         """Scroll the chat a page (from the prompt too)."""
         box = self.query_one("#messages", VerticalScroll)
         box.scroll_page_up(animate=False) if direction < 0 else box.scroll_page_down(animate=False)
+
+    def action_toggle_keys(self) -> None:
+        """The keys of the focused pane and what it is for (Textual's help panel), or hide them."""
+        if self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
+        else:
+            self.action_show_help_panel()
 
     def action_toggle_side(self) -> None:
         main = self.query_one("#main")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from moe_tui.app.commands import COMMANDS
-from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView
+from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView, PromptInput
+from moe_tui.app.widgets.heatmap import HeatmapView
 from textual.command import Command, CommandList
+from textual.widgets import HelpPanel
 
-from tests.helpers import notified, palette_offers, palette_open, wait_until
+from tests.helpers import notified, palette_offers, palette_open, screen_rows, wait_until
 
 
 def palette_titles(app) -> list[str]:
@@ -77,3 +79,52 @@ async def test_commands_without_their_argument_show_the_current_value_and_a_usag
             await wait_until(pilot, lambda c=command, v=current: notified(app, v) and notified(app, f"usage: {c}"))
         app.run_command("/mode turbo")
         await wait_until(pilot, lambda: notified(app, "exact or fast, not 'turbo'"))
+
+
+async def test_up_and_down_walk_the_prompt_history_from_its_first_and_last_lines(fake_app):
+    app = fake_app()
+    chat = app.store.create_chat(title="history")
+    for text in ("first question", "second\nquestion"):
+        app.store.add_message(chat.id, "user", text)
+        app.store.add_message(chat.id, "assistant", "an answer")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        prompt = app.query_one(PromptInput)
+        prompt.focus()
+        await pilot.press(*"draft")
+        await pilot.press("up")
+        assert prompt.text == "second\nquestion" and prompt.cursor_location == (1, 8)
+        await pilot.press("up")  # the cursor goes to the first line first
+        assert prompt.text == "second\nquestion" and prompt.cursor_location[0] == 0
+        await pilot.press("up")
+        assert prompt.text == "first question"
+        await pilot.press("up")  # the oldest: stays
+        assert prompt.text == "first question"
+        await pilot.press("down")
+        assert prompt.text == "second\nquestion"
+        await pilot.press("down")
+        assert prompt.text == "draft"
+        await pilot.press("enter")  # sent (a slash command or a message) joins the history
+        await pilot.press("up")
+        assert prompt.text == "draft"
+
+
+async def test_f1_shows_the_keys_of_the_focused_pane_and_question_mark_does_outside_the_prompt(fake_app):
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        prompt = app.query_one(PromptInput)
+        prompt.focus()
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: app.screen.query(HelpPanel))
+        help_text = "\n".join(row for row in screen_rows(app))
+        assert "Prompt" in help_text and "earlier messages" in help_text
+        await pilot.press("question_mark")  # typed: the prompt keeps it
+        assert prompt.text == "?" and app.screen.query(HelpPanel)
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: not app.screen.query(HelpPanel))
+        app.query_one(HeatmapView).focus()
+        await pilot.press("question_mark")
+        await wait_until(pilot, lambda: app.screen.query(HelpPanel))
+        await pilot.pause()
+        assert "Expert-cache heatmap" in "\n".join(screen_rows(app))

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markdown import Markdown as RichMarkdown
 from rich.text import Text
 from textual import events
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.geometry import Region, Size
 from textual.message import Message
@@ -16,6 +17,7 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Button, TextArea
 
+from ..history import PromptHistory
 from ..sanitize import terminal_safe
 from ..textual_compat import OnePassResize
 from .rows import StyledRows
@@ -46,6 +48,13 @@ class ChatScroll(OnePassResize, VerticalScroll):
     DEFAULT_CSS = """
     ChatScroll { overflow-y: scroll; }
     """
+    BINDINGS = [Binding("question_mark", "app.toggle_keys", "keys", show=False)]
+    HELP = """
+## Chat
+
+Arrows, PageUp/PageDown and the mouse wheel scroll. Drag over text and Ctrl+C copies it. Code blocks carry
+a number: `/save N PATH` and `/copy N` take it.
+"""
 
 
 NOTICE_LABEL = "moe-tui says"  # the first row of the app's own messages (/help, /chats, errors)
@@ -257,6 +266,15 @@ class StreamingReply(OnePassResize, StyledRows, Widget):
 class PromptInput(TextArea):
     """Multi-line prompt. Enter submits; Shift+Enter and Ctrl+J insert a newline."""
 
+    HELP = """
+## Prompt
+
+**Enter** sends, **Shift+Enter** or **Ctrl+J** starts a new line. **Up**/**Down** on the first/last line
+bring back earlier messages. `/` starts a command (Tab completes it), `@path` attaches a file.
+**Esc** cancels a reply, **Ctrl+R** regenerates, **Ctrl+E** edits your last message, **PageUp**/
+**PageDown** scroll the chat. `/help` lists every command.
+"""
+
     DEFAULT_CSS = """
     PromptInput { height: auto; min-height: 3; max-height: 10; }
     """
@@ -266,14 +284,34 @@ class PromptInput(TextArea):
             super().__init__()
             self.text = text
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent = PromptHistory()  # not `history`: TextArea keeps its undo history there
+
+    def show_entry(self, text: str | None) -> bool:
+        """Put a history entry in the prompt, the cursor at its end; False when there is none."""
+        if text is None:
+            return False
+        self.text = text
+        self.move_cursor(self.document.end)
+        return True
+
     async def _on_key(self, event: events.Key) -> None:
         if event.key == "enter":
             event.stop()
             event.prevent_default()
             text = self.text
             if text.strip():
+                self.sent.add(text)
                 self.post_message(self.Submitted(text))
                 self.clear()
+            return
+        # Up on the first line and Down on the last walk the history; elsewhere they move the cursor.
+        row = self.cursor_location[0]
+        if (event.key == "up" and row == 0 and self.show_entry(self.sent.older(self.text))) or (
+                event.key == "down" and row == self.document.line_count - 1 and self.show_entry(self.sent.newer())):
+            event.stop()
+            event.prevent_default()
             return
         if event.key in ("shift+enter", "ctrl+j", "newline"):
             event.stop()

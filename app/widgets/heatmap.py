@@ -29,7 +29,17 @@ class HeatmapView(StyledRows, ScrollView, can_focus=True):
         Binding("left_square_bracket", "pan(-1)", "pan left", show=False, id="heatmap.pan_left"),
         Binding("right_square_bracket", "pan(1)", "pan right", show=False, id="heatmap.pan_right"),
         Binding("h", "toggle_half", "2 layers/row", id="heatmap.half_blocks"),
+        Binding("question_mark", "app.toggle_keys", "keys", show=False),
     ]
+    HELP = """
+## Expert-cache heatmap
+
+Rows are MoE layers, columns experts (several per column when they do not fit). Colour: how often the
+router picked them lately. `•` cached, `◆` pinned, `×` just missed; the row ends with the layer's hit rate.
+
+Arrows select a cell (its numbers show below the map), `+`/`-` zoom, `[`/`]` scroll, `h` two layers per
+row. Tab goes back to the prompt.
+"""
     DEFAULT_CSS = """
     HeatmapView { height: auto; max-height: 60%; min-height: 4; }
     """
