@@ -148,6 +148,16 @@ def code_blocks(markdown: str) -> list[tuple[str, str]]:
     return [(m.group(2).strip(), m.group(3).rstrip("\n")) for m in FENCE.finditer(markdown)]
 
 
+def number_code_blocks(markdown: str) -> str:
+    """`markdown` with a label line "[N] language" above each fenced block: the N that /save and /copy take."""
+    parts, last = [], 0
+    for number, match in enumerate(FENCE.finditer(markdown), 1):
+        language = match.group(2).strip()
+        parts += [markdown[last:match.start()], f"\n**[{number}]**{' *' + language + '*' if language else ''}\n\n"]
+        last = match.start()
+    return "".join(parts) + markdown[last:]
+
+
 def diff(old: str, new: str, path: Path) -> str:
     return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
                                         fromfile=f"{path} (current)", tofile=f"{path} (new)"))

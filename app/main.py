@@ -418,7 +418,7 @@ class MoeApp(App):
         if reply.view is not None and reply.view.is_attached:
             # One full Markdown render at the end, in place of the plain streaming text.
             view = MessageView(_view_role("assistant", status), event.text, reply.message_id,
-                               markdown=_shown(event.text, status))
+                               markdown=coding.number_code_blocks(_shown(event.text, status)))
             self.render_in_place_of(reply.view, view, reply.view.content_size.width, self.current_theme.dark)
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
@@ -998,8 +998,9 @@ def _at_bottom(box: VerticalScroll) -> bool:
 
 
 def _view(message) -> MessageView:
+    shown = _shown(message.content, message.status)
     return MessageView(_view_role(message.role, message.status), message.content, message.id,
-                       markdown=_shown(message.content, message.status))
+                       markdown=coding.number_code_blocks(shown) if message.role == "assistant" else shown)
 
 
 def reply_status(event: ReplyDone) -> str:

@@ -128,3 +128,24 @@ async def test_f1_shows_the_keys_of_the_focused_pane_and_question_mark_does_outs
         await wait_until(pilot, lambda: app.screen.query(HelpPanel))
         await pilot.pause()
         assert "Expert-cache heatmap" in "\n".join(screen_rows(app))
+
+
+async def test_code_blocks_in_replies_show_the_number_save_and_copy_take(fake_app, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    chat = app.store.create_chat(title="code")
+    app.store.add_message(chat.id, "user", "two functions")
+    app.store.add_message(chat.id, "assistant", "First:\n```python\ndef one():\n    return 1\n```\nThen\n"
+                          "```\ndef two():\n    return 2\n```\n")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None and len(app.query(MessageView)) == 2)
+        await pilot.pause()
+        rows = shown_rows(app.query(MessageView).last())
+        labels = [row.strip() for row in rows if row.strip().startswith("[")]
+        assert labels == ["[1] python", "[2]"]
+        assert next(i for i, row in enumerate(rows) if row.strip() == "[2]") > next(
+            i for i, row in enumerate(rows) if "return 1" in row)
+        assert not any("[1]" in row for row in shown_rows(app.query(MessageView).first()))
+        app.run_command("/save 2 two.py")
+        await wait_until(pilot, lambda: (tmp_path / "two.py").exists())
+        assert (tmp_path / "two.py").read_text() == "def two():\n    return 2\n"
