@@ -13,6 +13,7 @@ from functools import partial, wraps
 from pathlib import Path
 
 from moe_tui.inference.events import Configure, Generate
+from rich.text import Text
 from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -45,6 +46,7 @@ from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput,
 from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
 from .widgets.heatmap import HeatmapView
+from .widgets.pickers import ChatPicker, Pick, snippet
 from .worker import EngineSpec, InferenceProcess, InferenceWorker
 
 
@@ -238,7 +240,8 @@ class MoeApp(App):
         self.lock.release()
 
     # ---- chats
-    def open_chat(self, chat_id: int) -> None:
+    def open_chat(self, chat_id: int, show: int | None = None) -> None:
+        """Show chat `chat_id` at its end, or at message `show` (a search hit)."""
         self.leave_reply()
         if chat_id != self.chat_id:
             self.editing = None
@@ -247,9 +250,18 @@ class MoeApp(App):
         box.remove_children("MessageView, StreamingReply")
         stored = self.store.messages(chat_id)
         hidden = max(0, len(stored) - MESSAGE_WINDOW)
+        ids = [m.id for m in stored]
+        if show in ids:
+            hidden = min(hidden, ids.index(show))
         self.query_one(EarlierMessages).set_hidden(hidden)
-        box.mount_all([_view(m) for m in stored[hidden:]])
-        box.scroll_end(animate=False)
+        views = [_view(m) for m in stored[hidden:]]
+        box.mount_all(views)
+        target = next((v for v in views if show is not None and v.message_id == show), None)
+        if target is None:
+            box.scroll_end(animate=False)
+        else:
+            target.add_class("found")
+            self.call_after_refresh(box.scroll_to_widget, target, animate=False, top=True)
         # Up in the prompt brings back this chat's messages (the typed part: attached files are not repeated).
         self.query_one(PromptInput).sent.reset([coding.typed_part(m.content) for m in stored if m.role == "user"])
 
@@ -743,15 +755,34 @@ class MoeApp(App):
         self.open_chat(self.chat_id)
 
     def cmd_chats(self, arg: str) -> None:
-        self.show_chat_list(self.store.chats())
+        chats = self.store.chats()
+        entries = [(Pick(c.id), Text(f"{c.id:>4}  ") + Text(terminal_safe(c.title), style="bold")
+                    + Text("  (open now)" if c.id == self.chat_id else "", style="dim")) for c in chats]
+        current = next((i for i, c in enumerate(chats) if c.id == self.chat_id), 0)
+        self.push_screen(ChatPicker(f"{len(chats)} chats", entries, current), self.open_pick)
 
     def cmd_search(self, arg: str) -> None:
-        self.show_chat_list(self.store.chats(arg), f"chats matching {arg!r}")
+        if not arg:
+            self.usage("search")
+            return
+        titles = {c.id: c.title for c in self.store.chats()}
+        hits = self.store.search_messages(arg)
+        found = {chat_id for chat_id, _, _ in hits}
+        entries = [(Pick(c.id), Text(f"{c.id:>4}  ") + Text(terminal_safe(c.title), style="bold")
+                    + Text("  (title)", style="dim")) for c in self.store.chats(arg) if c.id not in found]
+        entries += [(Pick(chat_id, message_id), Text(f"{chat_id:>4}  ") + Text(terminal_safe(titles[chat_id])[:30],
+                                                                             style="bold") + Text("  ")
+                     + snippet(content, arg)) for chat_id, message_id, content in hits]
+        if not entries:
+            self.notice(f"no chat or message contains {arg!r}")
+            return
+        self.push_screen(ChatPicker(f"{len(entries)} matches for {arg!r}", entries), self.open_pick)
 
-    def show_chat_list(self, chats, heading: str = "chats") -> None:
-        lines = [f"**{heading}** (`/switch ID`)", ""]
-        lines += [f"- `{c.id}` {c.title}{'  ← current' if c.id == self.chat_id else ''}" for c in chats]
-        self.add_view(MessageView("notice", "\n".join(lines) if chats else f"no {heading}"))
+    def open_pick(self, pick: Pick | None) -> None:
+        """Open the chat picked in a list; a search hit also brings its message into view."""
+        if pick is None:
+            return
+        self.open_chat(pick.chat_id, show=pick.message_id)
 
     def cmd_switch(self, arg: str) -> None:
         if not arg:

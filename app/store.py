@@ -184,6 +184,14 @@ class ChatStore:
             rows = self.db.execute("SELECT id FROM chats ORDER BY updated DESC").fetchall()
         return [self.chat(r[0]) for r in rows]
 
+    def search_messages(self, query: str, limit: int = 200) -> list[tuple[int, int, str]]:
+        """(chat id, message id, content) of messages containing `query` (case-insensitive for ASCII),
+        the most recently updated chats first, each chat's messages in order."""
+        pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return self.db.execute(
+            "SELECT m.chat_id, m.id, m.content FROM messages m JOIN chats c ON c.id = m.chat_id "
+            "WHERE m.content LIKE ? ESCAPE '\\' ORDER BY c.updated DESC, m.id LIMIT ?", (pattern, limit)).fetchall()
+
     def update_chat(self, chat_id: int, **fields) -> None:
         allowed = {"title", "model", "system_prompt", "settings"}
         for key, value in fields.items():

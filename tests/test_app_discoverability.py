@@ -5,8 +5,9 @@ from __future__ import annotations
 from moe_tui.app.commands import COMMANDS
 from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView, PromptInput
 from moe_tui.app.widgets.heatmap import HeatmapView
+from moe_tui.app.widgets.pickers import ChatPicker
 from textual.command import Command, CommandList
-from textual.widgets import HelpPanel
+from textual.widgets import HelpPanel, OptionList
 
 from tests.helpers import notified, palette_offers, palette_open, screen_rows, wait_until
 
@@ -149,3 +150,43 @@ async def test_code_blocks_in_replies_show_the_number_save_and_copy_take(fake_ap
         app.run_command("/save 2 two.py")
         await wait_until(pilot, lambda: (tmp_path / "two.py").exists())
         assert (tmp_path / "two.py").read_text() == "def two():\n    return 2\n"
+
+
+def picker_open(app) -> bool:
+    return isinstance(app.screen, ChatPicker) and isinstance(app.focused, OptionList)
+
+
+async def test_chats_is_a_picker_and_search_shows_the_match_and_jumps_to_it(fake_app):
+    app = fake_app()
+    needle = app.store.create_chat(title="needle chat")
+    for i in range(30):
+        app.store.add_message(needle.id, "user", f"question {i}\n\nwith a second paragraph")
+        app.store.add_message(needle.id, "assistant", "the haystack answer" if i == 3 else f"answer {i}")
+    other = app.store.create_chat(title="other chat")
+    app.store.add_message(other.id, "user", "hello")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None and app.chat_id == other.id)
+        app.run_command("/chats")
+        await wait_until(pilot, lambda: picker_open(app))
+        options = app.screen.query_one(OptionList)
+        assert options.option_count == 2 and "other chat" in str(options.get_option_at_index(0).prompt)
+        await pilot.press("down", "enter")
+        await wait_until(pilot, lambda: app.chat_id == needle.id and not isinstance(app.screen, ChatPicker))
+        app.run_command("/new")
+        app.run_command("/search haystack")
+        await wait_until(pilot, lambda: picker_open(app))
+        options = app.screen.query_one(OptionList)
+        assert options.option_count == 1
+        assert "the haystack answer" in str(options.get_option_at_index(0).prompt)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.chat_id == needle.id)
+        box = app.query_one("#messages")
+        found = [v for v in app.query(MessageView) if "haystack" in v.text]
+        assert found
+        await wait_until(pilot, lambda: box.region.contains_region(found[0].region) and box.scroll_y < box.max_scroll_y)
+        assert found[0].has_class("found")
+        app.run_command("/chats")
+        await wait_until(pilot, lambda: picker_open(app))
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ChatPicker))
+        assert app.chat_id == needle.id

@@ -76,6 +76,7 @@ class MessageView(OnePassResize, StyledRows, Widget):
     MessageView.assistant { border-left: thick $primary; }
     MessageView.notice { color: $text-muted; border-left: outer $secondary; background: $secondary 8%; }
     MessageView.cancelled { border-left: thick $error; }
+    MessageView.found { background: $accent 15%; }
     """
 
     def __init__(self, role: str, text: str = "", message_id: int | None = None, markdown: str | None = None,
