@@ -23,6 +23,7 @@ from textual.widgets import Footer, Header
 
 from . import coding
 from .commands import BY_NAME, command_help, help_text, parse_capacity
+from .completion import Completion, command_candidates, completion_at, path_candidates
 from .glyphs import AsciiFilter
 from .heatmap import HeatmapStyle
 from .messages import (
@@ -43,6 +44,7 @@ from .store import ChatStore, DataDirLock
 from .textual_compat import add_line_filter
 from .themes import VARIABLE_DEFAULTS, load_themes
 from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
+from .widgets.completion import CompletionList
 from .widgets.confirm import ConfirmScreen
 from .widgets.gauges import StatsPanel
 from .widgets.heatmap import HeatmapView
@@ -191,6 +193,7 @@ class MoeApp(App):
             with Vertical(id="chat"):
                 with ChatScroll(id="messages"):
                     yield EarlierMessages()
+                yield CompletionList(id="completions")
                 yield PromptInput(id="prompt")
             with VerticalScroll(id="side"):
                 yield HeatmapView(HeatmapStyle(unicode=self.settings.unicode()), id="heatmap")
@@ -214,6 +217,7 @@ class MoeApp(App):
         # the same layout pass (a scroll_end after each growth was a second pass). Scrolling up releases
         # the anchor; scrolling back to the bottom restores it.
         self.query_one("#messages", VerticalScroll).anchor()
+        self.query_one(PromptInput).completions = self.query_one(CompletionList)
         self.query_one(PromptInput).focus()
         self.fit_width(self.size.width)
         self.exit_on_signals()
@@ -654,6 +658,37 @@ class MoeApp(App):
         self.theme = name
         self.query_one(HeatmapView).set_style(
             HeatmapStyle(gradient=self.theme_gradients[name], unicode=self.settings.unicode()))
+
+    # ---- completion
+    @on(PromptInput.Changed)
+    def update_completion(self) -> None:
+        """List what the word at the prompt's cursor can become: a command, or a path after @ or /add."""
+        wanted = self.completion_wanted()
+        menu = self.query_one(CompletionList)
+        if wanted is None:
+            menu.hide()
+        elif wanted.kind == "command":
+            self.show_completions(wanted, command_candidates(wanted.word))
+        else:
+            self.list_paths(wanted)
+
+    def completion_wanted(self) -> Completion | None:
+        prompt = self.query_one(PromptInput)
+        row, column = prompt.cursor_location
+        return completion_at(prompt.document.get_line(row)[:column], row == 0)
+
+    @work(thread=True, exclusive=True, group="complete")
+    def list_paths(self, wanted: Completion) -> None:
+        """Directory listings off the UI thread (a slow or network file system must not hold the keys)."""
+        candidates = path_candidates(wanted.word, self.cwd)
+        self.call_from_thread(self.show_completions, wanted, candidates)
+
+    def show_completions(self, wanted: Completion, candidates: list) -> None:
+        if wanted != self.completion_wanted():  # typed on meanwhile
+            return
+        candidates = [c for c in candidates if c.insert.rstrip() != wanted.word]  # what is typed already
+        menu = self.query_one(CompletionList)
+        menu.show(wanted, candidates) if candidates else menu.hide()
 
     # ---- slash commands
     def prefill(self, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moe_tui.app.commands import COMMANDS
 from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView, PromptInput
+from moe_tui.app.widgets.completion import CompletionList
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.widgets.pickers import ChatPicker
 from textual.command import Command, CommandList
@@ -190,3 +191,36 @@ async def test_chats_is_a_picker_and_search_shows_the_match_and_jumps_to_it(fake
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, ChatPicker))
         assert app.chat_id == needle.id
+
+
+async def test_slash_commands_and_at_paths_complete_with_tab(fake_app, tmp_path, monkeypatch):
+    (tmp_path / "alpha.py").write_text("x = 1\n")
+    (tmp_path / "alps").mkdir()
+    (tmp_path / "alps" / "inner.txt").write_text("y\n")
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        prompt, menu = app.query_one(PromptInput), app.query_one(CompletionList)
+        prompt.focus()
+        await pilot.press(*"/sa")
+        await wait_until(pilot, lambda: menu.shown and menu.region.height > 0)
+        assert [c.insert for c in menu.candidates] == ["/save "]
+        await pilot.press("tab")
+        assert prompt.text == "/save " and app.focused is prompt and not menu.shown
+        prompt.text = ""
+        await pilot.press(*"/")
+        await wait_until(pilot, lambda: menu.shown and len(menu.candidates) == len(COMMANDS))
+        await pilot.press("down", "down")
+        assert menu.highlighted == 2 and prompt.text == "/"  # Up/Down move in the list, not the history
+        await pilot.press("escape")
+        assert not menu.shown and prompt.text == "/"
+        prompt.text = ""
+        await pilot.press(*"see @al")
+        await wait_until(pilot, lambda: menu.shown and [c.insert for c in menu.candidates] == ["alps/", "alpha.py"])
+        await pilot.press("down", "tab")
+        assert prompt.text == "see @alpha.py"
+        await pilot.press(*" and @alps/")
+        await wait_until(pilot, lambda: menu.shown and [c.insert for c in menu.candidates] == ["alps/inner.txt"])
+        await pilot.press("tab")
+        assert prompt.text == "see @alpha.py and @alps/inner.txt"

@@ -20,6 +20,7 @@ from textual.widgets import Button, TextArea
 from ..history import PromptHistory
 from ..sanitize import terminal_safe
 from ..textual_compat import OnePassResize
+from .completion import CompletionList
 from .rows import StyledRows
 
 # A CRLF ends a line like a LF: split on the LF alone, the CR would show (as ␍) at the end of each row.
@@ -288,6 +289,34 @@ bring back earlier messages. `/` starts a command (Tab completes it), `@path` at
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sent = PromptHistory()  # not `history`: TextArea keeps its undo history there
+        self.completions: CompletionList | None = None  # the list above the prompt, when the app has one
+
+    def accept_completion(self) -> bool:
+        """Put the highlighted completion in place of the word being typed; False when none is shown."""
+        menu = self.completions
+        candidate = menu.chosen() if menu is not None else None
+        if candidate is None or menu.completion is None:
+            return False
+        row, column = self.cursor_location
+        start = menu.completion.start
+        menu.hide()
+        self.replace(candidate.insert, (row, start), (row, column))
+        return True
+
+    def _completion_key(self, key: str) -> bool:
+        """While completions are listed: Tab takes one, Up/Down move, Esc closes the list. True if handled."""
+        menu = self.completions
+        if menu is None or not menu.shown:
+            return False
+        if key == "tab":
+            return self.accept_completion()
+        if key in ("up", "down"):
+            menu.move(-1 if key == "up" else 1)
+            return True
+        if key == "escape":
+            menu.hide()
+            return True
+        return False
 
     def show_entry(self, text: str | None) -> bool:
         """Put a history entry in the prompt, the cursor at its end; False when there is none."""
@@ -298,6 +327,10 @@ bring back earlier messages. `/` starts a command (Tab completes it), `@path` at
         return True
 
     async def _on_key(self, event: events.Key) -> None:
+        if self._completion_key(event.key):
+            event.stop()
+            event.prevent_default()
+            return
         if event.key == "enter":
             event.stop()
             event.prevent_default()

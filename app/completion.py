@@ -1,0 +1,77 @@
+"""What the prompt can complete at its cursor: slash commands, and paths after `@` or `/add `. No UI here."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .commands import COMMANDS
+
+MAX_PATHS = 50  # entries listed from one directory (a huge one is not read to its end)
+MAX_SCANNED = 2000
+_MENTION_AT_CURSOR = re.compile(r"(?:^|(?<=\s))@([\w./~+-]*)$")  # the characters coding.MENTION accepts
+_PATH_COMMAND = re.compile(r"^/add\s+(\S*)$")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    insert: str
+    """Replaces the text from the completion's start column to the cursor."""
+    label: str
+    """As listed."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    start: int
+    """Column on the cursor's line where the completed word starts."""
+    kind: str
+    """"command" or "path"."""
+    word: str
+    """What is typed of it so far."""
+
+
+def completion_at(line_before_cursor: str, first_line: bool) -> Completion | None:
+    """What the text before the cursor asks to complete, if anything."""
+    if first_line and line_before_cursor.startswith("/") and " " not in line_before_cursor:
+        return Completion(0, "command", line_before_cursor)
+    if first_line and (match := _PATH_COMMAND.match(line_before_cursor)):
+        return Completion(match.start(1), "path", match.group(1))
+    if match := _MENTION_AT_CURSOR.search(line_before_cursor):
+        return Completion(match.start(1), "path", match.group(1))
+    return None
+
+
+def command_candidates(word: str) -> list[Candidate]:
+    name = word.lstrip("/")
+    return [Candidate(f"/{c.name} " if c.usage else f"/{c.name}", f"{c.usage_line}  {c.help}")
+            for c in COMMANDS if c.name.startswith(name)]
+
+
+def path_candidates(word: str, cwd: Path) -> list[Candidate]:
+    """Entries of the directory `word` names (relative to `cwd`, `~` expanded) that start with its last part.
+    Reads the file system: call it off the UI thread."""
+    folder_text, _, prefix = word.rpartition("/")
+    folder_text = folder_text + "/" if folder_text or word.startswith("/") else ""
+    folder = Path(os.path.expanduser(folder_text)) if folder_text else Path(".")
+    if not folder.is_absolute():
+        folder = cwd / folder
+    found = []
+    try:
+        with os.scandir(folder) as entries:
+            for count, entry in enumerate(entries):
+                if count >= MAX_SCANNED:
+                    break
+                if not entry.name.startswith(prefix) or (entry.name.startswith(".") and not prefix.startswith(".")):
+                    continue
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                found.append((not is_dir, entry.name + ("/" if is_dir else "")))
+    except OSError:
+        return []
+    found.sort()
+    return [Candidate(folder_text + name, folder_text + name) for _, name in found[:MAX_PATHS]]
