@@ -23,7 +23,6 @@ from textual.widgets import Footer, Header
 
 from . import coding
 from .commands import BY_NAME, command_help, help_text, parse_capacity
-from .completion import Completion, command_candidates, completion_at, path_candidates
 from .glyphs import AsciiFilter
 from .heatmap import HeatmapStyle
 from .messages import (
@@ -662,33 +661,7 @@ class MoeApp(App):
     # ---- completion
     @on(PromptInput.Changed)
     def update_completion(self) -> None:
-        """List what the word at the prompt's cursor can become: a command, or a path after @ or /add."""
-        wanted = self.completion_wanted()
-        menu = self.query_one(CompletionList)
-        if wanted is None:
-            menu.hide()
-        elif wanted.kind == "command":
-            self.show_completions(wanted, command_candidates(wanted.word))
-        else:
-            self.list_paths(wanted)
-
-    def completion_wanted(self) -> Completion | None:
-        prompt = self.query_one(PromptInput)
-        row, column = prompt.cursor_location
-        return completion_at(prompt.document.get_line(row)[:column], row == 0)
-
-    @work(thread=True, exclusive=True, group="complete")
-    def list_paths(self, wanted: Completion) -> None:
-        """Directory listings off the UI thread (a slow or network file system must not hold the keys)."""
-        candidates = path_candidates(wanted.word, self.cwd)
-        self.call_from_thread(self.show_completions, wanted, candidates)
-
-    def show_completions(self, wanted: Completion, candidates: list) -> None:
-        if wanted != self.completion_wanted():  # typed on meanwhile
-            return
-        candidates = [c for c in candidates if c.insert.rstrip() != wanted.word]  # what is typed already
-        menu = self.query_one(CompletionList)
-        menu.show(wanted, candidates) if candidates else menu.hide()
+        self.query_one(CompletionList).update_for(self.query_one(PromptInput), self.cwd)
 
     # ---- slash commands
     def prefill(self, text: str) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.text import Text
-from textual.widgets import OptionList
+from textual import work
+from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option
 
-from ..completion import Candidate, Completion
+from ..completion import Candidate, Completion, command_candidates, completion_at, path_candidates
 from ..sanitize import terminal_safe
 
 
@@ -27,6 +30,28 @@ class CompletionList(OptionList, can_focus=False):
     @property
     def shown(self) -> bool:
         return self.has_class("shown")
+
+    def update_for(self, prompt: TextArea, cwd: Path) -> None:
+        """List what the word at the prompt's cursor can become: a command, or a path after @ or /add."""
+        wanted = wanted_at(prompt)
+        if wanted is None:
+            self.hide()
+        elif wanted.kind == "command":
+            self.offer(prompt, wanted, command_candidates(wanted.word))
+        else:
+            self.list_paths(prompt, wanted, cwd)
+
+    @work(thread=True, exclusive=True, group="complete")
+    def list_paths(self, prompt: TextArea, wanted: Completion, cwd: Path) -> None:
+        """Directory listings off the UI thread (a slow or network file system must not hold the keys)."""
+        candidates = path_candidates(wanted.word, cwd)
+        self.app.call_from_thread(self.offer, prompt, wanted, candidates)
+
+    def offer(self, prompt: TextArea, wanted: Completion, candidates: list[Candidate]) -> None:
+        if wanted != wanted_at(prompt):  # typed on meanwhile
+            return
+        candidates = [c for c in candidates if c.insert.rstrip() != wanted.word]  # what is typed already
+        self.show(wanted, candidates) if candidates else self.hide()
 
     def show(self, completion: Completion, candidates: list[Candidate]) -> None:
         self.completion, self.candidates = completion, candidates
@@ -54,3 +79,8 @@ class CompletionList(OptionList, can_focus=False):
         if not self.shown or self.highlighted is None:
             return None
         return self.candidates[self.highlighted]
+
+
+def wanted_at(prompt: TextArea) -> Completion | None:
+    row, column = prompt.cursor_location
+    return completion_at(prompt.document.get_line(row)[:column], row == 0)
