@@ -45,7 +45,7 @@ from .themes import VARIABLE_DEFAULTS, load_themes
 from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
 from .widgets.completion import CompletionList
 from .widgets.confirm import ConfirmScreen
-from .widgets.gauges import StatsPanel
+from .widgets.gauges import CachePanel, StatsPanel
 from .widgets.heatmap import HeatmapView
 from .widgets.pickers import ChatPicker, Pick, snippet
 from .worker import EngineSpec, InferenceProcess, InferenceWorker
@@ -194,7 +194,7 @@ class MoeApp(App):
                     yield EarlierMessages()
                 yield CompletionList(id="completions")
                 yield PromptInput(id="prompt")
-            with VerticalScroll(id="side"):
+            with CachePanel(id="side"):
                 yield HeatmapView(HeatmapStyle(unicode=self.settings.unicode()), id="heatmap")
                 yield StatsPanel(unicode=self.settings.unicode(), id="stats")
         yield Footer(compact=True)

@@ -7,7 +7,7 @@ from collections import deque
 from moe_tui.inference import CacheSnapshot
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.geometry import Region, Size
 from textual.strip import Strip
 from textual.widget import Widget
@@ -216,3 +216,16 @@ class StatsPanel(Vertical):
         routing = stats_table(snap, optimum, self.speeds)
         self.query_one("#memory", Readout).show(memory)
         self.query_one("#routing", Readout).show(routing)
+
+
+class CachePanel(VerticalScroll):
+    """The right-hand column: heatmap, gauges and numbers; it scrolls when the terminal is short."""
+
+    HELP = """
+## Cache panel
+
+The expert-cache heatmap, memory gauges (expert cache vs its budget, RSS, MLX, RAM), decode tok/s over
+time, prefill speed and time to first token, the hit rate beside Belady's optimum at the same capacity,
+and how many experts were loaded. Up/Down and the mouse wheel scroll it when it does not fit.
+F2 hides it (on a narrow terminal, F2 shows it in place of the chat).
+"""
