@@ -567,8 +567,7 @@ class MoeApp(App):
             return
         main.set_class(narrow, "narrow")
         if narrow:
-            self.notice(f"the terminal is narrow ({width} columns): the cache panel is hidden; "
-                        "F2 shows it in place of the chat, and F2 again brings the chat back")
+            self.notice(f"narrow terminal ({width} columns): cache panel hidden; F2 shows it (in place of the chat)")
         elif main.has_class("panel-only"):
             main.remove_class("panel-only")
             self.query_one(PromptInput).focus()

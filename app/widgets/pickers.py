@@ -36,6 +36,12 @@ def snippet(content: str, query: str, context: int = SNIPPET_CONTEXT) -> Text:
     return text
 
 
+def one_row(label: Text, width: int) -> Text:
+    label = label.copy()
+    label.truncate(width, overflow="ellipsis")
+    return label
+
+
 class ChatPicker(ModalScreen[Pick | None]):
     """Entries are (Pick, label); labels are Rich Text (chat titles and message text are not markup)."""
 
@@ -45,7 +51,7 @@ class ChatPicker(ModalScreen[Pick | None]):
     ChatPicker > Vertical { width: 90%; max-width: 120; height: auto; max-height: 80%; border: round $primary;
                             background: $surface; padding: 0 1; }
     ChatPicker Label { width: 1fr; color: $text-muted; }
-    ChatPicker OptionList { height: auto; max-height: 30; border: none; }
+    ChatPicker OptionList, ChatPicker OptionList:focus { height: auto; max-height: 30; border: none; }
     """
 
     def __init__(self, heading: str, entries: list[tuple[Pick, Text]], highlighted: int = 0) -> None:
@@ -57,7 +63,9 @@ class ChatPicker(ModalScreen[Pick | None]):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(Text(terminal_safe(self.heading) + "  (arrows move, Enter opens, Esc closes)"))
-            yield OptionList(*[Option(label, id=str(i)) for i, (_, label) in enumerate(self.entries)])
+            # One row each (a wrapped snippet reads as two entries): the box's width less its frame.
+            width = max(min(self.app.size.width * 9 // 10, 120) - 6, 20)
+            yield OptionList(*[Option(one_row(label, width), id=str(i)) for i, (_, label) in enumerate(self.entries)])
 
     def on_mount(self) -> None:
         options = self.query_one(OptionList)
