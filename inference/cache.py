@@ -31,6 +31,7 @@ class LayerCache:
         self.last_use = np.full(num_experts, -1.0)
         self.use_count = np.zeros(num_experts)
         self.decayed = np.zeros(num_experts)  # decayed score as of last_use
+        self.prefetched = np.zeros(num_experts, dtype=bool)  # read ahead of use and not used yet
 
     # ---- policy state
     def touch(self, experts: Iterable[int], step: int) -> None:
@@ -111,14 +112,25 @@ class LayerCache:
 class LayerCounters:
     """Counters for every MoE layer x expert; owned by the inference thread, copied into snapshots."""
 
-    FIELDS = ("requests", "hits", "misses", "fallbacks", "loads", "evictions")
+    FIELDS = ("requests", "hits", "misses", "fallbacks", "loads", "evictions",
+              "prefetches", "prefetch_hits", "prefetch_wasted")  # read early; of those used; evicted unused
 
     def __init__(self, num_layers: int, num_experts: int, recent_half_life: float = 64.0) -> None:
         shape = (num_layers, num_experts)
         for name in self.FIELDS:
             setattr(self, name, np.zeros(shape, dtype=np.int64))
         self.bytes_read = np.zeros(num_layers, dtype=np.int64)
-        self.load_seconds = np.zeros(num_layers, dtype=np.float64)
+        self.prefetch_bytes = np.zeros(num_layers, dtype=np.int64)
+        self.load_seconds = np.zeros(num_layers, dtype=np.float64)  # the forward pass waiting on reads
+        # Next-layer prediction per layer: experts guessed, of those needed, experts needed when guessed.
+        self.guesses = np.zeros(num_layers, dtype=np.int64)
+        self.guess_hits = np.zeros(num_layers, dtype=np.int64)
+        self.guess_needed = np.zeros(num_layers, dtype=np.int64)
+        # Decoding only (one token per forward step): steps, seconds waiting on reads, bytes read.
+        self.decode_steps = 0
+        self.decode_stall_seconds = 0.0
+        self.decode_bytes = 0
+        self.read_seconds = 0.0  # wall time with expert reads in flight (demand and ahead)
         self.recent = np.zeros(shape, dtype=np.float64)  # routing counts decayed per step
         self.recent_decay = 0.5 ** (1.0 / recent_half_life)
         self.last_missed = np.zeros(shape, dtype=bool)
@@ -126,7 +138,9 @@ class LayerCounters:
     def reset(self) -> None:
         for name in self.FIELDS:
             getattr(self, name)[:] = 0
-        self.bytes_read[:] = 0
-        self.load_seconds[:] = 0
+        for name in ("bytes_read", "prefetch_bytes", "load_seconds", "guesses", "guess_hits", "guess_needed"):
+            getattr(self, name)[:] = 0
+        self.decode_steps = self.decode_bytes = 0
+        self.decode_stall_seconds = self.read_seconds = 0.0
         self.recent[:] = 0
         self.last_missed[:] = False

@@ -29,7 +29,8 @@ class Engine:
     @classmethod
     def load(cls, path_or_repo: str | Path, capacity: int | float | None = None, mode: str = "exact",
              policy: str = "lru", profile: str | Path | dict | None = None, kv_bits: int | None = None,
-             max_loads_per_step: int | None = None, record_trace: bool = True, pin: bool = True) -> Engine:
+             max_loads_per_step: int | None = None, record_trace: bool = True, pin: bool = True,
+             prefetch: bool = True, uncached_reads: bool | None = None, direct_writes: bool = True) -> Engine:
         """Open a model with its experts left on disk and make its expert cache.
 
         Args:
@@ -44,6 +45,12 @@ class Engine:
             max_loads_per_step: fast mode's refill bound per layer and step (default top_k).
             record_trace: keep every step's routing (for the optimum replay and miss curves).
             pin: pin the profile's universal experts (else it only warms the cache).
+            prefetch: in exact mode, predict each next layer's experts while decoding and read them early
+                (never changes outputs; off: every miss is read when its layer runs).
+            uncached_reads: read experts bypassing the page cache (O_DIRECT / F_NOCACHE); None: where the
+                page cache could not hold the experts anyway (their bytes on disk exceed available memory).
+            direct_writes: read experts straight into the slots' memory where the backend shares it with
+                numpy (CPU, Metal); off, or elsewhere, they are written through MLX operations.
 
         Raises:
             ModelLoadError: the model cannot be used as it is (the message names the file and the fix).
@@ -60,7 +67,8 @@ class Engine:
         self._kv_args = ({"kv_bits": kv_bits, "kv_group_size": kv_group_size(self.config), "quantized_kv_start": 0}
                          if kv_bits else {})
         self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, self.name, capacity, mode,
-                                   policy, max_loads_per_step, record_trace)
+                                   policy, max_loads_per_step, record_trace, prefetch=prefetch,
+                                   uncached_reads=uncached_reads, direct_writes=direct_writes)
         self.prompt_cache = PromptCache(self.model)
         self._control_strings = control_strings(self.tokenizer)
         self.max_token_bytes = max_token_bytes(self.tokenizer)

@@ -13,12 +13,11 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-import psutil
 from mlx.utils import tree_flatten
 
 from .cache import POLICIES, LayerCache, LayerCounters
 from .errors import ModelLoadError
-from .experts import ExpertReader, ParamSource, locate
+from .experts import ExpertReader, ParamSource, SlotWrites, locate, slot_views
 from .moe import (
     ExpertLayerRuntime,
     MoEBlock,
@@ -30,11 +29,13 @@ from .moe import (
     route_weights_fn,
 )
 from .safetensors_io import RangeReader, TensorInfo
-from .telemetry import CacheSnapshot, MemorySample
+from .telemetry import CacheSnapshot, IOStats, MemorySample, available_memory
 
 MODES = ("exact", "fast")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token",
               "n_activated_experts", "moe_k")
+PREFETCH_MIN_PRECISION = 0.4  # read a layer's guesses ahead only while this share of such reads is used
+PREFETCH_MEMORY = 0.95  # per guess scored: the weight of earlier guesses in a layer's recent precision
 MEMORY_FRACTION = 0.6  # share of available memory an automatic capacity may use
 DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
 LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
@@ -73,6 +74,12 @@ class _Layer:
     identity: bool = False  # every expert resident in the slot of its own id: no lookup needed
     pending: list[tuple[int, mx.array, mx.array | None]] = field(default_factory=list)  # (step, ids, lut)
     wanted: dict[int, int] = field(default_factory=dict)  # fast mode: missed expert -> miss count
+    views: dict[tuple[str, str], np.ndarray] | None = None  # numpy views of the slots: direct writes
+    last_out: mx.array | None = None  # the latest output computed from the slots (maybe still lazy)
+    inflight: tuple[SlotWrites, list[tuple[int, int, int]]] | None = None  # prefetch writes, placements
+    guess: np.ndarray | None = None  # experts predicted for this layer's next call
+    guess_missing: np.ndarray | None = None  # of those, the ones not resident when guessed: reads
+    read_record: np.ndarray = field(default_factory=lambda: np.zeros(2))  # recent (needed, read-worthy) guesses
 
 
 class ExpertCache:
@@ -83,7 +90,8 @@ class ExpertCache:
 
     def __init__(self, model: Any, config: dict, tensors: dict[str, TensorInfo], name: str,
                  capacity: int | float | None, mode: str, policy: str, max_loads_per_step: int | None,
-                 record_trace: bool) -> None:
+                 record_trace: bool, prefetch: bool = True, direct_writes: bool = True,
+                 uncached_reads: bool | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose exact or fast")
         if policy not in POLICIES:
@@ -95,8 +103,15 @@ class ExpertCache:
         self.expert_reader = ExpertReader(self.reader)
         self._mode = mode
         self.record_trace = record_trace
+        self.prefetch = prefetch  # exact decode: read the next layer's predicted experts while this one computes
+        self.direct_writes = direct_writes  # read into the slots' memory where the backend allows it
         try:
             self._attach(tensors, capacity, policy, max_loads_per_step)
+            if uncached_reads is None:
+                # Bypass the page cache when it could not hold the experts beside the expert cache anyway:
+                # then cached pages only double the memory and the kernel's reclaim work.
+                uncached_reads = self.expert_disk_bytes() > available_memory()
+            self.reader.uncached = uncached_reads
         except BaseException:
             self.reader.close()
             raise
@@ -165,6 +180,7 @@ class ExpertCache:
         self.trace: list[deque[np.ndarray]] = [deque(maxlen=TRACE_STEPS) for _ in blocks]
         self.traced_steps = 0  # every step ever traced, including those dropped from the ring
         self._step = 0
+        self._decoding = False
         self._policy = policy
         self.max_loads_per_step = max_loads_per_step or max(top_k, 1)
         self._capacity = 0
@@ -195,7 +211,7 @@ class ExpertCache:
 
     def memory_budget(self) -> int:
         """Bytes the expert cache may take: a share of available RAM (and of Metal's working set)."""
-        available = psutil.virtual_memory().available + self._capacity * self.layout.expert_bytes * len(self._layers)
+        available = available_memory() + self._capacity * self.layout.expert_bytes * len(self._layers)
         budget = int(available * MEMORY_FRACTION)
         if mx.metal.is_available():
             info = mx.device_info()
@@ -237,6 +253,7 @@ class ExpertCache:
         """Rebuild every layer's slots at a new size, keeping the highest-priority resident experts."""
         new = self._resolve_capacity(capacity)
         self.drain()
+        self._decoding = False
         for layer in self._layers:
             old_cache = layer.cache
             resident = [int(e) for e in old_cache.resident()]
@@ -249,9 +266,14 @@ class ExpertCache:
                 setattr(cache, attr, getattr(old_cache, attr).copy())
             cache.pinned = set(pins)
             layer.cache = cache
-            for s in layer.sources:
-                layer.block.projections[s.projection][s.param] = mx.zeros(
-                    (new, *s.expert_shape), dtype=layer.slot_dtypes[(s.projection, s.param)])
+            self._await(layer)
+            slots = {(s.projection, s.param): mx.zeros((new, *s.expert_shape), dtype=layer.slot_dtypes[
+                (s.projection, s.param)]) for s in layer.sources}
+            for (proj, param), array in slots.items():
+                layer.block.projections[proj][param] = array
+            layer.views = slot_views(slots, layer.sources) if self.direct_writes else None
+            layer.last_out = None
+            layer.guess = None
             self._load(layer, cache.admit(sorted(keep), set(keep), self._step), count=False)
             self._sync_lut(layer)
             layer.wanted.clear()
@@ -288,45 +310,101 @@ class ExpertCache:
         """Read the placed experts from disk and write them into their slots; False when there were none."""
         if not placements:
             return False
+        self._await(layer)
         started = time.perf_counter()
         placements = sorted(placements)  # ascending expert ids: adjacent experts are read in one call
-        experts = [e for e, _, _ in placements]
         bytes_before = self.reader.bytes_read
+        try:
+            if layer.views is not None:
+                self._settle(layer)
+                self.expert_reader.write_slots(layer.sources, placements, layer.views)
+            else:
+                self._load_through_mlx(layer, placements)
+        except BaseException:
+            self._unmark(layer, placements)
+            raise
+        self._count_loads(layer, placements, self.reader.bytes_read - bytes_before, count)
+        self._count_stall(layer, time.perf_counter() - started)
+        self.counters.read_seconds += time.perf_counter() - started
+        return True
+
+    def _count_stall(self, layer: _Layer, seconds: float) -> None:
+        self.counters.load_seconds[layer.block.index] += seconds
+        if self._decoding:
+            self.counters.decode_stall_seconds += seconds
+
+    def _load_through_mlx(self, layer: _Layer, placements: list[tuple[int, int, int]]) -> None:
+        """Where the slots' memory cannot be written directly: MLX arrays per expert, set into the slots."""
         # Bounded read buffers: at most LOAD_CHUNK_BYTES of one parameter is held outside the cache.
         per_chunk = max(1, LOAD_CHUNK_BYTES // max(s.expert_nbytes for s in layer.sources))
-        try:
-            for start in range(0, len(placements), per_chunk):
-                chunk = placements[start : start + per_chunk]
-                reads = self.expert_reader.read(layer.sources, [e for e, _, _ in chunk], layer.slot_dtypes)
-                targets = []
-                for (proj, param), values in reads:
-                    target = layer.block.projections[proj][param]
-                    for (_, slot, _), value in zip(chunk, values, strict=False):
-                        target[slot] = value  # integer-index updates run in place; a scatter copies the tensor
-                    targets.append(target)
-                mx.eval(targets)  # one evaluation for the chunk's slots of every parameter
-        except BaseException:
-            # A slot whose read failed may hold part of another expert: none of them counts as resident.
-            for expert, slot, _ in placements:
-                layer.cache.slot_of[expert] = -1
-                layer.cache.expert_in_slot[slot] = -1
-            self._sync_lut(layer)
-            raise
-        nbytes = self.reader.bytes_read - bytes_before
+        for start in range(0, len(placements), per_chunk):
+            chunk = placements[start : start + per_chunk]
+            reads = self.expert_reader.read(layer.sources, [e for e, _, _ in chunk], layer.slot_dtypes)
+            targets = []
+            for (proj, param), values in reads:
+                target = layer.block.projections[proj][param]
+                for (_, slot, _), value in zip(chunk, values, strict=False):
+                    target[slot] = value  # integer-index updates run in place; a scatter copies the tensor
+                targets.append(target)
+            mx.eval(targets)  # one evaluation for the chunk's slots of every parameter
+
+    def _unmark(self, layer: _Layer, placements: list[tuple[int, int, int]]) -> None:
+        """A slot whose read failed may hold part of another expert: none of them counts as resident."""
+        for expert, slot, _ in placements:
+            layer.cache.slot_of[expert] = -1
+            layer.cache.expert_in_slot[slot] = -1
+        self._sync_lut(layer)
+
+    def _count_loads(self, layer: _Layer, placements: list[tuple[int, int, int]], nbytes: int, count: bool,
+                     prefetched: bool = False) -> None:
         i = layer.block.index
+        c = self.counters
         if count:
-            self.counters.loads[i, experts] += 1
+            experts = [e for e, _, _ in placements]
+            c.loads[i, experts] += 1
             evicted = [old for _, _, old in placements if old >= 0]
             if evicted:
-                self.counters.evictions[i, evicted] += 1
-        self.counters.bytes_read[i] += nbytes
-        self.counters.load_seconds[i] += time.perf_counter() - started
-        return True
+                c.evictions[i, evicted] += 1
+                wasted = [e for e in evicted if layer.cache.prefetched[e]]
+                c.prefetch_wasted[i, wasted] += 1
+                layer.cache.prefetched[evicted] = False
+            if prefetched:
+                c.prefetches[i, experts] += 1
+                c.prefetch_bytes[i] += nbytes
+        c.bytes_read[i] += nbytes
+        if self._decoding:
+            c.decode_bytes += nbytes
+
+    def _settle(self, layer: _Layer) -> None:
+        """Finish any computation still reading the layer's slots before their memory is overwritten (a
+        functional MLX update would not need this; a direct write does)."""
+        if layer.last_out is not None:
+            mx.eval(layer.last_out)
+            layer.last_out = None
+
+    def _await(self, layer: _Layer) -> None:
+        """Wait for the layer's prefetch writes; the wait is time the forward pass stalls on reads."""
+        if layer.inflight is None:
+            return
+        writes, placements = layer.inflight
+        layer.inflight = None
+        started = time.perf_counter()
+        try:
+            writes.wait()
+        except BaseException:
+            layer.cache.prefetched[[e for e, _, _ in placements]] = False
+            self._unmark(layer, placements)
+            raise
+        self._count_stall(layer, time.perf_counter() - started)
+        self.counters.read_seconds += writes.seconds
+        self._count_loads(layer, placements, writes.nbytes, count=True, prefetched=True)
+        layer.cache.prefetched[[e for e, _, _ in placements]] = True
 
     def warm(self, experts: Sequence[Sequence[int]] | None = None, batch: int | None = None) -> None:
         """Load experts ahead of use: per layer the given ids (default: as many as fit, lowest ids first),
         `batch` experts per read (default: all of a layer's at once, coalescing adjacent ones)."""
         for i, layer in enumerate(self._layers):
+            self._await(layer)
             wanted = list(experts[i]) if experts is not None else list(range(layer.cache.capacity))
             wanted = [e for e in wanted if layer.cache.slot_of[e] < 0][: layer.cache.capacity]
             step = batch or max(len(wanted), 1)
@@ -342,6 +420,8 @@ class ExpertCache:
         layer = self._layers[runtime.block.index]
         if runtime.block.index == 0:
             self._step += 1
+            self._decoding = indices.size == indices.shape[-1]  # one token this step
+            self.counters.decode_steps += self._decoding
         # A full cache is always warmed with expert e in slot e (set_capacity), so every other cache has
         # room for fewer experts than the model has and can miss.
         if layer.identity:  # the stock call as is; routing is counted later from `pending`
@@ -373,8 +453,15 @@ class ExpertCache:
 
     def _forward_exact(self, layer: _Layer, stock, x, indices) -> mx.array:
         """Load every missing expert before the layer computes (host sync on the routing)."""
-        inds = np.array(indices)
+        target = self._prefetch_target(layer, indices)
+        if target is not None:
+            guess = self._predict(target, x)
+            mx.eval(indices, guess)  # one sync for the routing and the guess
+            guess = np.array(guess).reshape(-1)
+        inds = np.array(indices)  # MLX computes up to here while this layer's prefetch writes run: then wait
+        self._await(layer)
         needed = np.unique(inds)
+        self._score_guess(layer, needed)
         self._account(layer, [self._step], inds.reshape(1, -1), layer.cache.slot_of.copy(), deferred=False)
         cache = layer.cache
         pinned_needed = [int(e) for e in needed if int(e) in cache.pinned]
@@ -383,7 +470,10 @@ class ExpertCache:
         if len(others) <= room:
             if self._load(layer, cache.access(needed, self._step)):
                 self._sync_lut(layer)
-            return stock(x, mx.array(cache.slot_of[inds]))
+            out = layer.last_out = stock(x, mx.array(cache.slot_of[inds]))
+            if target is not None:  # read while MLX computes this layer and the next one's attention
+                self._prefetch_into(target, guess)
+            return out
         # More distinct experts than free slots (long prefill): expert-major, a cache-sized group at a time,
         # each needed expert read once and each routed (token, expert) pair computed once.
         cache.touch(pinned_needed, self._step)
@@ -403,6 +493,76 @@ class ExpertCache:
         out = mx.concatenate(outputs)[mx.array(np.argsort(np.concatenate(order)))]
         return out.reshape(*inds.shape, out.shape[-1])
 
+    # ------------------------------------------------------------------ prediction and prefetch
+
+    def _prefetch_target(self, layer: _Layer, indices: mx.array) -> _Layer | None:
+        """The layer whose experts to predict and read now: the next one while decoding one token at a time
+        with a cache that can miss; else None."""
+        if not self.prefetch or indices.size != indices.shape[-1] or self._capacity >= self.layout.num_experts:
+            return None
+        # The next layer only: the last layer's input does not predict the next token's first layer (its
+        # input is that token's embedding), and guesses there only evict useful experts.
+        if layer.block.index + 1 >= len(self._layers):
+            return None
+        target = self._layers[layer.block.index + 1]
+        if target.views is None or target.block.router is None or not self.prefetch_guesses(target):
+            return None
+        return target
+
+    def prefetch_guesses(self, layer: _Layer) -> int:
+        """Experts to guess per layer: top_k, fewer where the cache has little room beyond one token's."""
+        room = layer.cache.capacity - len(layer.cache.pinned) - self.layout.top_k
+        return max(0, min(self.layout.top_k, room))
+
+    def _predict(self, target: _Layer, x: mx.array) -> mx.array:
+        """Expert ids `target`'s router picks for this layer's input `x` (lazy): its routing, one layer
+        early. Only decides what to read early, never what is computed."""
+        out = target.block.router(x)
+        arrays = out if isinstance(out, tuple) else (out,)
+        E = self.layout.num_experts
+        g = self.prefetch_guesses(target)
+        scores = next((a for a in arrays if isinstance(a, mx.array) and a.shape[-1] == E
+                       and mx.issubdtype(a.dtype, mx.floating)), None)
+        if scores is not None:
+            return mx.argpartition(-scores.astype(mx.float32), kth=g - 1, axis=-1)[..., :g]
+        ids = next(a for a in arrays if isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.integer))
+        return ids[..., :g]
+
+    def _prefetch_into(self, target: _Layer, guess: np.ndarray) -> None:
+        """Start reading the guessed experts that are not resident into `target`'s slots (background)."""
+        cache = target.cache
+        guessed = {int(e) for e in guess}
+        target.guess = np.array(sorted(guessed))
+        missing = [e for e in target.guess if cache.slot_of[e] < 0]
+        target.guess_missing = np.array(missing, dtype=np.int64)
+        used, guessed_missing = target.read_record
+        if guessed_missing >= 2 * self.layout.top_k and used < PREFETCH_MIN_PRECISION * guessed_missing:
+            return  # reads ahead would mostly be wasted (and evict useful experts): only keep scoring
+        evictable = sum(1 for e in cache.expert_in_slot if e < 0 or (e not in guessed and e not in cache.pinned))
+        missing = [int(e) for e in missing[:evictable]]
+        if not missing or target.inflight is not None:
+            return
+        self._settle(target)
+        placements = cache.admit(missing, guessed, self._step)
+        target.inflight = (self.expert_reader.write_slots(target.sources, placements, target.views, wait=False),
+                           placements)
+
+    def _score_guess(self, layer: _Layer, needed: np.ndarray) -> None:
+        """Precision and recall of the layer's last prediction against what it really needed."""
+        if layer.guess is None:
+            return
+        i = layer.block.index
+        c = self.counters
+        right = int(np.isin(layer.guess, needed).sum())
+        c.guess_hits[i] += right
+        c.guesses[i] += len(layer.guess)
+        c.guess_needed[i] += len(needed)
+        missing = layer.guess_missing
+        if missing is not None and len(missing):
+            layer.read_record = (layer.read_record * PREFETCH_MEMORY ** len(missing)
+                                 + (int(np.isin(missing, needed).sum()), len(missing)))
+        layer.guess = layer.guess_missing = None
+
     # ------------------------------------------------------------------ stats
 
     def _account(self, layer: _Layer, steps: list[int], inds: np.ndarray, slot_of: np.ndarray,
@@ -421,6 +581,10 @@ class ExpertCache:
         used = per_step > 0
         resident = slot_of >= 0
         c.hits[i] += (used & resident).sum(0)
+        ready = (used & resident).any(0) & layer.cache.prefetched
+        if ready.any():
+            c.prefetch_hits[i] += ready
+            layer.cache.prefetched[ready] = False
         missed = used & ~resident
         c.misses[i] += missed.sum(0)
         c.last_missed[i] = missed[-1]
@@ -472,6 +636,7 @@ class ExpertCache:
         for layer in self._layers:
             if not layer.wanted:
                 continue
+            self._await(layer)
             wanted = sorted(layer.wanted, key=lambda e: (-layer.wanted[e], e))
             wanted = [e for e in wanted if layer.cache.slot_of[e] < 0][: self.max_loads_per_step]
             layer.wanted.clear()
@@ -518,7 +683,21 @@ class ExpertCache:
             decode_tps=speed["decode_tps"], prefill_tps=speed["prefill_tps"], ttft_s=speed["ttft_s"],
             tokens_generated=int(speed["tokens"]), steps=self._step,
             trace_length=len(self.trace[0]) if self.trace else 0,
+            io=IOStats(
+                decode_steps=c.decode_steps, decode_stall_seconds=c.decode_stall_seconds,
+                decode_bytes=c.decode_bytes, read_seconds=c.read_seconds,
+                prefetches=int(c.prefetches.sum()), prefetch_hits=int(c.prefetch_hits.sum()),
+                prefetch_wasted=int(c.prefetch_wasted.sum()), prefetch_bytes=int(c.prefetch_bytes.sum()),
+                demand_hits=int(c.hits.sum() - c.prefetch_hits.sum()),
+                guesses=tuple(c.guesses.tolist()), guess_hits=tuple(c.guess_hits.tolist()),
+                guess_needed=tuple(c.guess_needed.tolist()), prefetch=self.prefetch,
+                uncached_reads=self.reader.uncached,
+            ),
         )
+
+    def expert_disk_bytes(self) -> int:
+        """Bytes of every expert of every layer in the checkpoint files."""
+        return sum(src.expert_nbytes for layer in self._layers for src in layer.sources) * self.layout.num_experts
 
     def cache_bytes(self) -> int:
         return self._capacity * self.layout.expert_bytes * len(self._layers)
@@ -532,6 +711,7 @@ class ExpertCache:
         data = load_profile(profile) if not isinstance(profile, dict) else profile
         plan = warm_plan(data, self.layout, self._capacity)
         for layer, (warm, pins) in zip(self._layers, plan, strict=False):
+            self._await(layer)
             layer.cache.pinned = set()
             missing = [e for e in warm if layer.cache.slot_of[e] < 0]
             self._load(layer, layer.cache.admit(missing, set(warm), self._step), count=False)
@@ -549,5 +729,10 @@ class ExpertCache:
         return compare(trace, self.layout.num_experts, capacity or self._capacity)
 
     def close(self) -> None:
+        for layer in self._layers:
+            try:
+                self._await(layer)
+            except Exception:  # closing: a failed read ahead changes nothing now
+                pass
         self.expert_reader.close()
         self.reader.close()

@@ -6,6 +6,8 @@ and per-expert as in original HF checkpoints (`...experts.7.w1.weight`, `...expe
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ import numpy as np
 
 from .errors import ModelLoadError
 from .moe import MoEBlock
-from .safetensors_io import DTYPES, RangeReader, TensorInfo
+from .safetensors_io import DTYPES, AlignedScratch, RangeReader, TensorInfo
 
 # Names the per-expert HF layout uses for each stacked projection.
 ALIASES = {
@@ -102,6 +104,7 @@ class ExpertReader:
         self.reader = reader
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
+        self._scratch = threading.local()  # per reader thread: file-dtype bytes awaiting conversion
 
     def read(self, sources: list[ParamSource], experts: list[int],
              slot_dtypes: dict[tuple[str, str], mx.Dtype]) -> Iterator[tuple[tuple[str, str], Iterator[mx.array]]]:
@@ -135,6 +138,56 @@ class ExpertReader:
                 if not future.cancelled():
                     future.exception()  # wait: no reader may still be writing into a buffer being dropped
 
+    def write_slots(self, sources: list[ParamSource], placements: list[tuple[int, int, int]],
+                    views: dict[tuple[str, str], np.ndarray], wait: bool = True) -> SlotWrites:
+        """Read each placed (expert, slot, _) straight into its slot through `views` (numpy views of the
+        slot tensors' memory, see `slot_views`), converting on the reader threads: no MLX work, and the
+        GIL is released while reading and converting. With `wait=False` the writes run in the background;
+        the caller must `wait()` before anything reads those slots.
+
+        Raises (here or from `wait`):
+            ModelLoadError: a read came up short, or an expert holds NaN/Inf.
+        """
+        jobs = [(src, expert, views[(src.projection, src.param)][slot]) for expert, slot, _ in placements
+                for src in sources]
+        nbytes = sum(src.expert_nbytes for src in sources) * len(placements)
+        if wait and nbytes < INLINE_READ_BYTES:
+            for job in jobs:
+                self._write_one(*job)
+            return SlotWrites([], nbytes)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moe-read")
+        writes = SlotWrites([self._pool.submit(self._write_one, *job) for job in jobs], nbytes)
+        if wait:
+            writes.wait()
+        return writes
+
+    def _write_one(self, src: ParamSource, expert: int, out: np.ndarray) -> None:
+        info = src.stacked or src.per_expert[expert]
+        offset = info.offset + expert * info.row_bytes() if src.stacked else info.offset
+        raw_dtype = np.dtype(DTYPES[src.file_dtype][0])
+        nbytes = out.size * raw_dtype.itemsize
+        if self.reader.uncached:
+            if not hasattr(self._scratch, "aligned"):
+                self._scratch.aligned = AlignedScratch()
+            scratch = self._scratch.aligned
+            raw = self.reader.read_uncached(info.path, offset, nbytes, scratch).view(raw_dtype).reshape(out.shape)
+        elif out.dtype == raw_dtype:  # no conversion: straight into the slot
+            self.reader.read_into(info.path, offset, out)
+            _check_finite(src, [expert], out)
+            return
+        else:
+            scratch = getattr(self._scratch, "buf", None)
+            if scratch is None or scratch.nbytes < nbytes:
+                scratch = self._scratch.buf = np.empty(nbytes, dtype=np.uint8)
+            raw = scratch[:nbytes].view(raw_dtype).reshape(out.shape)
+            self.reader.read_into(info.path, offset, raw)
+        _check_finite(src, [expert], raw)
+        if src.file_dtype == "BF16" and out.dtype == np.float32:
+            np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits are f32's top half
+        else:
+            np.copyto(out, raw)
+
     def _read_checked(self, src: ParamSource, experts: list[int]) -> np.ndarray:
         raw = self._read_raw(src, experts)
         _check_finite(src, experts, raw)
@@ -160,6 +213,96 @@ class ExpertReader:
                 self.reader.read_into(src.stacked.path, offset, out[start:i])
                 start = i
         return out
+
+
+class SlotWrites:
+    """Expert writes in flight (or done): `wait()` returns when every one has finished, raising the first
+    failure after all have stopped (no reader is left writing into a slot the caller then reuses)."""
+
+    def __init__(self, futures: list[Future], nbytes: int) -> None:
+        self.futures = futures
+        self.nbytes = nbytes  # bytes read from the checkpoint
+        self.started = time.perf_counter()
+        self.finished = self.started if not futures else None  # when the last write ended
+        self._left = len(futures)
+        self._lock = threading.Lock()
+        for future in futures:
+            future.add_done_callback(self._one_done)
+
+    def _one_done(self, _future: Future) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self.finished = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """Wall time from the start of the first read to the end of the last (0 while in flight)."""
+        return (self.finished - self.started) if self.finished is not None else 0.0
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+    def wait(self) -> None:
+        error = None
+        for future in self.futures:
+            e = future.exception()
+            error = error or e
+        if error is not None:
+            raise error
+
+
+# (file dtype, slot dtype as numpy sees it) pairs the direct path converts; anything else goes through MLX.
+DIRECT_CONVERSIONS = {("BF16", np.dtype("float32")), ("F16", np.dtype("float32"))}
+
+
+def slot_views(arrays: dict[tuple[str, str], mx.array], sources: list[ParamSource],
+               ) -> dict[tuple[str, str], np.ndarray] | None:
+    """Writable numpy views of a layer's slot tensors (evaluated, contiguous), or None where the backend
+    gives none that aliases MLX's memory, or a parameter needs a conversion numpy cannot do."""
+    if not direct_writes_work():
+        return None
+    views = {}
+    for src in sources:
+        key = (src.projection, src.param)
+        view = _writable_view(arrays[key])
+        raw = np.dtype(DTYPES[src.file_dtype][0])
+        if view is None or (view.dtype != raw and (src.file_dtype, view.dtype) not in DIRECT_CONVERSIONS):
+            return None
+        views[key] = view
+    return views
+
+
+def _writable_view(array: mx.array) -> np.ndarray | None:
+    if array.dtype == mx.bfloat16:  # numpy has no bfloat16: its bits, through an aliasing view
+        array = array.view(mx.uint16)
+    mx.eval(array)
+    try:
+        view = np.array(array, copy=False)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    if not (view.flags.c_contiguous and view.flags.writeable) or view.shape != tuple(array.shape):
+        return None
+    return view
+
+
+_direct_ok: dict[str, bool] = {}
+
+
+def direct_writes_work() -> bool:
+    """Whether a write through a numpy view of an MLX array is what MLX then reads (unified memory: the
+    CPU backend and Metal). Checked once per device by writing and reading back."""
+    device = str(mx.default_device())
+    if device not in _direct_ok:
+        probe = mx.zeros((2, 8), dtype=mx.float32)
+        mx.eval(probe)
+        view = _writable_view(probe)
+        ok = False
+        if view is not None:
+            view[1, 3] = 42.0
+            ok = (probe * 1)[1, 3].item() == 42.0 and probe.sum().item() == 42.0
+        _direct_ok[device] = ok
+    return _direct_ok[device]
 
 
 def _check_finite(src: ParamSource, experts: list[int], raw: np.ndarray) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import stat
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,14 +256,24 @@ def index_model(model_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
+
+
 class RangeReader:
     """Reads byte ranges of checkpoint files with positional reads into preallocated buffers (thread-safe:
-    positional reads share no file offset, and the descriptors and the byte count are guarded)."""
+    positional reads share no file offset, and the descriptors and the byte count are guarded).
 
-    def __init__(self) -> None:
+    With `uncached`, reads bypass the page cache where the OS allows (O_DIRECT on Linux, F_NOCACHE on
+    macOS), so bytes already held in the expert cache are not held a second time as cached file pages;
+    elsewhere, or on a file system that refuses it, reads are ordinary.
+    """
+
+    def __init__(self, uncached: bool = False) -> None:
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int | None] = {}  # None: this file cannot be read with O_DIRECT
         self._lock = threading.Lock()
         self.bytes_read = 0
+        self.uncached = uncached
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -271,7 +282,23 @@ class RangeReader:
                 fd = self._fds.get(path)
                 if fd is None:
                     fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    if self.uncached and sys.platform == "darwin":
+                        import fcntl
+
+                        fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
         return fd
+
+    def _direct_fd(self, path: Path) -> int | None:
+        if not self.uncached or not hasattr(os, "O_DIRECT"):
+            return None
+        if path not in self._direct_fds:
+            with self._lock:
+                if path not in self._direct_fds:
+                    try:
+                        self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                    except OSError:  # e.g. tmpfs: no direct I/O there
+                        self._direct_fds[path] = None
+        return self._direct_fds[path]
 
     def read_into(self, path: Path, offset: int, out: np.ndarray) -> None:
         """Fill `out` (C-contiguous) with the bytes at `offset`."""
@@ -287,6 +314,37 @@ class RangeReader:
             done += n
         with self._lock:
             self.bytes_read += done
+
+    def read_uncached(self, path: Path, offset: int, nbytes: int, scratch: AlignedScratch) -> np.ndarray:
+        """`nbytes` at `offset` as uint8, bypassing the page cache where possible, in `scratch` (reused by
+        the next call on the same scratch)."""
+        fd = self._direct_fd(path)
+        if fd is None:
+            out = scratch.get(nbytes)
+            self.read_into(path, offset, out)
+            return out
+        start = offset - offset % DIRECT_ALIGN
+        length = -(-(offset + nbytes - start) // DIRECT_ALIGN) * DIRECT_ALIGN
+        buf = scratch.get(length)
+        view = memoryview(buf).cast("B")
+        done = 0
+        try:
+            while done < nbytes + offset - start:
+                n = os.preadv(fd, [view[done:]], start + done)
+                if n <= 0:
+                    raise ModelLoadError(f"{path}: unexpected end of file at byte {start + done}; re-download it")
+                done += n
+                if n % DIRECT_ALIGN:  # a short read (end of file): the rest cannot be read aligned
+                    break
+        except OSError:  # the file system refused direct I/O after all: ordinary reads from now on
+            with self._lock:
+                self._direct_fds[path] = None
+            return self.read_uncached(path, offset, nbytes, scratch)
+        if done < nbytes + offset - start:
+            raise ModelLoadError(f"{path}: unexpected end of file at byte {start + done}; re-download it")
+        with self._lock:
+            self.bytes_read += nbytes
+        return buf[offset - start : offset - start + nbytes]
 
     def read_rows(self, info: TensorInfo, first: int, count: int = 1) -> np.ndarray:
         """Rows [first, first+count) along axis 0 of a tensor, as raw-typed numpy."""
@@ -307,9 +365,26 @@ class RangeReader:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
+
+
+class AlignedScratch:
+    """A growable byte buffer whose start is aligned for direct I/O (one per reader thread)."""
+
+    def __init__(self) -> None:
+        self._raw = np.empty(0, dtype=np.uint8)
+        self._buf = self._raw
+
+    def get(self, nbytes: int) -> np.ndarray:
+        if self._buf.nbytes < nbytes:
+            self._raw = np.empty(nbytes + DIRECT_ALIGN, dtype=np.uint8)
+            skip = -self._raw.ctypes.data % DIRECT_ALIGN
+            self._buf = self._raw[skip : skip + nbytes]
+        return self._buf[:nbytes]
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -61,10 +62,107 @@ class MemorySample:
         )
 
 
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        ) -> int | None:
+    """The memory limit of this process's own cgroup (v1 or v2) in bytes, or None where there is none."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if "memory" in parts[1].split(","):
+            file = root / "memory" / parts[2].lstrip("/") / "memory.limit_in_bytes"
+        elif parts[0] == "0" and parts[1] == "":
+            file = root / parts[2].lstrip("/") / "memory.max"
+        else:
+            continue
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 writes "no limit" as a huge number, v2 as "max"
+            return int(text)
+    return None
+
+
+def available_memory() -> int:
+    """Bytes this process may still take: the system's available memory, or less inside a memory cgroup."""
+    available = psutil.virtual_memory().available
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        available = min(available, max(limit - psutil.Process(os.getpid()).memory_info().rss, 0))
+    return available
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.array(a, copy=True)
     a.flags.writeable = False
     return a
+
+
+@dataclass(frozen=True)
+class IOStats:
+    """Expert reads as the decoder sees them: how long it waits, how much it reads, and how well the
+    next-layer prediction reads ahead. Decode figures count one-token steps only (no prompt)."""
+
+    decode_steps: int = 0
+    decode_stall_seconds: float = 0.0  # the forward pass waiting on expert reads while decoding
+    decode_bytes: int = 0  # expert bytes read while decoding (on demand and ahead)
+    read_seconds: float = 0.0  # wall time with expert reads in flight
+    prefetches: int = 0  # experts read ahead of use on a prediction
+    prefetch_hits: int = 0  # of those, used before being evicted
+    prefetch_wasted: int = 0  # of those, evicted unused
+    prefetch_bytes: int = 0
+    demand_hits: int = 0  # hits on experts resident before any read ahead (a plain cache's hits)
+    guesses: tuple[int, ...] = ()  # per MoE layer: experts predicted
+    guess_hits: tuple[int, ...] = ()  # per MoE layer: predicted and needed
+    guess_needed: tuple[int, ...] = ()  # per MoE layer: experts needed in the steps that had a prediction
+    prefetch: bool = False
+    uncached_reads: bool = False
+
+    @property
+    def stall_per_token(self) -> float:
+        return self.decode_stall_seconds / self.decode_steps if self.decode_steps else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.decode_bytes / self.decode_steps if self.decode_steps else 0.0
+
+    def read_bandwidth(self, bytes_read: int) -> float:
+        return bytes_read / self.read_seconds if self.read_seconds else 0.0
+
+    def io_limit_tps(self, bytes_read: int) -> float:
+        """Tokens per second the reads alone would allow at the measured bandwidth (0: unknown or no reads)."""
+        per_token = self.bytes_per_token
+        return self.read_bandwidth(bytes_read) / per_token if per_token else 0.0
+
+    @property
+    def prediction_precision(self) -> list[float]:
+        return [h / g if g else 0.0 for h, g in zip(self.guess_hits, self.guesses, strict=True)]
+
+    @property
+    def prediction_recall(self) -> list[float]:
+        return [h / n if n else 0.0 for h, n in zip(self.guess_hits, self.guess_needed, strict=True)]
+
+    def to_dict(self, bytes_read: int) -> dict:
+        d = dict(self.__dict__, guesses=list(self.guesses), guess_hits=list(self.guess_hits),
+                 guess_needed=list(self.guess_needed))
+        return d | {"stall_per_token": self.stall_per_token, "bytes_per_token": self.bytes_per_token,
+                    "read_bandwidth": self.read_bandwidth(bytes_read), "io_limit_tps": self.io_limit_tps(bytes_read),
+                    "prediction_precision": self.prediction_precision, "prediction_recall": self.prediction_recall}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> IOStats:
+        if not d:
+            return cls()
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("guesses", "guess_hits", "guess_needed"):
+            kw[k] = tuple(kw.get(k, ()))
+        return cls(**kw)
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays: compared by identity
@@ -121,6 +219,7 @@ class CacheSnapshot:
     steps: int
     trace_length: int
     extras: dict = field(default_factory=dict)
+    io: IOStats = field(default_factory=IOStats)
 
     @classmethod
     def build(cls, **kw) -> CacheSnapshot:
@@ -148,6 +247,12 @@ class CacheSnapshot:
         hits = self.hits.sum(axis=1)
         total = hits + self.misses.sum(axis=1)
         return [float(h) / int(t) if t else 0.0 for h, t in zip(hits.tolist(), total.tolist(), strict=True)]
+
+    @property
+    def demand_hit_rate(self) -> float:
+        """The hit rate without reads ahead: hits on experts that were resident before any prediction."""
+        total = int(self.hits.sum() + self.misses.sum())
+        return self.io.demand_hits / total if total else 0.0
 
     @property
     def fallback_rate(self) -> float:
@@ -190,7 +295,8 @@ class CacheSnapshot:
             "memory": self.memory.__dict__, "decode_tps": self.decode_tps, "prefill_tps": self.prefill_tps,
             "ttft_s": self.ttft_s, "tokens_generated": self.tokens_generated, "steps": self.steps,
             "just_missed": [np.flatnonzero(r).tolist() for r in self.just_missed],
-            "trace_length": self.trace_length,
+            "trace_length": self.trace_length, "demand_hit_rate": self.demand_hit_rate,
+            "io": self.io.to_dict(self.bytes_read),
         }
 
     @classmethod
@@ -217,7 +323,7 @@ class CacheSnapshot:
             recent=grid(d["recent"], np.float64), bytes_read=d["bytes_read"], load_seconds=d["load_seconds"],
             memory=MemorySample(**d["memory"]), decode_tps=d["decode_tps"], prefill_tps=d["prefill_tps"],
             ttft_s=d["ttft_s"], tokens_generated=d["tokens_generated"], steps=d["steps"],
-            trace_length=d.get("trace_length", 0),
+            trace_length=d.get("trace_length", 0), io=IOStats.from_dict(d.get("io")),
         )
 
 

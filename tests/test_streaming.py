@@ -108,11 +108,12 @@ def test_every_exit_leaves_the_prompt_cache_in_step(model_path, how):
     assert done.tokens == fresh_tokens(model_path, 4, third_turn(second))
 
 
-def test_a_failed_read_mid_reply_leaves_the_engine_correct(model_path, monkeypatch):
-    engine = Engine.load(model_path, capacity=2)  # top-2 of 8 experts: nearly every step reads
+@pytest.mark.parametrize("capacity", [2, 4])  # 2: every read on demand; 4: also next-layer reads ahead
+def test_a_failed_read_mid_reply_leaves_the_engine_correct(model_path, monkeypatch, capacity):
+    engine = Engine.load(model_path, capacity=capacity)  # top-2 of 8 experts: nearly every step reads
     run(engine, [*PROMPT], max_tokens=8)
-    reader = engine.expert_reader
-    real_read, reads = reader.read, []
+    reader = engine.experts.reader
+    real_read, reads = reader.read_into, []
 
     def failing_read(*args, **kwargs):
         reads.append(1)
@@ -120,13 +121,13 @@ def test_a_failed_read_mid_reply_leaves_the_engine_correct(model_path, monkeypat
             raise OSError(5, "Input/output error")
         return real_read(*args, **kwargs)
 
-    monkeypatch.setattr(reader, "read", failing_read)
+    monkeypatch.setattr(reader, "read_into", failing_read)
     with pytest.raises(OSError):
         run(engine, SECOND, max_tokens=40)
-    monkeypatch.setattr(reader, "read", real_read)
+    monkeypatch.setattr(reader, "read_into", real_read)
     snap = engine.snapshot()
-    assert (snap.resident.sum(axis=1) <= 2).all()
-    assert run(engine, third_turn(""), max_tokens=16)[1].tokens == fresh_tokens(model_path, 2, third_turn(""))
+    assert (snap.resident.sum(axis=1) <= capacity).all()
+    assert run(engine, third_turn(""), max_tokens=16)[1].tokens == fresh_tokens(model_path, capacity, third_turn(""))
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1e-320, 1.0), (1.5, 0.0), (0.0, 0.5)])

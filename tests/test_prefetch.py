@@ -1,0 +1,187 @@
+"""Reads that overlap compute: next-layer prediction and prefetch, direct writes into the slots' memory,
+and reads that bypass the page cache. None of them may change a single output."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from moe_tui.inference import Engine
+from moe_tui.inference.demo_paths import DEMO_MODEL
+from moe_tui.inference.errors import ModelLoadError
+from moe_tui.inference.expert_cache import PREFETCH_MIN_PRECISION
+from moe_tui.inference.experts import SlotWrites
+from moe_tui.inference.safetensors_io import AlignedScratch, RangeReader
+from moe_tui.inference.synthetic import ARCHS, MORE_ARCHS
+from moe_tui.inference.telemetry import cgroup_memory_limit
+
+PROMPT = [5, 17, 99, 3, 42, 7, 8, 200, 31, 11, 64, 90, 13, 250, 77, 4]
+TOKENS = 24
+
+
+def greedy(model, n: int = TOKENS) -> list[int]:
+    return [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=n)]
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(checkpoint):
+    cached = {}
+
+    def get(path) -> list[int]:
+        if path not in cached:
+            model, _ = load(str(path))
+            cached[path] = greedy(model)
+        return cached[path]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, *MORE_ARCHS])
+def test_prefetch_keeps_exact_mode_equal_to_stock(checkpoint, stock_tokens, arch):
+    path = checkpoint(arch)
+    engine = Engine.load(path, capacity=4)  # top-2 of 8: room for two guesses per layer beyond one token
+    assert greedy(engine.model) == stock_tokens(path)
+    c = engine.counters
+    if len(engine.layout.moe_layers) > 1:  # the first layer has no layer before it to predict from
+        assert c.guesses.sum() > 0
+        assert 0 <= c.guess_hits.sum() <= c.guesses.sum()
+        assert c.prefetch_hits.sum() + c.prefetch_wasted.sum() <= c.prefetches.sum()
+    assert engine.snapshot().resident.sum(axis=1).max() <= 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("quant", [None, 4])
+def test_direct_writes_equal_writes_through_mlx(checkpoint, dtype, quant):
+    """The direct path converts half precision on the reader threads (numpy); the MLX path in MLX."""
+    path = checkpoint("qwen3_moe", quant, dtype=getattr(mx, dtype))
+    direct = Engine.load(path, capacity=3)
+    through_mlx = Engine.load(path, capacity=3, direct_writes=False, prefetch=False)
+    assert all(layer.views is not None for layer in direct.experts._layers)
+    assert all(layer.views is None for layer in through_mlx.experts._layers)
+    assert greedy(direct.model) == greedy(through_mlx.model)
+    for a, b in zip(direct.experts._layers, through_mlx.experts._layers, strict=True):
+        for expert in range(direct.layout.num_experts):
+            if a.cache.slot_of[expert] >= 0 and b.cache.slot_of[expert] >= 0:
+                for s in a.sources:
+                    left = a.block.projections[s.projection][s.param][int(a.cache.slot_of[expert])]
+                    right = b.block.projections[s.projection][s.param][int(b.cache.slot_of[expert])]
+                    assert mx.array_equal(left, right).item(), (expert, s.projection, s.param)
+
+
+def demo_run(prefetch: bool) -> Engine:
+    engine = Engine.load(DEMO_MODEL, capacity=0.25, prefetch=prefetch)
+    prompt = engine.encode([{"role": "user", "content": "def fibonacci(n):\n    # print the first n numbers"}])
+    engine.tokenizer.eos_token_ids = set()
+    for _ in engine.stream(prompt, max_tokens=48):
+        pass
+    return engine
+
+
+def test_prefetch_reads_ahead_on_a_trained_model_and_off_reads_only_on_demand():
+    on, off = demo_run(True), demo_run(False)
+    assert on.counters.prefetches.sum() > 0 and on.counters.prefetch_hits.sum() > 0
+    assert off.counters.prefetches.sum() == 0 and off.counters.guesses.sum() == 0
+    # Experts read ahead and used are misses without it: more of the needed experts were ready in time.
+    assert on.snapshot().hit_rate > off.snapshot().hit_rate
+    assert on.snapshot().demand_hit_rate < on.snapshot().hit_rate
+    io = on.snapshot().io
+    assert 47 <= io.decode_steps <= 49 and io.prefetch_hits + io.prefetch_wasted <= io.prefetches
+    assert all(0 < r <= 1 for r in io.prediction_recall[1:])  # layer 0 has no layer before it
+
+
+def test_reads_ahead_stop_where_guesses_are_mostly_wrong(checkpoint):
+    """A random model's next-layer guesses are mostly wrong: after a few, they are only scored, not read."""
+    engine = Engine.load(checkpoint("mixtral"), capacity=4)
+    greedy(engine.model, 64)
+    layer = engine.experts._layers[1]
+    used, read_worthy = layer.read_record
+    assert read_worthy > 0 and used < PREFETCH_MIN_PRECISION * read_worthy
+    assert engine.counters.guesses[1] >= 2 * 60  # two guesses, still made (and scored) (and scored) on every decode step
+    assert engine.counters.prefetches[1].sum() < 16
+
+
+def test_a_failed_read_ahead_surfaces_and_leaves_the_engine_correct(checkpoint, stock_tokens, monkeypatch):
+    path = checkpoint("mixtral")
+    engine = Engine.load(path, capacity=4)
+    reader = engine.experts.expert_reader
+    real = reader.write_slots
+    failed: list[tuple[dict, list]] = []
+
+    def failing(sources, placements, views, wait=True):
+        if wait or failed:
+            return real(sources, placements, views, wait)
+        # The read ahead claimed its slots, wrote part of them, then failed (in the background).
+        failed.append((views, placements))
+        for _, slot, _ in placements:
+            for view in views.values():
+                view[slot] = np.nan
+
+        def fail():
+            raise ModelLoadError("disk gone")
+
+        return SlotWrites([reader._pool.submit(fail)], 0)
+
+    greedy(engine.model, 2)  # the reader pool exists from here on
+    monkeypatch.setattr(reader, "write_slots", failing)
+    with pytest.raises(ModelLoadError, match="disk gone"):
+        greedy(engine.model)
+    monkeypatch.setattr(reader, "write_slots", real)
+    views, placements = failed[0]
+    layer = next(layer for layer in engine.experts._layers if layer.views is views)
+    assert all(layer.cache.slot_of[e] < 0 and layer.cache.expert_in_slot[slot] < 0 for e, slot, _ in placements)
+    # The half-written slots count as empty: the next run reads those experts again and matches stock.
+    assert greedy(engine.model) == stock_tokens(path)
+
+
+@pytest.mark.parametrize("offset,nbytes", [(0, 4096), (1, 10), (4095, 2), (4096 * 3 + 17, 9000), (100, 50_000)])
+def test_uncached_reads_return_the_same_bytes(tmp_path, offset, nbytes):
+    data = np.random.default_rng(0).integers(0, 256, 80_000, dtype=np.uint8)
+    file = tmp_path / "blob.bin"
+    file.write_bytes(data.tobytes())
+    reader = RangeReader(uncached=True)
+    got = reader.read_uncached(file, offset, nbytes, AlignedScratch())
+    assert np.array_equal(got, data[offset : offset + nbytes])
+    assert reader.bytes_read == nbytes
+    with pytest.raises(ModelLoadError, match="unexpected end of file"):
+        reader.read_uncached(file, 79_000, 2_000, AlignedScratch())
+    reader.close()
+
+
+def test_uncached_reads_keep_the_outputs(checkpoint, stock_tokens):
+    path = checkpoint("qwen3_moe")
+    engine = Engine.load(path, capacity=3, uncached_reads=True)
+    assert engine.experts.reader.uncached
+    assert greedy(engine.model) == stock_tokens(path)
+
+
+def test_uncached_reads_by_default_only_when_the_page_cache_could_not_hold_the_experts(checkpoint, monkeypatch):
+    from moe_tui.inference.expert_cache import ExpertCache
+    from moe_tui.inference.telemetry import available_memory
+
+    path = checkpoint("qwen3_moe")
+    assert not Engine.load(path, capacity=3).experts.reader.uncached  # a tiny model's experts fit
+    monkeypatch.setattr(ExpertCache, "expert_disk_bytes", lambda self: 2 * available_memory())
+    assert Engine.load(path, capacity=3).experts.reader.uncached
+    assert not Engine.load(path, capacity=3, uncached_reads=False).experts.reader.uncached
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cgroup_memory_limit_is_read_from_the_own_cgroup(tmp_path, version):
+    proc = tmp_path / "cgroup"
+    if version == 1:
+        proc.write_text("12:cpu,cpuacct:/x\n7:memory:/bench/run\n")
+        folder = tmp_path / "memory" / "bench" / "run"
+        folder.mkdir(parents=True)
+        (folder / "memory.limit_in_bytes").write_text("1073741824\n")
+    else:
+        proc.write_text("0::/bench/run\n")
+        folder = tmp_path / "bench" / "run"
+        folder.mkdir(parents=True)
+        (folder / "memory.max").write_text("536870912\n")
+    assert cgroup_memory_limit(tmp_path, proc) == (1 << 30 if version == 1 else 1 << 29)
+    (folder / ("memory.limit_in_bytes" if version == 1 else "memory.max")).write_text(
+        "9223372036854771712\n" if version == 1 else "max\n")
+    assert cgroup_memory_limit(tmp_path, proc) is None
+    assert cgroup_memory_limit(tmp_path, tmp_path / "missing") is None
