@@ -55,6 +55,7 @@ row. Tab goes back to the prompt.
         self.half_blocks: bool | None = None  # None: automatic when rows are short
         self._lines: list[Strip] = []
         self._placeholder = "loading the model..."
+        self._detail_rows = (0, 0)  # (width, most rows the cell details took at that width)
 
     @property
     def placeholder(self) -> str:
@@ -106,8 +107,13 @@ row. Tab goes back to the prompt.
             width = renderer.row_width(snap.num_experts, view, style)
             extra = renderer.legend_lines(style, view.width)
             if not view.half_blocks and snap.num_moe_layers:
-                details = renderer.describe(snap, view, style, *self.cursor)
-                extra += [[Segment(row, style.base)] for row in renderer.wrap_words(details, view.width)]
+                details = renderer.wrap_words(renderer.describe(snap, view, style, *self.cursor), view.width)
+                # Its row count never shrinks at one width: a count that grows a digit must not re-lay out
+                # the screen at every stats tick (a key typed meanwhile would wait for it).
+                width_seen, most = self._detail_rows
+                most = max(len(details), most if width_seen == view.width else 0)
+                self._detail_rows = (view.width, most)
+                extra += [[Segment(row, style.base)] for row in details + [""] * (most - len(details))]
             self._lines = [Strip(row) for row in rows + extra]
             width = max([width] + [line.cell_length for line in self._lines[len(rows):]])
         self.virtual_size = Size(width, len(self._lines))
