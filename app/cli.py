@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--offload: synthetic checkpoint size: full ~2.3 GiB, medium ~0.6, small ~0.2, tiny ~3 MB")
     p.add_argument("--offload-capacities", default="12.5,25,50,100", metavar="PERCENTS",
                    help="--offload: expert cache capacities in percent (default 12.5,25,50,100)")
-    p.add_argument("--offload-modes", default="exact,fast", help="--offload: modes (default exact,fast)")
+    p.add_argument("--offload-modes", default="exact,exact-noprefetch,fast",
+                   help="--offload: configurations to run: exact (reads ahead on), exact-noprefetch, exact-cached "
+                        "(reads through the page cache), fast (default exact,exact-noprefetch,fast)")
     p.add_argument("--offload-headroom", type=int, default=512, metavar="MIB",
                    help="--offload: memory cgroup limit above dense weights + expert cache (default 512)")
     p.add_argument("--offload-no-cgroup", action="store_true",
