@@ -21,6 +21,16 @@ def _capacity(value: str) -> int | float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
     if model_optional:
         p.add_argument("model", nargs="?", default=None, help="model folder or Hugging Face repo id (default: demo)")
@@ -38,6 +48,12 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="pin the profile's universal experts (default: yes for --profile, no for the demo's own)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
+    p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
+                   help="context to allow, in tokens (default: the model's); an automatic --capacity keeps its KV "
+                        "cache's memory free")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="exact mode: predict each next layer's experts and read them while this one computes "
+                        "(outputs unchanged; default: on)")
 
 
 def _version() -> str:
@@ -90,7 +106,7 @@ def _load(args):
     model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
     profile, pin = _profile(args, demo=args.model is None)
     return Engine.load(model, capacity=args.capacity, mode=args.mode, policy=args.policy, profile=profile,
-                       pin=pin, kv_bits=args.kv_bits)
+                       pin=pin, kv_bits=args.kv_bits, context=args.context, prefetch=args.prefetch)
 
 
 def cmd_info(args) -> int:
@@ -176,7 +192,8 @@ def cmd_chat(args) -> int:
         # The demo fits in memory many times over; half the experts per layer shows the cache at work.
         args.capacity = args.capacity if args.capacity is not None else DEMO_CAPACITY
     spec = EngineSpec(model=model, capacity=args.capacity, mode=args.mode, policy=args.policy,
-                      profile=str(profile) if profile else None, pin=pin, kv_bits=args.kv_bits)
+                      profile=str(profile) if profile else None, pin=pin, kv_bits=args.kv_bits,
+                      context=args.context, prefetch=args.prefetch)
     MoeApp(spec, settings).run()
     return 0
 
@@ -227,10 +244,44 @@ def cmd_serve(args) -> int:
     profile, pin = _profile(args, demo=args.model is None)
     serve(model, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
           max_tokens_cap=args.max_tokens_cap, capacity=args.capacity, mode=args.mode, policy=args.policy,
-          profile=profile, pin=pin, kv_bits=args.kv_bits, allowed_hosts=args.allow_host,
+          profile=profile, pin=pin, kv_bits=args.kv_bits, context=args.context, prefetch=args.prefetch,
+          allowed_hosts=args.allow_host,
           allowed_origins=args.allow_origin, request_timeout=args.request_timeout,
           max_connections=args.max_connections, access_log=args.access_log, tool_parser=args.tool_parser)
     return 0
+
+
+def cmd_plan(args) -> int:
+    """Will the model fit, with how many experts per layer, how fast could the disk feed it: no weight loaded."""
+    import json
+
+    from moe_tui.inference.loading import check_model_folder
+    from moe_tui.inference.plan import format_plan, make_plan, parse_size
+    from moe_tui.inference.profiles import load_profile
+
+    model = args.model or str(DEMO_MODEL)
+    if Path(model).expanduser().exists():
+        model = str(Path(model).expanduser())
+        check_model_folder(model)
+    elif model.count("/") == 1 and not model.startswith(("/", ".", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:  # a repo in the local hub cache is read from there; else only its headers are fetched
+            model = snapshot_download(model, local_files_only=True, allow_patterns=HUB_PATTERNS)
+        except Exception:  # noqa: BLE001 - not cached
+            pass
+    else:
+        check_model_folder(model)  # names the missing folder
+    profile_path, _ = _profile(args, demo=args.model is None)
+    plan = make_plan(model, memory=parse_size(args.memory) if args.memory else None, context=args.context,
+                     kv_bits=args.kv_bits, profile=load_profile(profile_path) if profile_path else None,
+                     bandwidth=args.bandwidth * 2**20 if args.bandwidth else None, measure=not args.no_measure)
+    if args.json:
+        json.dump(plan.to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_plan(plan))
+    return 0 if plan.fits else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read tool calls with mlx-lm's parser NAME (json_tools, qwen3_coder, glm47, mistral, ...) "
                         "instead of the one inferred from the model's chat template")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("plan", help="will a model fit in memory, with how many experts per layer, how fast could the "
+                                    "disk feed it (reads config and file headers only; exit 1: does not fit)")
+    p.add_argument("model", nargs="?", default=None, help="model folder or Hugging Face repo id (default: demo)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory to plan for, e.g. 16G (default: what is available now)")
+    p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
+                   help="tokens of KV cache to reserve (default: 8192, at most the model's context)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="a quantized KV cache")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="an expert profile of this model, for the expected hit rate (default: the demo's own)")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth", type=float, default=None, metavar="MIB_S",
+                   help="the disk's read speed in MiB/s (default: measured by reading 256 MiB of the model "
+                        "bypassing the page cache)")
+    p.add_argument("--no-measure", action="store_true", help="do not read the disk to measure its speed")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")
     p.add_argument("model", nargs="?", default=None)

@@ -54,13 +54,16 @@ class EngineSpec:
     profile: str | None = None
     pin: bool = True  # pin the profile's universal experts (else it only warms the cache)
     kv_bits: int | None = None
+    context: int | None = None  # tokens of context (KV memory kept free); None: the model's
+    prefetch: bool = True  # read predicted experts ahead (exact mode)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def load(self):
         from moe_tui.inference.engine import Engine
 
         return Engine.load(self.model, capacity=self.capacity, mode=self.mode, policy=self.policy,
-                           profile=self.profile, pin=self.pin, kv_bits=self.kv_bits)
+                           profile=self.profile, pin=self.pin, kv_bits=self.kv_bits, context=self.context,
+                           prefetch=self.prefetch)
 
 
 def to_message(event: Event, replies: dict[Any, str]):

@@ -11,9 +11,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from .expert_cache import MODES, ExpertCache, ModelLayout
 from .generation import PromptCache, Speed, generate
 from .loading import context_length, kv_group_size, open_checkpoint, resolve_model_path
+from .plan import DEFAULT_CONTEXT, kv_bytes_per_token
 from .prompts import control_strings, encode_messages, max_token_bytes
 from .telemetry import CacheSnapshot, GenerationDone, TokenDelta
 
@@ -30,7 +33,8 @@ class Engine:
     def load(cls, path_or_repo: str | Path, capacity: int | float | None = None, mode: str = "exact",
              policy: str = "lru", profile: str | Path | dict | None = None, kv_bits: int | None = None,
              max_loads_per_step: int | None = None, record_trace: bool = True, pin: bool = True,
-             prefetch: bool = True, uncached_reads: bool | None = None, direct_writes: bool = True) -> Engine:
+             prefetch: bool = True, uncached_reads: bool | None = None, direct_writes: bool = True,
+             context: int | None = None) -> Engine:
         """Open a model with its experts left on disk and make its expert cache.
 
         Args:
@@ -51,6 +55,9 @@ class Engine:
                 page cache could not hold the experts anyway (their bytes on disk exceed available memory).
             direct_writes: read experts straight into the slots' memory where the backend shares it with
                 numpy (CPU, Metal); off, or elsewhere, they are written through MLX operations.
+            context: tokens of context to allow (at most the model's): prompts are checked against it, and
+                an automatic capacity keeps its KV cache's memory free (default: the model's context, with
+                plan.DEFAULT_CONTEXT tokens of KV cache reserved).
 
         Raises:
             ModelLoadError: the model cannot be used as it is (the message names the file and the fix).
@@ -66,9 +73,16 @@ class Engine:
         self.kv_bits = kv_bits
         self._kv_args = ({"kv_bits": kv_bits, "kv_group_size": kv_group_size(self.config), "quantized_kv_start": 0}
                          if kv_bits else {})
+        model_context = context_length(self.config)
+        if context is not None and context < 1:
+            raise ValueError(f"context {context} must be at least 1 token")
+        self._context = min(context, model_context) if context else model_context
+        float_bytes = 4 if mx.default_device() == mx.cpu else 2
+        reserve = kv_bytes_per_token(self.config, float_bytes, kv_bits) * min(context or DEFAULT_CONTEXT, model_context)
         self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, self.name, capacity, mode,
                                    policy, max_loads_per_step, record_trace, prefetch=prefetch,
-                                   uncached_reads=uncached_reads, direct_writes=direct_writes)
+                                   uncached_reads=uncached_reads, direct_writes=direct_writes,
+                                   reserve_bytes=reserve)
         self.prompt_cache = PromptCache(self.model)
         self._control_strings = control_strings(self.tokenizer)
         self.max_token_bytes = max_token_bytes(self.tokenizer)
@@ -114,7 +128,7 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return context_length(self.config)
+        return self._context
 
     def set_capacity(self, capacity: int | float | None) -> None:
         """Rebuild every layer's slots at a new size (count, fraction or None for automatic).

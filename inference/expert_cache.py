@@ -28,6 +28,7 @@ from .moe import (
     probe_block,
     route_weights_fn,
 )
+from .plan import MEMORY_FRACTION
 from .safetensors_io import RangeReader, TensorInfo
 from .telemetry import CacheSnapshot, IOStats, MemorySample, available_memory
 
@@ -36,7 +37,6 @@ TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_toke
               "n_activated_experts", "moe_k")
 PREFETCH_MIN_PRECISION = 0.4  # read a layer's guesses ahead only while this share of such reads is used
 PREFETCH_MEMORY = 0.95  # per guess scored: the weight of earlier guesses in a layer's recent precision
-MEMORY_FRACTION = 0.6  # share of available memory an automatic capacity may use
 DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
 LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
 TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones drop off (memory stays bounded)
@@ -91,7 +91,7 @@ class ExpertCache:
     def __init__(self, model: Any, config: dict, tensors: dict[str, TensorInfo], name: str,
                  capacity: int | float | None, mode: str, policy: str, max_loads_per_step: int | None,
                  record_trace: bool, prefetch: bool = True, direct_writes: bool = True,
-                 uncached_reads: bool | None = None) -> None:
+                 uncached_reads: bool | None = None, reserve_bytes: int = 0) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose exact or fast")
         if policy not in POLICIES:
@@ -105,6 +105,7 @@ class ExpertCache:
         self.record_trace = record_trace
         self.prefetch = prefetch  # exact decode: read the next layer's predicted experts while this one computes
         self.direct_writes = direct_writes  # read into the slots' memory where the backend allows it
+        self.reserve_bytes = reserve_bytes  # memory kept out of the budget (the KV cache of the context)
         try:
             self._attach(tensors, capacity, policy, max_loads_per_step)
             if uncached_reads is None:
@@ -138,7 +139,9 @@ class ExpertCache:
             # Quantized experts too: their bf16/f16 scales and biases run many times slower on the CPU.
             self.model.set_dtype(mx.float32, lambda d: d in half)
         mx.eval(self.model.parameters())
-        self._dense_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        expert_keys = {f"{b.path}.{proj}.{name}" for b, params in zip(blocks, layer_params, strict=False)
+                       for proj, names in params.items() for name in names}
+        self._dense_bytes = sum(v.nbytes for k, v in tree_flatten(self.model.parameters()) if k not in expert_keys)
         self._layers: list[_Layer] = []
         normalizes = False
         top_k = int(next((self.config[k] for k in TOP_K_KEYS if isinstance(self.config.get(k), int)), 0))
@@ -210,9 +213,10 @@ class ExpertCache:
         return self._policy
 
     def memory_budget(self) -> int:
-        """Bytes the expert cache may take: a share of available RAM (and of Metal's working set)."""
+        """Bytes the expert cache may take: a share of available RAM (and of Metal's working set), less the
+        memory reserved for the KV cache."""
         available = available_memory() + self._capacity * self.layout.expert_bytes * len(self._layers)
-        budget = int(available * MEMORY_FRACTION)
+        budget = int(available * MEMORY_FRACTION) - self.reserve_bytes
         if mx.metal.is_available():
             info = mx.device_info()
             limit = info.get("max_recommended_working_set_size")
@@ -227,10 +231,12 @@ class ExpertCache:
         if capacity is None:
             fit = budget // max(per_slot, 1)
             if fit < K:
+                kept = (f", after {self.reserve_bytes / 2**30:.2f} GiB kept for the KV cache" if self.reserve_bytes
+                        else "")
                 raise ModelLoadError(
                     f"{self.name}: even {K} experts per layer ({K * per_slot / 2**30:.2f} GiB) do not fit "
-                    f"in the memory available for the expert cache ({budget / 2**30:.2f} GiB); free memory "
-                    "or use a quantized model"
+                    f"in the memory available for the expert cache ({budget / 2**30:.2f} GiB{kept}); free memory, "
+                    "use a shorter context or a quantized model (`moe plan` shows the numbers)"
                 )
             return int(min(E, fit))
         if isinstance(capacity, float):
