@@ -76,7 +76,7 @@ class Engine:
         model_context = context_length(self.config)
         if context is not None and context < 1:
             raise ValueError(f"context {context} must be at least 1 token")
-        self._context = min(context, model_context) if context else model_context
+        self._context = context  # None: the model's
         float_bytes = 4 if mx.default_device() == mx.cpu else 2
         reserve = kv_bytes_per_token(self.config, float_bytes, kv_bits) * min(context or DEFAULT_CONTEXT, model_context)
         self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, self.name, capacity, mode,
@@ -128,7 +128,9 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self._context
+        """Tokens a prompt and its reply may take: the model's context, or less where the user asked."""
+        model_context = context_length(self.config)
+        return min(self._context, model_context) if self._context else model_context
 
     def set_capacity(self, capacity: int | float | None) -> None:
         """Rebuild every layer's slots at a new size (count, fraction or None for automatic).

@@ -113,13 +113,10 @@ def test_capacity_too_large_for_memory(tmp_path, monkeypatch):
     path = _good(tmp_path)
     import moe_tui.inference.expert_cache as engine_module
 
-    class TinyMemory:
-        available = 200_000  # bytes: room for ~4 experts per layer of this model
-
-    monkeypatch.setattr(engine_module.psutil, "virtual_memory", lambda: TinyMemory())
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 200_000)  # ~4 experts per layer of this model
     with pytest.raises(ModelLoadError, match="use capacity <= "):
-        Engine.load(path, capacity=8)
-    assert Engine.load(path).capacity < 8  # the automatic choice fits
+        Engine.load(path, capacity=8, context=16)
+    assert Engine.load(path, context=16).capacity < 8  # the automatic choice fits
 
 
 def test_open_files_are_closed_after_a_failed_load(tmp_path):
