@@ -49,15 +49,6 @@ EMBED_STD = 0.58
 ROUTER_SCALE = 6.0
 SEED = 7
 
-# Configurations a run may compare: the engine's mode plus options (default: prefetch on, reads that bypass
-# the page cache where it cannot hold the experts, which inside the benchmark's cgroup it cannot).
-MODES: dict[str, dict] = {
-    "exact": {"mode": "exact"},
-    "exact-noprefetch": {"mode": "exact", "prefetch": False},
-    "exact-cached": {"mode": "exact", "uncached_reads": False},
-    "fast": {"mode": "fast"},
-}
-
 _COMMON = {"num_experts": 64, "num_experts_per_tok": 4, "norm_topk_prob": True}
 SIZES: dict[str, dict] = {
     # ~2.3 GiB bf16 on disk: 8 layers x 64 experts x 4.7 MB.
@@ -467,6 +458,8 @@ def measure(path: str, capacity: float, mode: str, prompt_tokens: int, decode_to
     from .engine import Engine
 
     started = time.perf_counter()
+    from .bench import MODES
+
     engine = Engine.load(path, capacity=capacity, **MODES[mode])
     load = {"seconds": time.perf_counter() - started, "bytes_read": int(engine.counters.bytes_read.sum()),
             "load_seconds": float(engine.counters.load_seconds.sum())}
@@ -529,6 +522,8 @@ def prepare_checkpoint(model: str | None, size: str, workdir: Path) -> tuple[Pat
 def run_offload_bench(model: str | None = None, size: str = "full", fractions=(0.125, 0.25, 0.5, 1.0),
                       modes=("exact", "exact-noprefetch", "fast"), prompt_tokens: int = 64, decode_tokens: int = 64,
                       headroom: int = HEADROOM_MB << 20, use_cgroup: bool = True) -> dict:
+    from .bench import MODES
+
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
