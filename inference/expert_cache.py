@@ -446,7 +446,9 @@ class ExpertCache:
         if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
             self.drain(before_step=self._step)
         hit = slots >= 0
-        y = stock(x, mx.maximum(slots, 0))
+        # Loads between tokens write into the slots while the next token's step may still be computing:
+        # they wait for this output first (`_settle`).
+        y = layer.last_out = stock(x, mx.maximum(slots, 0))
         runtime = layer.runtime
         if runtime.renormalize and runtime.route_weights is not None:
             # Replace each missed output by the hit outputs' weighted mean: the block's own weighted sum
