@@ -46,9 +46,29 @@ def _v1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _v2(db: sqlite3.Connection) -> None:
+    # What /apply changed, so that /undo can put it back after a restart: one row per apply, each file's
+    # text before (NULL: the apply created it) and after.
+    for statement in (
+        """CREATE TABLE applied_edits (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            chat_id INTEGER,
+            created REAL NOT NULL,
+            undone REAL
+        )""",
+        """CREATE TABLE applied_files (
+            apply_id INTEGER NOT NULL REFERENCES applied_edits(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            before TEXT,
+            after TEXT NOT NULL
+        )""",
+    ):
+        db.execute(statement)
+
+
 # Index i upgrades version i -> i + 1. Each runs inside the transaction _migrate opens: it must use
 # db.execute only (no executescript, COMMIT or BEGIN), so that a failure undoes all of it.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,21 @@ class StoredMessage:
     role: str
     content: str
     status: str  # complete, partial (reply in progress or interrupted), cancelled
+
+
+@dataclass(frozen=True)
+class AppliedFile:
+    path: str
+    before: str | None  # None: the apply created the file
+    after: str
+
+
+@dataclass(frozen=True)
+class AppliedEdits:
+    id: int
+    chat_id: int | None
+    created: float
+    files: tuple[AppliedFile, ...]
 
 
 class StoreInUse(ValueError):
@@ -221,6 +256,34 @@ class ChatStore:
         rows = self.db.execute("SELECT id, role, content, status FROM messages WHERE chat_id=? ORDER BY id",
                                (chat_id,)).fetchall()
         return [StoredMessage(*r) for r in rows]
+
+    # ---- applied edits (/apply, /undo)
+    def record_apply(self, chat_id: int | None, files: list[AppliedFile]) -> int:
+        """Keep what an apply changed, in one transaction: an undo record is all of it or nothing."""
+        self.db.execute("BEGIN")
+        try:
+            cur = self.db.execute("INSERT INTO applied_edits(chat_id, created) VALUES (?, ?)", (chat_id, time.time()))
+            for f in files:
+                self.db.execute("INSERT INTO applied_files(apply_id, path, before, after) VALUES (?, ?, ?, ?)",
+                                (cur.lastrowid, f.path, f.before, f.after))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return cur.lastrowid
+
+    def last_apply(self) -> AppliedEdits | None:
+        """The newest apply not undone yet, or None."""
+        row = self.db.execute("SELECT id, chat_id, created FROM applied_edits WHERE undone IS NULL "
+                              "ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        files = self.db.execute("SELECT path, before, after FROM applied_files WHERE apply_id=? ORDER BY rowid",
+                                (row[0],)).fetchall()
+        return AppliedEdits(row[0], row[1], row[2], tuple(AppliedFile(*f) for f in files))
+
+    def mark_undone(self, apply_id: int) -> None:
+        self.db.execute("UPDATE applied_edits SET undone=? WHERE id=?", (time.time(), apply_id))
 
     # ---- export
     def export_markdown(self, chat_id: int) -> str:

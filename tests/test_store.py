@@ -62,7 +62,8 @@ def test_a_failing_migration_leaves_the_database_at_the_old_version(tmp_path, mo
     from moe_tui.app import store as store_module
 
     path = tmp_path / "chats.sqlite3"
-    real = list(MIGRATIONS)
+    real = list(MIGRATIONS[:1])  # a database at version 1, whose next step fails
+    monkeypatch.setattr(store_module, "MIGRATIONS", real)
     store = ChatStore(path)
     chat = store.create_chat(title="kept")
     store.add_message(chat.id, "user", "hello")
@@ -94,6 +95,23 @@ def test_a_failing_migration_leaves_the_database_at_the_old_version(tmp_path, mo
     assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert upgraded.db.execute("SELECT count(*) FROM tags").fetchone()[0] == 0
     assert [c.title for c in upgraded.chats()] == ["kept"]
+    upgraded.close()
+
+
+def test_a_version_1_database_gains_the_undo_tables_and_keeps_its_chats(tmp_path, monkeypatch):
+    from moe_tui.app import store as store_module
+
+    path = tmp_path / "chats.sqlite3"
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+    old = ChatStore(path)
+    chat = old.create_chat(title="from v1")
+    old.close()
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS)
+    upgraded = ChatStore(path)
+    assert upgraded.db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert [c.title for c in upgraded.chats()] == ["from v1"] and upgraded.last_apply() is None
+    upgraded.record_apply(chat.id, [])
+    assert upgraded.last_apply().chat_id == chat.id
     upgraded.close()
 
 
