@@ -11,7 +11,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
-from moe_tui.inference.events import Configure, Generate
+from moe_tui.inference.events import Configure, Generate, MissCurveRequest
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,8 @@ class Capabilities:
     """/capacity, /mode, /policy and /reset reach the engine."""
     exact_token_counts: bool
     """count_tokens uses the model's own tokenizer; else it estimates (~4 characters a token)."""
+    miss_curve: bool = False
+    """miss_curve replays the engine's routing trace at each capacity (a MissCurveReady answers)."""
 
 
 class Backend(Protocol):
@@ -37,6 +39,9 @@ class Backend(Protocol):
 
     def configure(self, request: Configure) -> None:
         """Change capacity, mode or policy, or reset the statistics; an EngineNotice reports the outcome."""
+
+    def miss_curve(self, request: MissCurveRequest) -> None:
+        """(capabilities.miss_curve) Hit rate against capacity on the routing so far; MissCurveReady answers."""
 
     def cancel(self) -> None:
         """End the running reply after its current token (its ReplyDone says 'cancelled')."""

@@ -99,3 +99,13 @@ class ConnectionChanged(WorkerMessage):
         self.connected = connected
         self.reason = reason
         self.retry_in = retry_in
+
+
+class MissCurveReady(WorkerMessage):
+    """Hit rate against capacity for every policy and Belady's MIN, replayed on the engine's routing trace."""
+
+    def __init__(self, capacities: tuple[int, ...], rates: dict[str, tuple[float, ...]], steps: int) -> None:
+        super().__init__(capacities, rates, steps)
+        self.capacities = capacities
+        self.rates = rates
+        self.steps = steps

@@ -22,6 +22,8 @@ from moe_tui.inference.events import (
     JobDone,
     JobFailed,
     JobStarted,
+    MissCurveDone,
+    MissCurveRequest,
     Notice,
     Progress,
     SessionFailed,
@@ -35,6 +37,7 @@ from .messages import (
     EngineFailed,
     EngineNotice,
     EngineReady,
+    MissCurveReady,
     PrefillProgress,
     ReplyChunk,
     ReplyDone,
@@ -42,7 +45,7 @@ from .messages import (
 )
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI (5 a second: each costs a repaint)
-LOCAL = Capabilities(remote=False, telemetry=True, configurable=True, exact_token_counts=True)
+LOCAL = Capabilities(remote=False, telemetry=True, configurable=True, exact_token_counts=True, miss_curve=True)
 
 
 @dataclass
@@ -94,6 +97,8 @@ def to_message(event: Event, replies: dict[Any, str]):
         return EngineNotice(event.text, event.severity)
     if isinstance(event, SessionReady):
         return EngineReady(event.info)
+    if isinstance(event, MissCurveDone):
+        return MissCurveReady(event.capacities, event.rates, event.steps)
     if isinstance(event, SessionFailed):
         return EngineFailed(event.error)
     return None
@@ -130,6 +135,9 @@ class InferenceWorker:
 
     def configure(self, request: Configure) -> None:
         self.session.configure(request)
+
+    def miss_curve(self, request: MissCurveRequest) -> None:
+        self.session.miss_curve(request)
 
     def cancel(self) -> None:
         self.session.cancel()
@@ -181,6 +189,8 @@ def _serve(spec: EngineSpec, stats_interval: float, conn, control, log_path: str
                 session.submit(args[0])
             elif kind == "configure":
                 session.configure(args[0])
+            elif kind == "miss_curve":
+                session.miss_curve(args[0])
             elif kind == "cancel":
                 session.cancel()
             elif kind == "count":
@@ -224,6 +234,9 @@ class InferenceProcess:
 
     def configure(self, request: Configure) -> None:
         self._control.put(("configure", request))
+
+    def miss_curve(self, request: MissCurveRequest) -> None:
+        self._control.put(("miss_curve", request))
 
     def cancel(self) -> None:
         self._control.put(("cancel",))

@@ -47,6 +47,15 @@ class Tokenize:
     tools: Sequence[dict] | None = None
 
 
+@dataclass(frozen=True)
+class MissCurveRequest:
+    """Replay the recorded routing (its last `last_steps` steps) at each capacity under every policy and
+    Belady's MIN, between jobs; a `MissCurveDone` answers (none when a job arrives first: ask again)."""
+
+    capacities: tuple[int, ...]
+    last_steps: int | None = None
+
+
 # ---------------------------------------------------------------- events
 
 
@@ -153,4 +162,14 @@ class Snapshot:
     optimum: dict[str, float] | None = None
 
 
-Event = SessionReady | SessionFailed | JobStarted | Progress | Delta | JobDone | JobFailed | Notice | Snapshot
+@dataclass(frozen=True)
+class MissCurveDone:
+    """Hit rates against capacity: `rates[name][i]` is `hit_rates_vs_optimum(capacities[i])[name]["hit_rate"]`."""
+
+    capacities: tuple[int, ...]
+    rates: dict[str, tuple[float, ...]]
+    steps: int  # the engine's traced steps when replayed
+
+
+Event = (SessionReady | SessionFailed | JobStarted | Progress | Delta | JobDone | JobFailed | Notice | Snapshot
+         | MissCurveDone)

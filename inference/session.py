@@ -28,6 +28,8 @@ from .events import (
     JobDone,
     JobFailed,
     JobStarted,
+    MissCurveDone,
+    MissCurveRequest,
     ModelInfo,
     Notice,
     Progress,
@@ -86,7 +88,7 @@ class Session:
         self.chunk_interval = chunk_interval
         self.replay_optimum = replay_optimum
         # Unbounded: it also carries Configure requests and wake-ups (None), which must never take a job's place.
-        self._jobs: queue.Queue[Job | Configure | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | Configure | MissCurveRequest | None] = queue.Queue()
         self.max_queue = max_queue
         self._waiting = 0  # jobs queued, not yet started (the bound applies to these alone)
         self._waiting_lock = threading.Lock()
@@ -136,6 +138,11 @@ class Session:
 
     def configure(self, request: Configure) -> None:
         """Change capacity, mode or policy, or reset the statistics, between jobs (a `Notice` reports it)."""
+        self._check_open()
+        self._jobs.put(request)
+
+    def miss_curve(self, request: MissCurveRequest) -> None:
+        """Replay the routing trace at each of `request.capacities` between jobs (a `MissCurveDone` answers)."""
         self._check_open()
         self._jobs.put(request)
 
@@ -244,6 +251,8 @@ class Session:
             return not self._stopping.is_set()
         if isinstance(item, Configure):
             self._configure(item)
+        elif isinstance(item, MissCurveRequest):
+            self._miss_curve(item)
         else:
             self._dequeued(item)
             self.current = item
@@ -404,6 +413,19 @@ class Session:
         self._optimum = {name: r["hit_rate"] for name, r in rates.items()}
         self._optimum_steps = steps
         self._publish(force=True)
+
+    def _miss_curve(self, request: MissCurveRequest) -> None:
+        engine = self.engine
+        if not engine.traced_steps or not engine.layout.moe_layers:
+            return
+        rates: dict[str, list[float]] = {}
+        for capacity in request.capacities:
+            if self._waiting or self._stopping.is_set():
+                return  # a job goes first; the caller asks again when idle
+            for name, r in engine.hit_rates_vs_optimum(capacity, request.last_steps).items():
+                rates.setdefault(name, []).append(r["hit_rate"])
+        self._emit(MissCurveDone(tuple(request.capacities), {k: tuple(v) for k, v in rates.items()},
+                                 engine.traced_steps))
 
 
 def _cancelled() -> GenerationDone:
