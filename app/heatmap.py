@@ -21,6 +21,8 @@ ASCII_MARKS = {"missed": "x", "pinned": "P", "resident": "o", "none": " "}
 ASCII_DENSITY = " .:-=+*#%@"
 LABEL_WIDTH = 5  # "L12 "
 RATE_WIDTH = 5  # " 87%"
+MAX_CELL = 6  # cells widen to fill the width when there are few experts, up to this many columns each
+FRAME = ("▕", "▏")  # the cursor: a frame around its cell (wide cells), not a colour
 LEVELS = 63  # heat is drawn in 64 steps: cell styles are cached per step (and pair of steps), not built per cell
 
 
@@ -42,6 +44,7 @@ class View:
     experts_per_column: int | None = None  # None: bin to fit the width
     half_blocks: bool = False  # two layers per row (no marks)
     cursor: tuple[int, int] | None = None  # (moe layer index, column)
+    widen: bool = True  # False: one terminal cell (two in ASCII) per column, however wide the view
 
 
 def gradient_color(stops: tuple[str, ...], t: float) -> Color:
@@ -75,11 +78,12 @@ def _styles(style: HeatmapStyle) -> dict[tuple, Style]:
 
 
 def _cell_style(style: HeatmapStyle, styles: dict, level: int, selected: bool, missed: bool) -> Style:
+    """A cell's colour; `selected` (a cursor too narrow for its frame) underlines it and keeps its colour."""
     key = (level, selected, missed)
     if (cell := styles.get(key)) is None:
         background = _gradient_color(style.gradient, level)
         cell = styles[key] = style.base + Style(color=style.mark_color or mark_color_on(background),
-                                                bgcolor=background, reverse=selected, bold=missed)
+                                                bgcolor=background, underline=selected, bold=missed or selected)
     return cell
 
 
@@ -113,10 +117,40 @@ def columns_for(num_experts: int, view: View, style: HeatmapStyle) -> tuple[int,
     return per, max(cols, 0)
 
 
+def cell_width(num_experts: int, view: View, style: HeatmapStyle) -> int:
+    """Terminal cells per column: more than one when few columns leave room (16 experts at 80 columns)."""
+    narrow = 1 if style.unicode else 2
+    _, cols = columns_for(num_experts, view, style)
+    if not view.widen or not cols:
+        return narrow
+    room = view.width - LABEL_WIDTH - RATE_WIDTH
+    return min(max(room // cols, narrow), MAX_CELL)
+
+
 def row_width(num_experts: int, view: View, style: HeatmapStyle) -> int:
     """How many cells wide the rows of `render` are at most."""
     _, cols = columns_for(num_experts, view, style)
-    return LABEL_WIDTH + cols * (1 if style.unicode else 2) + RATE_WIDTH
+    return LABEL_WIDTH + cols * cell_width(num_experts, view, style) + RATE_WIDTH
+
+
+def axis(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapStyle()) -> list[Segment]:
+    """The expert-number axis above the rows: the first expert of a column, every few columns as room allows."""
+    per, cols = columns_for(snapshot.num_experts, view, style)
+    width = cell_width(snapshot.num_experts, view, style)
+    label_style = style.base + Style(color=style.label_color) if style.unicode else style.base
+    digits = len(str(max(snapshot.num_experts - 1, 0)))
+    every = next(k for k in (1, 2, 4, 5, 8, 10, 16, 20, 32, 50, 64, 100, 1 << 30) if k * width >= digits + 1)
+    line = ["#" + " " * (LABEL_WIDTH - 1)]
+    used = 0
+    for c in range(0, cols, every):
+        label = str(view.first_expert + c * per)
+        at = c * width
+        if at < used:
+            continue
+        line.append(" " * (at - used) + label)
+        used = at + len(label)
+    line.append(" " * max(cols * width - used, 0))
+    return [Segment("".join(line), label_style)]
 
 
 def binned(snapshot: CacheSnapshot, view: View, style: HeatmapStyle) -> dict[str, np.ndarray]:
@@ -148,6 +182,7 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
     if snapshot.num_moe_layers == 0:
         return [[Segment("no MoE layers: this model is dense", style.base)]]
     cells = binned(snapshot, view, style)
+    width = cell_width(snapshot.num_experts, view, style)
     # Python loops over plain lists, and one cached Style per (heat step, mark): a 48-layer model has
     # thousands of cells, redrawn at every stats refresh.
     levels = np.rint(np.clip(cells["heat"], 0.0, 1.0) * LEVELS).astype(int).tolist()
@@ -161,8 +196,8 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
             label = f"L{snapshot.layer_ids[top]:<3}"[:LABEL_WIDTH - 1] + " "
             row = [Segment(label, label_style)]
             for c, level in enumerate(levels[top]):
-                row.append(Segment("▀", _half_block_style(style, styles, level,
-                                                          None if bottom is None else levels[bottom][c])))
+                row.append(Segment("▀" * width, _half_block_style(style, styles, level,
+                                                                  None if bottom is None else levels[bottom][c])))
             rate = (rates[top] + (rates[bottom] if bottom is not None else rates[top])) / 2
             row.append(Segment(f" {rate:>3.0%}", label_style))
             lines.append(row)
@@ -171,18 +206,34 @@ def render(snapshot: CacheSnapshot, view: View, style: HeatmapStyle = HeatmapSty
     # 3 missed, 2 pinned, 1 resident, 0 none: the first that applies
     kinds = np.where(cells["missed"], 3, np.where(cells["pinned"], 2, np.where(cells["resident"], 1, 0))).tolist()
     names = ("none", "resident", "pinned", "missed")
+    # Each column's text, centred in its cells: built once per kind, not per cell.
+    glyphs = [_centred(marks[name], width) for name in names]
+    framed = width >= (3 if style.unicode else 4)
     for i in range(snapshot.num_moe_layers):
-        row = [Segment(f"L{snapshot.layer_ids[i]:<3}"[:LABEL_WIDTH - 1] + " ", label_style)]
+        here = view.cursor is not None and view.cursor[0] == i
+        label = (("▸" if style.unicode else ">") if here else "L") + f"{snapshot.layer_ids[i]:<3}"
+        row = [Segment(label[:LABEL_WIDTH - 1] + " ", label_style)]
         for c, (level, kind) in enumerate(zip(levels[i], kinds[i], strict=True)):
-            selected = view.cursor == (i, c)
+            selected = here and view.cursor[1] == c
             if style.unicode:
-                row.append(Segment(marks[names[kind]], _cell_style(style, styles, level, selected, kind == 3)))
+                text = glyphs[kind]
+                if selected and framed:
+                    text = FRAME[0] + _centred(marks[names[kind]], width - 2) + FRAME[1]
+                row.append(Segment(text, _cell_style(style, styles, level, selected and not framed, kind == 3)))
             else:
                 density = ASCII_DENSITY[int(round(cells["heat"][i, c] * (len(ASCII_DENSITY) - 1)))]
-                row.append(Segment(density + marks[names[kind]], style.base + Style(reverse=selected)))
+                text = _centred(density + marks[names[kind]], width)
+                if selected and framed:
+                    text = "[" + _centred(density + marks[names[kind]], width - 2) + "]"
+                row.append(Segment(text, style.base + Style(reverse=selected and not framed)))
         row.append(Segment(f" {rates[i]:>3.0%}", label_style))
         lines.append(row)
     return lines
+
+
+def _centred(text: str, width: int) -> str:
+    pad = width - len(text)
+    return " " * (pad // 2) + text + " " * (pad - pad // 2) if pad > 0 else text[:width]
 
 
 def legend(style: HeatmapStyle = HeatmapStyle(), width: int = 60) -> list[Segment]:
@@ -230,8 +281,10 @@ def wrap_words(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, max(width, 1), break_on_hyphens=False) or [""]
 
 
-def describe(snapshot: CacheSnapshot, view: View, style: HeatmapStyle, layer: int, column: int) -> str:
-    """What the cell at (layer, column) covers, for the details line under the heatmap."""
+def describe(snapshot: CacheSnapshot, view: View, style: HeatmapStyle, layer: int, column: int,
+             last_used: np.ndarray | None = None) -> str:
+    """What the cell at (layer, column) covers, for the details under the heatmap: the same fields in the
+    same order for every cell (`last_used`: per (layer, expert), the step it was last routed to, -1 never)."""
     per, _ = columns_for(snapshot.num_experts, view, style)
     first = view.first_expert + column * per
     experts = range(first, min(first + per, snapshot.num_experts))
@@ -239,13 +292,20 @@ def describe(snapshot: CacheSnapshot, view: View, style: HeatmapStyle, layer: in
         return ""
     sl = slice(experts.start, experts.stop)
     who = f"expert {first}" if per == 1 else f"experts {first}-{experts.stop - 1}"
-    resident = int(snapshot.resident[layer, sl].sum())
-    pinned = int(snapshot.pinned[layer, sl].sum())
-    if resident == len(experts):
-        residency = "resident"
+
+    def total(a: np.ndarray) -> int:
+        return int(a[layer, sl].sum())
+
+    def flag(mask: np.ndarray) -> str:
+        count = total(mask)
+        return ("yes" if count else "no") if len(experts) == 1 else f"{count}/{len(experts)}"
+
+    if last_used is None or last_used.shape != snapshot.requests.shape:
+        used = "unknown"
     else:
-        residency = "not resident" if len(experts) == 1 else f"{resident}/{len(experts)} resident"
-    return (f"layer {snapshot.layer_ids[layer]} {who}: requests {int(snapshot.requests[layer, sl].sum())}, "
-            f"hits {int(snapshot.hits[layer, sl].sum())}, misses {int(snapshot.misses[layer, sl].sum())}, "
-            f"{residency}"
-            f"{', pinned' if pinned else ''}")
+        step = int(last_used[layer, sl].max())
+        used = "never" if step < 0 else f"step {step:,} of {snapshot.steps:,}"
+    return (f"layer {snapshot.layer_ids[layer]} {who}: routings {total(snapshot.requests):,}, "
+            f"hits {total(snapshot.hits):,}, misses {total(snapshot.misses):,}, loads {total(snapshot.loads):,}, "
+            f"evictions {total(snapshot.evictions):,}, resident {flag(snapshot.resident)}, "
+            f"pinned {flag(snapshot.pinned)}, last used {used}")

@@ -23,6 +23,7 @@ from textual.widgets import Footer, Header
 
 from . import coding
 from .commands import BY_NAME, command_help, help_text, parse_capacity
+from .dashboard import CACHE_HELP, MissCurve
 from .glyphs import AsciiFilter
 from .heatmap import HeatmapStyle
 from .messages import (
@@ -30,6 +31,7 @@ from .messages import (
     EngineFailed,
     EngineNotice,
     EngineReady,
+    MissCurveReady,
     PrefillProgress,
     ReplyChunk,
     ReplyDone,
@@ -45,7 +47,7 @@ from .themes import VARIABLE_DEFAULTS, load_themes
 from .widgets.chat import ChatScroll, EarlierMessages, MessageView, PromptInput, StreamingReply
 from .widgets.completion import CompletionList
 from .widgets.confirm import ConfirmScreen
-from .widgets.gauges import CachePanel, StatsPanel
+from .widgets.dashboard import Dashboard
 from .widgets.heatmap import HeatmapView
 from .widgets.pickers import ChatPicker, Pick, snippet
 from .worker import EngineSpec, InferenceProcess, InferenceWorker
@@ -113,6 +115,7 @@ MESSAGE_WINDOW = 40
 FULL_COLLECTION_HELD = 1 << 30  # gen2 threshold while a reply streams: no full cycle-collector pass
 IDLE_COLLECTION_DELAY = 1.0  # seconds after a reply ends before the held full pass runs
 NARROW_WIDTH = 76  # columns: below it the chat (40) and the cache panel (36) do not both fit
+WIDE_WIDTH = 160  # columns: from here the cache dashboard takes half the width (its boxes in two columns)
 
 
 class MoeApp(App):
@@ -124,6 +127,7 @@ class MoeApp(App):
     #messages { height: 1fr; }
     #side { width: 2fr; min-width: 36; border-left: solid $divider; padding: 0 1; scrollbar-size-vertical: 1; }
     #side.hidden { display: none; }
+    #main.wide > #chat, #main.wide > #side { width: 1fr; }
     /* Narrow: the chat alone; F2 shows the cache panel in its place (never both, so nothing is clipped). */
     #main.narrow > #side { display: none; }
     #main.narrow.panel-only > #side { display: block; width: 1fr; min-width: 0; border-left: none; }
@@ -194,9 +198,7 @@ class MoeApp(App):
                     yield EarlierMessages()
                 yield CompletionList(id="completions")
                 yield PromptInput(id="prompt")
-            with CachePanel(id="side"):
-                yield HeatmapView(HeatmapStyle(unicode=self.settings.unicode()), id="heatmap")
-                yield StatsPanel(unicode=self.settings.unicode(), id="stats")
+            yield Dashboard(HeatmapStyle(unicode=self.settings.unicode()), unicode=self.settings.unicode(), id="side")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
@@ -439,7 +441,7 @@ class MoeApp(App):
             self.notice(f"generation failed: {event.error}", "error")
         caps = self.backend.capabilities
         if caps.remote and not caps.telemetry and hasattr(self.backend, "remote"):
-            self.query_one(StatsPanel).show_remote(self.backend.remote)
+            self.query_one(Dashboard).show_remote(self.backend.remote)
 
     @work(thread=True, group="render")
     def render_in_place_of(self, live: StreamingReply, view: MessageView, width: int, dark: bool) -> None:
@@ -562,6 +564,7 @@ class MoeApp(App):
         """Below NARROW_WIDTH columns the chat and the cache panel do not both fit: the panel hides itself
         (F2 shows it in place of the chat), and says so once each time the terminal becomes narrow."""
         main = self.query_one("#main")
+        main.set_class(width >= WIDE_WIDTH, "wide")
         narrow = width < NARROW_WIDTH
         if narrow == main.has_class("narrow"):
             return
@@ -624,10 +627,15 @@ class MoeApp(App):
     def on_snapshot(self, event: SnapshotReady) -> None:
         self.show_snapshot(event)
 
+    @on(MissCurveReady)
+    @while_mounted
+    def on_miss_curve(self, event: MissCurveReady) -> None:
+        self.query_one(Dashboard).show_miss_curve(MissCurve(event.capacities, event.rates, event.steps))
+
     def show_snapshot(self, event: SnapshotReady) -> None:
         self.last_snapshot, self.last_optimum = event.snapshot, event.optimum
         self.query_one(HeatmapView).snapshot = event.snapshot
-        self.query_one(StatsPanel).show(event.snapshot, event.optimum)
+        self.query_one(Dashboard).show(event.snapshot, event.optimum)
         self.update_subtitle()
 
     def update_subtitle(self) -> None:
@@ -680,7 +688,7 @@ class MoeApp(App):
         getattr(self, f"cmd_{name}")(arg)
 
     def cmd_help(self, arg: str) -> None:
-        text = command_help(arg) if arg else help_text()
+        text = CACHE_HELP if arg == "cache" else command_help(arg) if arg else help_text()
         if text is None:
             self.notice(f"no command /{arg.lstrip('/')}; /help lists them", "warning")
             return

@@ -35,8 +35,9 @@ from .telemetry import CacheSnapshot, IOStats, MemorySample, available_memory
 MODES = ("exact", "fast")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token",
               "n_activated_experts", "moe_k")
-PREFETCH_MIN_PRECISION = 0.4  # read a layer's guesses ahead only while this share of such reads is used
-PREFETCH_MEMORY = 0.95  # per guess scored: the weight of earlier guesses in a layer's recent precision
+PREFETCH_MIN_PRECISION = 0.4  # read a guess rank ahead only while this share of its guesses is needed
+PREFETCH_MEMORY = 0.95  # per guess scored: the weight of earlier guesses in a rank's recent precision
+PREFETCH_WARMUP = 4.0  # guesses of a rank scored before its precision decides (until then: read)
 DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
 LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
 TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones drop off (memory stays bounded)
@@ -78,8 +79,9 @@ class _Layer:
     last_out: mx.array | None = None  # the latest output computed from the slots (maybe still lazy)
     inflight: tuple[SlotWrites, list[tuple[int, int, int]]] | None = None  # prefetch writes, placements
     guess: np.ndarray | None = None  # experts predicted for this layer's next call
-    guess_missing: np.ndarray | None = None  # of those, the ones not resident when guessed: reads
-    read_record: np.ndarray = field(default_factory=lambda: np.zeros(2))  # recent (needed, read-worthy) guesses
+    guess_missing: list[tuple[int, int]] | None = None  # (rank, expert) of the guesses not resident then
+    # Per guess rank (0 = the router's top choice): recent (needed, guessed while not resident), decayed.
+    rank_record: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
 
 class ExpertCache:
@@ -212,11 +214,12 @@ class ExpertCache:
     def policy(self) -> str:
         return self._policy
 
-    def memory_budget(self) -> int:
-        """Bytes the expert cache may take: a share of available RAM (and of Metal's working set), less the
-        memory reserved for the KV cache."""
+    def memory_budget(self, share: float = MEMORY_FRACTION) -> int:
+        """Bytes the expert cache may take: `share` of available RAM (and of Metal's working set), less the
+        memory reserved for the KV cache. An automatic capacity takes the default share, leaving room for
+        activations and the page cache; a capacity the user names may take all of it."""
         available = available_memory() + self._capacity * self.layout.expert_bytes * len(self._layers)
-        budget = int(available * MEMORY_FRACTION) - self.reserve_bytes
+        budget = int(available * share) - self.reserve_bytes
         if mx.metal.is_available():
             info = mx.device_info()
             limit = info.get("max_recommended_working_set_size")
@@ -248,6 +251,7 @@ class ExpertCache:
             raise ValueError(f"capacity {capacity} is below top_k={K}: each token needs {K} experts per layer")
         if capacity > E:
             raise ValueError(f"capacity {capacity} exceeds the model's {E} experts per layer")
+        budget = self.memory_budget(share=1.0)
         if capacity * per_slot > budget:
             raise ModelLoadError(
                 f"capacity {capacity} needs {capacity * per_slot / 2**30:.2f} GiB of expert cache but only "
@@ -518,13 +522,14 @@ class ExpertCache:
         return target
 
     def prefetch_guesses(self, layer: _Layer) -> int:
-        """Experts to guess per layer: top_k, fewer where the cache has little room beyond one token's."""
+        """Experts to guess per layer, best first: up to 2 x top_k, fewer where the cache has little room
+        beyond one token's. Which ranks are read is decided by their measured precision."""
         room = layer.cache.capacity - len(layer.cache.pinned) - self.layout.top_k
-        return max(0, min(self.layout.top_k, room))
+        return max(0, min(2 * self.layout.top_k, room))
 
     def _predict(self, target: _Layer, x: mx.array) -> mx.array:
-        """Expert ids `target`'s router picks for this layer's input `x` (lazy): its routing, one layer
-        early. Only decides what to read early, never what is computed."""
+        """Expert ids `target`'s router ranks highest for this layer's input `x` (lazy), best first: its
+        routing, one layer early. Only decides what to read early, never what is computed."""
         out = target.block.router(x)
         arrays = out if isinstance(out, tuple) else (out,)
         E = self.layout.num_experts
@@ -532,22 +537,24 @@ class ExpertCache:
         scores = next((a for a in arrays if isinstance(a, mx.array) and a.shape[-1] == E
                        and mx.issubdtype(a.dtype, mx.floating)), None)
         if scores is not None:
-            return mx.argpartition(-scores.astype(mx.float32), kth=g - 1, axis=-1)[..., :g]
+            return mx.argsort(-scores.astype(mx.float32), axis=-1)[..., :g]
         ids = next(a for a in arrays if isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.integer))
         return ids[..., :g]
 
     def _prefetch_into(self, target: _Layer, guess: np.ndarray) -> None:
-        """Start reading the guessed experts that are not resident into `target`'s slots (background)."""
+        """Start reading the guessed experts that are not resident into `target`'s slots (background), those
+        of ranks whose recent guesses were needed often enough."""
         cache = target.cache
-        guessed = {int(e) for e in guess}
-        target.guess = np.array(sorted(guessed))
-        missing = [e for e in target.guess if cache.slot_of[e] < 0]
-        target.guess_missing = np.array(missing, dtype=np.int64)
-        used, guessed_missing = target.read_record
-        if guessed_missing >= 2 * self.layout.top_k and used < PREFETCH_MIN_PRECISION * guessed_missing:
-            return  # reads ahead would mostly be wasted (and evict useful experts): only keep scoring
+        ranked = list(dict.fromkeys(int(e) for e in guess))
+        target.guess = np.array(sorted(ranked[: self.layout.top_k]))  # the predictor's own precision/recall
+        target.guess_missing = [(r, e) for r, e in enumerate(ranked) if cache.slot_of[e] < 0]
+        if len(target.rank_record) < len(ranked):
+            target.rank_record = np.vstack([target.rank_record, np.zeros((len(ranked) - len(target.rank_record), 2))])
+        used, scored = target.rank_record[:, 0], target.rank_record[:, 1]
+        worth = (scored < PREFETCH_WARMUP) | (used >= PREFETCH_MIN_PRECISION * scored)
+        guessed = set(ranked)
         evictable = sum(1 for e in cache.expert_in_slot if e < 0 or (e not in guessed and e not in cache.pinned))
-        missing = [int(e) for e in missing[:evictable]]
+        missing = [e for r, e in target.guess_missing if worth[r]][:evictable]
         if not missing or target.inflight is not None:
             return
         self._settle(target)
@@ -565,10 +572,8 @@ class ExpertCache:
         c.guess_hits[i] += right
         c.guesses[i] += len(layer.guess)
         c.guess_needed[i] += len(needed)
-        missing = layer.guess_missing
-        if missing is not None and len(missing):
-            layer.read_record = (layer.read_record * PREFETCH_MEMORY ** len(missing)
-                                 + (int(np.isin(missing, needed).sum()), len(missing)))
+        for rank, expert in layer.guess_missing or ():
+            layer.rank_record[rank] = layer.rank_record[rank] * PREFETCH_MEMORY + (expert in needed, 1)
         layer.guess = layer.guess_missing = None
 
     # ------------------------------------------------------------------ stats

@@ -61,6 +61,11 @@ class MemorySample:
             system_available_bytes=vm.available,
         )
 
+    @property
+    def system_total_bytes(self) -> int:
+        """The machine's RAM (used + available: steady, unlike the available share alone)."""
+        return self.system_used_bytes + self.system_available_bytes
+
 
 def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
                         ) -> int | None:
@@ -253,6 +258,12 @@ class CacheSnapshot:
         """The hit rate without reads ahead: hits on experts that were resident before any prediction."""
         total = int(self.hits.sum() + self.misses.sum())
         return self.io.demand_hits / total if total else 0.0
+
+    @property
+    def expert_bytes(self) -> float:
+        """Bytes of one expert of one layer (the cache's slots hold `capacity` of them per MoE layer)."""
+        slots = self.capacity * self.num_moe_layers
+        return self.memory.expert_cache_bytes / slots if slots else 0.0
 
     @property
     def fallback_rate(self) -> float:

@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 from moe_tui.app.backend import estimated_tokens
-from moe_tui.app.messages import EngineInfo, EngineReady, SnapshotReady
+from moe_tui.app.messages import EngineInfo, EngineReady, MissCurveReady, SnapshotReady
 from moe_tui.app.textual_compat import notification_texts
 from moe_tui.app.widgets.chat import PromptInput, StreamingReply
 from moe_tui.app.widgets.confirm import ConfirmScreen
 from moe_tui.app.worker import LOCAL
-from moe_tui.inference.telemetry import CacheSnapshot, MemorySample
+from moe_tui.inference.telemetry import CacheSnapshot, IOStats, MemorySample
 from textual.command import Command, CommandInput, CommandList, CommandPalette
 
 RECHECK = 0.5  # seconds: a condition changed by another thread (the store, a worker) is re-read this often
@@ -132,7 +132,22 @@ def fixed_snapshot() -> CacheSnapshot:
                             mlx_cache_bytes=12 << 20, expert_cache_bytes=200 << 20,
                             expert_cache_budget_bytes=800 << 20, system_used_bytes=6 << 30,
                             system_available_bytes=10 << 30),
-        decode_tps=42.5, prefill_tps=310.0, ttft_s=0.12, tokens_generated=256, steps=300, trace_length=300)
+        decode_tps=42.5, prefill_tps=310.0, ttft_s=0.12, tokens_generated=256, steps=300, trace_length=300,
+        io=IOStats(decode_steps=256, decode_stall_seconds=1.28, decode_bytes=40 << 20, read_seconds=0.3,
+                   prefetches=120, prefetch_hits=90, prefetch_wasted=24, prefetch_bytes=12 << 20,
+                   demand_hits=int(hits.sum()) - 90, guesses=(20,) * LAYERS, guess_hits=(15, 14, 16, 12, 15, 18),
+                   guess_needed=(24,) * LAYERS, prefetch=True))
+
+
+def fixed_miss_curve() -> MissCurveReady:
+    """Hit rate against capacity, made up but shaped like one (Belady above every policy)."""
+    capacities = tuple(range(1, EXPERTS + 1))
+
+    def curve(scale: float) -> tuple[float, ...]:
+        return tuple(round(1 - float(np.exp(-c / scale)), 4) for c in capacities)
+
+    return MissCurveReady(capacities, {"lru": curve(12.0), "lfu": curve(11.0), "decay": curve(10.5),
+                                       "belady": curve(7.0)}, 300)
 
 
 class FakeWorker:
@@ -154,6 +169,9 @@ class FakeWorker:
 
     def configure(self, request) -> None:
         pass
+
+    def miss_curve(self, request) -> None:
+        self.app.post_message(fixed_miss_curve())
 
     def count_tokens(self, text: str):
         return estimated_tokens(text)

@@ -249,8 +249,8 @@ async def test_belady_optimum_is_shown_after_a_reply(make_app):
         await wait_until(pilot, lambda: app.last_optimum is not None)  # replayed while idle
         assert set(app.last_optimum) == {"lru", "lfu", "decay", "belady"}
         assert 0 <= app.last_optimum["belady"] <= 1
-        await wait_until(pilot, lambda: any("Belady" in line.plain for line in app.query_one("#routing").lines))
-        assert any("Belady" in line.plain for line in app.query_one("#routing").lines)
+        await wait_until(pilot, lambda: any("Belady" in line.plain for line in app.query_one("#hits").lines))
+        assert any("Belady" in line.plain for line in app.query_one("#hits").lines)
 
 
 async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_app):

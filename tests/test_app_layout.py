@@ -32,12 +32,13 @@ async def test_a_narrow_terminal_hides_the_cache_panel_and_f2_shows_it_in_place_
 
 async def test_at_80_columns_the_legend_and_the_decode_line_are_not_cut(fake_app):
     app = fake_app()
-    async with app.run_test(size=(80, 50)) as pilot:  # 80 wide; tall enough that the panel does not scroll
+    async with app.run_test(size=(80, 130)) as pilot:  # 80 wide; tall enough that the panel does not scroll
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         side = app.query_one("#side")
         await pilot.pause()
         text = "\n".join(row[side.region.x:] for row in screen_rows(app))
-        for shown in ("high", "• cached", "◆ pinned", "× missed", "layer hit rate", "max 42.5", "cold start)"):
+        for shown in ("high", "• cached", "◆ pinned", "× missed", "layer hit rate", "max 42.5", "knowing the future",
+                      "ms/token", "tok/s", "KiB/token"):
             assert shown in text, shown
         assert "…" not in text
 

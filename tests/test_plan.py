@@ -150,3 +150,17 @@ def test_plan_of_a_hub_repo_reads_headers_only(checkpoint, monkeypatch):
     assert (remote.dense_bytes, remote.expert_bytes, remote.capacity) == (local.dense_bytes, local.expert_bytes,
                                                                           local.capacity)
     assert remote.model == "owner/some-moe" and remote.read_bandwidth is None
+
+
+def test_a_named_capacity_may_use_all_available_memory(checkpoint, monkeypatch):
+    """The automatic capacity leaves room (60%); a capacity the user names is refused only when it cannot
+    fit at all (inside `moe bench --offload`'s cgroups it was refused at 60%)."""
+    path = checkpoint("qwen3_moe")
+    full = Engine.load(path, capacity=1.0)
+    per_slot = full.layout.expert_bytes * len(full.layout.moe_layers)
+    kv = 16 * kv_bytes_per_token(full.config, 4, None)
+    monkeypatch.setattr(expert_cache, "available_memory", lambda: 6 * per_slot + kv + 1)
+    assert Engine.load(path, capacity=6, context=16).capacity == 6
+    assert Engine.load(path, context=16).capacity == 3  # automatic: 60%
+    with pytest.raises(ModelLoadError, match="use capacity <= 6"):
+        Engine.load(path, capacity=7, context=16)

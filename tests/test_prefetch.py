@@ -117,9 +117,9 @@ def test_reads_ahead_stop_where_guesses_are_mostly_wrong(checkpoint):
     engine = Engine.load(checkpoint("mixtral"), capacity=4)
     greedy(engine.model, 64)
     layer = engine.experts._layers[1]
-    used, read_worthy = layer.read_record
-    assert read_worthy > 0 and used < PREFETCH_MIN_PRECISION * read_worthy
-    assert engine.counters.guesses[1] >= 2 * 60  # two guesses, still made (and scored) (and scored) on every decode step
+    used, scored = layer.rank_record[:, 0], layer.rank_record[:, 1]
+    assert (scored > 0).all() and (used < PREFETCH_MIN_PRECISION * scored).all()
+    assert engine.counters.guesses[1] >= 2 * 60  # top_k guesses still made and scored on every decode step
     assert engine.counters.prefetches[1].sum() < 16
 
 

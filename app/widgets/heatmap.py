@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 from moe_tui.inference import CacheSnapshot
 from rich.segment import Segment
 from textual.binding import Binding
@@ -34,14 +35,16 @@ class HeatmapView(StyledRows, ScrollView, can_focus=True):
     HELP = """
 ## Expert-cache heatmap
 
-Rows are MoE layers, columns experts (several per column when they do not fit). Colour: how often the
-router picked them lately. `•` cached, `◆` pinned, `×` just missed; the row ends with the layer's hit rate.
+Rows are MoE layers, columns experts (several per column when they do not fit; wider columns when there
+are few), numbered along the top. Colour: how often the router picked them lately. `•` cached, `◆` pinned,
+`×` just missed; the row ends with the layer's hit rate. The selected cell is framed (`▕•▏`) and its row
+marked `▸`; its numbers show below the map.
 
 Arrows select a cell (its numbers show below the map), `+`/`-` zoom, `[`/`]` scroll, `h` two layers per
 row. Tab goes back to the prompt.
 """
     DEFAULT_CSS = """
-    HeatmapView { height: auto; max-height: 60%; min-height: 4; }
+    HeatmapView { height: auto; max-height: 60vh; min-height: 4; }
     """
 
     snapshot: reactive[CacheSnapshot | None] = reactive(None)  # height is set only when it changes
@@ -56,6 +59,12 @@ row. Tab goes back to the prompt.
         self._lines: list[Strip] = []
         self._placeholder = "loading the model..."
         self._detail_rows = (0, 0)  # (width, most rows the cell details took at that width)
+        self._requests: np.ndarray | None = None  # routing counts at the previous snapshot
+        self.last_used: np.ndarray | None = None  # per (layer, expert): the step of the refresh it was last routed at
+
+    def reset_history(self) -> None:
+        """Forget when experts were last used (the statistics were reset)."""
+        self._requests, self.last_used = None, None
 
     @property
     def placeholder(self) -> str:
@@ -70,7 +79,14 @@ row. Tab goes back to the prompt.
         self.heat_style = style
         self._rebuild()
 
-    def watch_snapshot(self) -> None:
+    def watch_snapshot(self, snapshot: CacheSnapshot | None) -> None:
+        if snapshot is not None:
+            requests = snapshot.requests
+            previous = self._requests
+            if previous is not None and requests.shape == previous.shape and (requests < previous).any():
+                self.last_used = None  # counters went back: the statistics were reset
+            self.last_used = last_used(self._requests, requests, snapshot.steps, self.last_used)
+            self._requests = requests
         self._rebuild()
 
     def on_resize(self) -> None:
@@ -81,7 +97,7 @@ row. Tab goes back to the prompt.
         layers = snap.num_moe_layers if snap else 0
         half = self.half_blocks
         if half is None:
-            room = (self.parent.size.height if self.parent else self.size.height) // 2
+            room = self.screen.size.height * 6 // 10 if self.is_attached else self.size.height
             half = layers + 2 > max(room, 4)
         return renderer.View(width=max(self.size.width, 20), first_expert=self.first_expert,
                              experts_per_column=self.experts_per_column, half_blocks=half,
@@ -103,11 +119,12 @@ row. Tab goes back to the prompt.
             width = self._lines[0].cell_length
         else:
             view = self._view()
-            rows = renderer.render(snap, view, style)
+            rows = [renderer.axis(snap, view, style)] + renderer.render(snap, view, style)
             width = renderer.row_width(snap.num_experts, view, style)
             extra = renderer.legend_lines(style, view.width)
             if not view.half_blocks and snap.num_moe_layers:
-                details = renderer.wrap_words(renderer.describe(snap, view, style, *self.cursor), view.width)
+                details = renderer.wrap_words(renderer.describe(snap, view, style, *self.cursor, self.last_used),
+                                              view.width)
                 # Its row count never shrinks at one width: a count that grows a digit must not re-lay out
                 # the screen at every stats tick (a key typed meanwhile would wait for it).
                 width_seen, most = self._detail_rows
@@ -158,3 +175,13 @@ row. Tab goes back to the prompt.
     def action_toggle_half(self) -> None:
         self.half_blocks = not self._view().half_blocks
         self._rebuild()
+
+
+def last_used(previous: np.ndarray | None, requests: np.ndarray, steps: int, seen: np.ndarray | None) -> np.ndarray:
+    """Per (layer, expert): the engine step of the latest snapshot at which its routing count grew (-1: never
+    routed). Experts routed before the first snapshot count as used at that snapshot's step."""
+    if seen is None or seen.shape != requests.shape:
+        return np.where(requests > 0, steps, -1)
+    if previous is None or previous.shape != requests.shape:
+        return seen
+    return np.where(requests > previous, steps, seen)

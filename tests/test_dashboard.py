@@ -1,0 +1,121 @@
+"""The cache dashboard: titled boxes that reflow, the I/O numbers, plots, the miss curve and /reset."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+from moe_tui.app import dashboard as text
+from moe_tui.inference import Engine
+from moe_tui.inference.events import Generate, JobDone, MissCurveDone, MissCurveRequest, SessionReady
+from moe_tui.inference.session import OPTIMUM_WINDOW, Session
+
+from tests.helpers import fixed_snapshot
+
+PROMPT = [{"role": "user", "content": "def add(a, b):"}]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, event) -> None:
+        self.events.put(event)
+
+    def until(self, kind, timeout: float = 120.0):
+        while True:
+            event = self.events.get(timeout=timeout)
+            if isinstance(event, kind):
+                return event
+
+
+def test_the_miss_curve_equals_hit_rates_vs_optimum_at_every_capacity(checkpoint):
+    sink = Recorder()
+    session = Session(lambda: Engine.load(checkpoint("qwen3_moe"), capacity=4), sink, stats_interval=0.1)
+    session.start()
+    try:
+        sink.until(SessionReady)
+        session.submit(Generate(PROMPT, max_tokens=12, temperature=0.0))
+        sink.until(JobDone)
+        experts = session.info.num_experts
+        session.miss_curve(MissCurveRequest(tuple(range(1, experts + 1)), last_steps=OPTIMUM_WINDOW))
+        curve = sink.until(MissCurveDone)
+        assert curve.capacities == tuple(range(1, experts + 1))
+        assert {"lru", "lfu", "decay", "belady"} <= set(curve.rates)
+        for i, capacity in enumerate(curve.capacities):
+            # The session is idle: the engine's trace stands still while the test thread replays it.
+            expected = session.engine.hit_rates_vs_optimum(capacity, OPTIMUM_WINDOW)
+            for name, rates in curve.rates.items():
+                assert rates[i] == expected[name]["hit_rate"], (name, capacity)
+        assert curve.rates["belady"][-1] >= curve.rates["belady"][0]
+        assert all(b >= p for name in set(curve.rates) - {"belady"}
+                   for b, p in zip(curve.rates["belady"], curve.rates[name], strict=True))
+    finally:
+        session.stop()
+        session.join(10)
+
+
+def test_curve_capacities_cover_every_capacity_of_a_small_model_and_spread_over_a_large_one():
+    assert text.curve_capacities(16, 8) == tuple(range(1, 17))
+    wide = text.curve_capacities(128, 37)
+    assert wide[0] == 1 and wide[-1] == 128 and 37 in wide and len(wide) <= 25
+
+
+def test_the_io_box_shows_stall_bytes_limit_and_reads_ahead_with_units():
+    snap = fixed_snapshot()
+    rows = "\n".join(r.plain for r in text.io_rows(snap))
+    io = snap.io
+    assert f"{io.stall_per_token * 1000:.1f} ms/token" in rows
+    assert f"{io.stall_per_token * snap.decode_tps:.0%} of token time" in rows
+    assert "160 KiB/token" in rows  # 40 MiB over 256 decode steps
+    assert f"{io.io_limit_tps(snap.bytes_read):,.1f} tok/s" in rows and "vs decode 42.5 tok/s" in rows
+    assert "used 90 (75%)" in rows and "wasted 24 (20%)" in rows and "pending 6" in rows
+    assert f"precision {np.mean(io.prediction_precision):.0%}" in rows
+
+
+def test_the_hit_rate_box_shows_ready_and_demand_rates_and_explains_belady():
+    snap = fixed_snapshot()
+    replay = text.Replay({"lru": 0.61, "belady": 0.78}, snap.steps, 300)
+    rows = "\n".join(r.plain for r in text.hit_rows(snap, replay))
+    assert f"ready    {snap.hit_rate:.1%}" in rows and f"demand   {snap.demand_hit_rate:.1%}" in rows
+    assert "Belady   78.0%  vs lru 61.0% on the same replay" in rows
+    assert "best any cache could do at this capacity, knowing the future (last 300 steps, empty start)" in rows
+
+
+def test_memory_gauges_are_drawn_against_meaningful_totals():
+    snap = fixed_snapshot()
+    rows = [r.plain for r in text.memory_rows(snap, 60)]
+    cache = next(r for r in rows if r.startswith("cache"))
+    assert "25%" in cache and "200 MiB / 800 MiB" in cache  # slots' bytes against the cache's budget
+    slots = next(r for r in rows if r.startswith("slots"))
+    assert f"{int(snap.resident.sum())} / {16 * 6}" in slots
+    rss = next(r for r in rows if r.startswith("RSS"))
+    assert "900 MiB / 16.0 GiB" in rss and "5%" in rss  # the process against the machine's RAM
+    bars = {r.index("█") if "█" in r else r.index("░") for r in rows[:5]}
+    assert len(bars) == 1 and all(len(r) <= 60 for r in rows[:5])  # aligned bars within the width
+
+
+def test_history_is_per_refresh_and_skips_prefill_only_refreshes():
+    history = text.History()
+    snap = fixed_snapshot()
+    assert history.add(snap, None)  # the decode speed is recorded at once
+    assert history.steps == []  # a hit rate needs two refreshes
+    later = _advanced(snap, steps=320, hits=30, misses=10)
+    assert history.add(later, text.Replay({"lru": 0.5, "belady": 0.7}, 320, 320))
+    assert history.steps == [320] and history.ready == [pytest.approx(0.75)]
+    assert history.belady == [(320, 0.7)] and history.replayed == [(320, 0.5)]
+
+
+def _advanced(snap, steps: int, hits: int, misses: int):
+    from dataclasses import fields
+
+    from moe_tui.inference.telemetry import CacheSnapshot
+
+    kw = {f.name: getattr(snap, f.name) for f in fields(snap)}
+    kw["hits"] = snap.hits.copy()
+    kw["misses"] = snap.misses.copy()
+    kw["hits"][0, 0] += hits
+    kw["misses"][0, 1] += misses
+    kw["steps"] = steps
+    return CacheSnapshot.build(**kw)
