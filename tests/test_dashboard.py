@@ -119,3 +119,103 @@ def _advanced(snap, steps: int, hits: int, misses: int):
     kw["misses"][0, 1] += misses
     kw["steps"] = steps
     return CacheSnapshot.build(**kw)
+
+
+# ---------------------------------------------------------------- in the app (FakeWorker: fixed data)
+
+BOXES = ("Experts", "Hit rate", "Speed", "Memory", "I/O", "Miss curve")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 60)])
+async def test_every_box_is_titled_and_fits_the_panel(fake_app, size):
+    from moe_tui.app.widgets.dashboard import Box, Dashboard
+
+    from tests.helpers import wait_until
+
+    app = fake_app()
+    async with app.run_test(size=size) as pilot:
+        if size[0] < 76:
+            await pilot.press("f2")
+        await wait_until(pilot, lambda: app.last_snapshot is not None and app.query_one(Dashboard).curve is not None)
+        panel = app.query_one(Dashboard)
+        boxes = {box.border_title: box for box in panel.query(Box)}
+        assert tuple(boxes) == BOXES
+        for box in boxes.values():
+            assert panel.region.x <= box.region.x and box.region.right <= panel.region.right <= size[0]
+        wide = size[0] >= 160
+        assert panel.has_class("wide") == wide
+
+        def reflowed() -> bool:  # side by side when wide, else stacked
+            left, right = panel.query_one("#col-left").virtual_region, panel.query_one("#col-right").virtual_region
+            return (left.y == right.y and left.right <= right.x) if wide else right.y >= left.bottom
+
+        await wait_until(pilot, reflowed, timeout=5)
+
+
+async def test_the_miss_curve_key_sets_capacity_to_the_point_under_the_cursor(fake_app):
+    from moe_tui.app.widgets.charts import MissCurveChart
+    from moe_tui.app.widgets.dashboard import Dashboard
+    from moe_tui.inference.events import Configure
+
+    from tests.helpers import wait_until
+
+    app = fake_app()
+    asked: list = []
+    async with app.run_test(size=(200, 60)) as pilot:
+        await wait_until(pilot, lambda: app.query_one(Dashboard).curve is not None)
+        app.backend.configure = asked.append
+        chart = app.query_one(MissCurveChart)
+        assert chart.cursor_capacity == 16  # starts at the current capacity
+        chart.focus()
+        await pilot.press("right", "right", "left", "right")
+        assert chart.cursor_capacity == 18
+        await wait_until(pilot, lambda: "cursor   18/layer" in _box_text(app, "#curve-text"))
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: asked)
+        assert asked == [Configure(capacity=18)]
+        curve = app.query_one(Dashboard).curve
+        assert f"belady {curve.at(18)['belady']:.0%}" in _box_text(app, "#curve-text")
+
+
+async def test_reset_clears_every_plot_and_the_belady_figure(fake_app):
+    from moe_tui.app.widgets.dashboard import Dashboard
+
+    from tests.helpers import fixed_snapshot, wait_until
+
+    app = fake_app()
+    async with app.run_test(size=(200, 60)) as pilot:
+        panel = app.query_one(Dashboard)
+        await wait_until(pilot, lambda: panel.curve is not None)
+        later = _advanced(fixed_snapshot(), steps=340, hits=40, misses=10)
+        panel.show(later, {"lru": 0.6, "belady": 0.8})
+        assert panel.history.steps and panel.history.belady and panel.replay is not None
+        from dataclasses import fields
+
+        from moe_tui.inference.telemetry import CacheSnapshot
+
+        kw = {f.name: getattr(later, f.name) for f in fields(later)}
+        zeros = np.zeros_like(later.hits)
+        kw.update(steps=0, tokens_generated=0, hits=zeros, misses=zeros, requests=zeros, decode_tps=0.0)
+        panel.show(CacheSnapshot.build(**kw), None)  # what the engine sends after /reset
+        assert not panel.history.steps and not panel.history.belady and not panel.history.decode_tps
+        assert panel.replay is None and panel.curve is None
+        assert "replayed when idle" in _box_text(app, "#hits")
+
+
+async def test_help_cache_explains_every_number(fake_app):
+    from moe_tui.app.widgets.chat import MessageView
+
+    from tests.helpers import send, wait_until
+
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await send(pilot, app, "/help cache")
+        await wait_until(pilot, lambda: any("number by number" in v.text for v in app.query(MessageView)))
+    shown = text.CACHE_HELP
+    for term in ("ready", "demand", "Belady", "stall", "I/O cap", "slots", "precision", "recall", "Miss curve",
+                 "knowing the future", "hits / (hits + misses)"):
+        assert term in shown, term
+
+
+def _box_text(app, selector: str) -> str:
+    return "\n".join(line.plain for line in app.query_one(selector).text_lines)
