@@ -7,6 +7,7 @@ the messages of app/messages.py to the app and never touches a widget.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,8 +47,9 @@ class Backend(Protocol):
     def cancel(self) -> None:
         """End the running reply after its current token (its ReplyDone says 'cancelled')."""
 
-    def count_tokens(self, text: str) -> Future:
-        """A Future of the text's token count (exact or estimated, see capabilities)."""
+    def count_tokens(self, text: str | Sequence[dict]) -> Future:
+        """A Future of the token count of a text, or of chat messages as the chat template renders them (exact
+        or estimated, see capabilities)."""
 
     def stop(self) -> None:
         """Cancel any reply and shut down; no message is posted after `join` returns."""
@@ -56,8 +58,13 @@ class Backend(Protocol):
         """Wait for the backend's threads or process to end."""
 
 
-def estimated_tokens(text: str) -> Future:
+TEMPLATE_CHARACTERS = 16  # a chat message's role markers, estimated as characters (about 4 tokens)
+
+
+def estimated_tokens(text: str | Sequence[dict]) -> Future:
     """~4 characters a token, for backends without the model's tokenizer."""
+    if not isinstance(text, str):
+        text = "".join(str(m.get("content") or "") + " " * TEMPLATE_CHARACTERS for m in text)
     future: Future = Future()
     future.set_result(max(1, len(text) // 4))
     return future

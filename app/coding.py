@@ -24,15 +24,24 @@ class Attachment:
     path: Path
     text: str
     tokens: int
+    label: str = ""
+    """For a command's output (/run, /diff): how it is introduced, e.g. "Output of `make` (exit status 0)"."""
+
+    @property
+    def name(self) -> str:
+        """As /files lists it and /drop takes it."""
+        return self.label or str(self.path)
 
     def as_prompt(self) -> str:
         fence = "```" if "```" not in self.text else "````"
+        if self.label:
+            return f"{self.label}:\n{fence}\n{self.text}\n{fence}"
         return f"File `{self.path}`:\n{fence}{LANGUAGES.get(self.path.suffix, '')}\n{self.text}\n{fence}"
 
 
 def typed_part(message: str) -> str:
     """What the user typed of a stored message: the attached files put before it (as_prompt) left out."""
-    if not message.startswith("File `"):
+    if not message.startswith(("File `", "Output of `")):
         return message
     end = max(message.rfind("\n```\n\n"), message.rfind("\n````\n\n"))
     return message[message.index("\n\n", end + 1) + 2:] if end >= 0 else message

@@ -32,7 +32,29 @@ class Command:
 COMMANDS: tuple[Command, ...] = (
     Command("add", "PATH", "attach a file to your next message (or @path in a message)", "Coding",
             details='The file goes with your next message, with its token count. `@path` in a message does the same.'),
-    Command("files", "", "list the files attached to your next message", "Coding"),
+    Command("files", "", "list the files (and command output) attached to your next message", "Coding"),
+    Command("drop", "PATH|CMD", "remove an attached file (or a command's output) from your next message", "Coding",
+            details='`/drop util.py` leaves that file out of your next message; `/drop make test` leaves out the '
+                    'output `/run make test` attached. Without an argument: what is attached.'),
+    Command("edits", "[N]", "show the edits the last reply proposes, as diffs", "Coding",
+            details='A reply proposes an edit with a code block that names a file: the path in its info string '
+                    '(```python src/app.py) or alone on the line above it, or search/replace blocks '
+                    '(<<<<<<< SEARCH / ======= / >>>>>>> REPLACE) under a path line. The built-in coding '
+                    'system prompt asks for these formats. N: only code block N.'),
+    Command("apply", "[N]", "write the last reply's edits (all, or code block N) after showing the diff", "Coding",
+            details='Shows the diff of every file and asks first (No is the default). A path outside the working '
+                    'directory, or a file that changed on disk since it was attached to this chat, asks before '
+                    'that. Binary files and files over 256 KiB are refused. `/undo` puts the files back. '
+                    'Formats: see `/help edits`.'),
+    Command("undo", "", "restore the files the last /apply changed (asks first)", "Coding",
+            details='Kept in the chat store, so it works after a restart too. A file the apply created is '
+                    'removed. Again: the apply before it.'),
+    Command("run", "CMD", "run a shell command here (asks first); its output goes with your next message", "Coding",
+            details='Runs in the working directory with your shell, stdin closed, at most 120 s (Esc stops it). '
+                    'The exit status and the end of the output are shown; the output (its middle cut when over '
+                    '32 KiB) is attached to your next message (`/drop CMD` removes it).'),
+    Command("diff", "", "attach `git diff` (the changes since the last commit) to your next message", "Coding",
+            details='Staged and unstaged changes (`git diff HEAD`). Outside a git repository it says so.'),
     Command("save", "N PATH", "write code block N of the last reply to PATH (diff and confirm first)", "Coding",
             details='Code blocks are numbered on screen ([1], [2] ...). A file that exists is shown '
                     'as a diff and overwritten only if you say yes; a path outside the working '

@@ -12,7 +12,7 @@ from .commands import COMMANDS
 MAX_PATHS = 50  # entries listed from one directory (a huge one is not read to its end)
 MAX_SCANNED = 2000
 _MENTION_AT_CURSOR = re.compile(r"(?:^|(?<=\s))@([\w./~+-]*)$")  # the characters coding.MENTION accepts
-_PATH_COMMAND = re.compile(r"^/add\s+(\S*)$")
+_PATH_COMMAND = re.compile(r"^/(?:add|drop)\s+(\S*)$")
 
 
 @dataclass(frozen=True)

@@ -85,15 +85,27 @@ class Change:
         return unified_diff(self.old, self.new, self.path)
 
 
-def looks_like_path(text: str) -> bool:
-    return bool(_PATH.match(text)) and "://" not in text and text.lower() not in LANGUAGE_NAMES and ".." != text
+# Without a folder, a name counts as a path only with one of these suffixes (`# os.path` is not a file name).
+SUFFIXES = set(coding.LANGUAGES) | {".txt", ".cfg", ".ini", ".rb", ".kt", ".swift", ".php", ".jsx", ".tsx", ".lua",
+                                    ".zig", ".hpp", ".cc", ".hh", ".m", ".r", ".scala", ".vue", ".svelte", ".xml",
+                                    ".csv", ".env", ".lock", ".rst", ".mk", ".cmake", ".gradle", ".pyi", ".ipynb",
+                                    ".scss", ".less", ".proto", ".graphql", ".tf", ".nix", ".el", ".vim", ".zsh",
+                                    ".bash", ".fish", ".ps1", ".bat", ".dockerfile", ".gitignore", ".cs", ".fs",
+                                    ".ex", ".exs", ".erl", ".hs", ".ml", ".jl", ".dart", ".pl", ".pm", ".tex"}
+
+
+def looks_like_path(text: str, strict: bool = True) -> bool:
+    """Whether `text` reads as a file path; `strict` (prose, comments) also wants a folder or a known suffix."""
+    if not _PATH.match(text) or "://" in text or text.lower() in LANGUAGE_NAMES:
+        return False
+    return not strict or "/" in text or Path(text).suffix.lower() in SUFFIXES or text.startswith(".")
 
 
 def _info_path(info: str) -> str | None:
     """A path named in a fence's info string: ```python app/x.py, ```app/x.py, ```python:app/x.py."""
     for word in re.split(r"[\s:]+", info.strip()):
         word = word.removeprefix("path=").removeprefix("file=").strip("\"'`")
-        if looks_like_path(word):
+        if looks_like_path(word, strict=False):
             return word
     return None
 

@@ -21,8 +21,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
 from textual.widgets import Footer, Header
 
-from . import coding
+from . import coding, edits
+from .coding_commands import CodingCommands
 from .commands import BY_NAME, command_help, help_text, parse_capacity
+from .context_gauge import ContextGauge, deliver
 from .dashboard import CACHE_HELP, MissCurve
 from .glyphs import AsciiFilter
 from .heatmap import HeatmapStyle
@@ -118,7 +120,7 @@ NARROW_WIDTH = 76  # columns: below it the chat (40) and the cache panel (36) do
 WIDE_WIDTH = 160  # columns: from here the cache dashboard takes half the width (its boxes in two columns)
 
 
-class MoeApp(App):
+class MoeApp(CodingCommands, App):
     TITLE = "moe-tui"
     COMMANDS = App.COMMANDS | {MoeCommands}
     CSS = """
@@ -198,6 +200,7 @@ class MoeApp(App):
                     yield EarlierMessages()
                 yield CompletionList(id="completions")
                 yield PromptInput(id="prompt")
+                yield ContextGauge(unicode=self.settings.unicode(), id="context")
             yield Dashboard(HeatmapStyle(unicode=self.settings.unicode()), unicode=self.settings.unicode(), id="side")
         yield Footer(compact=True)
 
@@ -269,6 +272,7 @@ class MoeApp(App):
             self.call_after_refresh(box.scroll_to_widget, target, animate=False, top=True)
         # Up in the prompt brings back this chat's messages (the typed part: attached files are not repeated).
         self.query_one(PromptInput).sent.reset([coding.typed_part(m.content) for m in stored if m.role == "user"])
+        self.refresh_context()
 
     @on(EarlierMessages.Pressed)
     async def show_earlier(self) -> None:
@@ -300,7 +304,8 @@ class MoeApp(App):
 
     def history(self) -> list[dict]:
         chat = self.store.chat(self.chat_id)
-        messages = [{"role": "system", "content": chat.system_prompt}] if chat.system_prompt else []
+        system = chat.system_prompt or (edits.CODING_PROMPT if self.settings.coding_prompt else "")
+        messages = [{"role": "system", "content": system}] if system else []
         messages += [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat_id)
                      if m.role in ("user", "assistant") and m.content and m.status != "replaced"]
         return messages
@@ -439,6 +444,9 @@ class MoeApp(App):
             self.render_in_place_of(reply.view, view, reply.view.content_size.width, self.current_theme.dark)
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
+        elif status in ("complete", "truncated"):
+            self.mention_edits(event.text)
+        self.refresh_context()
         caps = self.backend.capabilities
         if caps.remote and not caps.telemetry and hasattr(self.backend, "remote"):
             self.query_one(Dashboard).show_remote(self.backend.remote)
@@ -465,6 +473,8 @@ class MoeApp(App):
     def action_cancel(self) -> None:
         if self.generating:
             self.backend.cancel()
+        elif self.cancel_command():
+            pass
         elif self.editing is not None:
             self.editing = None
             self.query_one(PromptInput).text = ""
@@ -585,6 +595,7 @@ class MoeApp(App):
         # (views of a chat closed later) stays.
         self.call_after_refresh(gc.freeze)
         self.context_length = event.info.context_length
+        self.refresh_context()
         caps = self.backend.capabilities
         if caps.remote:
             self.title = terminal_safe(event.info.model)  # the server names its model: untrusted text
@@ -832,7 +843,8 @@ class MoeApp(App):
     def cmd_system(self, arg: str) -> None:
         current = self.store.chat(self.chat_id).system_prompt
         if not arg:
-            shown = f"{current!r}" if current else "none"
+            shown = f"{current!r}" if current else "none (the built-in coding prompt)" if self.settings.coding_prompt \
+                else "none"
             self.usage("system", f"system prompt: {shown}")
             return
         if arg == "--clear":
@@ -848,6 +860,7 @@ class MoeApp(App):
     def set_system_prompt(self, text: str) -> None:
         self.store.update_chat(self.chat_id, system_prompt=text)
         self.notice("system prompt set" if text else "system prompt removed")
+        self.refresh_context()
 
     def cmd_temp(self, arg: str) -> None:
         current = self.store.chat(self.chat_id).settings.get("temperature", self.settings.temperature)
@@ -878,8 +891,7 @@ class MoeApp(App):
         self.attachments = [a for a in self.attachments if a.path != path] + [coding.Attachment(path, text, 0)]
         exact = self.backend.capabilities.exact_token_counts
         # The count comes from the model's tokenizer on the inference thread (or is estimated for a server).
-        self.backend.count_tokens(text).add_done_callback(
-            lambda counted: self.call_from_thread(self._attached, path, counted, exact))
+        deliver(self, self.backend.count_tokens(text), lambda counted: self._attached(path, counted, exact))
         return True
 
     def _attached(self, path: Path, counted, exact: bool) -> None:
@@ -889,6 +901,7 @@ class MoeApp(App):
         tokens = counted.result()
         self.attachments = [dataclasses.replace(a, tokens=tokens) if a.path == path else a for a in self.attachments]
         self.notice(f"attached {path} ({'' if exact else '≈'}{tokens} tokens); it goes with your next message")
+        self.refresh_context()
 
     def cmd_add(self, arg: str) -> None:
         if not arg:
@@ -910,7 +923,7 @@ class MoeApp(App):
             self.notice("no files attached; /add PATH or @path attaches one")
             return
         lines = ["**attached to your next message**", ""]
-        lines += [f"- `{a.path}` ({a.tokens} tokens)" for a in self.attachments]
+        lines += [f"- `{a.name}` ({a.tokens} tokens)" for a in self.attachments]
         self.add_view(MessageView("notice", "\n".join(lines)))
 
     def last_reply(self) -> str | None:

@@ -35,6 +35,9 @@ class Settings:
     """'unicode', 'ascii' (plain glyphs, no colour in the heatmap) or 'auto' (ascii on dumb terminals)."""
     inference_process: bool = True
     """Run the inference thread in its own process (faster decoding on few cores); false keeps it in the UI's."""
+    coding_prompt: bool = True
+    """Chats without a system prompt of their own get the built-in coding one (it asks for edits in the
+    formats /apply reads); false: no system prompt."""
     keymap: dict[str, str] = field(default_factory=dict)
     """Binding id -> keys, e.g. {"app.cancel" = "ctrl+c"}; applied with App.set_keymap."""
 

@@ -142,7 +142,7 @@ class InferenceWorker:
     def cancel(self) -> None:
         self.session.cancel()
 
-    def count_tokens(self, text: str) -> Future:
+    def count_tokens(self, text: str | list[dict]) -> Future:
         counted: Future = Future()
         tokens = self.session.tokenize(Tokenize(text))
         tokens.add_done_callback(lambda f: counted.set_exception(f.exception()) if f.exception()
@@ -241,7 +241,7 @@ class InferenceProcess:
     def cancel(self) -> None:
         self._control.put(("cancel",))
 
-    def count_tokens(self, text: str) -> Future:
+    def count_tokens(self, text: str | list[dict]) -> Future:
         future: Future = Future()
         with self._lock:
             self._count_ids += 1

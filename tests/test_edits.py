@@ -59,6 +59,7 @@ def test_a_path_is_read_from_the_info_string_or_the_line_above(fence_line, befor
 @pytest.mark.parametrize("text", [
     "Then:\n```python\nx = 1\n```\n", "```bash\nls -l\n```\n", "```python\n# compute the totals\nx = 1\n```\n",
     "```python\n#!/usr/bin/env python\nx = 1\n```\n", "see https://x.org/a.py\n```\nx\n```\n",
+    "```python\n# os.path\nx = 1\n```\n", "e.g.\n```\nx\n```\n",
 ])
 def test_plain_code_blocks_are_not_edits(text):
     assert edits.parse_edits(text) == ([], [])

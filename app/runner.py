@@ -1,0 +1,137 @@
+"""Shell commands for /run and /diff: run in a folder as an asyncio subprocess, time-limited, output capped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+
+RUN_TIMEOUT = 120.0  # seconds before a /run command is stopped
+HEAD_BYTES = 8 * 1024  # output kept from the start (the first error)...
+TAIL_BYTES = 24 * 1024  # ...and from the end (the summary); what lies between is cut
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    command: str
+    output: str
+    """stdout and stderr as they came, terminal escapes removed, the middle cut when long."""
+    exit_status: int | None
+    """None when it was stopped (timeout or cancel)."""
+    seconds: float
+    timed_out: bool = False
+    cut_bytes: int = 0
+    """Bytes of output left out of the middle."""
+
+    @property
+    def status_text(self) -> str:
+        if self.timed_out:
+            return f"stopped after {self.seconds:.0f} s (time limit)"
+        if self.exit_status is None:
+            return "stopped"
+        if self.exit_status < 0:
+            return f"killed by signal {-self.exit_status}"
+        return f"exit status {self.exit_status}"
+
+    @property
+    def label(self) -> str:
+        """How the output is introduced to the model."""
+        return f"Output of `{self.command}` ({self.status_text})"
+
+
+class CappedOutput:
+    """The first HEAD_BYTES and the last TAIL_BYTES of a stream, whatever its length."""
+
+    def __init__(self, head: int = HEAD_BYTES, tail: int = TAIL_BYTES) -> None:
+        self.head_limit, self.tail_limit = head, tail
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.cut = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.head_limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        self.tail += data
+        if len(self.tail) > self.tail_limit:
+            extra = len(self.tail) - self.tail_limit
+            del self.tail[:extra]
+            self.cut += extra
+
+    def text(self) -> str:
+        middle = f"\n[... {self.cut} bytes of output cut ...]\n".encode() if self.cut else b""
+        decoded = (bytes(self.head) + middle + bytes(self.tail)).decode("utf-8", errors="replace")
+        return _ESCAPES.sub("", decoded.replace("\r\n", "\n"))
+
+
+async def run_shell(command: str, cwd: str, timeout: float = RUN_TIMEOUT) -> RunResult:
+    """Run `command` with the user's shell in `cwd`, stdin closed. Cancelling the task stops the command
+    (its whole process group: a shell's children too) and re-raises."""
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_shell(
+        command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    output = CappedOutput()
+    timed_out = False
+    try:
+        while True:
+            remaining = timeout - (time.monotonic() - started)
+            if remaining <= 0:
+                timed_out = True
+                break
+            try:
+                data = await asyncio.wait_for(process.stdout.read(65536), remaining)
+            except TimeoutError:
+                timed_out = True
+                break
+            if not data:
+                break
+            output.add(data)
+        if timed_out:
+            await _stop(process)
+        else:
+            try:
+                await asyncio.wait_for(process.wait(), max(0.1, timeout - (time.monotonic() - started)))
+            except TimeoutError:
+                timed_out = True
+                await _stop(process)
+    except asyncio.CancelledError:
+        await asyncio.shield(_stop(process))
+        raise
+    return RunResult(command, output.text(), None if timed_out else process.returncode,
+                     time.monotonic() - started, timed_out, output.cut)
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the command's process group, SIGKILL if it is still there after KILL_GRACE."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            await asyncio.wait_for(process.wait(), KILL_GRACE)
+            return
+        except TimeoutError:
+            continue
+
+
+async def git_diff(cwd: str) -> tuple[RunResult | None, str]:
+    """(`git diff HEAD` in `cwd` — staged and unstaged changes —, "") or (None, why not)."""
+    try:
+        inside = await run_shell("git rev-parse --is-inside-work-tree", cwd, timeout=10)
+    except OSError as exc:
+        return None, f"cannot run git: {exc}"
+    if inside.exit_status == 127:
+        return None, "git is not installed (or not on PATH)"
+    if inside.exit_status != 0 or inside.output.strip() != "true":
+        return None, f"{cwd} is not in a git repository: nothing for /diff to show"
+    has_head = (await run_shell("git rev-parse --verify -q HEAD", cwd, timeout=10)).exit_status == 0
+    result = await run_shell("git --no-pager diff --no-color" + (" HEAD" if has_head else " --cached"), cwd, timeout=30)
+    return result, ""

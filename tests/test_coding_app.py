@@ -1,0 +1,295 @@
+"""Pilot tests of the coding commands: edits applied from replies, /undo, /run, /diff, /drop, the context gauge."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+from moe_tui.app import coding, runner
+from moe_tui.app.context_gauge import ContextGauge
+from moe_tui.app.main import MoeApp
+from moe_tui.app.messages import ReplyDone
+from moe_tui.app.settings import Settings
+from moe_tui.app.widgets.chat import MessageView, PromptInput
+from moe_tui.app.worker import EngineSpec
+
+from tests.helpers import FakeWorker, dialog_closed, dialog_open, finished, notified, replies, send, wait_until, watched
+
+EDIT_REPLY = """Use the helper:
+
+util.py
+```python
+<<<<<<< SEARCH
+    return 2 * x
+=======
+    return x + x
+>>>>>>> REPLACE
+```
+
+and a test for it:
+
+```python test_util.py
+from util import twice
+
+assert twice(2) == 4
+```
+"""
+
+
+class ScriptedWorker(FakeWorker):
+    """A FakeWorker whose every reply is the next of `script` (the last one repeats)."""
+
+    script = [EDIT_REPLY]
+
+    def __init__(self, app) -> None:
+        super().__init__(app)
+        self.sent: list = []
+
+    def submit(self, request) -> None:
+        self.sent.append(request)
+        text = self.script[min(len(self.sent), len(self.script)) - 1]
+        self.app.post_message(ReplyDone(request.tag, text, None))
+
+
+def scripted_app(tmp_path, **settings) -> MoeApp:
+    settings.setdefault("glyphs", "unicode")
+    return watched(MoeApp(EngineSpec(model="demo"), Settings(data_dir=str(tmp_path / "data"), **settings),
+                          worker_factory=ScriptedWorker))
+
+
+def notices(app) -> str:
+    return "\n".join(v.text for v in app.query(MessageView) if v.role == "notice")
+
+
+async def answer(pilot, app, key: str) -> None:
+    await wait_until(pilot, lambda: dialog_open(app))
+    await pilot.press(key)
+    await wait_until(pilot, lambda: dialog_closed(app))
+    await pilot.pause()  # the answer's callback runs
+
+
+async def test_an_estimated_token_count_reaches_the_attachment(fake_app, tmp_path, monkeypatch):
+    """A backend that estimates counts (a server, the fake) answers at once, on the UI thread itself."""
+    (tmp_path / "util.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/add util.py")
+        await wait_until(pilot, lambda: notified(app, "attached"))
+        assert app.attachments[0].tokens > 0
+
+
+async def test_a_replys_edits_are_listed_applied_after_a_yes_and_undone_after_a_restart(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "util.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    app = scripted_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "make twice use addition @util.py")
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
+        # The default system prompt asks for the formats; the reply's edits are announced with their numbers.
+        assert "<<<<<<< SEARCH" in app.backend.sent[0].messages[0]["content"]
+        await wait_until(pilot, lambda: notified(app, "proposes 2 edit(s)"))
+        assert notified(app, "1] util.py, \\[2] test_util.py")  # markup-escaped brackets
+        app.run_command("/edits")
+        await wait_until(pilot, lambda: "-    return 2 * x" in notices(app))
+        assert "+    return x + x" in notices(app) and "+assert twice(2) == 4" in notices(app)
+        assert "(new file)" in notices(app)
+
+        app.run_command("/apply")
+        await wait_until(pilot, lambda: dialog_open(app))
+        assert "-    return 2 * x" in app.screen.diff and "+from util import twice" in app.screen.diff
+        await pilot.press("enter")  # No is the default
+        await wait_until(pilot, lambda: notified(app, "no file changed"))
+        assert (project / "util.py").read_text() == "def twice(x):\n    return 2 * x\n"
+        assert not (project / "test_util.py").exists()
+
+        app.run_command("/apply 2")  # code block 2 alone
+        await answer(pilot, app, "y")
+        await wait_until(pilot, lambda: notified(app, "applied to 1 file(s): test_util.py"))
+        assert (project / "util.py").read_text() == "def twice(x):\n    return 2 * x\n"
+        app.run_command("/apply 1")
+        await answer(pilot, app, "y")
+        await wait_until(pilot, lambda: notified(app, "applied to 1 file(s): util.py"))
+        assert (project / "util.py").read_text() == "def twice(x):\n    return x + x\n"
+
+    restarted = scripted_app(tmp_path)
+    async with restarted.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: restarted.last_snapshot is not None)
+        restarted.run_command("/undo")  # the last apply: util.py
+        await wait_until(pilot, lambda: dialog_open(restarted))
+        assert "+    return 2 * x" in restarted.screen.diff
+        await pilot.press("y")
+        await wait_until(pilot, lambda: notified(restarted, "restored 1 file(s)"))
+        assert (project / "util.py").read_text() == "def twice(x):\n    return 2 * x\n"
+        assert (project / "test_util.py").exists()
+        restarted.run_command("/undo")  # the one before: test_util.py, which it created
+        await answer(restarted_pilot := pilot, restarted, "y")
+        await wait_until(restarted_pilot, lambda: not (project / "test_util.py").exists())
+        restarted.run_command("/undo")
+        await wait_until(pilot, lambda: notified(restarted, "nothing to undo"))
+
+
+async def test_apply_asks_first_outside_the_project_and_for_files_changed_since_attached(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "util.py").write_text("x = 1\n")
+    (project / "image.png").write_bytes(b"\x89PNG\0\0\0")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    ScriptedWorker.script = ["util.py\n```\n<<<<<<< SEARCH\nx = 1\n=======\nx = 2\n>>>>>>> REPLACE\n```\n"
+                             "```text ../notes.txt\nhello\n```\n```text image.png\nnot an image\n```\n"]
+    app = scripted_app(tmp_path)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.last_snapshot is not None)
+            await send(pilot, app, "@util.py")
+            await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
+            (project / "util.py").write_text("# edited by hand\nx = 1\n")  # after it was attached
+            app.run_command("/apply")
+            await wait_until(pilot, lambda: dialog_open(app))
+            question = app.screen.question
+            assert f"{tmp_path / 'notes.txt'} is outside {project}" in question
+            assert "util.py changed on disk since it was attached" in question
+            assert not app.screen.diff  # a question of its own, before the diff
+            await pilot.press("n")
+            await wait_until(pilot, lambda: notified(app, "no file changed"))
+            app.run_command("/apply")
+            await wait_until(pilot, lambda: dialog_open(app))
+            await pilot.press("y")
+            await wait_until(pilot, lambda: dialog_open(app) and app.screen.diff)  # then the diff
+            assert "image.png: looks binary; only text files are edited" in app.screen.question
+            await pilot.press("y")
+            await wait_until(pilot, lambda: notified(app, "applied to 2 file(s)"))
+            assert (project / "util.py").read_text() == "# edited by hand\nx = 2\n"
+            assert (tmp_path / "notes.txt").read_text() == "hello\n"
+            assert (project / "image.png").read_bytes() == b"\x89PNG\0\0\0"
+    finally:
+        ScriptedWorker.script = [EDIT_REPLY]
+
+
+async def test_run_asks_then_runs_without_blocking_and_attaches_its_output(fake_app, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/run echo hi > ran.txt")
+        await answer(pilot, app, "n")
+        assert not (tmp_path / "ran.txt").exists() and notified(app, "not run")
+
+        app.run_command("/run sleep 1; echo out; echo err >&2; exit 3")
+        await answer(pilot, app, "y")
+        started = time.monotonic()
+        await pilot.press(*"typing")  # the UI goes on while the command runs
+        assert app.query_one(PromptInput).text == "typing" and time.monotonic() - started < 0.9
+        await wait_until(pilot, lambda: app.attachments)
+        output = app.attachments[-1]
+        assert output.label == "Output of `sleep 1; echo out; echo err >&2; exit 3` (exit status 3)"
+        assert output.text == "out\nerr\n"
+        assert "exit status 3" in notices(app) and "out\nerr" in notices(app)
+        app.query_one(PromptInput).text = ""
+        await send(pilot, app, "why does it fail?")
+        user = [m for m in app.store.messages(app.chat_id) if m.role == "user"][-1]
+        assert user.content.startswith("Output of `sleep 1;") and user.content.endswith("why does it fail?")
+        assert coding.typed_part(user.content) == "why does it fail?"
+
+
+async def test_run_stops_at_its_time_limit_and_on_escape_and_caps_its_output(fake_app, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runner, "RUN_TIMEOUT", 1.0)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/run echo start; sleep 30")
+        await answer(pilot, app, "y")
+        await wait_until(pilot, lambda: app.attachments, timeout=10)
+        assert "start" in app.attachments[0].text and "stopped after 1 s (time limit)" in app.attachments[0].label
+        monkeypatch.setattr(runner, "RUN_TIMEOUT", 60.0)
+        app.run_command("/run sleep 30")
+        await answer(pilot, app, "y")
+        await pilot.pause(0.3)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: notified(app, "stopped: sleep 30"), timeout=10)
+        assert len(app.attachments) == 1
+        app.run_command("/run python3 -c \"print('x' * 100000)\"")
+        await answer(pilot, app, "y")
+        await wait_until(pilot, lambda: len(app.attachments) == 2)
+        text = app.attachments[1].text
+        assert len(text) < runner.HEAD_BYTES + runner.TAIL_BYTES + 100 and "bytes of output cut" in text
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+async def test_diff_attaches_git_diff_and_drop_removes_attachments(fake_app, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (repo / "a.py").write_text("a = 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "a.py"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], cwd=repo, check=True)
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/diff")
+        await wait_until(pilot, lambda: notified(app, "is not in a git repository"))
+        app.cwd = repo
+        app.run_command("/diff")
+        await wait_until(pilot, lambda: notified(app, "git diff: no changes"))
+        (repo / "a.py").write_text("a = 2\n")
+        app.run_command("/diff")
+        await wait_until(pilot, lambda: app.attachments)
+        assert "-a = 1" in app.attachments[0].text and "+a = 2" in app.attachments[0].text
+        app.run_command("/add a.py")
+        await wait_until(pilot, lambda: len(app.attachments) == 2)
+        app.run_command("/drop nothing.py")
+        await wait_until(pilot, lambda: notified(app, "nothing.py is not attached"))
+        assert len(app.attachments) == 2
+        app.run_command("/drop a.py")
+        assert [a.label for a in app.attachments] == ["Output of `git --no-pager diff --no-color HEAD` (exit status 0)"]
+        app.run_command("/drop git --no-pager diff --no-color HEAD")
+        assert app.attachments == []
+
+
+async def test_the_context_gauge_splits_the_window_and_warns_before_turns_are_dropped(fake_app, tmp_path, monkeypatch):
+    (tmp_path / "big.py").write_text("x = 1\n" * 800)  # 4800 characters: ~1200 estimated tokens
+    monkeypatch.chdir(tmp_path)
+    app = fake_app(max_tokens=512)
+    async with app.run_test(size=(120, 40)) as pilot:
+        gauge = app.query_one(ContextGauge)
+        await wait_until(pilot, lambda: gauge.budget is not None and gauge.budget.context == 2048)
+        budget = gauge.budget
+        assert budget.system > 50 and budget.history == 0 and budget.files == 0 and budget.reply == 512
+        for i in range(3):
+            app.store.add_message(app.chat_id, "user", f"question {i} " + "word " * 60)
+            app.store.add_message(app.chat_id, "assistant", "answer " * 60)
+        app.open_chat(app.chat_id)
+        await wait_until(pilot, lambda: gauge.budget.history > 300)
+        assert not gauge.has_class("over")
+        app.run_command("/add big.py")
+        await wait_until(pilot, lambda: gauge.budget.files > 1000)
+        line = str(gauge.render())
+        assert "system" in line and "files" in line and "chat" in line and "reply" in line
+        assert gauge.has_class("over") and "oldest turns will be dropped" in line
+        app.run_command("/drop big.py")
+        await wait_until(pilot, lambda: gauge.budget.files == 0 and not gauge.has_class("over"))
+
+
+async def test_the_gauge_counts_with_the_models_own_tokenizer(make_app):
+    app = make_app(inference_process=False, max_tokens=8)  # reaches into the session's engine
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]) and not app.generating)
+        gauge = app.query_one(ContextGauge)
+        engine = app.backend.session.engine
+        expected = len(engine.encode(app.history()))
+        await wait_until(pilot, lambda: gauge.budget is not None and gauge.budget.used == expected)
+        assert gauge.budget.exact and gauge.budget.context == engine.context_length
+        assert gauge.budget.system == len(engine.encode([app.history()[0]]))
