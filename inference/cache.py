@@ -6,8 +6,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
-POLICIES = ("lru", "lfu", "decay")
+POLICIES = ("lru", "lfu", "decay", "lrfu")
+DEFAULT_POLICY = "lrfu"  # the best on held-out routing traces of the demo model (docs/traces.md)
 DECAY_HALF_LIFE = 128.0  # steps; priority = uses weighted by 0.5 ** (age / half_life)
+LRFU_HALF_LIFE = 16.0  # steps; tuned on a recorded routing trace (docs/traces.md): flat from 10 to 24
+# Each decayed policy's half-life, in the order of the columns of `LayerCache.decayed`.
+HALF_LIVES = {"decay": DECAY_HALF_LIFE, "lrfu": LRFU_HALF_LIFE}
+
+
+_HALF_LIVES = np.array(list(HALF_LIVES.values()))
+_COLUMN = {name: i for i, name in enumerate(HALF_LIVES)}
 
 
 class LayerCache:
@@ -30,25 +38,32 @@ class LayerCache:
         self.pinned: set[int] = set()
         self.last_use = np.full(num_experts, -1.0)
         self.use_count = np.zeros(num_experts)
-        self.decayed = np.zeros(num_experts)  # decayed score as of last_use
+        # Decayed use counts as of last_use, one column per half-life in HALF_LIVES: every policy's state is
+        # kept whatever the policy, so a live policy change starts from the history.
+        self.decayed = np.zeros((num_experts, len(HALF_LIVES)))
         self.prefetched = np.zeros(num_experts, dtype=bool)  # read ahead of use and not used yet
 
     # ---- policy state
     def touch(self, experts: Iterable[int], step: int) -> None:
         for e in experts:
             age = step - self.last_use[e] if self.last_use[e] >= 0 else 0.0
-            self.decayed[e] = self.decayed[e] * 0.5 ** (age / DECAY_HALF_LIFE) + 1.0
+            self.decayed[e] = self.decayed[e] * 0.5 ** (age / _HALF_LIVES) + 1.0
             self.last_use[e] = step
             self.use_count[e] += 1
 
     def priority(self, experts: np.ndarray, step: int) -> np.ndarray:
-        """Higher = keep. Ties break towards evicting the lower expert id (deterministic)."""
+        """Higher = keep. Ties break towards evicting the lower expert id (deterministic).
+
+        lru: last use; lfu: uses; decay and lrfu: uses weighted by 0.5 ** (age / half-life), frequency and
+        recency together (LRFU), at a long (128 steps) and a short (16 steps) half-life.
+        """
         if self.policy == "lru":
             return self.last_use[experts]
         if self.policy == "lfu":
             return self.use_count[experts]
+        column = _COLUMN[self.policy]
         age = np.maximum(step - self.last_use[experts], 0)
-        return self.decayed[experts] * 0.5 ** (age / DECAY_HALF_LIFE)
+        return self.decayed[experts, column] * 0.5 ** (age / _HALF_LIVES[column])
 
     # ---- residency
     def resident(self) -> np.ndarray:

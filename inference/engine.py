@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from .cache import DEFAULT_POLICY
 from .expert_cache import MODES, ExpertCache, ModelLayout
 from .generation import PromptCache, Speed, generate
 from .loading import context_length, kv_group_size, open_checkpoint, resolve_model_path
@@ -31,7 +32,7 @@ class Engine:
 
     @classmethod
     def load(cls, path_or_repo: str | Path, capacity: int | float | None = None, mode: str = "exact",
-             policy: str = "lru", profile: str | Path | dict | None = None, kv_bits: int | None = None,
+             policy: str = DEFAULT_POLICY, profile: str | Path | dict | None = None, kv_bits: int | None = None,
              max_loads_per_step: int | None = None, record_trace: bool = True, pin: bool = True,
              prefetch: bool = True, uncached_reads: bool | None = None, direct_writes: bool = True,
              context: int | None = None) -> Engine:

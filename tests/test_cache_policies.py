@@ -94,3 +94,35 @@ def test_snapshot_is_frozen_and_independent(checkpoint):
     assert isinstance(snap.to_dict()["hits"], list)
     engine.reset_stats()
     assert engine.snapshot().requests.sum() == 0
+
+
+def test_lrfu_weighs_recent_use_over_old_frequency_sooner_than_decay():
+    # Expert 0 used 4 times, then expert 1 twice 40 steps later; then 2 needs a slot. decay (half-life 128)
+    # still ranks 0's old frequency higher, lrfu (16) already ranks 1's recent uses higher.
+    kept = {}
+    for policy in ("decay", "lrfu"):
+        cache = LayerCache(8, 2, policy)
+        for step in range(4):
+            cache.access([0], step)
+        cache.access([1], 40)
+        cache.access([1], 41)
+        cache.access([2], 42)
+        kept[policy] = list(cache.resident())
+    assert kept == {"decay": [0, 2], "lrfu": [1, 2]}
+
+
+def test_every_policy_keeps_its_state_whatever_the_policy(checkpoint):
+    from moe_tui.inference.cache import DEFAULT_POLICY, POLICIES
+
+    assert DEFAULT_POLICY in POLICIES and {"lru", "lfu", "decay"} <= set(POLICIES)
+    cache = LayerCache(8, 2, "lru")
+    cache.access([0], 0)
+    cache.access([0], 1)
+    cache.access([1], 2)
+    cache.policy = "lrfu"  # a live change ranks by the history kept all along
+    assert cache.priority(np.array([0, 1]), 2)[0] > cache.priority(np.array([0, 1]), 2)[1]
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4)
+    assert engine.policy == DEFAULT_POLICY
+    engine.set_policy("lrfu")
+    engine.model(mx.array([PROMPT]))
+    assert engine.snapshot().policy == "lrfu"
