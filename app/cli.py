@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from moe_tui.inference.cache import DECAY_HALF_LIFE, DEFAULT_POLICY, LRFU_HALF_LIFE, POLICIES
 from moe_tui.inference.demo_paths import DEMO_CAPACITY, DEMO_MODEL, DEMO_PROFILE
 from moe_tui.inference.errors import ModelLoadError
 
@@ -41,9 +42,10 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--mode", choices=("exact", "fast"), default="exact",
                    help="exact: outputs equal stock mlx-lm; fast: a missed expert is dropped for that token while "
                         "decoding (default: exact)")
-    p.add_argument("--policy", choices=("lru", "lfu", "decay"), default="lru",
-                   help="which cached expert to evict: least recently, least often, or by decayed frequency "
-                        "(default: lru)")
+    p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
+                   help="which cached expert to evict: least recently used, least often, or by use counts decayed "
+                        f"with a half-life of {DECAY_HALF_LIFE:g} (decay) or {LRFU_HALF_LIFE:g} steps (lrfu) "
+                        f"(default: {DEFAULT_POLICY})")
     p.add_argument("--profile", type=Path, default=None, help="expert profile JSON to warm and pin from")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="pin the profile's universal experts (default: yes for --profile, no for the demo's own)")
@@ -136,26 +138,81 @@ def cmd_generate(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    """Route prompts (generating) or a text (read token by token) and write a profile and/or a trace."""
     from moe_tui.inference.profiles import build_profile
 
+    if args.out is None and args.trace is None:
+        raise SystemExit("moe profile: nothing to write; give --out PROFILE.json and/or --trace TRACE.npz")
     engine = _load(args)
-    engine.set_capacity(1.0)
-    prompts = _read_prompts(args.prompts)
+    if args.capacity is None:
+        engine.set_capacity(1.0)  # exact routing is the same at every capacity; below full it records guesses
+    recorder = None
+    if args.trace is not None:
+        from moe_tui.inference.traces import TraceRecorder
+
+        recorder = TraceRecorder(engine, source="moe " + " ".join(sys.argv[1:]))
+    runs = _text_windows(engine, args) if args.text else _read_prompts(args.prompts)
     per_prompt, tokens = [], 0
-    for prompt in prompts:
-        engine.reset_stats()
+    for run in runs:
+        if recorder is not None:
+            recorder.begin()
+        else:
+            engine.reset_stats()
         engine.reset_prompt_cache()
-        for _event in engine.stream([{"role": "user", "content": prompt}], max_tokens=args.max_tokens):
-            pass
+        if args.text:
+            _route_tokens(engine, run)
+        else:
+            for _event in engine.stream([{"role": "user", "content": run}], max_tokens=args.max_tokens):
+                pass
         snap = engine.snapshot()
         per_prompt.append(snap.requests.copy())
-        tokens += int(snap.requests[0].sum()) // max(engine.layout.top_k, 1) if snap.num_moe_layers else 0
-    profile = build_profile(args.model or "demo", engine.layout, per_prompt, tokens)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(profile, indent=1) + "\n")
-    print(f"wrote {args.out}: {len(prompts)} prompts, {tokens} tokens, "
-          f"{sum(len(u) for u in profile['universal'])} universal experts", file=sys.stderr)
+        run_tokens = int(snap.requests[0].sum()) // max(engine.layout.top_k, 1) if snap.num_moe_layers else 0
+        tokens += run_tokens
+        if recorder is not None:
+            recorder.collect(run_tokens)
+    what = "text windows" if args.text else "prompts"
+    if args.out is not None:
+        profile = build_profile(args.model or "demo", engine.layout, per_prompt, tokens)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(profile, indent=1) + "\n")
+        print(f"wrote {args.out}: {len(runs)} {what}, {tokens} tokens, "
+              f"{sum(len(u) for u in profile['universal'])} universal experts", file=sys.stderr)
+    if recorder is not None:
+        from moe_tui.inference.traces import save_trace
+
+        trace = recorder.trace()
+        recorder.close()
+        save_trace(trace, args.trace)
+        guessed = "with" if trace.guesses is not None else "without"
+        print(f"wrote {args.trace}: {len(runs)} {what}, {trace.num_steps} steps, {tokens} tokens, {guessed} "
+              "next-layer guesses", file=sys.stderr)
     return 0
+
+
+def _text_windows(engine, args) -> list[list[int]]:
+    """The text's tokens (at most --tokens), cut into windows of --window tokens."""
+    try:
+        text = args.text.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise SystemExit(f"{args.text}: cannot read ({exc.strerror or exc})") from exc
+    if args.tokens:
+        text = text[: args.tokens * 8]  # ample: the demo's tokenizer averages ~3.8 bytes a token on Python text
+    ids = list(engine.tokenizer.encode(text))[: args.tokens]
+    if not ids:
+        raise SystemExit(f"{args.text}: no text to route")
+    window = min(args.window, engine.context_length)
+    return [ids[i : i + window] for i in range(0, len(ids), window)]
+
+
+def _route_tokens(engine, ids: list[int]) -> None:
+    """Run the model on `ids` one token at a time with a fresh KV cache: each token is one decode step."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(engine.model)
+    for token in ids:
+        mx.eval(engine.model(mx.array([[token]]), cache=cache))
+        engine.experts.after_step()
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -320,9 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="record expert routing on prompts into a profile JSON")
     _add_engine_args(p, model_optional=True)
-    p.add_argument("--prompts", type=Path, required=True, help="text file (blank-line separated) or JSON list")
-    p.add_argument("--out", type=Path, required=True, help="where to write the profile JSON")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", type=Path, help="text file (blank-line separated) or JSON list")
+    source.add_argument("--text", type=Path,
+                        help="a text file read token by token, as if generated (no chat template, no generation)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the profile JSON")
+    p.add_argument("--trace", type=Path, default=None, metavar="OUT.npz",
+                   help="also (or only) write the routing trace, for `moe bench --replay` (docs/traces.md)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
+    p.add_argument("--tokens", type=_positive, default=None, help="--text: read at most this many tokens of it")
+    p.add_argument("--window", type=_positive, default=1024,
+                   help="--text: tokens per KV cache; a new window starts from an empty context (default: 1024)")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with cache telemetry")
@@ -393,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--offload: memory cgroup limit above dense weights + expert cache (default 512)")
     p.add_argument("--offload-no-cgroup", action="store_true",
                    help="--offload: no memory cgroup, only drop the page cache before each run")
+    p.add_argument("--trace", type=Path, default=None, metavar="OUT.npz",
+                   help="write the routing trace of the exact run at the smallest capacity (docs/traces.md)")
+    p.add_argument("--replay", type=Path, default=None, metavar="TRACE.npz",
+                   help="no model: replay a recorded trace; every policy (with and without the recorded "
+                        "next-layer guesses) beside Belady's optimum, and a memory budget shared across layers")
+    p.add_argument("--replay-capacities", default="12.5,25,50,75", metavar="PERCENTS",
+                   help="--replay: cache capacities in percent of the experts per layer (default 12.5,25,50,75)")
     p.add_argument("--offload-calibrate", action="store_true",
                    help="--offload: search the synthetic routing's embedding scale against the demo's hit rates")
     p.set_defaults(func=_bench)
@@ -408,6 +480,10 @@ def with_command(argv: list[str], commands: tuple[str, ...]) -> list[str]:
 
 
 def _bench(args) -> int:
+    if args.replay is not None:
+        from moe_tui.inference.oracle import replay_main
+
+        return replay_main(args.replay, _percents(args.replay_capacities))
     if args.offload or args.offload_calibrate:
         from moe_tui.inference.offload_bench import main as offload_main
 
@@ -417,6 +493,16 @@ def _bench(args) -> int:
     if not args.synthetic and args.model is None:
         args.model = str(DEMO_MODEL)
     return bench_main(args)
+
+
+def _percents(text: str) -> list[float]:
+    try:
+        values = [float(v) / 100 for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"capacities {text!r}: expected percents separated by commas, e.g. 12.5,25,50") from exc
+    if not values or not all(0 < v <= 1 for v in values):
+        raise ValueError(f"capacities {text!r}: each percent must be in (0, 100]")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 
 from .engine import Engine, resolve_model_path
 from .safetensors_io import weight_files
+from .traces import Trace, TraceRecorder, save_trace
 
 # Configurations a run may compare: the engine's mode plus options (default: reads ahead on; reads bypass the
 # page cache only where it could not hold the experts).
@@ -93,16 +94,28 @@ def _generate(engine: Engine, prompt: list[int], decode_tokens: int):
     return done
 
 
-def _run_engine(path: Path, prompt: list[int], decode_tokens: int, capacity, mode: str) -> tuple[dict, Engine]:
-    """A cold pass (empty cache, as after loading), then a measured warm pass (a follow-up request)."""
+def _run_engine(path: Path, prompt: list[int], decode_tokens: int, capacity, mode: str,
+                record: bool = False) -> tuple[dict, Engine, Trace | None]:
+    """A cold pass (empty cache, as after loading), then a measured warm pass (a follow-up request);
+    `record`: the warm pass's routing trace (with the engine's next-layer guesses) comes back too."""
     engine = Engine.load(path, capacity=capacity, **MODES[mode])
+    recorder = TraceRecorder(engine, source=f"moe bench {path}: {mode} at {engine.capacity} experts per layer, "
+                             "warm pass") if record else None
     mx.reset_peak_memory()
     cold = _generate(engine, prompt, decode_tokens)
     cold_snap = engine.snapshot()
     engine.reset_prompt_cache()  # the warm pass prefills again, with whatever experts stayed cached
-    engine.reset_stats()
+    if recorder is not None:
+        recorder.begin()
+    else:
+        engine.reset_stats()
     done = _generate(engine, prompt, decode_tokens)
     snap = engine.snapshot()
+    trace = None
+    if recorder is not None:
+        recorder.collect(len(prompt) + done.generated_tokens)
+        trace = recorder.trace()
+        recorder.close()
     result = {
         "mode": mode, "capacity": engine.capacity, "capacity_fraction": engine.capacity / engine.layout.num_experts,
         "prefill_tps": done.prefill_tps, "decode_tps": done.decode_tps, "peak_memory_bytes": mx.get_peak_memory(),
@@ -113,11 +126,11 @@ def _run_engine(path: Path, prompt: list[int], decode_tokens: int, capacity, mod
                  "hit_rate": cold_snap.hit_rate, "bytes_read": cold_snap.bytes_read},
         "tokens": list(done.tokens),
     }
-    return result, engine
+    return result, engine, trace
 
 
 def run_bench(model: str | Path, fractions=(1.0, 0.5, 0.25), prompt_len: int = 64, decode_tokens: int = 64,
-              repeats: int = 2) -> dict:
+              repeats: int = 2, trace_out: str | Path | None = None) -> dict:
     path = resolve_model_path(model)
     files = weight_files(path)
     probe = Engine.load(path, capacity=min(fractions))  # below full capacity: reads no expert up front
@@ -146,11 +159,16 @@ def run_bench(model: str | Path, fractions=(1.0, 0.5, 0.25), prompt_len: int = 6
         mx.clear_cache()
         for mode, fraction in configs:
             drop_page_cache(files)
-            r, engine = _run_engine(path, prompt, decode_tokens, fraction, mode)
+            traced = mode == "exact" and fraction == min(fractions)
+            r, engine, trace = _run_engine(path, prompt, decode_tokens, fraction, mode,
+                                           record=traced and trace_out is not None)
             r["matches_stock_tokens"] = r.pop("tokens") == stock_tokens
             results[(mode, fraction)].append(r)
-            if mode == "exact" and fraction == min(fractions):
+            if traced:
                 engines_trace = engine.hit_rates_vs_optimum()
+            if trace is not None:
+                save_trace(trace, trace_out)
+                report["trace"] = str(trace_out)
             engine.close()
             del engine
             gc.collect()
@@ -246,7 +264,7 @@ def main(args) -> int:
     else:
         model = args.model
     report = run_bench(model, prompt_len=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                       repeats=args.repeats)
+                       repeats=args.repeats, trace_out=getattr(args, "trace", None))
     print(format_table(report), file=sys.stderr)
     json.dump(report, sys.stdout, indent=2, default=_json_default)
     sys.stdout.write("\n")

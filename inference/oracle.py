@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .cache import POLICIES, LayerCache
+from .cache import DEFAULT_POLICY, POLICIES, LayerCache
 
 Step = Sequence[int]
 
@@ -21,17 +21,63 @@ def _counts(hits: int, accesses: int) -> dict[str, float]:
     return {"hits": hits, "accesses": accesses, "hit_rate": hits / accesses if accesses else 0.0}
 
 
-def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, policy: str) -> dict[str, float]:
-    """Hit rate the engine's own `LayerCache` gets on `trace` with `policy`."""
+# The engine's reads-ahead gate (inference/expert_cache.py), repeated here so replays stay pure numpy;
+# tests/test_oracle.py checks they agree.
+PREFETCH_MIN_PRECISION = 0.4
+PREFETCH_MEMORY = 0.95
+PREFETCH_WARMUP = 4.0
+
+
+def prediction_guesses(capacity: int, top_k: int, pinned: int = 0) -> int:
+    """Experts the engine guesses per layer at `capacity` (as its `prefetch_guesses`)."""
+    return max(0, min(2 * top_k, capacity - pinned - top_k))
+
+
+def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, policy: str,
+                    guesses: Sequence[Step] | None = None, top_k: int = 1) -> dict[str, float]:
+    """Hit rate the engine's own `LayerCache` gets on `trace` with `policy`.
+
+    With `guesses` (per step, the experts predicted for this layer, best first; empty where none), each
+    step first reads the guessed experts that are not resident, as the engine's next-layer prefetch does:
+    the first `prediction_guesses(capacity, top_k)` of them, the same admission and protection, and the
+    same per-rank precision gate. A hit then means ready: resident when the layer runs, whether kept or
+    read ahead. `prefetches` counts experts read ahead, `prefetch_hits` those used before eviction.
+    """
     cache = LayerCache(num_experts, capacity, policy)
-    hits = accesses = 0
+    hits = accesses = prefetches = prefetch_hits = 0
+    g = prediction_guesses(capacity, top_k)
+    record = np.zeros((g, 2))  # per guess rank: recent (needed, scored) guesses that were not resident
     for step, experts in enumerate(trace):
         experts = sorted(set(int(e) for e in experts))
+        ranked = [] if guesses is None or not g else list(dict.fromkeys(int(e) for e in guesses[step]))[:g]
+        missing = [(r, e) for r, e in enumerate(ranked) if cache.slot_of[e] < 0]
+        if missing:
+            used, scored = record[:, 0], record[:, 1]
+            worth = (scored < PREFETCH_WARMUP) | (used >= PREFETCH_MIN_PRECISION * scored)
+            guessed = set(ranked)
+            evictable = sum(1 for e in cache.expert_in_slot if e < 0 or (e not in guessed and e not in cache.pinned))
+            for e, _, old in cache.admit([e for r, e in missing if worth[r]][:evictable], guessed, step):
+                if old >= 0:
+                    cache.prefetched[old] = False
+                cache.prefetched[e] = True
+                prefetches += 1
+            for r, e in missing:
+                record[r] = record[r] * PREFETCH_MEMORY + (e in experts, 1)
         accesses += len(experts)
-        hits += int(np.sum(cache.slot_of[experts] >= 0)) if experts else 0
+        if experts:
+            resident = cache.slot_of[experts] >= 0
+            hits += int(resident.sum())
+            ready = [e for e, r in zip(experts, resident, strict=True) if r and cache.prefetched[e]]
+            prefetch_hits += len(ready)
+            cache.prefetched[ready] = False
         for group in _groups(experts, capacity):
-            cache.access(group, step)
-    return _counts(hits, accesses)
+            for _, _, old in cache.access(group, step):
+                if old >= 0:
+                    cache.prefetched[old] = False
+    result = _counts(hits, accesses)
+    if guesses is not None:
+        result.update(prefetches=prefetches, prefetch_hits=prefetch_hits)
+    return result
 
 
 def belady(trace: Sequence[Step], capacity: int) -> dict[str, float]:
@@ -75,14 +121,137 @@ def _groups(experts: list[int], capacity: int) -> list[list[int]]:
     return [experts[i : i + capacity] for i in range(0, len(experts), capacity)] or [[]]
 
 
-def compare(traces: Sequence[Sequence[Step]], num_experts: int, capacity: int) -> dict[str, dict[str, float]]:
-    """Hit rates over all layers for every policy and for Belady, at one capacity."""
+def compare(traces: Sequence[Sequence[Step]], num_experts: int, capacity: int,
+            guesses: Sequence[Sequence[Step]] | None = None, top_k: int = 1,
+            policies: Sequence[str] = POLICIES) -> dict[str, dict[str, float]]:
+    """Hit rates over all layers for every policy and for Belady, at one capacity.
+
+    With `guesses` (per layer, per step, as in a recorded trace) each policy is also replayed with the
+    engine's next-layer prefetch, as "POLICY+prediction" (hit rate = ready rate).
+    """
     result: dict[str, dict[str, float]] = {}
-    for name in (*POLICIES, "belady"):
-        hits = accesses = 0
-        for trace in traces:
-            r = belady(trace, capacity) if name == "belady" else simulate_policy(trace, num_experts, capacity, name)
-            hits += r["hits"]
-            accesses += r["accesses"]
-        result[name] = _counts(hits, accesses)
+    runs = [(name, False) for name in (*policies, "belady")]
+    if guesses is not None:
+        runs += [(name, True) for name in policies]
+    for name, predicted in runs:
+        total: dict[str, float] = {}
+        for i, trace in enumerate(traces):
+            if name == "belady":
+                r = belady(trace, capacity)
+            else:
+                r = simulate_policy(trace, num_experts, capacity, name, guesses[i] if predicted else None, top_k)
+            for key, value in r.items():
+                if key != "hit_rate":
+                    total[key] = total.get(key, 0) + value
+        result[name + ("+prediction" if predicted else "")] = {
+            **total, **_counts(total.get("hits", 0), total.get("accesses", 0))}
     return result
+
+
+def hit_curve(trace: Sequence[Step], num_experts: int, policy: str = "belady") -> list[int]:
+    """Hits of one layer's trace at every capacity 1..num_experts (index c - 1)."""
+    return [int((belady(trace, c) if policy == "belady" else simulate_policy(trace, num_experts, c, policy))["hits"])
+            for c in range(1, num_experts + 1)]
+
+
+def shared_budget(curves: Sequence[Sequence[int]], capacity: int, minimum: int = 1) -> dict:
+    """Hits with `capacity` slots in every layer vs the best split of the same total across layers.
+
+    `curves[layer][c - 1]` are the layer's hits with c slots (`hit_curve`); each layer keeps at least
+    `minimum` (top_k: a token's own experts must fit). Exact (dynamic programming over the split).
+    """
+    n, E = len(curves), len(curves[0]) if curves else 0
+    total = capacity * n
+    best = {0: (0, ())}  # slots used so far -> (hits, allocation)
+    for curve in curves:
+        nxt: dict[int, tuple[int, tuple[int, ...]]] = {}
+        for used, (hits, alloc) in best.items():
+            for c in range(minimum, E + 1):
+                if used + c > total:
+                    break
+                cand = (hits + curve[c - 1], (*alloc, c))
+                if cand[0] > nxt.get(used + c, (-1, ()))[0]:
+                    nxt[used + c] = cand
+        best = nxt
+    hits, alloc = max(best.values(), key=lambda v: v[0]) if best else (0, ())
+    return {"uniform_hits": int(sum(curve[capacity - 1] for curve in curves)), "shared_hits": int(hits),
+            "allocation": list(alloc)}
+
+
+REPLAY_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
+
+
+def replay_report(trace, fractions: Sequence[float] = REPLAY_FRACTIONS) -> dict:
+    """Every policy (and, where the trace holds guesses, with prediction) beside Belady at each capacity,
+    plus what one budget shared across layers would gain: the JSON of `moe bench --replay`."""
+    E, K = trace.num_experts, trace.top_k
+    accesses = trace.accesses
+    shared_names = ("belady", DEFAULT_POLICY, "lru")
+    curves = {name: [hit_curve(layer, E, name) for layer in trace.steps] for name in shared_names}
+    report: dict = {
+        "model": trace.model, "source": trace.source, "num_experts": E, "top_k": K,
+        "layers": list(trace.layer_ids), "steps": trace.num_steps, "tokens": trace.tokens, "accesses": accesses,
+        "guesses": trace.guesses is not None, "capacities": [],
+    }
+    for f in fractions:
+        capacity = max(K, min(E, round(f * E)))
+        g = prediction_guesses(capacity, K)
+        recorded = max((len(x) for layer in trace.guesses for x in layer), default=0) if trace.guesses else 0
+        simulate = trace.guesses is not None and 0 < g <= recorded
+        rates = compare(trace.steps, E, capacity, trace.guesses if simulate else None, K)
+        entry = {"fraction": f, "capacity": capacity, "rates": rates,
+                 "per_layer_belady": [belady(layer, capacity)["hit_rate"] for layer in trace.steps],
+                 "prediction": "simulated" if simulate else
+                 ("no guesses in this trace" if trace.guesses is None else
+                  "not simulated: the engine makes no guess at this capacity" if not g else
+                  f"not simulated: the engine guesses {g} experts per layer at this capacity, the trace holds "
+                  f"{recorded} (record it at a capacity with room for {g})")}
+        shared = {}
+        for name, per_layer in curves.items():
+            s = shared_budget(per_layer, capacity, minimum=K)
+            shared[name] = {**s, "uniform_hit_rate": s["uniform_hits"] / max(accesses, 1),
+                            "shared_hit_rate": s["shared_hits"] / max(accesses, 1)}
+        entry["shared_budget"] = shared
+        report["capacities"].append(entry)
+    return report
+
+
+def format_replay(report: dict) -> str:
+    names = [n for n in (*POLICIES, "belady")]
+    lines = [f"replay of {report['model']}: {len(report['layers'])} MoE layers x {report['num_experts']} experts, "
+             f"top {report['top_k']}, {report['steps']} steps, {report['accesses']} expert accesses"
+             + ("" if report["guesses"] else " (no next-layer guesses recorded: prediction not simulated)"),
+             f"{'capacity':<14}" + "".join(f"{n:>9}" for n in names) + f"{'best/Belady':>13}"]
+    for entry in report["capacities"]:
+        rates = entry["rates"]
+        label = f"{entry['fraction']:.1%} ({entry['capacity']})"
+        best = max(rates[n]["hit_rate"] for n in POLICIES)
+        lines.append(f"{label:<14}" + "".join(f"{rates[n]['hit_rate']:>9.1%}" for n in names)
+                     + f"{best / max(rates['belady']['hit_rate'], 1e-12):>13.0%}")
+        if any(k.endswith("+prediction") for k in rates):
+            lines.append(f"{'  +prediction':<14}" + "".join(
+                f"{rates[n + '+prediction']['hit_rate']:>9.1%}" if n + "+prediction" in rates else f"{'':>9}"
+                for n in names) + "   (ready rate: kept or read ahead)")
+        elif report["guesses"]:
+            lines.append(f"  +prediction  {entry['prediction']}")
+    lines.append("one budget shared across layers: the same slots per layer -> the best split of them (oracle):")
+    for entry in report["capacities"]:
+        sb = entry["shared_budget"]
+        parts = [f"{n} {r['uniform_hit_rate']:.1%} -> {r['shared_hit_rate']:.1%}" for n, r in sb.items()]
+        lines.append(f"  {entry['fraction']:.1%}: " + ", ".join(parts)
+                     + f" (Belady's split {sb['belady']['allocation']})")
+    return "\n".join(lines)
+
+
+def replay_main(path, fractions: Sequence[float] = REPLAY_FRACTIONS) -> int:
+    """`moe bench --replay TRACE.npz`: the table on stderr, JSON on stdout."""
+    import json
+    import sys
+
+    from .traces import load_trace
+
+    report = replay_report(load_trace(path), fractions)
+    print(format_replay(report), file=sys.stderr)
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_tui.inference import Engine
 from moe_tui.inference.cache import POLICIES
-from moe_tui.inference.oracle import belady, compare, simulate_policy
+from moe_tui.inference.oracle import belady, compare, shared_budget, simulate_policy
 
 
 def brute_force_hits(trace, capacity):
@@ -68,3 +70,40 @@ def test_known_trace_values():
     trace = [[0], [1], [2], [0], [1], [3], [0], [1], [2], [3]]
     assert simulate_policy(trace, 4, 2, "lru")["hits"] == 0
     assert belady(trace, 2)["hits"] == 3
+
+
+def test_replay_gate_matches_the_engine():
+    from moe_tui.inference import expert_cache, oracle
+
+    for name in ("PREFETCH_MIN_PRECISION", "PREFETCH_MEMORY", "PREFETCH_WARMUP"):
+        assert getattr(oracle, name) == getattr(expert_cache, name), name
+
+
+def test_prediction_replay():
+    rng = np.random.default_rng(0)
+    trace = [sorted(rng.choice(12, 2, replace=False).tolist()) for _ in range(300)]
+    demand = simulate_policy(trace, 16, 8, "lru")
+    # Guesses that are exactly the step's experts: every access is ready once reads ahead start.
+    perfect = simulate_policy(trace, 16, 8, "lru", guesses=trace, top_k=2)
+    assert perfect["hits"] == perfect["accesses"] > demand["hits"]
+    assert perfect["prefetches"] == perfect["prefetch_hits"] == demand["accesses"] - demand["hits"]
+    # Guesses that are never needed: reads ahead stop once each rank's precision is measured.
+    useless = simulate_policy(trace, 16, 8, "lru", guesses=[[14, 15]] * len(trace), top_k=2)
+    assert useless["prefetch_hits"] == 0 and useless["prefetches"] <= 2 * 5  # 2 ranks; 5 decayed guesses reach 4
+    # No room to guess (capacity == top_k): the same as without prediction.
+    assert simulate_policy(trace, 16, 2, "lru", guesses=trace, top_k=2)["hits"] == simulate_policy(
+        trace, 16, 2, "lru")["hits"]
+    assert set(compare([trace], 16, 8, guesses=[trace], top_k=2)) == {
+        *POLICIES, "belady", *(p + "+prediction" for p in POLICIES)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 30), min_size=6, max_size=6), min_size=1, max_size=4), st.integers(2, 4))
+def test_shared_budget_is_the_best_split(raw, capacity):
+    curves = [np.maximum.accumulate(c).tolist() for c in raw]  # hits never fall with more slots
+    result = shared_budget(curves, capacity, minimum=2)
+    total = capacity * len(curves)
+    best = max(sum(c[a - 1] for c, a in zip(curves, split, strict=True))
+               for split in itertools.product(range(2, 7), repeat=len(curves)) if sum(split) <= total)
+    assert result["shared_hits"] == best >= result["uniform_hits"]
+    assert sum(result["allocation"]) <= total and min(result["allocation"]) >= 2
