@@ -110,11 +110,9 @@ async def test_capacity_change_from_palette_reaches_engine(make_app):
         await wait_until(pilot, lambda: app.last_snapshot.capacity == 4)
         app.run_command("/capacity 2")
         await wait_until(pilot, lambda: app.last_snapshot.capacity == 2)
-        app.run_command("/mode fast")
-        await wait_until(pilot, lambda: app.last_snapshot.mode == "fast")
         app.run_command("/policy lfu")
         await wait_until(pilot, lambda: app.last_snapshot.policy == "lfu")
-        assert "fast · lfu · 2/8" in app.sub_title
+        assert "exact · lfu · 2/8" in app.sub_title
 
 
 async def test_small_terminal_and_theme_switch(make_app, tmp_path):
@@ -209,7 +207,8 @@ async def test_save_code_block_asks_before_overwriting(make_app, tmp_path, monke
 
 
 async def test_full_context_drops_oldest_turns_with_notice(make_app):
-    app = make_app(inference_process=False, max_tokens=50)  # reaches into the session's engine
+    # Reaches into the session's engine; a 200-token window leaves no room for the built-in coding prompt.
+    app = make_app(inference_process=False, max_tokens=50, coding_prompt=False)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.backend.session.engine.config["max_position_embeddings"] = 200
