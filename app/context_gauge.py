@@ -54,7 +54,7 @@ def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Te
                + f" · reply {min(budget.reply, budget.room) if budget.context else budget.reply:,}")
     line = Text("context ")
     if budget.context:
-        bar_width = max(6, min(24, width - len(numbers) - 40))
+        bar_width = max(6, min(24, width - len(numbers) - 12))
         full, reply_cell, empty = ("█", "▒", "░") if unicode else ("#", "=", ".")
         cells, taken = [], 0
         for name, colour in SEGMENTS:

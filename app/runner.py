@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -123,7 +124,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 async def git_diff(cwd: str) -> tuple[RunResult | None, str]:
-    """(`git diff HEAD` in `cwd` — staged and unstaged changes —, "") or (None, why not)."""
+    """(`git diff HEAD` in `cwd`: staged and unstaged changes, "") or (None, why not)."""
     try:
         inside = await run_shell("git rev-parse --is-inside-work-tree", cwd, timeout=10)
     except OSError as exc:
@@ -134,4 +135,4 @@ async def git_diff(cwd: str) -> tuple[RunResult | None, str]:
         return None, f"{cwd} is not in a git repository: nothing for /diff to show"
     has_head = (await run_shell("git rev-parse --verify -q HEAD", cwd, timeout=10)).exit_status == 0
     result = await run_shell("git --no-pager diff --no-color" + (" HEAD" if has_head else " --cached"), cwd, timeout=30)
-    return result, ""
+    return dataclasses.replace(result, command="git diff"), ""  # as the user knows it (and /drop takes it)

@@ -252,8 +252,8 @@ async def test_diff_attaches_git_diff_and_drop_removes_attachments(fake_app, tmp
         await wait_until(pilot, lambda: notified(app, "nothing.py is not attached"))
         assert len(app.attachments) == 2
         app.run_command("/drop a.py")
-        assert [a.label for a in app.attachments] == ["Output of `git --no-pager diff --no-color HEAD` (exit status 0)"]
-        app.run_command("/drop git --no-pager diff --no-color HEAD")
+        assert [a.label for a in app.attachments] == ["Output of `git diff` (exit status 0)"]
+        app.run_command("/drop git diff")
         assert app.attachments == []
 
 
