@@ -7,6 +7,7 @@ its data or size changes, on a worker thread, and the widget shows the latest dr
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from rich.text import Text
@@ -16,6 +17,8 @@ from textual.color import Color
 from textual.message import Message
 from textual.widget import Widget
 
+# plotext keeps some state at module level: two figures built at once on two threads disturbed each other's ticks.
+_BUILD = threading.Lock()
 # Theme variables the series are drawn in (resolved on the UI thread: the worker never reads the app).
 SERIES_COLOURS = ("primary", "success", "warning", "error", "secondary", "accent")
 
@@ -77,7 +80,11 @@ def draw(figure: Figure, width: int, height: int, colours: dict[str, tuple[int, 
     if figure.xlim:
         plot.xlim(*figure.xlim)
     if figure.yticks:
-        plot.yticks(list(figure.yticks), [f"{y:g}" for y in figure.yticks])
+        # Only as many ticks as the canvas has rows to spare: plotext drops colliding labels in an order that
+        # changes from one process to the next.
+        rows = height - 5  # title, frame, x ticks and label
+        ticks = figure.yticks if rows >= 2 * len(figure.yticks) else figure.yticks[:: max(len(figure.yticks) // 2, 1)]
+        plot.yticks(list(ticks), [f"{y:g}" for y in ticks])
     if figure.integer_x and drawn:
         low, high = figure.xlim or (min(min(s.xs) for s in figure.series if s.xs),
                                     max(max(s.xs) for s in figure.series if s.xs))
@@ -109,7 +116,8 @@ class Chart(Widget):
         super().__init__(**kwargs)
         self.unicode = unicode
         self._figure: Figure | None = None
-        self._drawn: tuple | None = None  # (figure, width, height, colours) of the drawing shown
+        self._drawn: tuple | None = None  # (figure, width, height, colours) of the drawing asked for last
+        self._shown: tuple | None = None  # the same, of the drawing on screen
         self._text = Text("")
 
     @property
@@ -120,6 +128,16 @@ class Chart(Widget):
     def figure(self, figure: Figure) -> None:
         self._figure = figure
         self._redraw()
+
+    @property
+    def settled(self) -> bool:
+        """The drawing shown is of the current figure at the current size (nothing left to draw)."""
+        return self._figure is None or self.size.width < 10 or (
+            self._shown is not None and self._shown == self._drawn and self._shown[:3] == (self._figure, *self.size))
+
+    def on_mount(self) -> None:
+        # The theme's variables are read when drawing: redraw once the new theme's are in place.
+        self.app.theme_changed_signal.subscribe(self, lambda _: self.call_after_refresh(self._redraw))
 
     def on_resize(self) -> None:
         self._redraw()
@@ -143,15 +161,17 @@ class Chart(Widget):
         if key == self._drawn:
             return
         self._drawn = key
-        self._build(self._figure, width, height, colours)
+        self._build(key)
 
     @work(thread=True, exclusive=True, group="chart")
-    def _build(self, figure: Figure, width: int, height: int, colours: dict) -> None:
-        text = draw(figure, width, height, colours, self.unicode)
-        self.app.call_from_thread(self._show, text)
+    def _build(self, key: tuple) -> None:
+        figure, width, height, colours = key
+        with _BUILD:
+            text = draw(figure, width, height, dict(colours), self.unicode)
+        self.app.call_from_thread(self._show, text, key)
 
-    def _show(self, text: Text) -> None:
-        self._text = text
+    def _show(self, text: Text, drawn: tuple) -> None:
+        self._text, self._shown = text, drawn
         self.refresh()
 
     def render(self) -> Text:
