@@ -23,6 +23,8 @@ class CodingCommands:
     """Handlers for MoeApp: each cmd_NAME is the slash command /NAME of commands.py."""
 
     running_command: Worker | None = None
+    agent_on = False
+    agent_worker: Worker | None = None
 
     # ---- edits
     def reply_edits(self, arg: str) -> tuple[list[edits.Change], list[str]] | None:
@@ -172,12 +174,12 @@ class CodingCommands:
         self.show_output(result)
 
     def cancel_command(self) -> bool:
-        """Esc while a /run command runs stops it. True when there was one."""
-        worker = self.running_command
-        if worker is None or worker.is_finished:
-            return False
-        worker.cancel()
-        return True
+        """Esc while a /run command or an agent reply runs stops it. True when there was one."""
+        for worker in (self.running_command, self.agent_worker):
+            if worker is not None and not worker.is_finished:
+                worker.cancel()
+                return True
+        return False
 
     def show_output(self, result: runner.RunResult, what: str = "") -> None:
         """Attach a command's output to the next message and show its end in the chat."""
@@ -241,6 +243,82 @@ class CodingCommands:
             return
         self.attachments = kept
         self.notice(f"dropped {arg}; {len(kept)} attachment(s) left")
+        self.refresh_context()
+
+    # ---- agent mode
+    def cmd_agent(self, arg: str) -> None:
+        settings = self.store.chat(self.chat_id).settings
+        reads = settings.get("agent_reads", False)
+        if arg not in ("on", "off", "reads"):
+            state = "on" if self.agent_on else "off"
+            self.usage("agent", f"agent mode is {state}; reads {'allowed' if reads else 'asked'} in this chat")
+            return
+        if arg == "on" and not self.backend.capabilities.tool_calls:
+            self.notice("agent mode needs a server that takes tools: `moe serve MODEL` then `moe attach URL`, or "
+                        "`moe chat --base-url URL` (the local session does not pass tools to the model yet)", "error")
+            return
+        if arg == "reads":
+            self.store.update_chat(self.chat_id, settings={**settings, "agent_reads": not reads})
+            self.notice("the agent's reads are allowed without asking in this chat" if not reads else
+                        "the agent's reads ask first again in this chat")
+            return
+        self.agent_on = arg == "on"
+        self.notice("agent mode on: the model may read, search, edit and run commands here; each write and run "
+                    "asks first (reads too, until /agent reads)" if self.agent_on else "agent mode off")
+
+    def start_agent(self) -> bool:
+        """Answer the last message with the agent loop, when agent mode is on. False: a plain reply is due."""
+        if not self.agent_on:
+            return False
+        if self.agent_worker is not None and not self.agent_worker.is_finished:
+            self.notice("the agent is still working: Esc stops it", "warning")
+            return True
+        self.agent_worker = self.run_worker(self._agent(self.chat_id), group="agent", exit_on_error=False)
+        return True
+
+    async def _agent(self, chat_id: int) -> None:
+        import httpx  # here: the app starts without the HTTP client unless it talks to a server
+
+        from . import agent
+
+        messages = self.history()
+        if messages and messages[0]["role"] == "system" and messages[0]["content"] == edits.CODING_PROMPT:
+            messages[0] = {"role": "system", "content": agent.AGENT_PROMPT}
+        settings = self.store.chat(chat_id).settings
+        backend = self.backend
+
+        async def ask(question: str, diff: str) -> bool:
+            return bool(await self.push_screen_wait(ConfirmScreen(question, diff)))
+
+        def record(written: list[edits.Written]) -> None:
+            self.store.record_apply(chat_id, [AppliedFile(str(w.path), w.before, w.after) for w in written])
+
+        def shown(step) -> None:
+            text = f"**tool** `{step.summary()}`\n\n```\n{coding.shorten(step.result, 2000)}\n```"
+            message_id = self.store.add_message(chat_id, "tool", text)
+            if chat_id == self.chat_id:
+                self.add_view(MessageView("notice", text, message_id))
+
+        tools = agent.Tools(self.cwd, ask, bool(settings.get("agent_reads")), record)
+        self.notice("the agent is working (Esc stops it)")
+        try:
+            async with httpx.AsyncClient(base_url=backend.base_url, headers=backend.headers,
+                                         timeout=httpx.Timeout(10, read=300)) as client:
+                answer = await agent.run(client, backend.model, messages, tools,
+                                         int(settings.get("max_tokens", self.settings.max_tokens)),
+                                         float(settings.get("temperature", self.settings.temperature)), shown)
+        except agent.AgentError as exc:
+            self.notice(f"agent stopped: {exc}", "error")
+            return
+        except asyncio.CancelledError:
+            self.notice("agent stopped", "warning")
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug or a server's nonsense: said, not a silent dead worker
+            self.notice(f"agent failed: {type(exc).__name__}: {exc}", "error")
+            return
+        message_id = self.store.add_message(chat_id, "assistant", answer)
+        if chat_id == self.chat_id:
+            self.add_view(MessageView("assistant", answer, message_id, markdown=coding.number_code_blocks(answer)))
         self.refresh_context()
 
     # ---- the context gauge

@@ -53,6 +53,12 @@ COMMANDS: tuple[Command, ...] = (
             details='Runs in the working directory with your shell, stdin closed, at most 120 s (Esc stops it). '
                     'The exit status and the end of the output are shown; the output (its middle cut when over '
                     '32 KiB) is attached to your next message (`/drop CMD` removes it).'),
+    Command("agent", "[on|off|reads]", "agent mode: the model reads, edits and runs commands through tools", "Coding",
+            details='With a server that takes tools (`moe attach URL`, `moe chat --base-url URL`) the model is '
+                    'offered tools to read files, list and search the working directory, apply an edit and '
+                    'run a command. Every edit and command asks first; reads ask too until `/agent reads` '
+                    'allows them in this chat (again: ask again). Each call is shown and kept in the chat; '
+                    '`/undo` restores what its edits changed; Esc stops it.'),
     Command("diff", "", "attach `git diff` (the changes since the last commit) to your next message", "Coding",
             details='Staged and unstaged changes (`git diff HEAD`). Outside a git repository it says so.'),
     Command("save", "N PATH", "write code block N of the last reply to PATH (diff and confirm first)", "Coding",

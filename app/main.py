@@ -388,6 +388,8 @@ class MoeApp(CodingCommands, App):
         self.start_reply()
 
     def start_reply(self) -> None:
+        if self.start_agent():  # agent mode: the agent loop answers
+            return
         settings = self.store.chat(self.chat_id).settings
         hold_full_collections(True)
         self.reply = Reply(FailSoftStore(self), self.chat_id, self.add_view(StreamingReply()))

@@ -58,7 +58,7 @@ class RemoteWorker(threading.Thread):
         self._cancel = threading.Event()
         self._stopping = threading.Event()
         self.capabilities = Capabilities(remote=True, telemetry=telemetry, configurable=False,
-                                         exact_token_counts=False)
+                                         exact_token_counts=False, tool_calls=True)
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[:-3]

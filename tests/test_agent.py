@@ -1,0 +1,166 @@
+"""Agent mode against a scripted OpenAI-compatible server on loopback answering in the real tool-call wire format:
+read a file, propose an edit, apply it after a yes, run a command, answer; /undo restores the file."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from moe_tui.app.main import MoeApp
+from moe_tui.app.remote import RemoteWorker
+from moe_tui.app.settings import Settings
+from moe_tui.app.worker import EngineSpec
+
+from tests.helpers import dialog_open, notified, replies, send, wait_until, watched
+
+
+def call(call_id: str, name: str, arguments: dict) -> dict:
+    """An assistant turn holding one tool call, as OpenAI's chat completions API sends it."""
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]}
+
+
+class ScriptedServer:
+    """/v1/models and /v1/chat/completions (non-streaming) answering with `script`, one turn per request."""
+
+    def __init__(self, script: list[dict]) -> None:
+        self.script = list(script)
+        self.requests: list[dict] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    self.answer(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+                else:
+                    self.answer(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append(body)
+                message = owner.script.pop(0)
+                finish = "tool_calls" if message.get("tool_calls") else "stop"
+                self.answer(200, {"id": f"chatcmpl-{len(owner.requests)}", "object": "chat.completion",
+                                  "created": 0, "model": "scripted",
+                                  "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                                  "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def agent_app(tmp_path, url: str) -> MoeApp:
+    settings = Settings(data_dir=str(tmp_path / "data"), glyphs="unicode")
+    return watched(MoeApp(EngineSpec(model=url), settings,
+                          worker_factory=lambda app: RemoteWorker(app, url, telemetry=False)))
+
+
+async def yes(pilot, app, expect: str) -> str:
+    """Wait for the question that contains `expect`, answer yes; its diff."""
+    await wait_until(pilot, lambda: dialog_open(app) and expect in app.screen.question)
+    diff = app.screen.diff
+    await pilot.press("y")
+    await wait_until(pilot, lambda: not dialog_open(app) or expect not in app.screen.question)
+    return diff
+
+
+async def test_an_agent_reads_edits_after_a_yes_runs_a_command_and_answers(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "util.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    check = f"{sys.executable} -c 'import util; print(util.twice(21))'"
+    server = ScriptedServer([
+        call("call_1", "read_file", {"path": "util.py"}),
+        call("call_2", "apply_edit", {"path": "util.py", "search": "    return 2 * x", "replace": "    return x + x"}),
+        call("call_3", "run_command", {"command": check}),
+        {"role": "assistant", "content": "twice now adds; it returns 42 for 21."},
+    ])
+    app = agent_app(tmp_path, server.url)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.context_length == 0 and app.sub_title == "remote server")
+            app.run_command("/agent on")
+            await wait_until(pilot, lambda: notified(app, "agent mode on"))
+            await send(pilot, app, "make twice use addition")
+            await yes(pilot, app, "The model wants to read file")
+            diff = await yes(pilot, app, "The model wants to edit util.py")
+            assert "-    return 2 * x" in diff and "+    return x + x" in diff
+            await yes(pilot, app, "The model wants to run")
+            await wait_until(pilot, lambda: replies(app) and "returns 42" in replies(app)[-1].content)
+            assert (project / "util.py").read_text() == "def twice(x):\n    return x + x\n"
+
+            first, second, third, last = server.requests
+            assert {t["function"]["name"] for t in first["tools"]} == {
+                "read_file", "list_files", "search_files", "apply_edit", "run_command"}
+            assert first["messages"][-1] == {"role": "user", "content": "make twice use addition"}
+            assert second["messages"][-2]["tool_calls"][0]["id"] == "call_1"
+            assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1",
+                                              "content": "def twice(x):\n    return 2 * x\n"}
+            assert third["messages"][-1]["content"] == "applied to util.py"
+            assert last["messages"][-1]["tool_call_id"] == "call_3"
+            assert last["messages"][-1]["content"] == "exit status 0\n42\n"
+            tool_rows = [m.content for m in app.store.messages(app.chat_id) if m.role == "tool"]
+            assert len(tool_rows) == 3 and "run_command" in tool_rows[2] and "42" in tool_rows[2]
+
+            app.run_command("/undo")
+            await yes(pilot, app, "Undo the last apply")
+            await wait_until(pilot, lambda: notified(app, "restored 1 file(s)"))
+            assert (project / "util.py").read_text() == "def twice(x):\n    return 2 * x\n"
+    finally:
+        server.close()
+
+
+async def test_a_refused_call_is_told_to_the_model_and_reads_can_be_always_allowed(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "a.py").write_text("print('a')\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    server = ScriptedServer([
+        call("c1", "list_files", {"pattern": "*.py"}),
+        call("c2", "run_command", {"command": "touch ran.txt"}),
+        {"role": "assistant", "content": "I did not run it."},
+    ])
+    app = agent_app(tmp_path, server.url)
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await wait_until(pilot, lambda: app.sub_title == "remote server")
+            app.run_command("/agent on")
+            app.run_command("/agent reads")
+            await send(pilot, app, "run it")
+            await wait_until(pilot, lambda: dialog_open(app) and "wants to run" in app.screen.question)
+            await pilot.press("n")
+            await wait_until(pilot, lambda: replies(app) and "did not run" in replies(app)[-1].content)
+            assert server.requests[1]["messages"][-1]["content"] == "a.py"  # listed without a question
+            assert server.requests[2]["messages"][-1]["content"] == "the user refused to run it"
+            assert not (project / "ran.txt").exists()
+    finally:
+        server.close()
+
+
+async def test_agent_mode_needs_a_server_that_takes_tools(fake_app):
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.run_command("/agent on")
+        await wait_until(pilot, lambda: notified(app, "agent mode needs a server"))
+        assert not app.agent_on
