@@ -42,6 +42,16 @@ class ScriptedServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def stream(self, text: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for delta, finish in (({"role": "assistant", "content": text}, None), ({}, "stop")):
+                    chunk = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 0, "model": "scripted",
+                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+
             def do_GET(self) -> None:
                 if self.path == "/v1/models":
                     self.answer(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
@@ -53,6 +63,9 @@ class ScriptedServer:
                 owner.requests.append(body)
                 message = owner.script.pop(0)
                 finish = "tool_calls" if message.get("tool_calls") else "stop"
+                if body.get("stream"):  # a plain reply (agent mode off): its text as server-sent events
+                    self.stream(message["content"])
+                    return
                 self.answer(200, {"id": f"chatcmpl-{len(owner.requests)}", "object": "chat.completion",
                                   "created": 0, "model": "scripted",
                                   "choices": [{"index": 0, "message": message, "finish_reason": finish}],
