@@ -22,7 +22,7 @@ class Capabilities:
     telemetry: bool
     """Cache snapshots arrive (heatmap and gauges have data); else the panels show client-side speeds."""
     configurable: bool
-    """/capacity, /mode, /policy and /reset reach the engine."""
+    """/capacity, /policy and /reset reach the engine."""
     exact_token_counts: bool
     """count_tokens uses the model's own tokenizer; else it estimates (~4 characters a token)."""
     miss_curve: bool = False

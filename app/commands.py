@@ -73,11 +73,6 @@ COMMANDS: tuple[Command, ...] = (
             details='A count (`/capacity 8`), a fraction (`/capacity 0.5`) or a percentage '
                     "(`/capacity 50%`) of each layer's experts. Without an argument: the current "
                     'capacity. Live, no reload.'),
-    Command("mode", "exact|fast", "exact: outputs equal stock; fast: misses dropped for the token", "Engine",
-            (("exact", "Mode: exact"), ("fast", "Mode: fast")),
-            details='`exact`: missing experts are loaded before a layer computes (outputs equal stock'
-                    ' mlx-lm). `fast`: a missed expert is dropped for that token and loaded between '
-                    'tokens. Without an argument: the current mode.'),
     Command("policy", "lru|lfu|decay", "the cache's eviction policy", "Engine",
             (("lru", "Policy: lru"), ("lfu", "Policy: lfu"), ("decay", "Policy: decay")),
             details='Which expert is evicted when the cache is full: least recently used, least '

@@ -724,9 +724,6 @@ class MoeApp(CodingCommands, App):
         except ValueError as exc:
             self.notice(str(exc), "error")
 
-    def cmd_mode(self, arg: str) -> None:
-        self.set_choice("mode", arg, ("exact", "fast"))
-
     def cmd_policy(self, arg: str) -> None:
         self.set_choice("policy", arg, ("lru", "lfu", "decay"))
 
@@ -745,8 +742,8 @@ class MoeApp(CodingCommands, App):
 
     def configure(self, request: Configure) -> None:
         if not self.backend.capabilities.configurable:
-            self.notice("capacity, mode and policy are set where the server runs "
-                        "(moe serve --capacity/--mode/--policy)", "warning")
+            self.notice("capacity and policy are set where the server runs "
+                        "(moe serve --capacity/--policy)", "warning")
             return
         self.backend.configure(request)
 

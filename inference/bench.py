@@ -27,7 +27,6 @@ MODES: dict[str, dict] = {
     "exact": {"mode": "exact"},
     "exact-noprefetch": {"mode": "exact", "prefetch": False},
     "exact-cached": {"mode": "exact", "uncached_reads": False},
-    "fast": {"mode": "fast"},
 }
 
 BENCH_PROMPT = (
@@ -148,7 +147,7 @@ def run_bench(model: str | Path, fractions=(1.0, 0.5, 0.25), prompt_len: int = 6
     # Best of `repeats` for throughput, each configuration interleaved with stock to share the noise.
     stock_runs, stock_tokens = [], None
     # Reads ahead change nothing at 100% (nothing is read): without them only below it.
-    configs = [(mode, f) for mode in ("exact", "exact-noprefetch", "fast") for f in fractions
+    configs = [(mode, f) for mode in ("exact", "exact-noprefetch") for f in fractions
                if mode != "exact-noprefetch" or f < 1.0]
     results: dict[tuple[str, float], list[dict]] = {c: [] for c in configs}
     engines_trace = None

@@ -33,7 +33,7 @@ class Engine:
     @classmethod
     def load(cls, path_or_repo: str | Path, capacity: int | float | None = None, mode: str = "exact",
              policy: str = DEFAULT_POLICY, profile: str | Path | dict | None = None, kv_bits: int | None = None,
-             max_loads_per_step: int | None = None, record_trace: bool = True, pin: bool = True,
+             record_trace: bool = True, pin: bool = True,
              prefetch: bool = True, uncached_reads: bool | None = None, direct_writes: bool = True,
              context: int | None = None) -> Engine:
         """Open a model with its experts left on disk and make its expert cache.
@@ -42,12 +42,11 @@ class Engine:
             path_or_repo: a model folder, or a Hugging Face repo id already in the local hub cache.
             capacity: experts cached per MoE layer: a count, a fraction of the experts (float in (0, 1]),
                 or None to fit a share of the available memory.
-            mode: "exact" (a missed expert is read before its layer runs: outputs equal stock mlx-lm) or
-                "fast" (a missed expert is dropped for that token and read between tokens).
+            mode: "exact", the one mode: a missed expert is read before its layer runs, so outputs equal stock
+                mlx-lm ("fast", which dropped missed experts, was removed: it was slower than exact mode).
             policy: eviction policy, one of inference.cache.POLICIES.
             profile: an expert profile (path or dict) to warm the cache from.
             kv_bits: quantize the KV cache to 4 or 8 bits.
-            max_loads_per_step: fast mode's refill bound per layer and step (default top_k).
             record_trace: keep every step's routing (for the optimum replay and miss curves).
             pin: pin the profile's universal experts (else it only warms the cache).
             prefetch: in exact mode, predict each next layer's experts while decoding and read them early
@@ -81,7 +80,7 @@ class Engine:
         float_bytes = 4 if mx.default_device() == mx.cpu else 2
         reserve = kv_bytes_per_token(self.config, float_bytes, kv_bits) * min(context or DEFAULT_CONTEXT, model_context)
         self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, self.name, capacity, mode,
-                                   policy, max_loads_per_step, record_trace, prefetch=prefetch,
+                                   policy, record_trace, prefetch=prefetch,
                                    uncached_reads=uncached_reads, direct_writes=direct_writes,
                                    reserve_bytes=reserve)
         self.prompt_cache = PromptCache(self.model)

@@ -32,7 +32,9 @@ from .plan import MEMORY_FRACTION
 from .safetensors_io import RangeReader, TensorInfo
 from .telemetry import CacheSnapshot, IOStats, MemorySample, available_memory
 
-MODES = ("exact", "fast")
+MODES = ("exact",)
+FAST_REMOVED = ("fast mode was removed: with reads ahead, exact mode (outputs equal to stock mlx-lm) was faster "
+                "at every capacity measured (docs/performance.md)")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token",
               "n_activated_experts", "moe_k")
 PREFETCH_MIN_PRECISION = 0.4  # read a guess rank ahead only while this share of its guesses is needed
@@ -71,10 +73,8 @@ class _Layer:
     cache: LayerCache
     sources: list[ParamSource]
     slot_dtypes: dict[tuple[str, str], mx.Dtype]
-    lut: mx.array = field(default_factory=lambda: mx.array([0]))
     identity: bool = False  # every expert resident in the slot of its own id: no lookup needed
-    pending: list[tuple[int, mx.array, mx.array | None]] = field(default_factory=list)  # (step, ids, lut)
-    wanted: dict[int, int] = field(default_factory=dict)  # fast mode: missed expert -> miss count
+    pending: list[tuple[int, mx.array]] = field(default_factory=list)  # (step, expert ids) not yet counted
     views: dict[tuple[str, str], np.ndarray] | None = None  # numpy views of the slots: direct writes
     last_out: mx.array | None = None  # the latest output computed from the slots (maybe still lazy)
     inflight: tuple[SlotWrites, list[tuple[int, int, int]]] | None = None  # prefetch writes, placements
@@ -91,11 +91,10 @@ class ExpertCache:
     """
 
     def __init__(self, model: Any, config: dict, tensors: dict[str, TensorInfo], name: str,
-                 capacity: int | float | None, mode: str, policy: str, max_loads_per_step: int | None,
-                 record_trace: bool, prefetch: bool = True, direct_writes: bool = True,
-                 uncached_reads: bool | None = None, reserve_bytes: int = 0) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose exact or fast")
+                 capacity: int | float | None, mode: str, policy: str, record_trace: bool,
+                 prefetch: bool = True, direct_writes: bool = True, uncached_reads: bool | None = None,
+                 reserve_bytes: int = 0) -> None:
+        _check_mode(mode)
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.model = model
@@ -109,7 +108,7 @@ class ExpertCache:
         self.direct_writes = direct_writes  # read into the slots' memory where the backend allows it
         self.reserve_bytes = reserve_bytes  # memory kept out of the budget (the KV cache of the context)
         try:
-            self._attach(tensors, capacity, policy, max_loads_per_step)
+            self._attach(tensors, capacity, policy)
             if uncached_reads is None:
                 # Bypass the page cache when it could not hold the experts beside the expert cache anyway:
                 # then cached pages only double the memory and the kernel's reclaim work.
@@ -119,7 +118,7 @@ class ExpertCache:
             self.reader.close()
             raise
 
-    def _attach(self, tensors, capacity, policy, max_loads_per_step) -> None:
+    def _attach(self, tensors, capacity, policy) -> None:
         blocks = find_moe_blocks(self.model)
         shapes = {k: tuple(v.shape) for k, v in tree_flatten(self.model.parameters())}
         dtypes = {k: v.dtype for k, v in tree_flatten(self.model.parameters())}
@@ -187,7 +186,6 @@ class ExpertCache:
         self._step = 0
         self._decoding = False
         self._policy = policy
-        self.max_loads_per_step = max_loads_per_step or max(top_k, 1)
         self._capacity = 0
         if blocks:
             self.set_capacity(capacity)
@@ -286,7 +284,6 @@ class ExpertCache:
             layer.guess = None
             self._load(layer, cache.admit(sorted(keep), set(keep), self._step), count=False)
             self._sync_lut(layer)
-            layer.wanted.clear()
         self._capacity = new
         if new == self.layout.num_experts:
             # Room for every expert: load them all now (as stock mlx-lm would), so no step ever waits on a
@@ -296,10 +293,7 @@ class ExpertCache:
         mx.clear_cache()
 
     def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose exact or fast")
-        self.drain()
-        self._mode = mode
+        _check_mode(mode)
 
     def set_policy(self, policy: str) -> None:
         if policy not in POLICIES:
@@ -311,9 +305,9 @@ class ExpertCache:
     # ------------------------------------------------------------------ expert loading
 
     def _sync_lut(self, layer: _Layer) -> None:
-        """Publish the layer's expert -> slot table to the device (after any change of residency)."""
+        """After any change of residency: whether every expert now sits in the slot of its own id (then the
+        stock call runs with the routing as is)."""
         slot_of = layer.cache.slot_of
-        layer.lut = mx.array(slot_of)
         layer.identity = bool(np.array_equal(slot_of, np.arange(len(slot_of))))
 
     def _load(self, layer: _Layer, placements: list[tuple[int, int, int]], count: bool = True) -> bool:
@@ -434,34 +428,12 @@ class ExpertCache:
             self.counters.decode_steps += self._decoding
         # A full cache is always warmed with expert e in slot e (set_capacity), so every other cache has
         # room for fewer experts than the model has and can miss.
-        if layer.identity:  # the stock call as is; routing is counted later from `pending`
-            layer.pending.append((self._step, indices, None))
+        if layer.identity:  # the stock call as is, no host sync; routing is counted later from `pending`
+            layer.pending.append((self._step, indices))
+            if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
+                self.drain(before_step=self._step)
             return stock(x, indices)
-        # Fast mode drops misses only for a call of one token (decoding): a prompt runs exact, so the reply
-        # starts from the same state as stock (a cold prefill in fast mode dropped nearly every expert).
-        if self._mode == "fast" and indices.size == indices.shape[-1]:
-            return self._forward_fast(layer, stock, x, indices)
         return self._forward_exact(layer, stock, x, indices)
-
-    def _forward_fast(self, layer: _Layer, stock, x, indices) -> mx.array:
-        """Device-side expert -> slot lookup, no host sync: a missed expert is dropped for this token."""
-        slots = layer.lut[indices]
-        layer.pending.append((self._step, indices, layer.lut))
-        if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
-            self.drain(before_step=self._step)
-        hit = slots >= 0
-        # Loads between tokens write into the slots while the next token's step may still be computing:
-        # they wait for this output first (`_settle`).
-        y = layer.last_out = stock(x, mx.maximum(slots, 0))
-        runtime = layer.runtime
-        if runtime.renormalize and runtime.route_weights is not None:
-            # Replace each missed output by the hit outputs' weighted mean: the block's own weighted sum
-            # then equals dropping the miss and renormalizing the remaining routed weights.
-            w = runtime.route_weights(runtime.router_out, indices).reshape(hit.shape) * hit
-            denom = mx.maximum(w.sum(-1, keepdims=True), 1e-30)
-            mean = (y.astype(mx.float32) * w[..., None]).sum(-2, keepdims=True) / denom[..., None]
-            return mx.where(hit[..., None], y, mean.astype(y.dtype))
-        return y * hit[..., None].astype(y.dtype)
 
     def _forward_exact(self, layer: _Layer, stock, x, indices) -> mx.array:
         """Load every missing expert before the layer computes (host sync on the routing)."""
@@ -581,8 +553,8 @@ class ExpertCache:
     def _account(self, layer: _Layer, steps: list[int], inds: np.ndarray, slot_of: np.ndarray,
                  deferred: bool) -> None:
         """Fold the routing of forward steps into the counters: `inds` is [steps, routings] expert ids and
-        `slot_of` the residency they met. Deferred (lookup-table) steps also update the policy state and,
-        in fast mode, the experts to load."""
+        `slot_of` the residency they met. Deferred steps (a full cache's, counted after the fact) also
+        update the policy state."""
         i = layer.block.index
         c = self.counters
         n, E = inds.shape[0], c.requests.shape[1]
@@ -602,9 +574,6 @@ class ExpertCache:
         c.misses[i] += missed.sum(0)
         c.last_missed[i] = missed[-1]
         if deferred:
-            c.fallbacks[i] += routed * ~resident
-            for e in np.flatnonzero(missed.any(0)):
-                layer.wanted[int(e)] = layer.wanted.get(int(e), 0) + int(per_step[:, e].sum())
             for step, row in zip(steps, used & resident, strict=True):
                 layer.cache.touch(np.flatnonzero(row), step)
         if self.record_trace:
@@ -614,7 +583,7 @@ class ExpertCache:
                 self.traced_steps += n
 
     def drain(self, before_step: int | None = None) -> None:
-        """Fold deferred routing records (lookup-table path) into the counters; refill in fast mode.
+        """Fold deferred routing records (a full cache's steps) into the counters.
 
         `before_step` leaves records of that step and later alone: mlx-lm builds the next token's graph
         before yielding this one, and reading its routing now would stall the pipeline.
@@ -627,10 +596,10 @@ class ExpertCache:
             else:
                 records = [r for r in layer.pending if r[0] < before_step]
                 layer.pending = [r for r in layer.pending if r[0] >= before_step]
-            # Runs of records with one shape and one lookup table are converted and counted together.
-            runs: list[list[tuple[int, mx.array, mx.array | None]]] = []
+            # Runs of records with one shape are converted and counted together.
+            runs: list[list[tuple[int, mx.array]]] = []
             for record in records:
-                if runs and runs[-1][0][2] is record[2] and runs[-1][0][1].shape == record[1].shape:
+                if runs and runs[-1][0][1].shape == record[1].shape:
                     runs[-1].append(record)
                 else:
                     runs.append([record])
@@ -638,33 +607,11 @@ class ExpertCache:
                 # np.array per record: these are already evaluated. An MLX op here (mx.stack) would queue
                 # behind the step in flight and stall the pipeline.
                 inds = np.stack([np.array(r[1]).reshape(-1) for r in run])
-                lut = run[0][2]
-                slot_of = layer.cache.slot_of if lut is None else np.array(lut)  # None: identity, all resident
-                self._account(layer, [r[0] for r in run], inds, slot_of, deferred=True)
-        if self._mode == "fast":
-            self._refill()
-
-    def _refill(self) -> None:
-        """Fast mode: load the most-missed experts, a bounded number per layer per step."""
-        for layer in self._layers:
-            if not layer.wanted:
-                continue
-            self._await(layer)
-            wanted = sorted(layer.wanted, key=lambda e: (-layer.wanted[e], e))
-            wanted = [e for e in wanted if layer.cache.slot_of[e] < 0][: self.max_loads_per_step]
-            layer.wanted.clear()
-            room = layer.cache.capacity - len(layer.cache.pinned)
-            wanted = wanted[:room]
-            if not wanted:
-                continue
-            layer.cache.touch(wanted, self._step)
-            self._load(layer, layer.cache.admit(wanted, set(wanted), self._step))
-            self._sync_lut(layer)
+                self._account(layer, [r[0] for r in run], inds, layer.cache.slot_of, deferred=True)
 
     def after_step(self) -> None:
-        """Between tokens: a fast-mode cache with room to refill is updated every step; else every few steps."""
-        refills = self._mode == "fast" and self._capacity < self.layout.num_experts
-        if refills or self._step % DRAIN_EVERY == 0:
+        """Between tokens: a full cache's routing records are counted every few steps."""
+        if self._step % DRAIN_EVERY == 0:
             self.drain(before_step=self._step)
 
     def reset_stats(self) -> None:
@@ -749,3 +696,10 @@ class ExpertCache:
                 pass
         self.expert_reader.close()
         self.reader.close()
+
+
+def _check_mode(mode: str) -> None:
+    if mode == "fast":
+        raise ValueError(FAST_REMOVED)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; the engine has one mode, exact")

@@ -73,14 +73,14 @@ async def test_commands_without_their_argument_show_the_current_value_and_a_usag
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.store.update_chat(app.chat_id, title="sorting")
-        expected = {"/capacity": "capacity: 16 of 48 experts per layer", "/mode": "mode: exact",
+        expected = {"/capacity": "capacity: 16 of 48 experts per layer",
                     "/policy": "policy: lru", "/rename": "'sorting'", "/switch": f"chat {app.chat_id}",
                     "/temp": "temperature 0.7", "/system": "system prompt: none"}
         for command, current in expected.items():
             app.run_command(command)
             await wait_until(pilot, lambda c=command, v=current: notified(app, v) and notified(app, f"usage: {c}"))
-        app.run_command("/mode turbo")
-        await wait_until(pilot, lambda: notified(app, "exact or fast, not 'turbo'"))
+        app.run_command("/policy turbo")
+        await wait_until(pilot, lambda: notified(app, "lru or lfu or decay, not 'turbo'"))
 
 
 async def test_up_and_down_walk_the_prompt_history_from_its_first_and_last_lines(fake_app):

@@ -70,9 +70,9 @@ def test_live_changes_without_reloading(checkpoint):
     assert snap.capacity == 2 and (snap.resident.sum(axis=1) <= 2).all()
     assert (snap.resident.sum(axis=1) == np.minimum(resident_before, 2)).all()  # kept what fit
     engine.set_policy("lfu")
-    engine.set_mode("fast")
-    assert (engine.mode, engine.policy, engine.snapshot().policy) == ("fast", "lfu", "lfu")
-    engine.set_mode("exact")
+    assert (engine.mode, engine.policy, engine.snapshot().policy) == ("exact", "lfu", "lfu")
+    with pytest.raises(ValueError, match="fast mode was removed"):
+        engine.set_mode("fast")
     engine.set_capacity(8)
     assert engine.model is model  # same stock model object throughout
     assert float(mx.abs(engine.model(mx.array([PROMPT])) - ref).max()) <= 1e-5
@@ -126,3 +126,31 @@ def test_every_policy_keeps_its_state_whatever_the_policy(checkpoint):
     engine.set_policy("lrfu")
     engine.model(mx.array([PROMPT]))
     assert engine.snapshot().policy == "lrfu"
+
+
+def test_markov_keeps_the_expert_that_follows():
+    # Expert 3 has always come right after expert 1. When 1 is routed again and a slot is needed, markov
+    # keeps 3 (likely next) and evicts 0; lrfu evicts 3, used longer ago than 0.
+    kept = {}
+    for policy in ("lrfu", "markov"):
+        cache = LayerCache(8, 3, policy)
+        steps = [[1], [3]] * 6 + [[5]] * 20 + [[0]] * 5 + [[1]]
+        for step, experts in enumerate(steps):
+            cache.access(experts, step)
+        kept[policy] = [int(e) for e in cache.resident()]
+    assert kept == {"lrfu": [0, 1, 5], "markov": [1, 3, 5]}
+
+
+def test_markov_learns_from_single_token_steps_only_and_state_carries_over():
+    cache = LayerCache(16, 4, "markov")
+    cache.touch([1, 2], 0)
+    cache.touch([3, 4], 1)
+    assert cache.transitions[1, 3] > cache.transitions[3, 1]
+    before = cache.transitions.copy()
+    cache.touch(list(range(10)), 2)  # a prompt chunk: most experts at once
+    cache.touch([5, 6], 3)
+    assert np.array_equal(cache.transitions, before)
+    rebuilt = LayerCache(16, 8, "markov")
+    rebuilt.copy_policy_state(cache)
+    assert np.array_equal(rebuilt.transitions, cache.transitions) and rebuilt.step_experts == [5, 6]
+    assert np.array_equal(rebuilt.last_use, cache.last_use) and rebuilt.transitions is not cache.transitions

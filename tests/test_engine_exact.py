@@ -8,7 +8,6 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from moe_tui.inference import Engine
 from moe_tui.inference.synthetic import ARCHS, MORE_ARCHS, PER_EXPERT_OK, PER_EXPERT_QUANTIZED_OK
@@ -146,14 +145,6 @@ def test_architectures_found_structurally(checkpoint, arch):
     engine = Engine.load(path, capacity=2)
     assert len(engine.layout.moe_layers) == 2
     assert float(mx.abs(engine.model(mx.array([PROMPT])) - ref).max()) <= 1e-4
-    fast = Engine.load(path, capacity=2, mode="fast")
-    cache = make_prompt_cache(fast.model)
-    assert float(mx.abs(fast.model(mx.array([PROMPT]), cache=cache) - ref).max()) <= 1e-4  # a prompt runs exact
-    # Decoding drops misses: hold the experts used least so far, then step one token at a time.
-    fast.warm([list(np.argsort(row, kind="stable")[:2]) for row in fast.snapshot().requests])
-    for token in PROMPT[:8]:
-        assert not bool(mx.isnan(fast.model(mx.array([[token]]), cache=cache)).any())
-    assert fast.snapshot().fallbacks.sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])

@@ -17,7 +17,7 @@ def _positive(x) -> bool:
 def test_offload_bench_tiny(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     rc = main(["bench", "--offload", "--offload-size", "tiny", "--offload-model", str(ckpt),
-               "--offload-capacities", "25,100", "--offload-modes", "exact,fast", "--offload-no-cgroup",
+               "--offload-capacities", "25,100", "--offload-modes", "exact,exact-noprefetch", "--offload-no-cgroup",
                "--prompt-tokens", "12", "--decode-tokens", "6"])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -49,7 +49,7 @@ def test_offload_bench_tiny(tmp_path, capsys):
 
     configs = report["configs"]
     assert [(c["mode"], c["capacity_fraction"]) for c in configs] == [
-        ("exact", 0.25), ("exact", 1.0), ("fast", 0.25), ("fast", 1.0)]
+        ("exact", 0.25), ("exact", 1.0), ("exact-noprefetch", 0.25), ("exact-noprefetch", 1.0)]
     for c in configs:
         assert "error" not in c, c
         assert _positive(c["prefill_tps"]) and _positive(c["decode_tps"])
@@ -67,7 +67,7 @@ def test_offload_bench_tiny(tmp_path, capsys):
             assert c["decode"]["hit_rate"] == 1.0
         if c["mode"] == "exact":
             assert c["fallback_rate"] == 0.0
-    assert "isolation fadvise" in err and "exact@25%" in err and "fast@100%" in err
+    assert "isolation fadvise" in err and "exact@25%" in err and "exact-noprefetch@100%" in err
 
 
 def test_parse_percents():

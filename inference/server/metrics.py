@@ -21,14 +21,17 @@ def prometheus_text(snap: CacheSnapshot | None, runner) -> str:
         ("expert_requests_total", snap.requests, "(token, expert) routings."),
         ("expert_hits_total", snap.hits, "Distinct experts per step found in the cache."),
         ("expert_misses_total", snap.misses, "Distinct experts per step not in the cache."),
-        ("expert_fallbacks_total", snap.fallbacks, "Routings dropped in fast mode because of a miss."),
         ("expert_loads_total", snap.loads, "Experts read from disk into the cache."),
         ("expert_evictions_total", snap.evictions, "Experts evicted from the cache."),
     ):
         metric(name, "counter", help_text,
                [(f'{{layer="{layer}"}}', int(values[i].sum())) for i, layer in enumerate(snap.layer_ids)])
     metric("hit_rate", "gauge", "Cache hit rate since the last reset.", [("", snap.hit_rate)])
-    metric("fallback_rate", "gauge", "Share of routings dropped (fast mode).", [("", snap.fallback_rate)])
+    metric("demand_hit_rate", "gauge", "Hit rate without the reads ahead.", [("", snap.demand_hit_rate)])
+    metric("prefetches_total", "counter", "Experts read ahead of use on a prediction.", [("", snap.io.prefetches)])
+    metric("prefetch_hits_total", "counter", "Experts read ahead and used.", [("", snap.io.prefetch_hits)])
+    metric("decode_stall_seconds_total", "counter", "Decode time spent waiting on expert reads.",
+           [("", snap.io.decode_stall_seconds)])
     metric("bytes_read_total", "counter", "Expert bytes read from disk.", [("", snap.bytes_read)])
     metric("decode_tokens_per_second", "gauge", "Decode speed of the latest generation.", [("", snap.decode_tps)])
     metric("prefill_tokens_per_second", "gauge", "Prefill speed of the latest generation.", [("", snap.prefill_tps)])
