@@ -58,7 +58,7 @@ class EngineSpec:
     pin: bool = True  # pin the profile's universal experts (else it only warms the cache)
     kv_bits: int | None = None
     context: int | None = None  # tokens of context (KV memory kept free); None: the model's
-    prefetch: bool = True  # read predicted experts ahead (exact mode)
+    prefetch: bool | None = None  # read predicted experts ahead; None: while it makes decoding faster
     extra: dict[str, Any] = field(default_factory=dict)
 
     def load(self):

@@ -34,7 +34,7 @@ class Engine:
     def load(cls, path_or_repo: str | Path, capacity: int | float | None = None, mode: str = "exact",
              policy: str = DEFAULT_POLICY, profile: str | Path | dict | None = None, kv_bits: int | None = None,
              record_trace: bool = True, pin: bool = True,
-             prefetch: bool = True, uncached_reads: bool | None = None, direct_writes: bool = True,
+             prefetch: bool | None = None, uncached_reads: bool | None = None, direct_writes: bool = True,
              context: int | None = None) -> Engine:
         """Open a model with its experts left on disk and make its expert cache.
 
@@ -49,8 +49,9 @@ class Engine:
             kv_bits: quantize the KV cache to 4 or 8 bits.
             record_trace: keep every step's routing (for the optimum replay and miss curves).
             pin: pin the profile's universal experts (else it only warms the cache).
-            prefetch: in exact mode, predict each next layer's experts while decoding and read them early
-                (never changes outputs; off: every miss is read when its layer runs).
+            prefetch: predict each next layer's experts while decoding and read them early (never changes
+                outputs); False: every miss is read when its layer runs; None: reads ahead only while they
+                make decoding faster (decode steps timed with and without them in turn).
             uncached_reads: read experts bypassing the page cache (O_DIRECT / F_NOCACHE); None: where the
                 page cache could not hold the experts anyway (their bytes on disk exceed available memory).
             direct_writes: read experts straight into the slots' memory where the backend shares it with

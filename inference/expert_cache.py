@@ -92,7 +92,7 @@ class ExpertCache:
 
     def __init__(self, model: Any, config: dict, tensors: dict[str, TensorInfo], name: str,
                  capacity: int | float | None, mode: str, policy: str, record_trace: bool,
-                 prefetch: bool = True, direct_writes: bool = True, uncached_reads: bool | None = None,
+                 prefetch: bool | None = None, direct_writes: bool = True, uncached_reads: bool | None = None,
                  reserve_bytes: int = 0) -> None:
         _check_mode(mode)
         if policy not in POLICIES:
@@ -104,7 +104,10 @@ class ExpertCache:
         self.expert_reader = ExpertReader(self.reader)
         self._mode = mode
         self.record_trace = record_trace
-        self.prefetch = prefetch  # exact decode: read the next layer's predicted experts while this one computes
+        # Exact decode: read the next layer's predicted experts while this one computes. None: only while that
+        # makes decoding faster here (timed, see ReadAheadSwitch).
+        self.prefetch = prefetch
+        self.read_ahead = ReadAheadSwitch() if prefetch is None else None
         self.direct_writes = direct_writes  # read into the slots' memory where the backend allows it
         self.reserve_bytes = reserve_bytes  # memory kept out of the budget (the KV cache of the context)
         try:
@@ -482,7 +485,7 @@ class ExpertCache:
     def _prefetch_target(self, layer: _Layer, indices: mx.array) -> _Layer | None:
         """The layer whose experts to predict and read now: the next one while decoding one token at a time
         with a cache that can miss; else None."""
-        if not self.prefetch or indices.size != indices.shape[-1] or self._capacity >= self.layout.num_experts:
+        if not self.reading_ahead or indices.size != indices.shape[-1] or self._capacity >= self.layout.num_experts:
             return None
         # The next layer only: the last layer's input does not predict the next token's first layer (its
         # input is that token's embedding), and guesses there only evict useful experts.
@@ -492,6 +495,10 @@ class ExpertCache:
         if target.views is None or target.block.router is None or not self.prefetch_guesses(target):
             return None
         return target
+
+    @property
+    def reading_ahead(self) -> bool:
+        return self.read_ahead.active if self.read_ahead is not None else bool(self.prefetch)
 
     def prefetch_guesses(self, layer: _Layer) -> int:
         """Experts to guess per layer, best first: up to 2 x top_k, fewer where the cache has little room
@@ -610,7 +617,10 @@ class ExpertCache:
                 self._account(layer, [r[0] for r in run], inds, layer.cache.slot_of, deferred=True)
 
     def after_step(self) -> None:
-        """Between tokens: a full cache's routing records are counted every few steps."""
+        """Between tokens: a full cache's routing records are counted every few steps; the automatic
+        read-ahead switch times the step."""
+        if self.read_ahead is not None and self._capacity < self.layout.num_experts:
+            self.read_ahead.step(self._decoding)
         if self._step % DRAIN_EVERY == 0:
             self.drain(before_step=self._step)
 
@@ -650,7 +660,10 @@ class ExpertCache:
                 prefetch_wasted=int(c.prefetch_wasted.sum()), prefetch_bytes=int(c.prefetch_bytes.sum()),
                 demand_hits=int(c.hits.sum() - c.prefetch_hits.sum()),
                 guesses=tuple(c.guesses.tolist()), guess_hits=tuple(c.guess_hits.tolist()),
-                guess_needed=tuple(c.guess_needed.tolist()), prefetch=self.prefetch,
+                guess_needed=tuple(c.guess_needed.tolist()), prefetch=self.reading_ahead,
+                prefetch_auto=self.read_ahead is not None,
+                step_seconds_with=self.read_ahead.with_seconds if self.read_ahead else 0.0,
+                step_seconds_without=self.read_ahead.without_seconds if self.read_ahead else 0.0,
                 uncached_reads=self.reader.uncached,
             ),
         )
@@ -703,3 +716,43 @@ def _check_mode(mode: str) -> None:
         raise ValueError(FAST_REMOVED)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; the engine has one mode, exact")
+
+
+class ReadAheadSwitch:
+    """Reads ahead cost CPU (a router call per layer, reading and converting guesses, some wrong) and save
+    waiting on reads. Which wins depends on the disk, the page cache, the expert size and what else runs, so
+    the automatic setting times decode steps with and without them, in turn, and keeps the faster for a
+    while before timing both again."""
+
+    WINDOW = 16  # decode steps timed per setting
+    HOLD = 256  # decode steps the faster setting runs before both are timed again
+    GAP = 1.0  # seconds: a longer pause between steps is a new request, not a step
+
+    def __init__(self) -> None:
+        self.active = True
+        self.with_seconds = self.without_seconds = 0.0  # median step times of the latest timing
+        self._phase = "time"
+        self._left = self.WINDOW
+        self._times: dict[bool, list[float]] = {True: [], False: []}
+        self._last: float | None = None
+
+    def step(self, decoding: bool) -> None:
+        now = time.perf_counter()
+        last, self._last = self._last, now
+        if not decoding or last is None or now - last > self.GAP:
+            return
+        self._left -= 1
+        if self._phase == "time":
+            self._times[self.active].append(now - last)
+            if self._left > 0:
+                return
+            if self.active:  # timed with: now without
+                self.active, self._left = False, self.WINDOW
+                return
+            self.with_seconds = float(np.median(self._times[True]))
+            self.without_seconds = float(np.median(self._times[False]))
+            self.active = self.with_seconds < self.without_seconds
+            self._phase, self._left = "hold", self.HOLD
+        elif self._left <= 0:
+            self._phase, self._left, self.active = "time", self.WINDOW, True
+            self._times = {True: [], False: []}

@@ -125,7 +125,10 @@ class IOStats:
     guesses: tuple[int, ...] = ()  # per MoE layer: experts predicted
     guess_hits: tuple[int, ...] = ()  # per MoE layer: predicted and needed
     guess_needed: tuple[int, ...] = ()  # per MoE layer: experts needed in the steps that had a prediction
-    prefetch: bool = False
+    prefetch: bool = False  # reading ahead now
+    prefetch_auto: bool = False  # on and off by timing (else as the user set it)
+    step_seconds_with: float = 0.0  # the automatic setting's latest median decode step with reads ahead
+    step_seconds_without: float = 0.0  # ... and without
     uncached_reads: bool = False
 
     @property

@@ -185,3 +185,41 @@ def test_cgroup_memory_limit_is_read_from_the_own_cgroup(tmp_path, version):
         "9223372036854771712\n" if version == 1 else "max\n")
     assert cgroup_memory_limit(tmp_path, proc) is None
     assert cgroup_memory_limit(tmp_path, tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("faster_with", [True, False])
+def test_automatic_reads_ahead_keep_the_faster_setting(monkeypatch, faster_with):
+    from moe_tui.inference import expert_cache
+
+    clock = [0.0]
+    monkeypatch.setattr(expert_cache.time, "perf_counter", lambda: clock[0])
+    switch = expert_cache.ReadAheadSwitch()
+    seen = []
+
+    def steps(n):
+        for _ in range(n):
+            fast = switch.active == faster_with
+            clock[0] += 0.010 if fast else 0.030
+            switch.step(decoding=True)
+            seen.append(switch.active)
+
+    switch.step(decoding=True)  # the first step only starts the clock
+    steps(2 * switch.WINDOW)
+    assert switch.active == faster_with
+    assert (switch.with_seconds < switch.without_seconds) == faster_with
+    clock[0] += 5.0  # a pause (a new request) is not timed as a step
+    switch.step(decoding=True)
+    steps(switch.HOLD - 1)
+    assert switch.active == faster_with  # held
+    steps(1)
+    assert switch.active  # both timed again, starting with reads ahead
+    switch.step(decoding=False)  # prefill steps are not timed
+    assert switch.active
+
+
+def test_reads_ahead_are_automatic_by_default(checkpoint):
+    engine = Engine.load(checkpoint("mixtral"), capacity=4)
+    assert engine.experts.read_ahead is not None and engine.experts.reading_ahead
+    assert Engine.load(checkpoint("mixtral"), capacity=4, prefetch=False).experts.read_ahead is None
+    io = engine.snapshot().io
+    assert io.prefetch_auto and io.prefetch
