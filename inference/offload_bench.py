@@ -520,8 +520,9 @@ def prepare_checkpoint(model: str | None, size: str, workdir: Path) -> tuple[Pat
 
 
 def run_offload_bench(model: str | None = None, size: str = "full", fractions=(0.125, 0.25, 0.5, 1.0),
-                      modes=("exact", "exact-noprefetch"), prompt_tokens: int = 64, decode_tokens: int = 64,
-                      headroom: int = HEADROOM_MB << 20, use_cgroup: bool = True) -> dict:
+                      modes=("exact", "exact-prefetch", "exact-noprefetch"), prompt_tokens: int = 64,
+                      decode_tokens: int = 64, headroom: int = HEADROOM_MB << 20,
+                      use_cgroup: bool = True) -> dict:
     from .bench import MODES
 
     for mode in modes:
