@@ -25,9 +25,11 @@ def test_dashboard(snap_compare, tmp_path, monkeypatch, size, theme):
 
     async def settle(pilot):
         from moe_tui.app.widgets.charts import Chart
+        from moe_tui.app.widgets.chat import PromptInput
         from moe_tui.app.widgets.dashboard import Dashboard
 
         app = pilot.app
+        app.query_one(PromptInput).cursor_blink = False  # its blink made screenshots differ
         for _ in range(50):
             if app.query_one(Dashboard).curve is not None:
                 break

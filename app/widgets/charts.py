@@ -2,7 +2,8 @@
 
 textual-plotext's own widget builds its figure in `render()`, on the UI thread, at every repaint; a figure
 with a few lines costs milliseconds, and keys typed meanwhile would wait. Here a figure is built only when
-its data or size changes, on a worker thread, and the widget shows the latest drawing.
+its data or size changes, on a worker thread, down to the rows of cells (Strips) the widget then hands
+out as they are (Line API): turning a plot's Rich text into rows costs more than building it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from rich.segment import Segment
 from rich.text import Text
 from textual import work
 from textual.binding import Binding
 from textual.color import Color
 from textual.message import Message
+from textual.strip import Strip
 from textual.widget import Widget
 
 # plotext keeps some state at module level: two figures built at once on two threads disturbed each other's ticks.
@@ -118,7 +121,7 @@ class Chart(Widget):
         self._figure: Figure | None = None
         self._drawn: tuple | None = None  # (figure, width, height, colours) of the drawing asked for last
         self._shown: tuple | None = None  # the same, of the drawing on screen
-        self._text = Text("")
+        self._lines: list[Strip] = []
 
     @property
     def figure(self) -> Figure | None:
@@ -168,14 +171,24 @@ class Chart(Widget):
         figure, width, height, colours = key
         with _BUILD:
             text = draw(figure, width, height, dict(colours), self.unicode)
-        self.app.call_from_thread(self._show, text, key)
+        segments = text.render(self.app.console)
+        lines = [Strip(line, width) for line in Segment.split_and_crop_lines(segments, width, pad=True,
+                                                                                            include_new_lines=False)]
+        self.app.call_from_thread(self._show, lines, key)
 
-    def _show(self, text: Text, drawn: tuple) -> None:
-        self._text, self._shown = text, drawn
+    def _show(self, lines: list[Strip], drawn: tuple) -> None:
+        self._lines, self._shown = lines, drawn
         self.refresh()
 
-    def render(self) -> Text:
-        return self._text
+    def render_line(self, y: int) -> Strip:
+        if y < len(self._lines):
+            return self._lines[y]
+        return Strip.blank(self.size.width, self.rich_style)
+
+    @property
+    def text(self) -> str:
+        """The drawing as plain text (tests, screen readers of the future)."""
+        return "\n".join(line.text for line in self._lines)
 
 
 class MissCurveChart(Chart, can_focus=True):

@@ -3,6 +3,7 @@ terminal's size: one column when narrow, two side by side when the panel is wide
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from moe_tui.inference.telemetry import CacheSnapshot
@@ -17,6 +18,7 @@ from .gauges import Readout
 from .heatmap import HeatmapView
 
 PERCENT_TICKS = (0.0, 25.0, 50.0, 75.0, 100.0)
+PLOT_INTERVAL = 1.0  # seconds between two redraws of the plots over time (each costs a build and a repaint)
 WIDE = 90  # columns of panel from which the boxes stand in two columns
 OPTIMUM_WINDOW = 1024  # steps the engine's idle replay covers (inference.session.OPTIMUM_WINDOW)
 
@@ -70,6 +72,8 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
         self.history = text.History()
         self.curve: text.MissCurve | None = None
         self._curve_asked: int | None = None  # steps of the trace the last miss-curve request covered
+        self._plotted_at = 0.0  # monotonic time of the last redraw of the plots over time
+        self._plot_timer = None  # a redraw waiting for PLOT_INTERVAL to pass
 
     def compose(self) -> ComposeResult:
         u = self.unicode
@@ -77,10 +81,10 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
         with Horizontal(id="boxes"):
             with Vertical(id="col-left"):
                 yield Box("Hit rate", Readout(id="hits"), Chart(u, id="hit-chart"), id="hit-box")
-                yield Box("Speed", Readout(id="speed"), Chart(u, id="speed-chart"), id="speed-box")
+                yield Box("Speed", Readout(steady=True, id="speed"), Chart(u, id="speed-chart"), id="speed-box")
             with Vertical(id="col-right"):
-                yield Box("Memory", Readout(id="memory"), id="memory-box")
-                yield Box("I/O", Readout(id="io"), id="io-box")
+                yield Box("Memory", Readout(steady=True, id="memory"), id="memory-box")
+                yield Box("I/O", Readout(steady=True, id="io"), id="io-box")
                 yield Box("Miss curve", MissCurveChart(u, id="miss-curve"), Readout(id="curve-text"),
                           id="curve-box")
 
@@ -103,8 +107,16 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
             self.replay = None
         self._show_numbers()
         if self.history.add(snap, self.replay):
-            self._plot_history()
+            self._plot_soon()
         self._ask_for_curve(snap)
+
+    def _plot_soon(self) -> None:
+        """Redraw the plots over time now, or once PLOT_INTERVAL has passed since the last redraw."""
+        wait = self._plotted_at + PLOT_INTERVAL - time.monotonic()
+        if wait <= 0:
+            self._plot_history()
+        elif self._plot_timer is None:
+            self._plot_timer = self.set_timer(wait, self._plot_history)
 
     def reset(self) -> None:
         self.replay, self.curve, self._curve_asked = None, None, None
@@ -161,6 +173,7 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
             Text("\n").join(text.curve_rows(self.curve, snap, chart.cursor_capacity, u)))
 
     def _plot_history(self) -> None:
+        self._plotted_at, self._plot_timer = time.monotonic(), None
         h = self.history
         steps = tuple(float(s) for s in h.steps)
         hit_series = [Series("ready", steps, tuple(100 * r for r in h.ready), "primary"),

@@ -56,17 +56,27 @@ class Readout(StyledRows, Widget):
 
     DEFAULT_CSS = "Readout { height: auto; }"
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, steady: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.steady = steady
         self.text_lines: list[Text] = []  # as shown with show()
         self.lines: list[Text] = []  # the rows drawn at self._width
         self._strips: dict[int, Strip] = {}  # row -> drawn at self._width
         self._width = 0
+        self._most_rows = (0, 0)  # (width, most rows shown at that width)
 
     def _rows(self, width: int) -> list[Text]:
         if width <= 0:
             return list(self.text_lines)
-        return [row for line in self.text_lines for row in wrapped(line, width)]
+        rows = [row for line in self.text_lines for row in wrapped(line, width)]
+        # steady: never fewer rows than before at this width: a number that grows a digit and wraps one row more, then
+        # less, must not re-lay out the screen at every stats tick (a key typed meanwhile would wait for it).
+        if not self.steady:
+            return rows
+        seen, most = self._most_rows
+        most = max(len(rows), most if seen == width else 0)
+        self._most_rows = (width, most)
+        return rows + [Text("")] * (most - len(rows))
 
     def show(self, text: Text | str) -> None:
         self.text_lines = list((Text(text) if isinstance(text, str) else text).split("\n"))
