@@ -43,8 +43,9 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
                    help="exact: outputs equal stock mlx-lm; fast: a missed expert is dropped for that token while "
                         "decoding (default: exact)")
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
-                   help="which cached expert to evict: least recently used, least often, or by use counts decayed "
-                        f"with a half-life of {DECAY_HALF_LIFE:g} (decay) or {LRFU_HALF_LIFE:g} steps (lrfu) "
+                   help="which cached expert to evict: least recently used, least often, by use counts decayed "
+                        f"with a half-life of {DECAY_HALF_LIFE:g} (decay) or {LRFU_HALF_LIFE:g} steps (lrfu), or "
+                        "lrfu plus how often each expert followed the latest step's experts so far (markov) "
                         f"(default: {DEFAULT_POLICY})")
     p.add_argument("--profile", type=Path, default=None, help="expert profile JSON to warm and pin from")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,

@@ -6,10 +6,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
-POLICIES = ("lru", "lfu", "decay", "lrfu")
-DEFAULT_POLICY = "lrfu"  # the best on held-out routing traces of the demo model (docs/traces.md)
+POLICIES = ("lru", "lfu", "decay", "lrfu", "markov")
+DEFAULT_POLICY = "markov"  # the best on held-out routing traces of the demo model (docs/performance.md)
 DECAY_HALF_LIFE = 128.0  # steps; priority = uses weighted by 0.5 ** (age / half_life)
-LRFU_HALF_LIFE = 16.0  # steps; tuned on a recorded routing trace (docs/traces.md): flat from 10 to 24
+LRFU_HALF_LIFE = 16.0  # steps; tuned on a recorded routing trace (docs/performance.md): flat from 10 to 24
+MARKOV_WEIGHT = 4.0  # markov: weight of the follow-on chance (x num_experts) beside the lrfu score; tuned too
+TRANSITION_PRIOR = 0.1  # markov: pseudo-count of every (expert, next-step expert) pair before any is seen
 # Each decayed policy's half-life, in the order of the columns of `LayerCache.decayed`.
 HALF_LIVES = {"decay": DECAY_HALF_LIFE, "lrfu": LRFU_HALF_LIFE}
 
@@ -41,10 +43,33 @@ class LayerCache:
         # Decayed use counts as of last_use, one column per half-life in HALF_LIVES: every policy's state is
         # kept whatever the policy, so a live policy change starts from the history.
         self.decayed = np.zeros((num_experts, len(HALF_LIVES)))
+        # markov: how often expert j was routed in the step after one routing expert i (transitions[i, j]).
+        self.transitions = np.full((num_experts, num_experts), TRANSITION_PRIOR, dtype=np.float32)
+        self.step = -1  # the latest step touched, its experts, and the experts of the step before it
+        self.step_experts: list[int] = []
+        self.previous_experts: list[int] = []
         self.prefetched = np.zeros(num_experts, dtype=bool)  # read ahead of use and not used yet
 
     # ---- policy state
+    POLICY_STATE = ("last_use", "use_count", "decayed", "transitions", "step", "step_experts", "previous_experts")
+
+    def copy_policy_state(self, other: LayerCache) -> None:
+        """Take over `other`'s policy history (a cache rebuilt at another capacity)."""
+        for name in self.POLICY_STATE:
+            value = getattr(other, name)
+            setattr(self, name, value.copy() if hasattr(value, "copy") else value)
+
     def touch(self, experts: Iterable[int], step: int) -> None:
+        experts = [int(e) for e in experts]
+        if step != self.step:
+            self.step, self.previous_experts, self.step_experts = step, self.step_experts, []
+        new = [e for e in experts if e not in self.step_experts]
+        if new:
+            self.step_experts = self.step_experts + new
+            # Steps of one token only: a prompt chunk routes to most experts and says nothing of what follows.
+            limit = max(self.num_experts // 4, 1)
+            if 0 < len(self.previous_experts) <= limit and len(self.step_experts) <= limit:
+                self.transitions[np.ix_(self.previous_experts, new)] += 1.0
         for e in experts:
             age = step - self.last_use[e] if self.last_use[e] >= 0 else 0.0
             self.decayed[e] = self.decayed[e] * 0.5 ** (age / _HALF_LIVES) + 1.0
@@ -55,15 +80,21 @@ class LayerCache:
         """Higher = keep. Ties break towards evicting the lower expert id (deterministic).
 
         lru: last use; lfu: uses; decay and lrfu: uses weighted by 0.5 ** (age / half-life), frequency and
-        recency together (LRFU), at a long (128 steps) and a short (16 steps) half-life.
+        recency together (LRFU), at a long (128 steps) and a short (16 steps) half-life; markov: lrfu's score
+        plus MARKOV_WEIGHT x num_experts x the chance, learned from this layer's routing so far, that an
+        expert is routed in the step after one routing the latest step's experts.
         """
         if self.policy == "lru":
             return self.last_use[experts]
         if self.policy == "lfu":
             return self.use_count[experts]
-        column = _COLUMN[self.policy]
+        column = _COLUMN["lrfu" if self.policy == "markov" else self.policy]
         age = np.maximum(step - self.last_use[experts], 0)
-        return self.decayed[experts, column] * 0.5 ** (age / _HALF_LIVES[column])
+        score = self.decayed[experts, column] * 0.5 ** (age / _HALF_LIVES[column])
+        if self.policy == "markov" and self.step_experts:
+            follow = self.transitions[self.step_experts].sum(0)
+            score = score + MARKOV_WEIGHT * self.num_experts * follow[experts] / follow.sum()
+        return score
 
     # ---- residency
     def resident(self) -> np.ndarray:
