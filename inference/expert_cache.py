@@ -26,7 +26,6 @@ from .moe import (
     install,
     is_quantized,
     probe_block,
-    route_weights_fn,
 )
 from .plan import MEMORY_FRACTION
 from .safetensors_io import RangeReader, TensorInfo
@@ -161,12 +160,7 @@ class ExpertCache:
             if probe is not None:
                 runtime.top_k = probe.top_k
                 top_k = top_k or probe.top_k
-                runtime.renormalize = probe.normalizes and probe.weight_source != "unknown"
-                if runtime.renormalize:
-                    runtime.route_weights = route_weights_fn(probe.weight_source)
                 normalizes = normalizes or probe.normalizes
-            else:
-                runtime.renormalize = False
             self._layers.append(_Layer(block, runtime, LayerCache(num_experts, num_experts, policy), src,
                                        slot_dtypes))
         first = self._layers[0] if self._layers else None

@@ -83,7 +83,6 @@ def _find_router(block: nn.Module, switch: nn.Module, num_experts: int) -> nn.Mo
 # ------------------------------------------------------------------ class swapping
 
 _CACHED_CLASSES: dict[type, type] = {}
-_CAPTURE_CLASSES: dict[type, type] = {}
 
 
 class _CachedSwitchMixin:
@@ -93,15 +92,6 @@ class _CachedSwitchMixin:
         runtime = self.__dict__["_moe_runtime"]
         stock = super().__call__  # type: ignore[misc]
         return runtime.forward(lambda h, idx: stock(h, idx, *args, **kwargs), x, indices)
-
-
-class _CaptureMixin:
-    """Keeps the router's latest output where the switch can read it (fast-mode renormalization)."""
-
-    def __call__(self, *args, **kwargs):
-        out = super().__call__(*args, **kwargs)  # type: ignore[misc]
-        self.__dict__["_moe_runtime"].router_out = out
-        return out
 
 
 def _swap_class(module: nn.Module, mixin: type, registry: dict[type, type]) -> None:
@@ -114,36 +104,26 @@ def _swap_class(module: nn.Module, mixin: type, registry: dict[type, type]) -> N
 
 
 def install(block: MoEBlock, runtime: ExpertLayerRuntime) -> None:
-    """Swap the switch (and its router) in place so calls go through `runtime`."""
+    """Swap the switch in place so calls go through `runtime`."""
     block.switch.__dict__["_moe_runtime"] = runtime
     _swap_class(block.switch, _CachedSwitchMixin, _CACHED_CLASSES)
-    if block.router is not None:
-        block.router.__dict__["_moe_runtime"] = runtime
-        _swap_class(block.router, _CaptureMixin, _CAPTURE_CLASSES)
 
 
 # ------------------------------------------------------------------ per-layer runtime
 
-RouteWeights = Callable[[Any, mx.array], mx.array]
-
-
 class ExpertLayerRuntime:
     """What one swapped switch needs at call time. Owned by the engine; called on the inference thread.
 
-    The engine sets `handler`: a callable (runtime, stock, x, indices) -> output implementing exact
-    or fast mode. While `probe_value` is set, the switch returns that constant instead (used once at
-    load time to learn how the block combines expert outputs).
+    The engine sets `handler`: a callable (runtime, stock, x, indices) -> output. While `probe_value` is
+    set, the switch returns that constant instead (used once at load time to learn how the block combines
+    expert outputs).
     """
 
     def __init__(self, block: MoEBlock) -> None:
         self.block = block
-        self.router_out: Any = None
         self.handler: Callable[..., mx.array] | None = None
         self.probe_value: Callable[[mx.array, mx.array], mx.array] | None = None
-        self.route_weights: RouteWeights | None = None  # (router_out, indices) -> weights ∝ scores
-        self.renormalize = False
         self.top_k: int | None = None
-        self.last_probe_indices: mx.array | None = None
         self.output_dims = _output_dims(block)
 
     def forward(self, stock: Callable[[mx.array, mx.array], mx.array], x: mx.array, indices: mx.array) -> mx.array:
@@ -169,7 +149,6 @@ def _output_dims(block: MoEBlock) -> int:
 class ProbeResult:
     top_k: int
     normalizes: bool  # the block's routed weights sum to a constant per token
-    weight_source: str  # "scores" (router returns them), "softmax", "sigmoid", or "unknown"
 
 
 def probe_block(runtime: ExpertLayerRuntime, hidden_size: int, dtype: mx.Dtype, tokens: int = 16) -> ProbeResult | None:
@@ -186,7 +165,6 @@ def probe_block(runtime: ExpertLayerRuntime, hidden_size: int, dtype: mx.Dtype, 
 
     def run(fill: Callable[[int], float]) -> mx.array:
         def value(h, indices):
-            runtime.last_probe_indices = indices
             k = indices.shape[-1]
             row = mx.array([fill(i) for i in range(k)], dtype=mx.float32)
             shape = (*indices.shape, runtime.output_dims)
@@ -211,47 +189,7 @@ def probe_block(runtime: ExpertLayerRuntime, hidden_size: int, dtype: mx.Dtype, 
     sums = weights_np.sum(-1)
     tol = 1e-3 if dtype == mx.float32 else 3e-2
     normalizes = bool(np.all(np.abs(sums - sums.mean()) <= tol * max(abs(sums.mean()), 1e-6)))
-    source = _match_weight_source(runtime, weights_np, tol)
-    return ProbeResult(top_k, normalizes, source)
-
-
-def _candidates(router_out: Any, indices: mx.array) -> dict[str, mx.array]:
-    if isinstance(router_out, tuple):  # a gate returning (indices, scores) in either order
-        scores = [a for a in router_out if isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.floating)
-                  and a.shape == indices.shape]
-        return {"scores": scores[0].astype(mx.float32)} if len(scores) == 1 else {}
-    if not isinstance(router_out, mx.array):
-        return {}
-    logits = mx.take_along_axis(router_out.astype(mx.float32), indices, axis=-1)
-    return {
-        "softmax": mx.exp(logits - mx.max(logits, axis=-1, keepdims=True)),
-        "sigmoid": mx.sigmoid(logits),
-    }
-
-
-def route_weights_fn(source: str) -> RouteWeights:
-    def fn(router_out: Any, indices: mx.array) -> mx.array:
-        return _candidates(router_out, indices)[source]
-
-    return fn
-
-
-def _match_weight_source(runtime: ExpertLayerRuntime, weights: np.ndarray, tol: float) -> str:
-    """Which function of the router output is proportional to the block's expert weights."""
-    router_out = runtime.router_out
-    if router_out is None:
-        return "unknown"
-    # The probe's last call captured the router output for the same input; indices come from it too.
-    indices = runtime.last_probe_indices
-    if indices is None:
-        return "unknown"
-    target = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-12)
-    for name, cand in _candidates(router_out, indices).items():
-        c = np.array(cand, dtype=np.float64).reshape(target.shape)
-        c = c / np.maximum(c.sum(-1, keepdims=True), 1e-12)
-        if np.all(np.abs(c - target) <= max(tol, 1e-4) * 5):
-            return name
-    return "unknown"
+    return ProbeResult(top_k, normalizes)
 
 
 def is_quantized(block: MoEBlock) -> bool:
