@@ -12,12 +12,6 @@ DECAY_HALF_LIFE = 128.0  # steps; priority = uses weighted by 0.5 ** (age / half
 LRFU_HALF_LIFE = 16.0  # steps; tuned on a recorded routing trace (docs/performance.md): flat from 10 to 24
 MARKOV_WEIGHT = 4.0  # markov: weight of the follow-on chance (x num_experts) beside the lrfu score; tuned too
 TRANSITION_PRIOR = 0.1  # markov: pseudo-count of every (expert, next-step expert) pair before any is seen
-# Each decayed policy's half-life, in the order of the columns of `LayerCache.decayed`.
-HALF_LIVES = {"decay": DECAY_HALF_LIFE, "lrfu": LRFU_HALF_LIFE}
-
-
-_HALF_LIVES = np.array(list(HALF_LIVES.values()))
-_COLUMN = {name: i for i, name in enumerate(HALF_LIVES)}
 
 
 class LayerCache:
@@ -40,21 +34,25 @@ class LayerCache:
         self.pinned: set[int] = set()
         self.last_use = np.full(num_experts, -1.0)
         self.use_count = np.zeros(num_experts)
-        # Decayed use counts as of last_use, one column per half-life in HALF_LIVES: every policy's state is
-        # kept whatever the policy, so a live policy change starts from the history.
-        self.decayed = np.zeros((num_experts, len(HALF_LIVES)))
+        # Use counts decayed with DECAY_HALF_LIFE (decay) and LRFU_HALF_LIFE (lrfu, markov) as of last_use: every
+        # policy's state is kept whatever the policy, so a live policy change starts from the history.
+        self.decayed = np.zeros(num_experts)
+        self.decayed_short = np.zeros(num_experts)
         # markov: how often expert j was routed in the step after one routing expert i (transitions[i, j]).
         self.transitions = np.full((num_experts, num_experts), TRANSITION_PRIOR, dtype=np.float32)
         self.step = -1  # the latest step touched, its experts, and the experts of the step before it
         self.step_experts: list[int] = []
         self.previous_experts: list[int] = []
+        self._counted: list[tuple[list[int], list[int]]] = []  # (from, to) transitions not yet in the matrix
         self.prefetched = np.zeros(num_experts, dtype=bool)  # read ahead of use and not used yet
 
     # ---- policy state
-    POLICY_STATE = ("last_use", "use_count", "decayed", "transitions", "step", "step_experts", "previous_experts")
+    POLICY_STATE = ("last_use", "use_count", "decayed", "decayed_short", "transitions", "step", "step_experts",
+                    "previous_experts")
 
     def copy_policy_state(self, other: LayerCache) -> None:
         """Take over `other`'s policy history (a cache rebuilt at another capacity)."""
+        other.counted_transitions()
         for name in self.POLICY_STATE:
             value = getattr(other, name)
             setattr(self, name, value.copy() if hasattr(value, "copy") else value)
@@ -69,12 +67,25 @@ class LayerCache:
             # Steps of one token only: a prompt chunk routes to most experts and says nothing of what follows.
             limit = max(self.num_experts // 4, 1)
             if 0 < len(self.previous_experts) <= limit and len(self.step_experts) <= limit:
-                self.transitions[np.ix_(self.previous_experts, new)] += 1.0
+                self._counted.append((self.previous_experts, new))  # added in bulk when next needed (cheaper)
+                if len(self._counted) >= 256:
+                    self.counted_transitions()
         for e in experts:
-            age = step - self.last_use[e] if self.last_use[e] >= 0 else 0.0
-            self.decayed[e] = self.decayed[e] * 0.5 ** (age / _HALF_LIVES) + 1.0
+            last = self.last_use[e]
+            age = step - last if last >= 0 else 0.0
+            self.decayed[e] = self.decayed[e] * 0.5 ** (age / DECAY_HALF_LIFE) + 1.0
+            self.decayed_short[e] = self.decayed_short[e] * 0.5 ** (age / LRFU_HALF_LIFE) + 1.0
             self.last_use[e] = step
             self.use_count[e] += 1
+
+    def counted_transitions(self) -> np.ndarray:
+        """`transitions` with every step touched so far counted in."""
+        if self._counted:
+            rows = [a for before, after in self._counted for a in before for _ in after]
+            cols = [b for before, after in self._counted for _ in before for b in after]
+            np.add.at(self.transitions, (np.array(rows), np.array(cols)), 1.0)
+            self._counted = []
+        return self.transitions
 
     def priority(self, experts: np.ndarray, step: int) -> np.ndarray:
         """Higher = keep. Ties break towards evicting the lower expert id (deterministic).
@@ -88,11 +99,12 @@ class LayerCache:
             return self.last_use[experts]
         if self.policy == "lfu":
             return self.use_count[experts]
-        column = _COLUMN["lrfu" if self.policy == "markov" else self.policy]
         age = np.maximum(step - self.last_use[experts], 0)
-        score = self.decayed[experts, column] * 0.5 ** (age / _HALF_LIVES[column])
+        if self.policy == "decay":
+            return self.decayed[experts] * 0.5 ** (age / DECAY_HALF_LIFE)
+        score = self.decayed_short[experts] * 0.5 ** (age / LRFU_HALF_LIFE)
         if self.policy == "markov" and self.step_experts:
-            follow = self.transitions[self.step_experts].sum(0)
+            follow = self.counted_transitions()[self.step_experts].sum(0)
             score = score + MARKOV_WEIGHT * self.num_experts * follow[experts] / follow.sum()
         return score
 
