@@ -144,6 +144,8 @@ def cmd_profile(args) -> int:
 
     if args.out is None and args.trace is None:
         raise SystemExit("moe profile: nothing to write; give --out PROFILE.json and/or --trace TRACE.npz")
+    if args.trace is not None and args.prefetch is None:
+        args.prefetch = True  # predict at every decode step (not only while reading ahead pays): all guesses kept
     engine = _load(args)
     if args.capacity is None:
         engine.set_capacity(1.0)  # exact routing is the same at every capacity; below full it records guesses
@@ -460,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-no-cgroup", action="store_true",
                    help="--offload: no memory cgroup, only drop the page cache before each run")
     p.add_argument("--trace", type=Path, default=None, metavar="OUT.npz",
-                   help="write the routing trace of the exact run at the smallest capacity (docs/traces.md)")
+                   help="write the routing trace of the run at the smallest capacity that reads ahead at every step "
+                        "(docs/traces.md)")
     p.add_argument("--replay", type=Path, default=None, metavar="TRACE.npz",
                    help="no model: replay a recorded trace; every policy (with and without the recorded "
                         "next-layer guesses) beside Belady's optimum, and a memory budget shared across layers")

@@ -160,8 +160,10 @@ def run_bench(model: str | Path, fractions=(1.0, 0.5, 0.25), prompt_len: int = 6
         for mode, fraction in configs:
             drop_page_cache(files)
             traced = mode == "exact" and fraction == min(fractions)
-            r, engine, trace = _run_engine(path, prompt, decode_tokens, fraction, mode,
-                                           record=traced and trace_out is not None)
+            # The trace: from the run that reads ahead at every step, so every decode step has its guesses.
+            record = trace_out is not None and fraction == min(fractions) and mode == (
+                "exact-prefetch" if ("exact-prefetch", fraction) in results else "exact")
+            r, engine, trace = _run_engine(path, prompt, decode_tokens, fraction, mode, record=record)
             r["matches_stock_tokens"] = r.pop("tokens") == stock_tokens
             results[(mode, fraction)].append(r)
             if traced:

@@ -152,3 +152,13 @@ def test_the_default_policy_is_the_best_on_held_out_text():
     for capacity in (4, 8):  # 25% and 50%
         rates = {name: r["hit_rate"] for name, r in compare(trace.steps, 16, capacity).items()}
         assert max((r, name) for name, r in rates.items() if name != "belady")[1] == DEFAULT_POLICY, rates
+
+
+def test_bench_records_the_traced_run(checkpoint):
+    from moe_tui.inference.bench import _run_engine
+
+    _result, engine, trace = _run_engine(checkpoint("qwen3_moe"), [5, 17, 99, 3, 42, 7], 10, 6, "exact", record=True)
+    assert trace is not None and trace.capacity == 6 and trace.segments == (0, trace.num_steps)
+    assert [[s.tolist() for s in layer] for layer in trace.steps] == \
+        [[np.asarray(s).tolist() for s in layer] for layer in engine.trace]  # the warm pass only
+    engine.close()
