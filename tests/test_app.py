@@ -246,7 +246,7 @@ async def test_belady_optimum_is_shown_after_a_reply(make_app):
         await send(pilot, app, "def add(a, b):")
         await wait_until(pilot, lambda: replies(app) and not app.generating)
         await wait_until(pilot, lambda: app.last_optimum is not None)  # replayed while idle
-        assert set(app.last_optimum) == {"lru", "lfu", "decay", "belady"}
+        assert {"lru", "lfu", "decay", "belady"} <= set(app.last_optimum)  # and any other policy the engine has
         assert 0 <= app.last_optimum["belady"] <= 1
         await wait_until(pilot, lambda: any("Belady" in line.plain for line in app.query_one("#hits").lines))
         assert any("Belady" in line.plain for line in app.query_one("#hits").lines)

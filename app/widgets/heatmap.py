@@ -44,7 +44,9 @@ Arrows select a cell (its numbers show below the map), `+`/`-` zoom, `[`/`]` scr
 row. Tab goes back to the prompt.
 """
     DEFAULT_CSS = """
-    HeatmapView { height: auto; max-height: 60vh; min-height: 4; }
+    HeatmapView {
+        height: auto; max-height: 80vh; min-height: 4; scrollbar-size-vertical: 1; scrollbar-size-horizontal: 0;
+    }
     """
 
     snapshot: reactive[CacheSnapshot | None] = reactive(None)  # height is set only when it changes
