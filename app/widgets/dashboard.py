@@ -199,7 +199,8 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
             chart.figure = Figure("hit rate vs capacity", "experts per layer", "%", empty="replayed when idle")
         else:
             xs = tuple(float(c) for c in curve.capacities)
-            colours = {"lru": "primary", "lfu": "secondary", "decay": "warning", "belady": "success"}
+            colours = {"lru": "primary", "lfu": "secondary", "decay": "warning", "lrfu": "accent", "markov": "error",
+                       "belady": "success"}
             series = tuple(Series(name, xs, tuple(100 * r for r in curve.rates[name]), colours.get(name, "error"))
                            for name in text.curve_names(curve))
             cursor = chart.cursor_capacity
