@@ -32,6 +32,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _mode(text: str) -> str:
+    from moe_tui.inference.expert_cache import FAST_REMOVED
+
+    if text == "fast":
+        raise argparse.ArgumentTypeError(FAST_REMOVED)
+    if text != "exact":
+        raise argparse.ArgumentTypeError(f"{text!r}: the engine has one mode, exact")
+    return text
+
+
 def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
     if model_optional:
         p.add_argument("model", nargs="?", default=None, help="model folder or Hugging Face repo id (default: demo)")
@@ -39,9 +49,7 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
         p.add_argument("model", help="model folder or Hugging Face repo id")
     p.add_argument("--capacity", type=_capacity, default=None,
                    help="experts cached per MoE layer: count, fraction or percent (default: fit available memory)")
-    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
-                   help="exact: outputs equal stock mlx-lm; fast: a missed expert is dropped for that token while "
-                        "decoding (default: exact)")
+    p.add_argument("--mode", type=_mode, default="exact", help=argparse.SUPPRESS)  # kept for old scripts
     p.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
                    help="which cached expert to evict: least recently used, least often, by use counts decayed "
                         f"with a half-life of {DECAY_HALF_LIFE:g} (decay) or {LRFU_HALF_LIFE:g} steps (lrfu), or "
@@ -54,9 +62,9 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
                    help="context to allow, in tokens (default: the model's); an automatic --capacity keeps its KV "
                         "cache's memory free")
-    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
-                   help="exact mode: predict each next layer's experts and read them while this one computes "
-                        "(outputs unchanged; default: on)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict each next layer's experts and read them while this one computes (outputs "
+                        "unchanged; default: only while that makes decoding faster, timed as it runs)")
 
 
 def _version() -> str:
@@ -108,7 +116,7 @@ def _load(args):
 
     model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
     profile, pin = _profile(args, demo=args.model is None)
-    return Engine.load(model, capacity=args.capacity, mode=args.mode, policy=args.policy, profile=profile,
+    return Engine.load(model, capacity=args.capacity, policy=args.policy, profile=profile,
                        pin=pin, kv_bits=args.kv_bits, context=args.context, prefetch=args.prefetch)
 
 
@@ -251,7 +259,7 @@ def cmd_chat(args) -> int:
     if model == str(DEMO_MODEL):
         # The demo fits in memory many times over; half the experts per layer shows the cache at work.
         args.capacity = args.capacity if args.capacity is not None else DEMO_CAPACITY
-    spec = EngineSpec(model=model, capacity=args.capacity, mode=args.mode, policy=args.policy,
+    spec = EngineSpec(model=model, capacity=args.capacity, policy=args.policy,
                       profile=str(profile) if profile else None, pin=pin, kv_bits=args.kv_bits,
                       context=args.context, prefetch=args.prefetch)
     MoeApp(spec, settings).run()
@@ -303,7 +311,7 @@ def cmd_serve(args) -> int:
     model = ensure_local(args.model) if args.model else str(DEMO_MODEL)
     profile, pin = _profile(args, demo=args.model is None)
     serve(model, host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
-          max_tokens_cap=args.max_tokens_cap, capacity=args.capacity, mode=args.mode, policy=args.policy,
+          max_tokens_cap=args.max_tokens_cap, capacity=args.capacity, policy=args.policy,
           profile=profile, pin=pin, kv_bits=args.kv_bits, context=args.context, prefetch=args.prefetch,
           allowed_hosts=args.allow_host,
           allowed_origins=args.allow_origin, request_timeout=args.request_timeout,
@@ -454,9 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--offload: synthetic checkpoint size: full ~2.3 GiB, medium ~0.6, small ~0.2, tiny ~3 MB")
     p.add_argument("--offload-capacities", default="12.5,25,50,100", metavar="PERCENTS",
                    help="--offload: expert cache capacities in percent (default 12.5,25,50,100)")
-    p.add_argument("--offload-modes", default="exact,exact-noprefetch,fast",
-                   help="--offload: configurations to run: exact (reads ahead on), exact-noprefetch, exact-cached "
-                        "(reads through the page cache), fast (default exact,exact-noprefetch,fast)")
+    p.add_argument("--offload-modes", default="exact,exact-prefetch,exact-noprefetch",
+                   help="--offload: configurations to run: exact (reads ahead while they pay, the default), "
+                        "exact-prefetch (always), exact-noprefetch (never), exact-cached (reads through the page "
+                        "cache) (default exact,exact-prefetch,exact-noprefetch)")
     p.add_argument("--offload-headroom", type=int, default=512, metavar="MIB",
                    help="--offload: memory cgroup limit above dense weights + expert cache (default 512)")
     p.add_argument("--offload-no-cgroup", action="store_true",
@@ -473,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--offload: search the synthetic routing's embedding scale against the demo's hit rates")
     p.set_defaults(func=_bench)
     parser.commands = tuple(sub.choices)
+    for command in (parser, *sub.choices.values()):
+        command.allow_abbrev = False  # `--mode` must not be taken for `--model`
     return parser
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moe_tui.inference.cache import POLICIES
+
 
 @dataclass(frozen=True)
 class Command:
@@ -73,11 +75,12 @@ COMMANDS: tuple[Command, ...] = (
             details='A count (`/capacity 8`), a fraction (`/capacity 0.5`) or a percentage '
                     "(`/capacity 50%`) of each layer's experts. Without an argument: the current "
                     'capacity. Live, no reload.'),
-    Command("policy", "lru|lfu|decay", "the cache's eviction policy", "Engine",
-            (("lru", "Policy: lru"), ("lfu", "Policy: lfu"), ("decay", "Policy: decay")),
-            details='Which expert is evicted when the cache is full: least recently used, least '
-                    'frequently used, or frequency with exponential decay. Without an argument: the '
-                    'current policy.'),
+    Command("policy", "|".join(POLICIES), "the cache's eviction policy", "Engine",
+            tuple((name, f"Policy: {name}") for name in POLICIES),
+            details='Which expert is evicted when the cache is full: lru (least recently used), lfu (least '
+                    'frequently used), decay and lrfu (use counts decaying with a half-life of 128 and 16 '
+                    'steps), markov (lrfu plus how often an expert followed the latest step\'s experts; the '
+                    'default). Without an argument: the current policy.'),
     Command("reset", "", "zero the cache statistics", "Engine"),
     Command("theme", "NAME", "switch theme (remembered)", "App",
             details='Themes: moe-dark, moe-light, moe-colorblind. The choice is saved in config.toml.'),

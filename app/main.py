@@ -12,6 +12,7 @@ import time
 from functools import partial, wraps
 from pathlib import Path
 
+from moe_tui.inference.cache import POLICIES
 from moe_tui.inference.events import Configure, Generate
 from rich.text import Text
 from textual import events, on, work
@@ -725,7 +726,7 @@ class MoeApp(CodingCommands, App):
             self.notice(str(exc), "error")
 
     def cmd_policy(self, arg: str) -> None:
-        self.set_choice("policy", arg, ("lru", "lfu", "decay"))
+        self.set_choice("policy", arg, POLICIES)
 
     def set_choice(self, name: str, arg: str, choices: tuple[str, ...]) -> None:
         current = getattr(self.last_snapshot, name, None)

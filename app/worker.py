@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_tui.inference.cache import DEFAULT_POLICY
 from moe_tui.inference.events import (
     Configure,
     Delta,
@@ -53,7 +54,7 @@ class EngineSpec:
     model: str
     capacity: int | float | None = None
     mode: str = "exact"
-    policy: str = "lru"
+    policy: str = DEFAULT_POLICY
     profile: str | None = None
     pin: bool = True  # pin the profile's universal experts (else it only warms the cache)
     kv_bits: int | None = None

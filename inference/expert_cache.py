@@ -267,8 +267,7 @@ class ExpertCache:
             pins = [e for e in by_priority if e in old_cache.pinned][: max(new - self.layout.top_k, 0)]
             keep = pins + [e for e in by_priority if e not in pins][: new - len(pins)]
             cache = LayerCache(old_cache.num_experts, new, self._policy)
-            for attr in ("last_use", "use_count", "decayed"):
-                setattr(cache, attr, getattr(old_cache, attr).copy())
+            cache.copy_policy_state(old_cache)
             cache.pinned = set(pins)
             layer.cache = cache
             self._await(layer)

@@ -80,7 +80,7 @@ async def test_commands_without_their_argument_show_the_current_value_and_a_usag
             app.run_command(command)
             await wait_until(pilot, lambda c=command, v=current: notified(app, v) and notified(app, f"usage: {c}"))
         app.run_command("/policy turbo")
-        await wait_until(pilot, lambda: notified(app, "lru or lfu or decay, not 'turbo'"))
+        await wait_until(pilot, lambda: notified(app, "lru or lfu or decay or lrfu or markov, not 'turbo'"))
 
 
 async def test_up_and_down_walk_the_prompt_history_from_its_first_and_last_lines(fake_app):
