@@ -310,17 +310,12 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             if done is None:
                 return anthropic_error("client disconnected", 499)
             reason, sequence = anthropic_stop(done, chat.stop)
-            return JSONResponse({
-                "id": mid, "type": "message", "role": "assistant", "model": config.model_name,
-                "content": [{"type": "text", "text": done.text}], "stop_reason": reason,
-                "stop_sequence": sequence,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": done.generated_tokens}})
+            return JSONResponse(anthropic_message(mid, config.model_name, [{"type": "text", "text": done.text}],
+                                                  reason, sequence, prompt_tokens, done.generated_tokens))
 
         async def stream() -> AsyncIterator[str]:
-            yield sse_event("message_start", {"type": "message_start", "message": {
-                "id": mid, "type": "message", "role": "assistant", "model": config.model_name, "content": [],
-                "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+            yield sse_event("message_start", {"type": "message_start", "message": anthropic_message(
+                mid, config.model_name, [], None, None, prompt_tokens, 0)})
             yield sse_event("content_block_start", {"type": "content_block_start", "index": 0,
                                                     "content_block": {"type": "text", "text": ""}})
             done = None
@@ -431,17 +426,12 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             if done is None:
                 return anthropic_error("client disconnected", 499)
             reason, sequence = stop_reason(done)
-            return JSONResponse({
-                "id": mid, "type": "message", "role": "assistant", "model": config.model_name,
-                "content": content or [{"type": "text", "text": ""}], "stop_reason": reason,
-                "stop_sequence": sequence,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": done.generated_tokens}})
+            return JSONResponse(anthropic_message(mid, config.model_name, content or [{"type": "text", "text": ""}],
+                                                  reason, sequence, prompt_tokens, done.generated_tokens))
 
         async def stream() -> AsyncIterator[str]:
-            yield sse_event("message_start", {"type": "message_start", "message": {
-                "id": mid, "type": "message", "role": "assistant", "model": config.model_name, "content": [],
-                "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+            yield sse_event("message_start", {"type": "message_start", "message": anthropic_message(
+                mid, config.model_name, [], None, None, prompt_tokens, 0)})
             done = None
             index, text_open = -1, False  # blocks open as their first part arrives: a text block per run of text
 
@@ -585,3 +575,11 @@ def anthropic_stop(done: GenerationDone, stops: list[str]) -> tuple[str, str | N
     if done.stop_sequence is not None:
         return "stop_sequence", done.stop_sequence
     return "end_turn", None
+
+
+def anthropic_message(mid: str, model: str, content: list, stop_reason: str | None, stop_sequence: str | None,
+                      input_tokens: int, output_tokens: int) -> dict:
+    """An Anthropic Messages API message object (the reply, or the empty one `message_start` opens)."""
+    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
