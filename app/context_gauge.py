@@ -92,11 +92,11 @@ class ContextGauge(Static):
     def show(self, budget: ContextBudget) -> None:
         self.budget = budget
         self.set_class(bool(budget.over), "over")
-        self.update(render(budget, self.size.width or 80, self.unicode))
+        self.update(render(budget, self.size.width or 80, self.unicode), layout=False)  # one row, always
 
     def on_resize(self) -> None:
         if self.budget is not None:
-            self.update(render(self.budget, self.size.width, self.unicode))
+            self.update(render(self.budget, self.size.width, self.unicode), layout=False)
 
 
 def deliver(app, future: Future, callback: Callable[[Future], None]) -> None:
