@@ -114,8 +114,6 @@ def hit_rows(snap: CacheSnapshot, replay: Replay | None, unicode: bool = True) -
     window = f" (last {replay.window:,} steps, empty start)" if replay is not None and replay.window else ""
     rows.append(Text(f"Belady: best any cache could do at this capacity, knowing the future{window}",
                      style="italic dim"))
-    if snap.mode == "fast":
-        rows.append(row("fallback", percent(snap.fallback_rate), "of routings ran without their expert (fast mode)"))
     return rows
 
 
@@ -149,21 +147,25 @@ def io_rows(snap: CacheSnapshot, unicode: bool = True) -> list[Text]:
     limit = io.io_limit_tps(snap.bytes_read)
     rows.append(row("I/O cap", Text(f"{limit:,.1f} tok/s" if limit else "—" if unicode else "-", style="bold"),
                     f"vs decode {snap.decode_tps:.1f} tok/s"))
+    # Always the same rows (a row that comes and goes would re-lay out the screen at a stats tick).
+    none = "—" if unicode else "-"
     if io.prefetches or io.prefetch:
         pending = max(io.prefetches - io.prefetch_hits - io.prefetch_wasted, 0)
         rows.append(row("ahead", f"{io.prefetches:,} read",
                         f"used {io.prefetch_hits:,} ({share(io.prefetch_hits, io.prefetches):.0%}){dot}"
                         f"wasted {io.prefetch_wasted:,} ({share(io.prefetch_wasted, io.prefetches):.0%}){dot}"
-                        f"pending {pending:,}"))
-        precision, recall = io.prediction_precision, io.prediction_recall
-        if precision:
-            worst = min(range(len(precision)), key=lambda i: precision[i])
-            layer = snap.layer_ids[worst] if worst < len(snap.layer_ids) else worst
-            rows.append(row("predict", f"precision {sum(precision) / len(precision):.0%}",
-                            f"recall {sum(recall) / len(recall):.0%} (mean of layers; worst L{layer} "
-                            f"{precision[worst]:.0%} / {recall[worst]:.0%})"))
+                        f"pending {pending:,}" + ("" if io.prefetch else f"{dot}off now (timed slower)")))
     else:
-        rows.append(row("ahead", "off", "no reads ahead (--no-prefetch or fast mode)"))
+        rows.append(row("ahead", "off", "no reads ahead (--no-prefetch, a full cache, or timed slower)"))
+    precision, recall = io.prediction_precision, io.prediction_recall
+    if precision and any(io.guesses):
+        worst = min(range(len(precision)), key=lambda i: precision[i])
+        layer = snap.layer_ids[worst] if worst < len(snap.layer_ids) else worst
+        rows.append(row("predict", f"precision {sum(precision) / len(precision):.0%}",
+                        f"recall {sum(recall) / len(recall):.0%} (mean of layers; worst L{layer} "
+                        f"{precision[worst]:.0%} / {recall[worst]:.0%})"))
+    else:
+        rows.append(row("predict", none, "no next-layer guesses yet"))
     rows.append(row("loaded", f"{int(snap.loads.sum()):,} experts",
                     f"{human_bytes(snap.bytes_read)} in {snap.load_seconds:.2f} s"
                     + (f"{dot}page cache bypassed" if io.uncached_reads else "")))
