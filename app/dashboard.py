@@ -307,7 +307,6 @@ into a slot), **evictions**, whether it is **resident** or **pinned**, and the s
   next use is furthest away. It is the best any cache could do at this capacity, knowing the future.
   Compare it with **POLICY on the same replay** (same steps, same empty start): the realized rates above
   started warm (a profile) and count reads ahead, so they may exceed Belady's replay.
-- **fallback** (fast mode) = routings that ran without their expert / all routings.
 - The plot: ready and demand rates between two refreshes (Δhits / Δ(hits + misses)) against the engine's
   step; Belady and the policy replay as points at the step each replay was made.
 
