@@ -278,15 +278,12 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                     else:
                         done = event
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band; no finish_reason claims a clean end
-                message = str(exc) if isinstance(exc, ReplyCut) else f"generation failed: {exc}"
-                yield sse({"error": {"message": message, "type": "server_error"}})
-                yield "data: [DONE]\n\n"
+                for event in openai_stream_failed(exc):
+                    yield event
                 return
-            finish = openai_finish(done) if done else "stop"
-            yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
-            if chat.include_usage and done is not None:
-                yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, done)})
-            yield "data: [DONE]\n\n"
+            for event in openai_stream_end(chunk, openai_finish(done) if done else "stop", done,
+                                           chat.include_usage, prompt_tokens):
+                yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -327,15 +324,12 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                     else:
                         done = event
             except Exception as exc:  # noqa: BLE001 - an error event ends the stream; no stop_reason claims a clean end
-                kind = "overloaded_error" if isinstance(exc, ReplyCut) else "api_error"
-                yield sse_event("error", {"type": "error", "error": {"type": kind, "message": str(exc)}})
+                yield anthropic_stream_failed(exc)
                 return
             yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
             reason, sequence = anthropic_stop(done, chat.stop) if done else ("end_turn", None)
-            yield sse_event("message_delta", {"type": "message_delta",
-                                              "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                              "usage": {"output_tokens": done.generated_tokens if done else 0}})
-            yield sse_event("message_stop", {"type": "message_stop"})
+            for event in anthropic_stream_end(reason, sequence, done):
+                yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -384,15 +378,12 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                     else:
                         done = part
             except Exception as exc:  # noqa: BLE001 - mid-stream: report in-band; no finish_reason claims a clean end
-                message = str(exc) if isinstance(exc, ReplyCut) else f"generation failed: {exc}"
-                yield sse({"error": {"message": message, "type": "server_error"}})
-                yield "data: [DONE]\n\n"
+                for event in openai_stream_failed(exc):
+                    yield event
                 return
-            yield sse({**chunk, "choices": [{"index": 0, "delta": {},
-                                             "finish_reason": finish_reason(done) if done else "stop"}]})
-            if chat.include_usage and done is not None:
-                yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, done)})
-            yield "data: [DONE]\n\n"
+            for event in openai_stream_end(chunk, finish_reason(done) if done else "stop", done,
+                                           chat.include_usage, prompt_tokens):
+                yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -462,8 +453,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                     else:
                         done = part
             except Exception as exc:  # noqa: BLE001 - an error event ends the stream; no stop_reason claims a clean end
-                kind = "overloaded_error" if isinstance(exc, ReplyCut) else "api_error"
-                yield sse_event("error", {"type": "error", "error": {"type": kind, "message": str(exc)}})
+                yield anthropic_stream_failed(exc)
                 return
             if index < 0:  # no part at all: one empty text block, as without tools
                 index, text_open = 0, True
@@ -471,10 +461,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             if text_open:
                 yield stop()
             reason, sequence = stop_reason(done) if done else ("end_turn", None)
-            yield sse_event("message_delta", {"type": "message_delta",
-                                              "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                                              "usage": {"output_tokens": done.generated_tokens if done else 0}})
-            yield sse_event("message_stop", {"type": "message_stop"})
+            for event in anthropic_stream_end(reason, sequence, done):
+                yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -583,3 +571,32 @@ def anthropic_message(mid: str, model: str, content: list, stop_reason: str | No
     return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": stop_reason, "stop_sequence": stop_sequence,
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}}
+
+
+def openai_stream_failed(exc: Exception) -> list[str]:
+    """A failure mid-stream, in-band: an error event, then the end marker (no finish_reason claims a clean end)."""
+    message = str(exc) if isinstance(exc, ReplyCut) else f"generation failed: {exc}"
+    return [sse({"error": {"message": message, "type": "server_error"}}), "data: [DONE]\n\n"]
+
+
+def openai_stream_end(chunk: dict, finish: str, done: GenerationDone | None, include_usage: bool,
+                      prompt_tokens: int) -> list[str]:
+    """The last chunks of a chat completion stream: the finish reason, usage if asked, the end marker."""
+    events = [sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})]
+    if include_usage and done is not None:
+        events.append(sse({**chunk, "choices": [], "usage": usage(prompt_tokens, done)}))
+    return [*events, "data: [DONE]\n\n"]
+
+
+def anthropic_stream_failed(exc: Exception) -> str:
+    """A failure mid-stream: an error event ends it (no stop_reason claims a clean end)."""
+    kind = "overloaded_error" if isinstance(exc, ReplyCut) else "api_error"
+    return sse_event("error", {"type": "error", "error": {"type": kind, "message": str(exc)}})
+
+
+def anthropic_stream_end(reason: str, sequence: str | None, done: GenerationDone | None) -> list[str]:
+    """The last events of a Messages stream: the stop reason with the output tokens, then message_stop."""
+    return [sse_event("message_delta", {"type": "message_delta",
+                                        "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                                        "usage": {"output_tokens": done.generated_tokens if done else 0}}),
+            sse_event("message_stop", {"type": "message_stop"})]
