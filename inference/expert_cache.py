@@ -27,15 +27,13 @@ from .moe import (
     is_quantized,
     probe_block,
 )
-from .plan import MEMORY_FRACTION
+from .plan import MEMORY_FRACTION, TOP_K_KEYS
 from .safetensors_io import RangeReader, TensorInfo
 from .telemetry import CacheSnapshot, IOStats, MemorySample, available_memory
 
 MODES = ("exact",)
 FAST_REMOVED = ("fast mode was removed: with reads ahead, exact mode (outputs equal to stock mlx-lm) was faster "
                 "at every capacity measured (docs/performance.md)")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token", "experts_per_token",
-              "n_activated_experts", "moe_k")
 PREFETCH_MIN_PRECISION = 0.4  # read a guess rank ahead only while this share of its guesses is needed
 PREFETCH_MEMORY = 0.95  # per guess scored: the weight of earlier guesses in a rank's recent precision
 PREFETCH_WARMUP = 4.0  # guesses of a rank scored before its precision decides (until then: read)
@@ -279,7 +277,7 @@ class ExpertCache:
             layer.last_out = None
             layer.guess = None
             self._load(layer, cache.admit(sorted(keep), set(keep), self._step), count=False)
-            self._sync_lut(layer)
+            self._sync_identity(layer)
         self._capacity = new
         if new == self.layout.num_experts:
             # Room for every expert: load them all now (as stock mlx-lm would), so no step ever waits on a
@@ -300,9 +298,9 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ expert loading
 
-    def _sync_lut(self, layer: _Layer) -> None:
+    def _sync_identity(self, layer: _Layer) -> None:
         """After any change of residency: whether every expert now sits in the slot of its own id (then the
-        stock call runs with the routing as is)."""
+        stock call runs with the routing as is, no host sync)."""
         slot_of = layer.cache.slot_of
         layer.identity = bool(np.array_equal(slot_of, np.arange(len(slot_of))))
 
@@ -317,13 +315,15 @@ class ExpertCache:
         try:
             if layer.views is not None:
                 self._settle(layer)
-                self.expert_reader.write_slots(layer.sources, placements, layer.views)
+                # Its own byte count: reads ahead for another layer may be in flight on the same reader.
+                nbytes = self.expert_reader.write_slots(layer.sources, placements, layer.views).nbytes
             else:
                 self._load_through_mlx(layer, placements)
+                nbytes = self.reader.bytes_read - bytes_before
         except BaseException:
             self._unmark(layer, placements)
             raise
-        self._count_loads(layer, placements, self.reader.bytes_read - bytes_before, count)
+        self._count_loads(layer, placements, nbytes, count)
         self._count_stall(layer, time.perf_counter() - started)
         self.counters.read_seconds += time.perf_counter() - started
         return True
@@ -353,7 +353,7 @@ class ExpertCache:
         for expert, slot, _ in placements:
             layer.cache.slot_of[expert] = -1
             layer.cache.expert_in_slot[slot] = -1
-        self._sync_lut(layer)
+        self._sync_identity(layer)
 
     def _count_loads(self, layer: _Layer, placements: list[tuple[int, int, int]], nbytes: int, count: bool,
                      prefetched: bool = False) -> None:
@@ -411,7 +411,7 @@ class ExpertCache:
             for start in range(0, len(wanted), step):
                 group = wanted[start : start + step]
                 self._load(layer, layer.cache.admit(group, set(group), self._step))
-            self._sync_lut(layer)
+            self._sync_identity(layer)
         mx.clear_cache()  # hand bulk-load read buffers back to the OS instead of MLX's buffer pool
 
     # ------------------------------------------------------------------ forward (called by swapped switches)
@@ -449,7 +449,7 @@ class ExpertCache:
         room = cache.capacity - len(cache.pinned)  # >= top_k: pins are capped at capacity - top_k
         if len(others) <= room:
             if self._load(layer, cache.access(needed, self._step)):
-                self._sync_lut(layer)
+                self._sync_identity(layer)
             out = layer.last_out = stock(x, mx.array(cache.slot_of[inds]))
             if target is not None:  # read while MLX computes this layer and the next one's attention
                 self._prefetch_into(target, guess)
@@ -469,7 +469,7 @@ class ExpertCache:
             mx.eval(y)  # before the next group's loads overwrite these slots
             order.append(pairs)
             outputs.append(y)
-        self._sync_lut(layer)
+        self._sync_identity(layer)
         out = mx.concatenate(outputs)[mx.array(np.argsort(np.concatenate(order)))]
         return out.reshape(*inds.shape, out.shape[-1])
 
@@ -682,7 +682,7 @@ class ExpertCache:
             missing = [e for e in warm if layer.cache.slot_of[e] < 0]
             self._load(layer, layer.cache.admit(missing, set(warm), self._step), count=False)
             layer.cache.pin(pins if pin else [])
-            self._sync_lut(layer)
+            self._sync_identity(layer)
         mx.clear_cache()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None,
