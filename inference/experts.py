@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -41,6 +42,12 @@ class ParamSource:
     file_dtype: str
     stacked: TensorInfo | None
     per_expert: tuple[TensorInfo, ...] = ()
+
+    def location(self, expert: int) -> tuple[Path, int]:
+        """The file and byte offset of `expert`'s values of this parameter."""
+        if self.stacked is not None:
+            return self.stacked.path, self.stacked.offset + expert * self.stacked.row_bytes()
+        return self.per_expert[expert].path, self.per_expert[expert].offset
 
     @property
     def expert_nbytes(self) -> int:
@@ -163,25 +170,21 @@ class ExpertReader:
         return writes
 
     def _write_one(self, src: ParamSource, expert: int, out: np.ndarray) -> None:
-        info = src.stacked or src.per_expert[expert]
-        offset = info.offset + expert * info.row_bytes() if src.stacked else info.offset
+        path, offset = src.location(expert)
         raw_dtype = np.dtype(DTYPES[src.file_dtype][0])
         nbytes = out.size * raw_dtype.itemsize
-        if self.reader.uncached:
-            if not hasattr(self._scratch, "aligned"):
-                self._scratch.aligned = AlignedScratch()
-            scratch = self._scratch.aligned
-            raw = self.reader.read_uncached(info.path, offset, nbytes, scratch).view(raw_dtype).reshape(out.shape)
-        elif out.dtype == raw_dtype:  # no conversion: straight into the slot
-            self.reader.read_into(info.path, offset, out)
+        if not self.reader.uncached and out.dtype == raw_dtype:  # no conversion: straight into the slot
+            self.reader.read_into(path, offset, out)
             _check_finite(src, [expert], out)
             return
+        if not hasattr(self._scratch, "buf"):
+            self._scratch.buf = AlignedScratch()
+        if self.reader.uncached:
+            raw = self.reader.read_uncached(path, offset, nbytes, self._scratch.buf)
         else:
-            scratch = getattr(self._scratch, "buf", None)
-            if scratch is None or scratch.nbytes < nbytes:
-                scratch = self._scratch.buf = np.empty(nbytes, dtype=np.uint8)
-            raw = scratch[:nbytes].view(raw_dtype).reshape(out.shape)
-            self.reader.read_into(info.path, offset, raw)
+            raw = self._scratch.buf.get(nbytes)
+            self.reader.read_into(path, offset, raw)
+        raw = raw.view(raw_dtype).reshape(out.shape)
         _check_finite(src, [expert], raw)
         if src.file_dtype == "BF16" and out.dtype == np.float32:
             np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits are f32's top half
@@ -204,13 +207,12 @@ class ExpertReader:
         out = np.empty((len(experts), *src.expert_shape), dtype=DTYPES[info.dtype][0])
         if src.stacked is None:
             for j, e in enumerate(experts):
-                self.reader.read_into(src.per_expert[e].path, src.per_expert[e].offset, out[j])
+                self.reader.read_into(*src.location(e), out[j])
             return out
         start = 0
         for i in range(1, len(experts) + 1):
             if i == len(experts) or experts[i] != experts[i - 1] + 1:
-                offset = src.stacked.offset + experts[start] * src.stacked.row_bytes()
-                self.reader.read_into(src.stacked.path, offset, out[start:i])
+                self.reader.read_into(*src.location(experts[start]), out[start:i])
                 start = i
         return out
 
