@@ -157,20 +157,13 @@ class MemoryCgroup:
     @classmethod
     def detect(cls, root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
                name: str | None = None) -> MemoryCgroup | None:
+        from .telemetry import own_cgroups
+
         name = name or f"moe-bench-{os.getpid()}"
-        try:
-            lines = proc_cgroup.read_text().splitlines()
-        except OSError:
+        own = own_cgroups(proc_cgroup)
+        if own is None:
             return None
-        own_v1 = own_v2 = None
-        for line in lines:
-            parts = line.split(":", 2)
-            if len(parts) != 3:
-                continue
-            if "memory" in parts[1].split(","):
-                own_v1 = parts[2]
-            elif parts[0] == "0" and parts[1] == "":
-                own_v2 = parts[2]
+        own_v1, own_v2 = own
         candidates: list[tuple[int, Path]] = []
         v1 = root / "memory"
         if own_v1 is not None and (v1 / "memory.limit_in_bytes").exists():

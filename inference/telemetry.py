@@ -67,23 +67,32 @@ class MemorySample:
         return self.system_used_bytes + self.system_available_bytes
 
 
-def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
-                        ) -> int | None:
-    """The memory limit of this process's own cgroup (v1 or v2) in bytes, or None where there is none."""
+def own_cgroups(proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[str | None, str | None] | None:
+    """This process's memory cgroup paths from /proc/self/cgroup: (v1 memory controller's, v2 unified); None
+    where the file cannot be read."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
         return None
+    v1 = v2 = None
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         if "memory" in parts[1].split(","):
-            file = root / "memory" / parts[2].lstrip("/") / "memory.limit_in_bytes"
+            v1 = parts[2]
         elif parts[0] == "0" and parts[1] == "":
-            file = root / parts[2].lstrip("/") / "memory.max"
-        else:
-            continue
+            v2 = parts[2]
+    return v1, v2
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        ) -> int | None:
+    """The memory limit of this process's own cgroup (v1 or v2) in bytes, or None where there is none."""
+    v1, v2 = own_cgroups(proc_cgroup) or (None, None)
+    files = ([root / "memory" / v1.lstrip("/") / "memory.limit_in_bytes"] if v1 is not None else []) + (
+        [root / v2.lstrip("/") / "memory.max"] if v2 is not None else [])
+    for file in files:
         try:
             text = file.read_text().strip()
         except OSError:
