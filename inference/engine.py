@@ -174,14 +174,15 @@ class Engine:
 
     # ---------------------------------------------------------------- generation
 
-    def encode(self, messages_or_prompt: str | Sequence[dict] | Sequence[int]) -> list[int]:
-        """Token ids of a raw string, chat messages (with the chat template; special-token text inside a
-        message stays text) or ids as they are."""
+    def encode(self, messages_or_prompt: str | Sequence[dict] | Sequence[int],
+               tools: Sequence[dict] | None = None) -> list[int]:
+        """Token ids of a raw string, chat messages (with the chat template, given `tools` if any; special-token
+        text inside a message stays text) or ids as they are."""
         if isinstance(messages_or_prompt, str):
             return list(self.tokenizer.encode(messages_or_prompt))
         items = list(messages_or_prompt)
         if items and isinstance(items[0], dict):
-            return encode_messages(self.tokenizer, items, self._control_strings)
+            return encode_messages(self.tokenizer, items, self._control_strings, tools=tools)
         return [int(t) for t in items]
 
     def reset_prompt_cache(self) -> None:

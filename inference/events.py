@@ -5,6 +5,7 @@ Events cross threads and, for the app's child-process placement, a pipe: each is
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,10 @@ class Generate:
     seed: int | None = None
     fit_context: bool = False  # drop the oldest turns (never the system prompt or the last message) to fit
     tag: Any = None
+    tools: tuple[dict, ...] | None = None  # OpenAI function-tool form: given to the chat template, calls parsed
+    tool_choice: str = "auto"  # "auto", "required" (a call must start the reply) or "named" (a call of tool_name)
+    tool_name: str | None = None
+    call_id_prefix: str = "call_"  # of the ids given to parsed calls that carry none of their own
 
 
 @dataclass(frozen=True)
@@ -73,15 +78,18 @@ class ModelInfo:
     dense_bytes: int
     context_length: int
     max_token_bytes: int = 64  # no token stands for more UTF-8 bytes than this
+    tool_parser: str = ""  # the model's tool-call format (an mlx-lm parser's name); "" when it has none
+    no_tool_calling: str = ""  # why it has none (a phrase), when known
 
     @staticmethod
-    def of(engine: Any) -> ModelInfo:
+    def of(engine: Any, tool_parser: str = "", no_tool_calling: str = "") -> ModelInfo:
         layout = engine.layout
         return ModelInfo(model=engine.name, model_type=layout.model_type, num_layers=layout.num_layers,
                          moe_layers=layout.moe_layers, num_experts=layout.num_experts, top_k=layout.top_k,
                          expert_bytes=layout.expert_bytes, dense_bytes=layout.dense_bytes,
                          context_length=engine.context_length,
-                         max_token_bytes=getattr(engine, "max_token_bytes", 64))
+                         max_token_bytes=getattr(engine, "max_token_bytes", 64), tool_parser=tool_parser,
+                         no_tool_calling=no_tool_calling)
 
 
 @dataclass(frozen=True)
@@ -128,12 +136,36 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call the model made, as its format's parser read it: `arguments` is a JSON object."""
+
+    id: str
+    name: str
+    arguments: dict
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ToolCalled:
+    """A tool call of a job offered tools, in its place in the reply: after the Delta of the text before it."""
+
+    job_id: int
+    tag: Any
+    call: ToolCall
+
+
+@dataclass(frozen=True)
 class JobDone:
-    """The job's last event when it ended normally, by a stop, a length limit or a cancel."""
+    """The job's last event when it ended normally, by a stop, a length limit or a cancel. With tools offered,
+    `done.text` is the text outside the calls and `tool_calls` the calls, in order."""
 
     job_id: int
     tag: Any
     done: GenerationDone
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,5 +203,5 @@ class MissCurveDone:
     steps: int  # the engine's traced steps when replayed
 
 
-Event = (SessionReady | SessionFailed | JobStarted | Progress | Delta | JobDone | JobFailed | Notice | Snapshot
-         | MissCurveDone)
+Event = (SessionReady | SessionFailed | JobStarted | Progress | Delta | ToolCalled | JobDone | JobFailed | Notice
+         | Snapshot | MissCurveDone)

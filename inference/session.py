@@ -7,6 +7,7 @@ the session's thread). A failing job ends with a `JobFailed` event; the thread g
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -14,7 +15,7 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,9 +38,12 @@ from .events import (
     SessionReady,
     Snapshot,
     Tokenize,
+    ToolCall,
+    ToolCalled,
 )
 from .prompts import encode_messages
 from .telemetry import CacheSnapshot, GenerationDone
+from .tools import ToolCallSplitter, ToolFormat, forced_opening, tool_format
 
 log = logging.getLogger("moe_tui.session")
 MIN_REPLY = 32  # tokens: a prompt leaving less room than this in the context window is refused
@@ -78,11 +82,15 @@ class Session:
         chunk_interval: seconds over which a reply's text is gathered into one `Delta` (0: every token).
         max_queue: jobs that may wait (0: no bound); `submit` raises QueueFull beyond it.
         replay_optimum: while idle, replay the recent routing under every policy and Belady's MIN.
+        tool_parser: the mlx-lm tool-call parser for jobs offered tools; None: the one inferred from the tokenizer.
     """
 
     def __init__(self, load: Callable[[], Any], sink: Callable[[Event], None], stats_interval: float = 0.5,
-                 chunk_interval: float = 0.0, max_queue: int = 0, replay_optimum: bool = False) -> None:
+                 chunk_interval: float = 0.0, max_queue: int = 0, replay_optimum: bool = False,
+                 tool_parser: str | None = None) -> None:
         self._load = load
+        self.tool_parser = tool_parser
+        self.tool_format: ToolFormat | str = "the model is not loaded"  # the format, or why there is none
         self._sink = sink
         self.stats_interval = stats_interval
         self.chunk_interval = chunk_interval
@@ -215,7 +223,9 @@ class Session:
         # The model and its imports live as long as this loop: keep them out of the cycle collector,
         # whose full passes over them would otherwise pause generation.
         gc.freeze()
-        self.info = ModelInfo.of(self.engine)
+        self.tool_format = self._tool_format()
+        fmt = self.tool_format
+        self.info = ModelInfo.of(self.engine, *((fmt.name, "") if isinstance(fmt, ToolFormat) else ("", fmt)))
         self.ready.set()
         self._emit(SessionReady(self.info))
         self._publish(force=True)
@@ -231,6 +241,12 @@ class Session:
             self.engine.close()
         except Exception:  # noqa: BLE001
             log.exception("closing the engine")
+
+    def _tool_format(self) -> ToolFormat | str:
+        try:
+            return tool_format(getattr(self.engine, "tokenizer", None), self.tool_parser)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer mlx-lm cannot read for tools is a model without them
+            return f"its tool-call format could not be read ({type(exc).__name__}: {exc})"
 
     def _fail(self, error: str) -> None:
         self.error = error
@@ -325,20 +341,26 @@ class Session:
         except (ValueError, ModelLoadError) as exc:
             self._emit(Notice(str(exc), "error"))
 
-    def _fit(self, job: Job) -> tuple[list[int], int, int]:
-        """The prompt's token ids, how many oldest messages were dropped to fit the context, and the reply's
-        token budget (shortened when even the newest turns leave less room than max_tokens).
+    def _fit(self, job: Job, tools: Sequence[dict] | None = None, opening: int = 0) -> tuple[list[int], int, int]:
+        """The prompt's token ids (the chat template given `tools`), how many oldest messages were dropped to fit
+        the context, and the reply's token budget (shortened when even the newest turns leave less room than
+        max_tokens, or where `opening` tokens forced after the prompt leave less).
 
         Raises:
             ContextOverflow: (fit_context) the last message alone leaves less than MIN_REPLY tokens.
         """
         request = job.request
         messages = request.messages
-        tokens = self.engine.encode(messages)
+
+        def encode(messages):
+            return self.engine.encode(messages, tools=tools) if tools else self.engine.encode(messages)
+
+        tokens = encode(messages)
         context = self.engine.context_length
-        limit = context - request.max_tokens
+        limit = context - request.max_tokens - opening
         if not request.fit_context or len(tokens) <= limit or not messages or not isinstance(messages[0], dict):
-            return tokens, 0, request.max_tokens
+            room = context - len(tokens) - opening if opening else request.max_tokens
+            return tokens, 0, max(1, min(request.max_tokens, room))
         messages = list(messages)
         dropped = 0
         while len(tokens) > limit:
@@ -347,13 +369,30 @@ class Session:
                 break  # never the system prompt or the last message
             del messages[first]
             dropped += 1
-            tokens = self.engine.encode(messages)
-        room = context - len(tokens)
+            tokens = encode(messages)
+        room = context - len(tokens) - opening
         if room < min(MIN_REPLY, request.max_tokens):
             raise ContextOverflow(f"the prompt takes {len(tokens)} tokens even without older turns, leaving "
                                   f"{max(room, 0)} of the context window's {context} for the reply: shorten the "
                                   "message or its attachments")
         return tokens, dropped, min(request.max_tokens, room)
+
+    def _splitter(self, request: Generate) -> tuple[ToolCallSplitter | None, str]:
+        """For a job offered tools: what splits its reply into text and calls, and the text its reply is made to
+        start with to obey its tool_choice.
+
+        Raises:
+            ValueError: the model has no tool-call format (the message says why).
+        """
+        if not request.tools or request.tool_choice == "none":
+            return None, ""
+        fmt = self.tool_format
+        if isinstance(fmt, str):
+            raise ValueError(f"the model does not support tool calling: {fmt}")
+        splitter = ToolCallSplitter(fmt, request.tools, request.call_id_prefix)
+        opening = forced_opening(fmt, request.tool_choice, request.tool_name)
+        splitter.feed(opening)  # inside a call: nothing comes out until the model ends it
+        return splitter, opening
 
     def _generate(self, job: Job) -> None:
         request = job.request
@@ -361,8 +400,26 @@ class Session:
             self._send(job, JobDone(job.id, request.tag, _cancelled()))
             return
         pending, sent, last_chunk = "", "", time.monotonic()
+        calls: list[ToolCall] = []
+
+        def take(parts: list[str | ToolCall]) -> None:
+            nonlocal pending, sent
+            for part in parts:
+                if isinstance(part, str):
+                    pending += part
+                    continue
+                if pending:  # the text before the call goes first
+                    self._send(job, Delta(job.id, request.tag, pending, None))
+                    sent, pending = sent + pending, ""
+                calls.append(part)
+                self._send(job, ToolCalled(job.id, request.tag, part))
+
         try:
-            prompt, dropped, max_tokens = self._fit(job)  # token ids: the engine does not tokenize again
+            splitter, opening = self._splitter(request)
+            opening_ids = list(self.engine.tokenizer.encode(opening, add_special_tokens=False)) if opening else []
+            # token ids: the engine does not tokenize again
+            prompt, dropped, max_tokens = self._fit(job, request.tools if splitter else None, len(opening_ids))
+            prompt = prompt + opening_ids
             self._send(job, JobStarted(job.id, request.tag, len(prompt), dropped, max_tokens, request.max_tokens))
             done: GenerationDone | None = None
             started = time.monotonic()
@@ -378,18 +435,26 @@ class Session:
                     done = event
                     break
                 self._answer_tokenize()
-                pending += event.text
+                take(splitter.feed(event.text) if splitter else [event.text])
                 now = time.monotonic()
                 if now - last_chunk >= self.chunk_interval:
-                    self._send(job, Delta(job.id, request.tag, pending, self._due_snapshot(now)))
-                    sent, pending, last_chunk = sent + pending, "", now
+                    snapshot = self._due_snapshot(now)
+                    if pending or snapshot is not None:  # (inside a call there may be no text yet)
+                        self._send(job, Delta(job.id, request.tag, pending, snapshot))
+                        sent, pending = sent + pending, ""
+                    last_chunk = now
+            if splitter is not None:
+                take(splitter.finish())
         except Exception as exc:  # noqa: BLE001 - the job fails; the thread goes on serving
             log.error("job %d failed:\n%s", job.id, traceback.format_exc())
             self._send(job, JobFailed(job.id, request.tag, sent + pending, f"{type(exc).__name__}: {exc}"))
             return
         if pending:
             self._send(job, Delta(job.id, request.tag, pending, None))
-        self._send(job, JobDone(job.id, request.tag, done or _cancelled()))
+        done = done or _cancelled()
+        if splitter is not None:
+            done = dataclasses.replace(done, text=sent + pending)
+        self._send(job, JobDone(job.id, request.tag, done, tuple(calls)))
 
     def _due_snapshot(self, now: float, force: bool = False) -> CacheSnapshot | None:
         """A fresh snapshot (kept for readers on other threads) when one is due, else None."""

@@ -26,7 +26,7 @@ from moe_tui.inference.demo_paths import DEMO_MODEL
 from moe_tui.inference.server import serve
 from moe_tui.inference.server.app import ServerConfig, build_app
 from moe_tui.inference.server.runner import EngineRunner
-from moe_tui.inference.server.tools import ToolCallSplitter, load_parser, tool_format
+from moe_tui.inference.tools import NAMED_OPENINGS, ToolCallSplitter, forced_opening, load_parser, tool_format
 
 from tests.test_server import free_port
 
@@ -99,12 +99,12 @@ class Script:
 
 class Served:
     def __init__(self, factory, name: str, tool_parser: str | None = None) -> None:
-        self.runner = EngineRunner(factory)
+        self.runner = EngineRunner(factory, tool_parser=tool_parser)
         self.runner.start()
         self.runner.ready.wait()
         assert self.runner.error is None, self.runner.error
         self.port = free_port()
-        app = build_app(self.runner, ServerConfig(name, max_tokens_cap=256, tool_parser=tool_parser))
+        app = build_app(self.runner, ServerConfig(name, max_tokens_cap=256))
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -278,13 +278,34 @@ def test_openai_unreadable_call_comes_back_as_text(oai, script):
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_openai_tool_choice(oai, script):
-    # required / named are checked, not enforced: a reply without a call comes back as it is
-    script.say("No tool needed.")
-    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
-        reply = oai.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER, TIME], tool_choice=choice,
-                                            max_tokens=50, **T0)
-        assert reply.choices[0].message.content == "No tool needed." and reply.choices[0].finish_reason == "stop"
+# What the model is scripted to write after the opening the session forces for each tool_choice: no call by
+# itself (no start marker; for a named tool not even the name), so a call in the response shows the opening was
+# forced into the reply, ahead of the model's own tokens.
+AFTER_REQUIRED = '\n{"name": "get_time", "arguments": {"city": "Paris"}}\n</tool_call>'
+AFTER_NAMED = ' {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_tool_choice_required_and_named_make_the_reply_a_call(oai, script, stream):
+    for choice, after in (("required", AFTER_REQUIRED),
+                          ({"type": "function", "function": {"name": "get_time"}}, AFTER_NAMED)):
+        script.say(after)
+        request = dict(model="demo", messages=ASK, tools=[WEATHER, TIME], tool_choice=choice, max_tokens=50, **T0)
+        if stream:
+            with oai.chat.completions.stream(**request) as events:
+                reply = events.get_final_completion()
+        else:
+            reply = oai.chat.completions.create(**request)
+        (tool_call,) = reply.choices[0].message.tool_calls
+        assert tool_call.function.name == "get_time" and json.loads(tool_call.function.arguments) == {"city": "Paris"}
+        assert not reply.choices[0].message.content and reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_openai_tool_choice_auto_and_none(oai, script):
+    # auto: nothing is forced, a reply without a call is an answer
+    script.say(AFTER_NAMED)
+    reply = oai.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER, TIME], max_tokens=50, **T0)
+    assert reply.choices[0].message.content == AFTER_NAMED.strip() and reply.choices[0].finish_reason == "stop"
     # none: the tools are not offered (the prompt is the plain chat's) and calls are not parsed
     script.clear()
     offered = oai.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER], max_tokens=1, **T0)
@@ -351,16 +372,59 @@ def test_anthropic_call_result_answer_streamed(claude, script):
     assert [b.type for b in answer.content] == ["text"]
 
 
-def test_anthropic_tool_choice_and_no_text_call(claude, script):
+def test_anthropic_a_call_without_text(claude, script):
     script.say(call("get_weather", city="Oslo"))
-    msg = claude.messages.create(model="demo", max_tokens=100, messages=ASK, tools=CLAUDE_TOOLS,
-                                 tool_choice={"type": "any"}, extra_body=T0)
+    msg = claude.messages.create(model="demo", max_tokens=100, messages=ASK, tools=CLAUDE_TOOLS, extra_body=T0)
     assert [b.type for b in msg.content] == ["tool_use"] and msg.stop_reason == "tool_use"
     assert msg.content[0].input == {"city": "Oslo"}
-    script.say("Fine.")
-    msg = claude.messages.create(model="demo", max_tokens=100, messages=ASK, tools=CLAUDE_TOOLS,
-                                 tool_choice={"type": "tool", "name": "get_time"}, extra_body=T0)
-    assert msg.content[0].text == "Fine." and msg.stop_reason == "end_turn"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_tool_choice_any_and_tool_make_the_reply_a_call(claude, script, stream):
+    for choice, after in (({"type": "any"}, AFTER_REQUIRED), ({"type": "tool", "name": "get_time"}, AFTER_NAMED)):
+        script.say(after)
+        request = dict(model="demo", max_tokens=100, messages=ASK, tools=CLAUDE_TOOLS, tool_choice=choice,
+                       extra_body=T0)
+        if stream:
+            with claude.messages.stream(**request) as events:
+                msg = events.get_final_message()
+        else:
+            msg = claude.messages.create(**request)
+        assert [(b.type, b.name, b.input) for b in msg.content] == [("tool_use", "get_time", {"city": "Paris"})]
+        assert msg.stop_reason == "tool_use"
+
+
+# After each format's forced opening for the tool "forecast": the rest of a call as that format writes it.
+CALL_ENDINGS = {
+    "json_tools": ' {"city": "Paris"}}\n</tool_call>',
+    "qwen3_coder": "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>",
+    "glm47": "<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>",
+    "laguna": "<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>",
+    "longcat": "<longcat_arg_key>city</longcat_arg_key><longcat_arg_value>Paris</longcat_arg_value>"
+               "</longcat_tool_call>",
+    "kimi_k2": '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>',
+    "minimax_m2": '<parameter name="city">Paris</parameter>\n</invoke>\n</minimax:tool_call>',
+    "mistral": '{"city": "Paris"}',
+    "pythonic": 'city="Paris")]<|tool_call_end|>',
+    "function_gemma": "city:<escape>Paris<escape>}<end_function_call>",
+    "gemma4": 'city:<|"|>Paris<|"|>}<tool_call|>',
+    "minicpm5": '<param name="city">Paris</param></function>',
+}
+
+
+def test_each_named_opening_is_read_by_its_parser_as_a_call_of_that_tool():
+    assert set(CALL_ENDINGS) == set(NAMED_OPENINGS)
+    for parser, ending in CALL_ENDINGS.items():
+        fmt = load_parser(parser)
+        opening = forced_opening(fmt, "named", "forecast")
+        assert opening.startswith(fmt.start) and "forecast" in opening
+        splitter = ToolCallSplitter(fmt, [FORECAST])
+        parts = splitter.feed(opening) + splitter.feed(ending) + splitter.finish()
+        assert [(c.name, c.arguments) for c in parts] == [("forecast", {"city": "Paris"})], parser
+    fmt = load_parser("json_tools")
+    assert forced_opening(fmt, "required") == "<tool_call>"
+    assert forced_opening(fmt, "auto") == forced_opening(fmt, "none") == ""
+    assert forced_opening(load_parser("muse_spark"), "named", "forecast") == "<atem:function_calls>"
 
 
 @pytest.mark.parametrize("change, needle", [

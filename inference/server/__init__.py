@@ -136,7 +136,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
     tool-call parser to use instead of the one inferred from the model's tokenizer."""
     check_limits(port, request_timeout, max_connections)
     if tool_parser is not None:
-        from .tools import load_parser
+        from ..tools import load_parser
 
         load_parser(tool_parser)  # a mistyped name is a one-line error before the model loads
     addresses(host, port)  # a mistyped host is named as such, not as "exposes the server"
@@ -155,15 +155,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
         from .guards import guard, quiet_floods
         from .runner import EngineRunner
 
-        runner = EngineRunner(lambda: Engine.load(model, **engine_kwargs), max_queue=max_queue)
+        runner = EngineRunner(lambda: Engine.load(model, **engine_kwargs), max_queue=max_queue, tool_parser=tool_parser)
         runner.start()
         runner.ready.wait()
         if runner.error is not None:  # an exception, or (from the session-based runner) its message
             error = runner.error
             raise error if isinstance(error, BaseException) else ModelLoadError(str(error))
         app = build_app(runner, ServerConfig(model_name=os.path.basename(os.path.normpath(model)) or model,
-                                             api_key=api_key, max_tokens_cap=max_tokens_cap,
-                                             tool_parser=tool_parser))
+                                             api_key=api_key, max_tokens_cap=max_tokens_cap))
         app = guard(app, allowed_hosts_for(host, allowed_hosts), allowed_origins, request_timeout)
 
         class Server(uvicorn.Server):

@@ -16,13 +16,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..events import Delta, Generate, JobDone, JobFailed
+from ..events import Delta, Generate, JobDone, JobFailed, ToolCall, ToolCalled
 from ..telemetry import GenerationDone
 from .errors import anthropic_body, error_body, openai_body
 from .metrics import prometheus_text
 from .runner import EngineRunner, QueueFull, ServerJob, SessionClosed
 from .schemas import BadRequest, ChatRequest, openapi, parse_anthropic, parse_openai
-from .tools import ToolCall, ToolCallSplitter, ToolFormat, tool_format
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL = 0.25  # seconds: how soon a non-streaming request notices its client has gone
@@ -41,22 +40,18 @@ class ReplyCut(Exception):
 
 class ServerConfig:
     def __init__(self, model_name: str, api_key: str | None = None, max_tokens_cap: int = 4096,
-                 max_body_bytes: int = MAX_BODY_BYTES, tool_parser: str | None = None) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.model_name = model_name
         self.api_key = api_key
         self.max_tokens_cap = max_tokens_cap
         self.max_body_bytes = max_body_bytes
-        self.tool_parser = tool_parser  # an mlx-lm tool parser's name; None: the one inferred from the tokenizer
 
 
 class Prepared(NamedTuple):
     chat: ChatRequest
     job: ServerJob
     prompt_tokens: int
-    tools: ToolFormat | None  # the model's tool-call format when the request offers tools
-
-    def splitter(self, id_prefix: str) -> ToolCallSplitter | None:
-        return ToolCallSplitter(self.tools, self.chat.template_tools, id_prefix) if self.tools else None
+    tools: bool  # the request offers tools: the session parses the reply's calls
 
 
 # ---------------------------------------------------------------- errors in each API's own format
@@ -112,24 +107,16 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return error_for(request, f"the inference thread has {state}; restart the server", 503)
         return None
 
-    model_tools: list[ToolFormat | str] = []  # the model's tool-call format (or why none), found on first use
-
-    def tool_support() -> ToolFormat | str:
-        if not model_tools:
-            model_tools.append(tool_format(runner.engine.tokenizer, config.tool_parser))
-        return model_tools[0]
-
-    async def prepare(request: Request, parse) -> Prepared | JSONResponse:
+    async def prepare(request: Request, parse, call_id_prefix: str) -> Prepared | JSONResponse:
         if not authorized(request):
             return error_for(request, "invalid or missing API key", 401)
         if (problem := engine_or_error(request)) is not None:
             return problem
         try:
             chat = parse(await read_json(request), config.max_tokens_cap)
-            tools = tool_support() if chat.uses_tools else None
-            if isinstance(tools, str):
-                return error_for(request, f"model {config.model_name!r} does not support tool calling: {tools}",
-                                 400, "tools")
+            if chat.uses_tools and isinstance(runner.tool_format, str):
+                return error_for(request, f"model {config.model_name!r} does not support tool calling: "
+                                 f"{runner.tool_format}", 400, "tools")
             context = runner.context_length
             size = sum(len(m["content"].encode()) for m in chat.messages)
             if context and size > (context - chat.max_tokens) * runner.max_token_bytes:
@@ -152,7 +139,9 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         if context and len(prompt) + chat.max_tokens > context:
             return error_for(request, f"prompt has {len(prompt)} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
-        generate = Generate(prompt, chat.max_tokens, chat.temperature, chat.top_p, tuple(chat.stop), chat.seed)
+        generate = Generate(prompt, chat.max_tokens, chat.temperature, chat.top_p, tuple(chat.stop), chat.seed,
+                            tools=tuple(tools_offered) if tools_offered else None, tool_choice=chat.tool_choice,
+                            tool_name=chat.tool_name, call_id_prefix=call_id_prefix)
         try:
             job = runner.submit(generate)  # token ids: the session does not tokenize again
         except QueueFull:
@@ -160,11 +149,12 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                              headers={"Retry-After": "2"})
         except SessionClosed:
             return error_for(request, "the server is shutting down", 503)
-        return Prepared(chat, job, len(prompt), tools if tools_offered else None)
+        return Prepared(chat, job, len(prompt), bool(tools_offered))
 
-    async def events(job: ServerJob, request: Request | None) -> AsyncIterator[str | GenerationDone]:
+    async def events(job: ServerJob, request: Request | None) -> AsyncIterator[str | ToolCall | GenerationDone]:
         """The job's reply text, with pieces that queued up meanwhile merged into one (fewer, larger chunks
-        when the client or the loop falls behind), then its GenerationDone. With a `request`, a client that
+        when the client or the loop falls behind), and its tool calls in their places (when it was offered
+        tools), then its GenerationDone. With a `request`, a client that
         goes away cancels the job within DISCONNECT_POLL; streams notice a disconnect when their write
         fails, which also ends up in `finally`.
 
@@ -199,6 +189,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                             text, following = text + following.text, None
                     if text:
                         yield text
+                elif isinstance(event, ToolCalled):
+                    yield event.call
                 elif isinstance(event, JobDone):
                     if event.done.finish_reason == "cancelled":
                         raise ReplyCut  # the client is still here (else we returned above): the server cut it
@@ -216,23 +208,10 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             done = event if isinstance(event, GenerationDone) else done
         return done
 
-    async def parts(job: ServerJob, request: Request | None,
-                    splitter: ToolCallSplitter) -> AsyncIterator[str | ToolCall | GenerationDone]:
-        """As `events`, with the reply's text split into text and tool calls."""
-        async for event in events(job, request):
-            if isinstance(event, str):
-                for part in splitter.feed(event):
-                    yield part
-            else:
-                for part in splitter.finish():
-                    yield part
-                yield event
-
-    async def final_parts(job: ServerJob, request: Request,
-                          splitter: ToolCallSplitter) -> tuple[GenerationDone | None, str, list[ToolCall]]:
+    async def final_parts(job: ServerJob, request: Request) -> tuple[GenerationDone | None, str, list[ToolCall]]:
         """A non-streaming request's result, its text and its tool calls; (None, ...) when the client went away."""
         done, text, calls = None, "", []
-        async for part in parts(job, request, splitter):
+        async for part in events(job, request):
             if isinstance(part, str):
                 text += part
             elif isinstance(part, ToolCall):
@@ -243,15 +222,14 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
 
     # ---- OpenAI
     async def chat_completions(request: Request) -> Response:
-        prepared = await prepare(request, parse_openai)
+        prepared = await prepare(request, parse_openai, "call_")
         if isinstance(prepared, Response):
             return prepared
         chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": cid, "created": created, "model": config.model_name}
-        splitter = prepared.splitter("call_")
-        if splitter is not None:
-            return await openai_with_tools(request, prepared, splitter, base)
+        if prepared.tools:
+            return await openai_with_tools(request, prepared, base)
         if not chat.stream:
             try:
                 done = await final(job, request)
@@ -289,14 +267,13 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
 
     # ---- Anthropic
     async def messages(request: Request) -> Response:
-        prepared = await prepare(request, parse_anthropic)
+        prepared = await prepare(request, parse_anthropic, "toolu_")
         if isinstance(prepared, Response):
             return prepared
         chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
         mid = f"msg_{uuid.uuid4().hex}"
-        splitter = prepared.splitter("toolu_")
-        if splitter is not None:
-            return await anthropic_with_tools(request, prepared, splitter, mid)
+        if prepared.tools:
+            return await anthropic_with_tools(request, prepared, mid)
         if not chat.stream:
             try:
                 done = await final(job, request)
@@ -334,16 +311,15 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ---- tool calling: the same two APIs with the reply split into text and calls
-    async def openai_with_tools(request: Request, prepared: Prepared, splitter: ToolCallSplitter,
-                                base: dict) -> Response:
+    async def openai_with_tools(request: Request, prepared: Prepared, base: dict) -> Response:
         chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
 
-        def finish_reason(done: GenerationDone) -> str:
-            return "tool_calls" if splitter.calls and done.finish_reason != "length" else openai_finish(done)
+        def finish_reason(done: GenerationDone, calls: int) -> str:
+            return "tool_calls" if calls and done.finish_reason != "length" else openai_finish(done)
 
         if not chat.stream:
             try:
-                done, text, calls = await final_parts(job, request, splitter)
+                done, text, calls = await final_parts(job, request)
             except ReplyCut as exc:
                 return openai_error(str(exc), 503, kind="server_error")
             except Exception as exc:  # noqa: BLE001
@@ -355,7 +331,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                     "name": c.name, "arguments": c.arguments_json}} for c in calls]
             return JSONResponse({**base, "object": "chat.completion", "choices": [{
-                "index": 0, "message": message, "finish_reason": finish_reason(done)}],
+                "index": 0, "message": message, "finish_reason": finish_reason(done, len(calls))}],
                 "usage": usage(prompt_tokens, done)})
 
         async def stream() -> AsyncIterator[str]:
@@ -367,7 +343,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             yield delta({"role": "assistant", "content": ""})
             done, index = None, 0
             try:
-                async for part in parts(job, None, splitter):
+                async for part in events(job, None):
                     if isinstance(part, str):
                         yield delta({"content": part})
                     elif isinstance(part, ToolCall):  # id and name first, then the arguments
@@ -381,18 +357,17 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 for event in openai_stream_failed(exc):
                     yield event
                 return
-            for event in openai_stream_end(chunk, finish_reason(done) if done else "stop", done,
+            for event in openai_stream_end(chunk, finish_reason(done, index) if done else "stop", done,
                                            chat.include_usage, prompt_tokens):
                 yield event
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def anthropic_with_tools(request: Request, prepared: Prepared, splitter: ToolCallSplitter,
-                                   mid: str) -> Response:
+    async def anthropic_with_tools(request: Request, prepared: Prepared, mid: str) -> Response:
         chat, job, prompt_tokens = prepared.chat, prepared.job, prepared.prompt_tokens
 
-        def stop_reason(done: GenerationDone) -> tuple[str, str | None]:
-            if splitter.calls and done.finish_reason != "length":
+        def stop_reason(done: GenerationDone, calls: int) -> tuple[str, str | None]:
+            if calls and done.finish_reason != "length":
                 return "tool_use", None
             return anthropic_stop(done, chat.stop)
 
@@ -400,7 +375,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             try:
                 done = None
                 content: list[dict] = []
-                async for part in parts(job, request, splitter):
+                async for part in events(job, request):
                     if isinstance(part, str):
                         if content and content[-1]["type"] == "text":
                             content[-1]["text"] += part
@@ -416,14 +391,14 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 return anthropic_error(f"generation failed: {exc}", 500, "api_error")
             if done is None:
                 return anthropic_error("client disconnected", 499)
-            reason, sequence = stop_reason(done)
+            reason, sequence = stop_reason(done, sum(block["type"] == "tool_use" for block in content))
             return JSONResponse(anthropic_message(mid, config.model_name, content or [{"type": "text", "text": ""}],
                                                   reason, sequence, prompt_tokens, done.generated_tokens))
 
         async def stream() -> AsyncIterator[str]:
             yield sse_event("message_start", {"type": "message_start", "message": anthropic_message(
                 mid, config.model_name, [], None, None, prompt_tokens, 0)})
-            done = None
+            done, calls = None, 0
             index, text_open = -1, False  # blocks open as their first part arrives: a text block per run of text
 
             def start(block: dict) -> str:
@@ -434,7 +409,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 return sse_event("content_block_stop", {"type": "content_block_stop", "index": index})
 
             try:
-                async for part in parts(job, None, splitter):
+                async for part in events(job, None):
                     if isinstance(part, str):
                         if not text_open:
                             index, text_open = index + 1, True
@@ -444,7 +419,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                     elif isinstance(part, ToolCall):
                         if text_open:
                             yield stop()
-                        index, text_open = index + 1, False
+                        index, text_open, calls = index + 1, False, calls + 1
                         yield start({"type": "tool_use", "id": part.id, "name": part.name, "input": {}})
                         yield sse_event("content_block_delta", {
                             "type": "content_block_delta", "index": index,
@@ -460,7 +435,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 yield start({"type": "text", "text": ""})
             if text_open:
                 yield stop()
-            reason, sequence = stop_reason(done) if done else ("end_turn", None)
+            reason, sequence = stop_reason(done, calls) if done else ("end_turn", None)
             for event in anthropic_stream_end(reason, sequence, done):
                 yield event
 

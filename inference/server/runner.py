@@ -14,6 +14,7 @@ from typing import Any
 from ..events import Event, Generate, Tokenize
 from ..session import QueueFull, Session, SessionClosed
 from ..telemetry import CacheSnapshot
+from ..tools import ToolFormat
 
 SNAPSHOT_INTERVAL = 0.25  # seconds between snapshots kept for the stats endpoints
 
@@ -35,9 +36,9 @@ class ServerJob:
 class EngineRunner:
     """Starts the session on `engine_factory`'s engine and hands requests to it (at most `max_queue` waiting)."""
 
-    def __init__(self, engine_factory: Callable[[], Any], max_queue: int = 16) -> None:
+    def __init__(self, engine_factory: Callable[[], Any], max_queue: int = 16, tool_parser: str | None = None) -> None:
         self.session = Session(engine_factory, self._on_event, stats_interval=SNAPSHOT_INTERVAL, chunk_interval=0.0,
-                               max_queue=max_queue)
+                               max_queue=max_queue, tool_parser=tool_parser)
         self.ready = self.session.ready
 
     def _on_event(self, event: Event) -> None:
@@ -55,6 +56,11 @@ class EngineRunner:
     @property
     def engine(self):
         return self.session.engine
+
+    @property
+    def tool_format(self) -> ToolFormat | str:
+        """The model's tool-call format, or why it has none (once loaded)."""
+        return self.session.tool_format
 
     @property
     def snapshot(self) -> CacheSnapshot | None:

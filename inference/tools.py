@@ -1,5 +1,6 @@
-"""Tool calling for `moe serve`: the model's tool-call format (one of mlx-lm's parsers) and a reply's text split
-into plain text and parsed calls as it streams. Needs mlx-lm only once a request offers tools."""
+"""Tool calling, for the session (and so for `moe serve` and the app's agent mode): the model's tool-call format
+(one of mlx-lm's parsers), the opening that forces a call, and a reply's text split into plain text and parsed
+calls as it streams. Needs mlx-lm only once a request offers tools."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .events import ToolCall
+
+__all__ = ["ToolCall", "ToolCallSplitter", "ToolFormat", "forced_opening", "load_parser", "tool_format"]
 
 
 @dataclass(frozen=True)
@@ -23,17 +28,33 @@ class ToolFormat:
     parse: Callable[[str, Any], Any]
 
 
-@dataclass(frozen=True)
-class ToolCall:
-    """A call the parser read: `arguments` is a JSON object."""
+# What a call of one named tool starts with, after the format's start marker, as each parser reads it (the
+# model writes the rest). Formats missing here force only the start marker: a call, of any tool.
+NAMED_OPENINGS = {
+    "json_tools": '\n{{"name": "{name}", "arguments":',
+    "qwen3_coder": "\n<function={name}>\n",
+    "glm47": "{name}",
+    "laguna": "{name}",
+    "longcat": "{name}",
+    "kimi_k2": "<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>",
+    "minimax_m2": '\n<invoke name="{name}">\n',
+    "mistral": "{name}[ARGS]",
+    "pythonic": "[{name}(",
+    "function_gemma": "call:{name}{{",
+    "gemma4": "call:{name}{{",
+    "minicpm5": '"{name}">',
+}
 
-    id: str
-    name: str
-    arguments: dict
 
-    @property
-    def arguments_json(self) -> str:
-        return json.dumps(self.arguments, ensure_ascii=False)
+def forced_opening(fmt: ToolFormat, choice: str, name: str | None = None) -> str:
+    """The text the reply is made to start with so that `tool_choice` is obeyed: "" for "auto" and "none", the
+    start marker for "required", the start marker and the call's beginning up to its arguments for "named"
+    (the start marker alone where the format's call beginning is not known)."""
+    if choice == "required" or (choice == "named" and fmt.name not in NAMED_OPENINGS):
+        return fmt.start
+    if choice == "named" and name:
+        return fmt.start + NAMED_OPENINGS[fmt.name].format(name=name)
+    return ""
 
 
 def parser_names() -> list[str]:
