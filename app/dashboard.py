@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_tui.inference.oracle import curve_capacities as curve_capacities  # the widgets ask for these
 from moe_tui.inference.telemetry import CacheSnapshot
 from rich.text import Text
 
@@ -111,10 +112,21 @@ def hit_rows(snap: CacheSnapshot, replay: Replay | None, unicode: bool = True) -
                         f"vs {policy} {percent(replay.rates.get(policy, 0.0))} on the same replay"))
     else:
         rows.append(row("Belady", Text(f"replayed when idle {dot} /help cache", style="dim")))
-    window = f" (last {replay.window:,} steps, empty start)" if replay is not None and replay.window else ""
+    window = (f" (last {replay.window:,} steps, {replay_start(snap, replay.window)})"
+              if replay is not None and replay.window else "")
     rows.append(Text(f"Belady: best any cache could do at this capacity, knowing the future{window}",
                      style="italic dim"))
     return rows
+
+
+def warm_start(snap: CacheSnapshot, window: int) -> bool:
+    """Whether the replay of the trace's last `window` steps starts with experts in the cache: the oldest traced
+    step found some, or the window starts later (every step leaves its experts resident)."""
+    return snap.trace_start_warm or snap.trace_length > window
+
+
+def replay_start(snap: CacheSnapshot, window: int) -> str:
+    return "warm start, as the run had" if warm_start(snap, window) else "empty start"
 
 
 # ---------------------------------------------------------------- speed
@@ -247,15 +259,6 @@ class MissCurve:
         return None
 
 
-def curve_capacities(num_experts: int, current: int, most: int = 24) -> tuple[int, ...]:
-    """Capacities to replay: every one from 1 to all experts when there are few, else `most` spread evenly
-    (the current capacity always among them)."""
-    if num_experts <= most:
-        return tuple(range(1, num_experts + 1))
-    spread = {max(1, round(1 + i * (num_experts - 1) / (most - 1))) for i in range(most)}
-    return tuple(sorted(spread | {min(max(current, 1), num_experts)}))
-
-
 def curve_names(curve: MissCurve) -> list[str]:
     """The replayed policies in the engine's order, Belady last."""
     return [n for n in curve.rates if n != "belady"] + (["belady"] if "belady" in curve.rates else [])
@@ -283,7 +286,8 @@ def curve_rows(curve: MissCurve | None, snap: CacheSnapshot | None, cursor: int 
                      f"{name} never")
     rows.append(row("90% hits", "need " + dot.join(needs)))
     arrows = "←/→" if unicode else "Left/Right"
-    rows.append(Text(f"replay of the last {curve.window:,} steps from an empty cache; {arrows} move the cursor, "
+    start = "the cache they began with (warm start)" if warm_start(snap, curve.window) else "an empty cache"
+    rows.append(Text(f"replay of the last {curve.window:,} steps from {start}; {arrows} move the cursor, "
                      "Enter sets /capacity", style="dim"))
     return rows
 
@@ -303,10 +307,14 @@ into a slot), **evictions**, whether it is **resident** or **pinned**, and the s
 - **demand** = demand hits / (hits + misses): the same without the reads ahead, i.e. hits on experts
   that were resident before any prediction (what a plain cache would have got).
 - **Belady** = hit rate of Belady's MIN replayed on the last steps of the recorded routing (at most
-  1,024 per layer), from an empty cache, at the current capacity: on a miss it evicts the expert whose
-  next use is furthest away. It is the best any cache could do at this capacity, knowing the future.
-  Compare it with **POLICY on the same replay** (same steps, same empty start): the realized rates above
-  started warm (a profile) and count reads ahead, so they may exceed Belady's replay.
+  1,024 per layer) at the current capacity: on a miss it evicts the expert whose next use is furthest away.
+  It is the best any cache could do at this capacity, knowing the future. The replay starts from the
+  experts the cache held when the first of those steps began (**warm start**, as the run had it: after a
+  profile, a `/reset` or earlier steps; **empty start** only when the run itself started empty), so on
+  those steps no cache of this capacity, reads ahead included, hits more often than Belady.
+  Compare it with **POLICY on the same replay** (same steps, same start; the policy inherits the experts,
+  not the history that put them there). The ready and demand rates above count every step since the
+  last `/reset`, which can be more steps than the replay's.
 - The plot: ready and demand rates between two refreshes (Δhits / Δ(hits + misses)) against the engine's
   step; Belady and the policy replay as points at the step each replay was made.
 
@@ -335,7 +343,8 @@ MLX free cache: buffers MLX keeps for reuse.
 
 *Miss curve*: the hit rate every policy and Belady would get at each capacity (1 to all experts; about
 two dozen spread over them for large models), replayed while idle on the same last steps as Belady's
-figure, from an empty cache. The current capacity is marked; Left/Right move the cursor, Enter sets
+figure, from the same start (at a capacity below the experts it held: Belady keeps those used soonest, a
+policy the most recently used). The current capacity is marked; Left/Right move the cursor, Enter sets
 `/capacity` to it. **90% hits need** the smallest replayed capacity whose rate reaches 90%, with the
 memory its slots take.
 """

@@ -177,6 +177,7 @@ class ExpertCache:
         )
         self.counters = LayerCounters(len(blocks), max(num_experts, 1))
         self.trace: list[deque[np.ndarray]] = [deque(maxlen=TRACE_STEPS) for _ in blocks]
+        self.trace_resident = [ResidencyLog(num_experts) for _ in blocks]  # the cache as each traced step began
         self.traced_steps = 0  # every step ever traced, including those dropped from the ring
         self._step = 0
         self._decoding = False
@@ -579,6 +580,7 @@ class ExpertCache:
         if self.record_trace:
             dtype = np.int16 if E < 2**15 else np.int32
             self.trace[i].extend(np.flatnonzero(row).astype(dtype) for row in used)
+            self.trace_resident[i].extend(resident, n)
             if i == 0:
                 self.traced_steps += n
 
@@ -621,6 +623,7 @@ class ExpertCache:
         self.drain()
         self.counters.reset()
         self.trace = [deque(maxlen=TRACE_STEPS) for _ in self._layers]
+        self.trace_resident = [ResidencyLog(self.layout.num_experts) for _ in self._layers]
         self.traced_steps = 0
         mx.reset_peak_memory()
 
@@ -646,6 +649,8 @@ class ExpertCache:
             decode_tps=speed["decode_tps"], prefill_tps=speed["prefill_tps"], ttft_s=speed["ttft_s"],
             tokens_generated=int(speed["tokens"]), steps=self._step,
             trace_length=len(self.trace[0]) if self.trace else 0,
+            trace_start_warm=any(len(log.at(len(t))) for log, t in zip(self.trace_resident, self.trace, strict=True)
+                                 if len(t)),
             io=IOStats(
                 decode_steps=c.decode_steps, decode_stall_seconds=c.decode_stall_seconds,
                 decode_bytes=c.decode_bytes, read_seconds=c.read_seconds,
@@ -685,14 +690,28 @@ class ExpertCache:
             self._sync_identity(layer)
         mx.clear_cache()
 
-    def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None,
+    def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None, warm: bool = True,
                              ) -> dict[str, dict[str, float]]:
-        """Hit rate every policy and Belady's MIN would get on this session's trace (or its last steps)."""
+        """Hit rate every policy and Belady's MIN would get on this session's trace (or its last steps).
+
+        `warm`: each replay starts from the experts the cache held when the first replayed step began, as the
+        realized run did (so at the capacity it ran with, Belady is never below the hit rate it got there); else
+        empty.
+        """
         from .oracle import compare
 
         self.drain()
-        trace = [list(layer) if last_steps is None else list(layer)[-last_steps:] for layer in self.trace]
-        return compare(trace, self.layout.num_experts, capacity or self._capacity)
+        traces, starts = [], []
+        for layer, log in zip(self.trace, self.trace_resident, strict=True):
+            steps = list(layer)
+            window = steps if last_steps is None else steps[len(steps) - min(last_steps, len(steps)):]
+            traces.append(window)
+            if warm and window:
+                before = steps[max(len(steps) - 2 * len(window), 0) : len(steps) - len(window)]
+                starts.append(_by_recency(log.at(len(window)), before))
+            else:
+                starts.append([])
+        return compare(traces, self.layout.num_experts, capacity or self._capacity, starts=starts)
 
     def close(self) -> None:
         for layer in self._layers:
@@ -702,6 +721,43 @@ class ExpertCache:
                 pass
         self.expert_reader.close()
         self.reader.close()
+
+
+class ResidencyLog:
+    """Which experts of one layer were resident as each traced step began: packed bits in a ring as long as the
+    trace, so a replay of any steps the trace still holds can start from the cache the run had then."""
+
+    def __init__(self, num_experts: int, size: int | None = None) -> None:
+        self.num_experts = num_experts
+        self.bits = np.zeros((size or TRACE_STEPS, (num_experts + 7) // 8), dtype=np.uint8)
+        self.logged = 0  # steps ever logged; the ring keeps the newest len(bits)
+
+    def extend(self, resident: np.ndarray, steps: int) -> None:
+        """`steps` more steps, each begun with `resident` (a bool per expert)."""
+        size = len(self.bits)
+        self.bits[(self.logged + np.arange(max(steps - size, 0), steps)) % size] = np.packbits(resident)
+        self.logged += steps
+
+    def at(self, back: int) -> list[int]:
+        """The experts resident as the step `back` steps from the newest began (1: the newest step)."""
+        if not 1 <= back <= min(self.logged, len(self.bits)):
+            raise IndexError(f"step {back} back is not in the log ({min(self.logged, len(self.bits))} steps)")
+        row = self.bits[(self.logged - back) % len(self.bits)]
+        return np.flatnonzero(np.unpackbits(row, count=self.num_experts)).tolist()
+
+
+def _by_recency(experts: list[int], earlier: list[np.ndarray]) -> list[int]:
+    """`experts` most recently used first in the `earlier` steps (those not seen there last, by id): the order
+    a replay at a smaller capacity keeps them in."""
+    left, order = set(experts), []
+    for step in reversed(earlier):
+        for e in step.tolist():
+            if e in left:
+                left.discard(e)
+                order.append(e)
+        if not left:
+            break
+    return order + sorted(left)
 
 
 def _check_mode(mode: str) -> None:

@@ -376,7 +376,8 @@ def _trace_hit_rates(engine, tokens: list[int], fractions=(0.25, 0.5)) -> dict:
     E = engine.layout.num_experts
     out = {}
     for f in fractions:
-        rates = engine.hit_rates_vs_optimum(capacity=max(engine.layout.top_k, round(f * E)))
+        # From an empty cache: a calibration trace at other capacities than the run's, compared with cold replays.
+        rates = engine.experts.hit_rates_vs_optimum(capacity=max(engine.layout.top_k, round(f * E)), warm=False)
         out[str(f)] = {name: r["hit_rate"] for name, r in rates.items()}
     return out
 
@@ -469,7 +470,8 @@ def measure(path: str, capacity: float, mode: str, prompt_tokens: int, decode_to
         E, K = engine.layout.num_experts, engine.layout.top_k
         # The measured pass's decode traffic, replayed (its trace is the last steps of the pass).
         result["decode_trace_lru"] = {
-            str(f): engine.hit_rates_vs_optimum(max(K, round(f * E)), last_steps=decode_steps)["lru"]["hit_rate"]
+            str(f): engine.experts.hit_rates_vs_optimum(max(K, round(f * E)), last_steps=decode_steps,
+                                                        warm=False)["lru"]["hit_rate"]
             for f in (0.25, 0.5)}
         result["calibration_trace"] = _trace_hit_rates(engine, text_tokens(engine.tokenizer, CALIBRATION_TOKENS))
     engine.close()

@@ -2,7 +2,8 @@
 
 A trace for one layer is a sequence of steps; each step is the set of distinct experts one forward
 pass routed to. An access hits when the expert is resident at the start of the step, the same unit
-the engine counts. Both replays start from an empty cache.
+the engine counts. Every replay starts from the same cache: empty, or `start`, the experts the realized
+cache held when the trace's first step began (so Belady's MIN is compared with the run it replays).
 """
 
 from __future__ import annotations
@@ -33,9 +34,24 @@ def prediction_guesses(capacity: int, top_k: int, pinned: int = 0) -> int:
     return max(0, min(2 * top_k, capacity - pinned - top_k))
 
 
+def _seeded(num_experts: int, capacity: int, policy: str, start: Sequence[int]) -> LayerCache:
+    """A cache holding the first `capacity` experts of `start` (most valuable first), as if each had been used
+    once before the trace in that order: the policy inherits the residency, not the history behind it."""
+    cache = LayerCache(num_experts, capacity, policy)
+    kept = list(dict.fromkeys(int(e) for e in start))[:capacity]
+    if kept:
+        cache.admit(kept, set(kept), -1)
+        for rank, e in enumerate(kept):
+            cache.last_use[e] = -1 - rank
+            cache.use_count[e] = 1
+            cache.decayed[e] = cache.decayed_short[e] = 1.0
+    return cache
+
+
 def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, policy: str,
-                    guesses: Sequence[Step] | None = None, top_k: int = 1) -> dict[str, float]:
-    """Hit rate the engine's own `LayerCache` gets on `trace` with `policy`.
+                    guesses: Sequence[Step] | None = None, top_k: int = 1,
+                    start: Sequence[int] = ()) -> dict[str, float]:
+    """Hit rate the engine's own `LayerCache` gets on `trace` with `policy`, from `start` (see `_seeded`).
 
     With `guesses` (per step, the experts predicted for this layer, best first; empty where none), each
     step first reads the guessed experts that are not resident, as the engine's next-layer prefetch does:
@@ -43,7 +59,7 @@ def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, poli
     same per-rank precision gate. A hit then means ready: resident when the layer runs, whether kept or
     read ahead. `prefetches` counts experts read ahead, `prefetch_hits` those used before eviction.
     """
-    cache = LayerCache(num_experts, capacity, policy)
+    cache = _seeded(num_experts, capacity, policy, start)
     hits = accesses = prefetches = prefetch_hits = 0
     g = prediction_guesses(capacity, top_k)
     record = np.zeros((g, 2))  # per guess rank: recent (needed, scored) guesses that were not resident
@@ -80,8 +96,9 @@ def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, poli
     return result
 
 
-def belady(trace: Sequence[Step], capacity: int) -> dict[str, float]:
-    """Belady's MIN: on a miss with a full cache, evict the expert whose next use is furthest away."""
+def belady(trace: Sequence[Step], capacity: int, start: Sequence[int] = ()) -> dict[str, float]:
+    """Belady's MIN: on a miss with a full cache, evict the expert whose next use is furthest away. It starts
+    with the experts of `start` (those used soonest where more than `capacity`: it knows the future)."""
     steps = [sorted(set(int(e) for e in experts)) for experts in trace]
     uses: dict[int, list[int]] = {}
     for t, experts in enumerate(steps):
@@ -89,11 +106,11 @@ def belady(trace: Sequence[Step], capacity: int) -> dict[str, float]:
             uses.setdefault(e, []).append(t)
 
     def next_use(expert: int, after: int) -> float:
-        times = uses[expert]
+        times = uses.get(expert, ())
         i = bisect.bisect_right(times, after)
         return times[i] if i < len(times) else float("inf")
 
-    resident: set[int] = set()
+    resident = set(sorted({int(e) for e in start}, key=lambda e: (next_use(e, -1), e))[:capacity])
     hits = accesses = 0
     for t, experts in enumerate(steps):
         accesses += len(experts)
@@ -123,11 +140,13 @@ def _groups(experts: list[int], capacity: int) -> list[list[int]]:
 
 def compare(traces: Sequence[Sequence[Step]], num_experts: int, capacity: int,
             guesses: Sequence[Sequence[Step]] | None = None, top_k: int = 1,
-            policies: Sequence[str] = POLICIES) -> dict[str, dict[str, float]]:
+            policies: Sequence[str] = POLICIES,
+            starts: Sequence[Sequence[int]] | None = None) -> dict[str, dict[str, float]]:
     """Hit rates over all layers for every policy and for Belady, at one capacity.
 
     With `guesses` (per layer, per step, as in a recorded trace) each policy is also replayed with the
-    engine's next-layer prefetch, as "POLICY+prediction" (hit rate = ready rate).
+    engine's next-layer prefetch, as "POLICY+prediction" (hit rate = ready rate). With `starts` (per layer,
+    the experts resident when its first step began, most valuable first) every replay starts from them.
     """
     result: dict[str, dict[str, float]] = {}
     runs = [(name, False) for name in (*policies, "belady")]
@@ -136,16 +155,27 @@ def compare(traces: Sequence[Sequence[Step]], num_experts: int, capacity: int,
     for name, predicted in runs:
         total: dict[str, float] = {}
         for i, trace in enumerate(traces):
+            start = starts[i] if starts is not None else ()
             if name == "belady":
-                r = belady(trace, capacity)
+                r = belady(trace, capacity, start)
             else:
-                r = simulate_policy(trace, num_experts, capacity, name, guesses[i] if predicted else None, top_k)
+                r = simulate_policy(trace, num_experts, capacity, name, guesses[i] if predicted else None, top_k,
+                                    start)
             for key, value in r.items():
                 if key != "hit_rate":
                     total[key] = total.get(key, 0) + value
         result[name + ("+prediction" if predicted else "")] = {
             **total, **_counts(total.get("hits", 0), total.get("accesses", 0))}
     return result
+
+
+def curve_capacities(num_experts: int, current: int, most: int = 24) -> tuple[int, ...]:
+    """Capacities a miss curve replays: every one from 1 to all experts when there are few, else `most` spread
+    evenly (the current capacity always among them)."""
+    if num_experts <= most:
+        return tuple(range(1, num_experts + 1))
+    spread = {max(1, round(1 + i * (num_experts - 1) / (most - 1))) for i in range(most)}
+    return tuple(sorted(spread | {min(max(current, 1), num_experts)}))
 
 
 def hit_curve(trace: Sequence[Step], num_experts: int, policy: str = "belady") -> list[int]:

@@ -237,6 +237,7 @@ class CacheSnapshot:
     trace_length: int
     extras: dict = field(default_factory=dict)
     io: IOStats = field(default_factory=IOStats)
+    trace_start_warm: bool = False  # the cache held experts as the oldest traced step began (replays start so)
 
     @classmethod
     def build(cls, **kw) -> CacheSnapshot:
@@ -318,8 +319,8 @@ class CacheSnapshot:
             "memory": self.memory.__dict__, "decode_tps": self.decode_tps, "prefill_tps": self.prefill_tps,
             "ttft_s": self.ttft_s, "tokens_generated": self.tokens_generated, "steps": self.steps,
             "just_missed": [np.flatnonzero(r).tolist() for r in self.just_missed],
-            "trace_length": self.trace_length, "demand_hit_rate": self.demand_hit_rate,
-            "io": self.io.to_dict(self.bytes_read),
+            "trace_length": self.trace_length, "trace_start_warm": self.trace_start_warm,
+            "demand_hit_rate": self.demand_hit_rate, "io": self.io.to_dict(self.bytes_read),
         }
 
     @classmethod
@@ -347,6 +348,7 @@ class CacheSnapshot:
             memory=MemorySample(**d["memory"]), decode_tps=d["decode_tps"], prefill_tps=d["prefill_tps"],
             ttft_s=d["ttft_s"], tokens_generated=d["tokens_generated"], steps=d["steps"],
             trace_length=d.get("trace_length", 0), io=IOStats.from_dict(d.get("io")),
+            trace_start_warm=bool(d.get("trace_start_warm", False)),
         )
 
 

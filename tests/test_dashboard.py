@@ -11,7 +11,7 @@ from moe_tui.inference import Engine
 from moe_tui.inference.events import Generate, JobDone, MissCurveDone, MissCurveRequest, SessionReady
 from moe_tui.inference.session import OPTIMUM_WINDOW, Session
 
-from tests.helpers import fixed_snapshot
+from tests.helpers import fixed_miss_curve, fixed_snapshot
 
 PROMPT = [{"role": "user", "content": "def add(a, b):"}]
 
@@ -81,6 +81,21 @@ def test_the_hit_rate_box_shows_ready_and_demand_rates_and_explains_belady():
     assert f"ready    {snap.hit_rate:.1%}" in rows and f"demand   {snap.demand_hit_rate:.1%}" in rows
     assert "Belady   78.0%  vs lru 61.0% on the same replay" in rows
     assert "best any cache could do at this capacity, knowing the future (last 300 steps, empty start)" in rows
+
+
+def test_the_belady_line_and_the_miss_curve_say_warm_start_where_the_replay_starts_warm():
+    from dataclasses import replace
+
+    cold = fixed_snapshot()  # 300 steps traced from an empty cache, all of them replayed
+    curve = fixed_miss_curve()
+    curve = text.MissCurve(curve.capacities, curve.rates, curve.steps, window=300)
+    for snap, window, start in ((cold, 300, "empty start"), (replace(cold, trace_start_warm=True), 300, "warm start"),
+                                (cold, 200, "warm start")):  # the last 200 of 300 steps: the cache held the 100th's
+        rows = "\n".join(r.plain for r in text.hit_rows(snap, text.Replay({"lru": 0.6, "belady": 0.7}, 300, window)))
+        assert f"knowing the future (last {window} steps, {start}" in rows
+        shown = "\n".join(r.plain for r in text.curve_rows(replace(curve, window=window), snap, None))
+        assert ("from an empty cache" in shown) == (start == "empty start"), shown
+        assert ("(warm start)" in shown) == (start == "warm start")
 
 
 def test_memory_gauges_are_drawn_against_meaningful_totals():

@@ -6,6 +6,7 @@ import functools
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_tui.inference import Engine
@@ -13,8 +14,9 @@ from moe_tui.inference.cache import POLICIES
 from moe_tui.inference.oracle import belady, compare, shared_budget, simulate_policy
 
 
-def brute_force_hits(trace, capacity):
-    """Max hits over every eviction choice (demand paging, one access at a time)."""
+def brute_force_hits(trace, capacity, start=()):
+    """Max hits over every eviction choice (demand paging, one access at a time), from any `capacity` of the
+    experts in `start`."""
     seq = [e for step in trace for e in sorted(set(step))]
 
     @functools.cache
@@ -28,7 +30,8 @@ def brute_force_hits(trace, capacity):
             return best(i + 1, resident | {e})
         return max(best(i + 1, (resident - {v}) | {e}) for v in resident)
 
-    return best(0, frozenset())
+    start = sorted(set(start))
+    return max(best(0, frozenset(kept)) for kept in itertools.combinations(start, min(capacity, len(start))))
 
 
 @settings(max_examples=150, deadline=None)
@@ -38,12 +41,33 @@ def test_belady_equals_brute_force_on_single_access_traces(seq, capacity):
     assert belady(trace, capacity)["hits"] == brute_force_hits(trace, capacity)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=12), st.integers(1, 4),
+       st.lists(st.integers(0, 5), max_size=5, unique=True))
+def test_belady_from_a_warm_cache_equals_brute_force(seq, capacity, start):
+    trace = [[e] for e in seq]
+    assert belady(trace, capacity, start)["hits"] == brute_force_hits(trace, capacity, start)
+
+
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=2), min_size=1, max_size=30), st.integers(2, 6))
-def test_belady_beats_every_policy(trace, capacity):
-    best = belady(trace, capacity)["hits"]
-    for policy in POLICIES:
-        assert simulate_policy(trace, 8, capacity, policy)["hits"] <= best
+@given(st.lists(st.lists(st.integers(0, 7), min_size=1, max_size=2), min_size=1, max_size=30), st.integers(2, 6),
+       st.lists(st.integers(0, 7), max_size=8, unique=True))
+def test_belady_beats_every_policy(trace, capacity, start):
+    for begin in ((), start):  # the same cache to start from: empty, or warm (more experts than slots, too)
+        best = belady(trace, capacity, begin)["hits"]
+        for policy in POLICIES:
+            assert simulate_policy(trace, 8, capacity, policy, start=begin)["hits"] <= best
+
+
+def test_a_warm_start_counts_the_experts_it_holds():
+    trace = [[0], [1], [2], [0], [1]]
+    assert belady(trace, 2)["hits"] == 1 and belady(trace, 2, start=[0, 1])["hits"] == 3
+    # More experts than slots: Belady keeps those used soonest; a policy the first ones of `start`.
+    assert belady(trace, 1, start=[2, 0])["hits"] == 1
+    # Their order is their recency: 2 evicts the one listed last.
+    assert simulate_policy([[2], [0]], 4, 2, "lru", start=[0, 1])["hits"] == 1
+    assert simulate_policy([[2], [0]], 4, 2, "lru", start=[1, 0])["hits"] == 0
+    assert simulate_policy(trace, 4, 1, "lru", start=[1, 0])["hits"] == 0  # one slot: it keeps 1
 
 
 def test_belady_on_recorded_engine_trace(checkpoint):
@@ -64,6 +88,50 @@ def test_belady_on_recorded_engine_trace(checkpoint):
     distinct = sum(len({int(e) for step in layer for e in step}) for layer in engine.trace)
     for name, r in full.items():
         assert r["accesses"] - r["hits"] == distinct, name
+
+
+def test_belady_is_never_below_the_realized_rate_of_a_run_that_started_warm(checkpoint):
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4)
+    prompt = list(range(3, 60, 2))
+    for _event in engine.stream(prompt, max_tokens=16):
+        pass
+    engine.reset_stats()  # as /reset: counters and trace start again, the cache stays as it is
+    for _event in engine.stream(prompt[:5], max_tokens=16):
+        pass
+    snap = engine.snapshot()
+    assert snap.trace_start_warm
+    rates = engine.hit_rates_vs_optimum()  # the whole trace: the steps the counters cover
+    assert rates["belady"]["accesses"] == int(snap.hits.sum() + snap.misses.sum())
+    # Reads ahead are loads too: no cache of this capacity gets more hits than MIN from the same start.
+    assert rates["belady"]["hit_rate"] >= snap.hit_rate >= snap.demand_hit_rate
+    for policy in POLICIES:
+        assert rates[policy]["hit_rate"] <= rates["belady"]["hit_rate"]
+    # The replay of the last steps starts from the cache as those steps found it.
+    last = engine.hit_rates_vs_optimum(last_steps=5)
+    assert last["belady"]["hit_rate"] >= _realized(engine, 5)
+
+
+def _realized(engine, steps: int) -> float:
+    """The hit rate the cache got on its last `steps` steps, from the residency logged with the trace."""
+    hits = accesses = 0
+    for layer, log in zip(engine.trace, engine.experts.trace_resident, strict=True):
+        for back, needed in zip(range(steps, 0, -1), list(layer)[-steps:], strict=True):
+            hits += len(set(needed.tolist()) & set(log.at(back)))
+            accesses += len(needed)
+    return hits / accesses
+
+
+def test_the_residency_log_keeps_the_newest_steps():
+    from moe_tui.inference.expert_cache import ResidencyLog
+
+    log = ResidencyLog(10, size=4)
+    log.extend(np.eye(10, dtype=bool)[0], 1)
+    log.extend(np.eye(10, dtype=bool)[9], 2)
+    assert log.at(1) == log.at(2) == [9] and log.at(3) == [0]
+    log.extend(np.ones(10, dtype=bool), 6)  # more steps than the ring holds in one call
+    assert log.at(4) == list(range(10))
+    with pytest.raises(IndexError):
+        log.at(5)
 
 
 def test_known_trace_values():
