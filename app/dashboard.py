@@ -126,7 +126,7 @@ def warm_start(snap: CacheSnapshot, window: int) -> bool:
 
 
 def replay_start(snap: CacheSnapshot, window: int) -> str:
-    return "warm start, as the run had" if warm_start(snap, window) else "empty start"
+    return "warm start" if warm_start(snap, window) else "empty start"  # the same width: reserved rows hold
 
 
 # ---------------------------------------------------------------- speed
