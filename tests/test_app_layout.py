@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
+from moe_tui.app.messages import SnapshotReady
 from moe_tui.app.widgets.chat import PromptInput
+from moe_tui.app.widgets.gauges import Readout
 from moe_tui.app.widgets.heatmap import HeatmapView
+from moe_tui.inference.telemetry import IOStats
 from rich.color import ColorSystem
 
-from tests.helpers import notified, screen_rows, wait_until
+from tests.helpers import fixed_snapshot, notified, screen_rows, wait_until
 
 
 async def test_a_narrow_terminal_hides_the_cache_panel_and_f2_shows_it_in_place_of_the_chat(fake_app):
@@ -32,7 +38,7 @@ async def test_a_narrow_terminal_hides_the_cache_panel_and_f2_shows_it_in_place_
 
 async def test_at_80_columns_the_legend_and_the_decode_line_are_not_cut(fake_app):
     app = fake_app()
-    async with app.run_test(size=(80, 130)) as pilot:  # 80 wide; tall enough that the panel does not scroll
+    async with app.run_test(size=(80, 150)) as pilot:  # 80 wide; tall enough that the panel does not scroll
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         side = app.query_one("#side")
         await pilot.pause()
@@ -97,3 +103,38 @@ async def test_ascii_glyphs_put_nothing_but_ascii_on_the_screen(fake_app, size):
         bad = {(y, char) for y, row in enumerate(rows) for char in row if not char.isascii()}
         assert not bad, bad
         assert 'cafe - "end".' in "\n".join(rows)  # the chat's text is on screen, as ASCII
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 60)])
+async def test_the_dashboard_keeps_its_height_while_its_numbers_grow(fake_app, size):
+    """A box that grows a row lays out the whole screen again (18-50 ms at 120x40, while a key typed meanwhile
+    waits): from a fresh engine's first snapshot on, the boxes hold the rows their widest numbers take."""
+    app = fake_app()
+    async with app.run_test(size=size) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        full = fixed_snapshot()
+        zero = np.zeros_like(full.hits)
+        fresh = replace(full, requests=zero, hits=zero, misses=zero, loads=zero, evictions=zero, bytes_read=0,
+                        load_seconds=0.0, decode_tps=0.0, prefill_tps=0.0, ttft_s=0.0, tokens_generated=0, steps=1,
+                        trace_length=1, io=IOStats(guesses=(0,) * full.num_moe_layers,
+                                                   guess_hits=(0,) * full.num_moe_layers,
+                                                   guess_needed=(0,) * full.num_moe_layers))
+        app.post_message(SnapshotReady(fresh, None))
+        await pilot.pause(0.2)
+
+        def heights() -> dict:  # the miss curve's text changes with a replay, which runs while idle
+            heatmap = app.query_one(HeatmapView)
+            return {w.id: w.size.height for w in (*app.query(Readout), heatmap) if w.id != "curve-text"} | {
+                "heatmap virtual size": heatmap.virtual_size}  # a change of it is a layout pass too
+
+        before = heights()
+        grown = replace(full, requests=full.requests * 997, hits=full.hits * 997, misses=full.misses * 991,
+                        loads=full.loads * 991, evictions=full.evictions * 991, bytes_read=37 << 30,
+                        load_seconds=1234.5, decode_tps=123.4, prefill_tps=4567.8, ttft_s=12.3,
+                        tokens_generated=123_456, steps=234_567, trace_length=234_567,
+                        io=replace(full.io, decode_steps=123_456, decode_stall_seconds=987.6, decode_bytes=3 << 40,
+                                   prefetches=98_765, prefetch_hits=76_543, prefetch_wasted=12_345, prefetch=False,
+                                   uncached_reads=True))
+        app.post_message(SnapshotReady(grown, {"lru": 0.612, "belady": 0.781}))
+        await pilot.pause(0.2)
+        assert heights() == before

@@ -16,6 +16,7 @@ from ..heatmap import HeatmapStyle
 from .charts import Chart, Figure, MissCurveChart, Series
 from .gauges import Readout
 from .heatmap import HeatmapView
+from .sizing import widest
 
 PERCENT_TICKS = (0.0, 25.0, 50.0, 75.0, 100.0)
 PLOT_INTERVAL = 1.0  # seconds between two redraws of the plots over time (each costs a build and a repaint)
@@ -74,13 +75,14 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
         self._curve_asked: int | None = None  # steps of the trace the last miss-curve request covered
         self._plotted_at = 0.0  # monotonic time of the last redraw of the plots over time
         self._plot_timer = None  # a redraw waiting for PLOT_INTERVAL to pass
+        self._reserved_for: tuple | None = None  # what the readouts' reserved rows were drawn for
 
     def compose(self) -> ComposeResult:
         u = self.unicode
         yield Box("Experts", HeatmapView(self.heat_style, id="heatmap"), id="experts-box")
         with Horizontal(id="boxes"):
             with Vertical(id="col-left"):
-                yield Box("Hit rate", Readout(id="hits"), Chart(u, id="hit-chart"), id="hit-box")
+                yield Box("Hit rate", Readout(steady=True, id="hits"), Chart(u, id="hit-chart"), id="hit-box")
                 yield Box("Speed", Readout(steady=True, id="speed"), Chart(u, id="speed-chart"), id="speed-box")
             with Vertical(id="col-right"):
                 yield Box("Memory", Readout(steady=True, id="memory"), id="memory-box")
@@ -164,6 +166,7 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
         if snap is None:
             return
         u = self.unicode
+        self._reserve(snap)
         self.query_one("#hits", Readout).show(Text("\n").join(text.hit_rows(snap, self.replay, u)))
         self.query_one("#speed", Readout).show(Text("\n").join(text.speed_rows(snap, self.history.decode_tps)))
         self.query_one("#memory", Readout).show(Text("\n").join(text.memory_rows(snap, self._width("#memory"), u)))
@@ -171,6 +174,24 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
         chart = self.query_one(MissCurveChart)
         self.query_one("#curve-text", Readout).show(
             Text("\n").join(text.curve_rows(self.curve, snap, chart.cursor_capacity, u)))
+
+    def _reserve(self, snap: CacheSnapshot) -> None:
+        """Give the readouts the rows their widest numbers take (sizing.widest), once per model shape, setting
+        and width, so their heights stay put while a reply streams."""
+        width = self._width("#memory")
+        key = (snap.layer_ids, snap.num_experts, snap.capacity, snap.policy, width, self.unicode)
+        if key == self._reserved_for:
+            return
+        self._reserved_for = key
+        u, samples = self.unicode, widest(snap)
+        rates = {"belady": 0.996, snap.policy: 0.996}
+        replay = text.Replay(rates, samples[0].steps, samples[0].trace_length)
+        for readout, rows in (
+                ("#hits", [text.hit_rows(s, r, u) for s in samples for r in (replay, None)]),
+                ("#speed", [text.speed_rows(s, [s.decode_tps]) for s in samples]),
+                ("#memory", [text.memory_rows(s, width, u) for s in samples]),
+                ("#io", [text.io_rows(s, u) for s in samples])):
+            self.query_one(readout, Readout).reserve(*(Text("\n").join(r) for r in rows))
 
     def _plot_history(self) -> None:
         self._plotted_at, self._plot_timer = time.monotonic(), None

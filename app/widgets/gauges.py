@@ -48,6 +48,10 @@ def wrapped(line: Text, width: int, indent: int = LABEL_WIDTH + 1) -> list[Text]
     return rows
 
 
+def _lines(text: Text | str) -> list[Text]:
+    return list((Text(text) if isinstance(text, str) else text).split("\n"))
+
+
 class Readout(StyledRows, Widget):
     """Rows of text that change a few times a second. Each row is drawn once per change through the Line
     API; a change repaints only the rows that differ, and lays out only when the number of rows changes.
@@ -60,6 +64,7 @@ class Readout(StyledRows, Widget):
         super().__init__(**kwargs)
         self.steady = steady
         self.text_lines: list[Text] = []  # as shown with show()
+        self.reserved: list[tuple[Text, ...]] = []  # steady: per line, its widest forms; their rows are held
         self.lines: list[Text] = []  # the rows drawn at self._width
         self._strips: dict[int, Strip] = {}  # row -> drawn at self._width
         self._width = 0
@@ -74,13 +79,22 @@ class Readout(StyledRows, Widget):
         if not self.steady:
             return rows
         seen, most = self._most_rows
-        most = max(len(rows), most if seen == width else 0)
+        if seen != width:
+            most = sum(max((len(wrapped(line, width)) for line in lines), default=0) for lines in self.reserved)
+        most = max(len(rows), most)
         self._most_rows = (width, most)
         return rows + [Text("")] * (most - len(rows))
 
     def show(self, text: Text | str) -> None:
-        self.text_lines = list((Text(text) if isinstance(text, str) else text).split("\n"))
+        self.text_lines = _lines(text)
         self._update(self._rows(self._width or self.size.width))
+
+    def reserve(self, *texts: Text | str) -> None:
+        """Hold, at every width, at least the rows the widest of `texts` takes line by line (steady readouts):
+        given the widest the numbers get, the readout's height is fixed from its first show instead of growing
+        when a number first gets longer, which lays out the whole screen again (a key typed meanwhile waits)."""
+        self.reserved = list(zip(*map(_lines, texts), strict=False))
+        self._most_rows = (0, 0)
 
     def _update(self, lines: list[Text]) -> None:
         if len(lines) != len(self.lines):

@@ -14,6 +14,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from .. import heatmap as renderer
+from . import sizing
 from .rows import StyledRows
 
 
@@ -130,11 +131,17 @@ row. Tab goes back to the prompt.
                 # Its row count never shrinks at one width: a count that grows a digit must not re-lay out
                 # the screen at every stats tick (a key typed meanwhile would wait for it).
                 width_seen, most = self._detail_rows
-                most = max(len(details), most if width_seen == view.width else 0)
+                if width_seen != view.width:  # from the start, the rows the widest counts would take
+                    most = len(renderer.wrap_words(renderer.describe(
+                        sizing.widest(snap)[0], view, style, *self.cursor, sizing.last_used(snap)), view.width))
+                most = max(len(details), most)
                 self._detail_rows = (view.width, most)
                 extra += [[Segment(row, style.base)] for row in details + [""] * (most - len(details))]
             self._lines = [Strip(row) for row in rows + extra]
-            width = max([width] + [line.cell_length for line in self._lines[len(rows):]])
+            # The legend and details are wrapped to the view's width: reckoning them at that width keeps the
+            # virtual size (a layout pass over the whole screen when it changes) still as the details change.
+            below = max((line.cell_length for line in self._lines[len(rows):]), default=0)
+            width = max(width, view.width if below <= view.width else below)
         self.virtual_size = Size(width, len(self._lines))
         if self.styles.height is None or self.styles.height.value != len(self._lines):
             self.styles.height = len(self._lines)  # only on change: setting it forces a layout pass
