@@ -395,3 +395,52 @@ def test_a_reply_cut_by_shutdown_is_not_reported_as_finished(tmp_path):
         assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     finally:
         live.close()
+
+
+def test_the_miss_curve_is_the_engines_replay_and_a_reply_goes_first(tmp_path):
+    from moe_tui.inference.oracle import curve_capacities
+    from moe_tui.inference.session import OPTIMUM_WINDOW
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    live = LiveServer(make_checkpoint(tmp_path / "m", "qwen3_moe", router_scale=4.0, max_position_embeddings=512))
+    url = live.url + "/v1/stats/miss-curve"
+    reply = {"messages": MSG, "max_tokens": 8, "temperature": 0}
+    try:
+        assert httpx.get(url).status_code == 409  # nothing routed yet
+        assert httpx.post(live.url + "/v1/chat/completions", json=reply, timeout=60).status_code == 200
+        data = httpx.get(url, params={"capacities": "1,2,4,8"}, timeout=60).json()
+        assert data["capacities"] == [1, 2, 4, 8] and data["last_steps"] == OPTIMUM_WINDOW
+        engine = live.runner.engine  # idle: its trace stands still while this thread replays it
+        for i, capacity in enumerate(data["capacities"]):
+            expected = engine.hit_rates_vs_optimum(capacity, OPTIMUM_WINDOW)
+            assert {name: rates[i] for name, rates in data["rates"].items()} == {
+                name: r["hit_rate"] for name, r in expected.items()}, capacity
+        assert httpx.get(url, timeout=60).json()["capacities"] == list(curve_capacities(8, 4))  # the panel's
+        assert httpx.get(url, params={"last_steps": "all"}, timeout=60).json()["last_steps"] is None
+        for bad in ({"capacities": "0,2"}, {"capacities": "9"}, {"capacities": "two"}, {"last_steps": "0"}):
+            r = httpx.get(url, params=bad)
+            assert r.status_code == 400 and r.json()["error"]["message"], bad
+
+        # A slow replay (made slow here) holds neither the event loop nor a reply that comes meanwhile.
+        replaying = threading.Event()
+        real = engine.hit_rates_vs_optimum
+
+        def slow(*args, **kwargs):
+            replaying.set()
+            time.sleep(0.5)
+            return real(*args, **kwargs)
+
+        engine.hit_rates_vs_optimum = slow
+        with ThreadPoolExecutor(1) as pool:
+            curve = pool.submit(httpx.get, url, params={"capacities": "1,2,3,4,5,6,7,8"}, timeout=60)
+            assert replaying.wait(30)
+            started = time.monotonic()
+            assert httpx.get(live.url + "/health").status_code == 200
+            assert time.monotonic() - started < 0.3  # the event loop is free
+            assert httpx.post(live.url + "/v1/chat/completions", json=reply, timeout=60).status_code == 200
+            assert time.monotonic() - started < 3.0  # it went before the 8 x 0.5 s replay would have ended
+            busy = curve.result()
+        assert busy.status_code == 503 and busy.headers["Retry-After"] and "idle" in busy.json()["error"]["message"]
+        assert httpx.get(url, params={"capacities": "3"}, timeout=60).status_code == 200  # asked again when idle
+    finally:
+        live.close()

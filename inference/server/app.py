@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from ..events import Delta, Generate, JobDone, JobFailed, ToolCall, ToolCalled
 from ..telemetry import GenerationDone
+from . import miss_curve as miss_curves
 from .errors import anthropic_body, error_body, openai_body
 from .metrics import prometheus_text
 from .runner import EngineRunner, QueueFull, ServerJob, SessionClosed
@@ -490,6 +491,14 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    async def miss_curve(request: Request) -> Response:
+        if not authorized(request):
+            return openai_error("invalid or missing API key", 401, kind="authentication_error")
+        snap = runner.snapshot
+        if snap is None or runner.state != "ready":
+            return openai_error("the model is still loading", 503)
+        return await miss_curves.respond(runner.miss_curves, request.query_params, snap)
+
     async def metrics(request: Request) -> Response:
         if not authorized(request):
             return PlainTextResponse("unauthorized\n", status_code=401)
@@ -510,6 +519,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         Route("/health", health),
         Route("/v1/stats", stats),
         Route("/v1/stats/stream", stats_stream),
+        Route("/v1/stats/miss-curve", miss_curve),
         Route("/metrics", metrics),
         Route("/openapi.json", openapi_doc),
     ], lifespan=lifespan)

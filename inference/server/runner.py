@@ -15,6 +15,7 @@ from ..events import Event, Generate, Tokenize
 from ..session import QueueFull, Session, SessionClosed
 from ..telemetry import CacheSnapshot
 from ..tools import ToolFormat
+from .miss_curve import MissCurves
 
 SNAPSHOT_INTERVAL = 0.25  # seconds between snapshots kept for the stats endpoints
 
@@ -40,9 +41,12 @@ class EngineRunner:
         self.session = Session(engine_factory, self._on_event, stats_interval=SNAPSHOT_INTERVAL, chunk_interval=0.0,
                                max_queue=max_queue, tool_parser=tool_parser)
         self.ready = self.session.ready
+        self.miss_curves = MissCurves(self.session)
 
     def _on_event(self, event: Event) -> None:
-        """Events that belong to no job (readiness, snapshots, notices): the stats endpoints read the session."""
+        """Events that belong to no job (readiness, snapshots, notices): the stats endpoints read the session;
+        miss-curve answers go to the requests waiting for them."""
+        self.miss_curves.on_event(event)
 
     # ---- state, read by the endpoints
     @property
@@ -102,7 +106,13 @@ class EngineRunner:
         """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = self.session.submit(request, sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+        def sink(event: Event) -> None:
+            self.miss_curves.on_job_event(event)
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = self.session.submit(request, sink=sink)
+        self.miss_curves.submitted(job.id)
         return ServerJob(job.id, self.session, events)
 
     def stop(self) -> None:
