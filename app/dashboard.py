@@ -237,7 +237,8 @@ class History:
 
 @dataclass(frozen=True)
 class MissCurve:
-    """Hit rate against capacity for every policy and Belady, replayed on the recorded routing trace."""
+    """Hit rate against capacity for every policy and Belady, replayed on the recorded routing trace. Without
+    capacities: the backend has none to give (a server that replays no trace)."""
 
     capacities: tuple[int, ...]
     rates: dict[str, tuple[float, ...]]  # name -> one hit rate per capacity
@@ -264,8 +265,19 @@ def curve_names(curve: MissCurve) -> list[str]:
     return [n for n in curve.rates if n != "belady"] + (["belady"] if "belady" in curve.rates else [])
 
 
+NO_CURVE = "not available from this server"
+
+
+def curve_placeholder(curve: MissCurve | None) -> str:
+    """What the plot says until it has a curve to draw."""
+    return NO_CURVE if curve is not None and not curve.capacities else "replayed when idle"
+
+
 def curve_rows(curve: MissCurve | None, snap: CacheSnapshot | None, cursor: int | None,
                unicode: bool = True) -> list[Text]:
+    if curve is not None and not curve.capacities:
+        return [Text(f"{NO_CURVE}: it replays no routing trace (another server than moe serve, or an older one)",
+                     style="dim")]
     if snap is None:
         return [Text("")]
     if curve is None:

@@ -1,7 +1,7 @@
 """A worker that talks to a server instead of running MLX: `moe attach URL` (a `moe serve`, with cache
-telemetry from /v1/stats/stream) or `moe chat --base-url URL` (any OpenAI-compatible server: vLLM,
-SGLang, llama.cpp...; no expert telemetry, so the panels show client-measured throughput and latency).
-Same interface and messages as `InferenceWorker`.
+telemetry from /v1/stats/stream and the miss curve from /v1/stats/miss-curve) or `moe chat --base-url URL`
+(any OpenAI-compatible server: vLLM, SGLang, llama.cpp...; no expert telemetry, so the panels show
+client-measured throughput and latency). Same interface and messages as `InferenceWorker`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import replace
 
 import httpx
-from moe_tui.inference.events import Configure, Generate
+from moe_tui.inference.events import Configure, Generate, MissCurveRequest
 from moe_tui.inference.telemetry import CacheSnapshot, GenerationDone
 
 from .backend import Capabilities, estimated_tokens
@@ -24,6 +25,7 @@ from .messages import (
     EngineInfo,
     EngineNotice,
     EngineReady,
+    MissCurveReady,
     ReplyChunk,
     ReplyDone,
     SnapshotReady,
@@ -31,6 +33,7 @@ from .messages import (
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read for its message: a server may send one without end
+CURVE_TIMEOUT = 620.0  # seconds to wait for a miss curve: `moe serve` gives its replay up to 600 s between jobs
 
 
 class BadReply(Exception):
@@ -58,7 +61,7 @@ class RemoteWorker(threading.Thread):
         self._cancel = threading.Event()
         self._stopping = threading.Event()
         self.capabilities = Capabilities(remote=True, telemetry=telemetry, configurable=False,
-                                         exact_token_counts=False, tool_calls=True)
+                                         exact_token_counts=False, tool_calls=True, miss_curve=telemetry)
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[:-3]
@@ -78,6 +81,11 @@ class RemoteWorker(threading.Thread):
                                    limits=httpx.Limits(max_keepalive_connections=0))
         self._open_lock = threading.Lock()
         self._open_stream = None  # the network stream of the reply being read, if any
+        self._curve_requests: queue.Queue[MissCurveRequest | None] = queue.Queue()
+        # The latest miss curve's capacities and rates, and the trace length it saw: the hit-rate box's Belady
+        # figure at the snapshot's capacity, as the local session sends with its snapshots.
+        self._curve: tuple[tuple[int, ...], dict[str, tuple[float, ...]]] | None = None
+        self._trace_length = 0
 
     # ---- the Backend contract (called from the UI thread)
     def submit(self, request: Generate) -> None:
@@ -90,6 +98,9 @@ class RemoteWorker(threading.Thread):
         self._cancel.set()
         self._interrupt()
 
+    def miss_curve(self, request: MissCurveRequest) -> None:
+        self._curve_requests.put(request)
+
     def count_tokens(self, text: str) -> Future:
         return estimated_tokens(text)
 
@@ -98,6 +109,7 @@ class RemoteWorker(threading.Thread):
         self._cancel.set()
         self._interrupt()
         self.requests.put(None)
+        self._curve_requests.put(None)
 
     def _interrupt(self) -> None:
         """Shut the open reply's socket. The reading thread checks the cancel flag only when a line arrives,
@@ -143,7 +155,10 @@ class RemoteWorker(threading.Thread):
             num_experts=0, top_k=0, expert_bytes=0, dense_bytes=0, context_length=0)))
         watch = self._stream_stats if telemetry else self._heartbeat
         threading.Thread(target=watch, name="moe-remote-watch", daemon=True).start()
-        if not telemetry:
+        if telemetry:
+            threading.Thread(target=self._answer_curves, name="moe-remote-curve", daemon=True).start()
+        else:
+            self._no_curve()
             self.app.post_message(EngineNotice("this server gives no expert telemetry: the panels show "
                                                "throughput and latency measured here"))
         while not self._stopping.is_set():
@@ -185,13 +200,65 @@ class RemoteWorker(threading.Thread):
                                 snap = CacheSnapshot.from_dict(json.loads(line[6:]))
                             except Exception:  # noqa: BLE001 - not a snapshot (of this version): skip it
                                 continue
-                            self.app.post_message(SnapshotReady(snap, None))
+                            self.app.post_message(SnapshotReady(snap, self._optimum(snap)))
                 raise BadReply("the server closed the stats stream")
             except (httpx.TransportError, BadReply) as exc:  # gone, restarting, or refusing: back off, retry
                 self._connected(False, _short(exc))
                 self._stopping.wait(self._backoff())
             except Exception:  # noqa: BLE001 - anything else from a server sending nonsense: retry quietly
                 self._stopping.wait(self._backoff())
+
+    def _optimum(self, snap: CacheSnapshot) -> dict[str, float] | None:
+        """Every policy's and Belady's rate at the snapshot's capacity on the latest miss curve; None before one,
+        or after the server's statistics were reset (its trace started again)."""
+        if snap.trace_length < self._trace_length:
+            self._curve = None
+        self._trace_length = snap.trace_length
+        curve = self._curve
+        if curve is None or snap.capacity not in curve[0]:
+            return None
+        i = curve[0].index(snap.capacity)
+        return {name: rates[i] for name, rates in curve[1].items()}
+
+    def _answer_curves(self) -> None:
+        """Miss-curve requests, the newest of those waiting, one at a time: the server replays its engine's trace."""
+        while True:
+            request = self._curve_requests.get()
+            while request is not None and not self._curve_requests.empty():
+                request = self._curve_requests.get_nowait()
+            if request is None or self._stopping.is_set():
+                return
+            if not self.capabilities.miss_curve:
+                self._no_curve()
+                continue
+            try:
+                self._fetch_curve(request)
+            except Exception:  # noqa: BLE001 - unreachable (the stats stream says so) or nonsense: no curve this time
+                pass
+
+    def _fetch_curve(self, request: MissCurveRequest) -> None:
+        params = {"capacities": ",".join(str(c) for c in request.capacities)}
+        if request.last_steps is not None:
+            params["last_steps"] = str(request.last_steps)
+        r = self.client.get("/v1/stats/miss-curve", params=params, timeout=httpx.Timeout(10, read=CURVE_TIMEOUT))
+        if r.status_code in (404, 405):  # an older moe serve
+            self._no_curve()
+            return
+        if r.status_code != 200:  # nothing routed yet, or a reply came first: the panel asks again after more steps
+            return
+        data = _object(r.json(), "the miss curve")
+        capacities = tuple(_int(c, 0) for c in data.get("capacities", ()))
+        rates = {str(name): tuple(float(v) for v in values)
+                 for name, values in _object(data.get("rates"), "the miss curve's rates").items()}
+        if capacities != tuple(request.capacities) or any(len(v) != len(capacities) for v in rates.values()):
+            raise BadReply("the miss curve does not match the capacities asked for")
+        self._curve = (capacities, rates)
+        self.app.post_message(MissCurveReady(capacities, rates, _int(data.get("steps"), 0)))
+
+    def _no_curve(self) -> None:
+        """The server replays no routing trace (another server, or a `moe serve` older than the miss curve)."""
+        self.capabilities = replace(self.capabilities, miss_curve=False)
+        self.app.post_message(MissCurveReady((), {}, 0))  # no capacities: the panel says the server has none
 
     def _heartbeat(self) -> None:
         """Without telemetry: ask for the model list now and then, to notice a server that went away."""

@@ -217,6 +217,34 @@ async def test_reset_clears_every_plot_and_the_belady_figure(fake_app):
         assert "replayed when idle" in _box_text(app, "#hits")
 
 
+async def test_reset_clears_the_replays_and_those_after_it_start_warm(make_app):
+    from moe_tui.app.widgets.dashboard import Dashboard
+
+    from tests.helpers import replies, send, wait_until
+
+    app = make_app(max_tokens=8)
+    async with app.run_test(size=(200, 60)) as pilot:
+        panel = app.query_one(Dashboard)
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: replies(app) and not app.generating)
+        await wait_until(pilot, lambda: panel.curve is not None and panel.replay is not None, timeout=60)
+        # Loaded without a profile: the first steps found the cache empty.
+        assert "empty start" in _box_text(app, "#hits") and "from an empty cache" in _box_text(app, "#curve-text")
+        app.run_command("/reset")
+        await wait_until(pilot, lambda: app.last_snapshot.tokens_generated == 0 and panel.curve is None)
+        assert panel.replay is None and not panel.history.steps and not panel.history.belady
+        assert "replayed when idle" in _box_text(app, "#hits")
+        # /reset keeps the cache: the steps after it start with its experts, and so do their replays.
+        await send(pilot, app, "import os")
+        await wait_until(pilot, lambda: len(replies(app)) == 2 and not app.generating)
+        await wait_until(pilot, lambda: panel.curve is not None and panel.replay is not None, timeout=60)
+        assert app.last_snapshot.trace_start_warm
+        await wait_until(pilot, lambda: "warm start)" in _box_text(app, "#hits"))
+        assert "(warm start)" in _box_text(app, "#curve-text")
+        assert app.last_optimum["belady"] >= max(v for k, v in app.last_optimum.items() if k != "belady")
+
+
 async def test_help_cache_explains_every_number(fake_app):
     from moe_tui.app.widgets.chat import MessageView
 

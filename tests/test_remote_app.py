@@ -11,6 +11,7 @@ import pytest
 from moe_tui.app.main import MoeApp
 from moe_tui.app.remote import RemoteWorker
 from moe_tui.app.settings import Settings
+from moe_tui.app.textual_compat import notification_texts
 from moe_tui.app.widgets.heatmap import HeatmapView
 from moe_tui.app.worker import EngineSpec
 
@@ -47,11 +48,65 @@ async def test_attach_streams_a_reply_and_fills_the_heatmap(live, tmp_path, monk
         assert app.last_done.generated_tokens > 0
 
 
+def curve_text(app) -> str:
+    return "\n".join(line.plain for line in app.query_one("#curve-text").text_lines)
+
+
+async def test_attach_shows_the_servers_miss_curve_and_belady(live, tmp_path, monkeypatch):
+    from moe_tui.app.widgets.dashboard import Dashboard
+    from moe_tui.inference.session import OPTIMUM_WINDOW
+
+    app = remote_app(tmp_path, monkeypatch, live.url, telemetry=True)
+    async with app.run_test(size=(200, 60)) as pilot:
+        panel = app.query_one(Dashboard)
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
+        snap = live.runner.snapshot
+        # Asked for while idle, as the local panel does, and answered by the server's replay of its own trace.
+        traced = live.runner.engine.traced_steps
+        await wait_until(pilot, lambda: panel.curve is not None and panel.curve.steps == traced, timeout=60)
+        curve = panel.curve
+        assert curve.capacities == tuple(range(1, snap.num_experts + 1))
+        engine = live.runner.engine  # idle: its trace stands still
+        for i, capacity in enumerate(curve.capacities):
+            expected = engine.hit_rates_vs_optimum(capacity, OPTIMUM_WINDOW)
+            assert {name: rates[i] for name, rates in curve.rates.items()} == {
+                name: r["hit_rate"] for name, r in expected.items()}, capacity
+        assert "replay of the last" in curve_text(app) and "90% hits" in curve_text(app)
+        # The hit-rate box's Belady figure: the curve at the server's capacity, as the local session sends it.
+        await wait_until(pilot, lambda: app.last_optimum is not None)
+        assert app.last_optimum == curve.at(snap.capacity)
+        await wait_until(pilot, lambda: f"vs {snap.policy}" in "\n".join(
+            line.plain for line in app.query_one("#hits").text_lines))
+
+
+async def test_a_moe_serve_without_the_miss_curve_says_so(live, tmp_path, monkeypatch):
+    from moe_tui.app.widgets.charts import MissCurveChart
+
+    routes = live.server.config.app.router.routes
+    kept = list(routes)
+    routes[:] = [r for r in routes if getattr(r, "path", "") != "/v1/stats/miss-curve"]  # as an older moe serve
+    try:
+        app = remote_app(tmp_path, monkeypatch, live.url, telemetry=True)
+        async with app.run_test(size=(200, 60)) as pilot:
+            await wait_until(pilot, lambda: app.last_snapshot is not None)
+            await send(pilot, app, "import os")
+            await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
+            await wait_until(pilot, lambda: "not available from this server" in curve_text(app), timeout=60)
+            assert app.query_one(MissCurveChart).figure.empty == "not available from this server"
+            assert not app.backend.capabilities.miss_curve
+            assert not any("Error" in text for text in notification_texts(app))
+    finally:
+        routes[:] = kept
+
+
 async def test_openai_compatible_server_without_telemetry(live, tmp_path, monkeypatch):
     app = remote_app(tmp_path, monkeypatch, live.url + "/v1", telemetry=False)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: "remote" in app.sub_title)
         assert app.query_one(HeatmapView).placeholder == "this server gives no expert telemetry"
+        await wait_until(pilot, lambda: "not available from this server" in curve_text(app))
         await send(pilot, app, "import os")
         await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
         assert app.last_snapshot is None

@@ -144,6 +144,10 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
             "decode speed per reply", "reply", "tok/s", (Series("decode", xs, tuple(remote.decode_tps)),))
 
     def show_miss_curve(self, curve: text.MissCurve) -> None:
+        if not curve.capacities:  # the server has none
+            self.curve = curve
+            self._plot_curve()
+            return
         if not curve.window and self.snapshot is not None:
             curve = replace(curve, window=min(self.snapshot.trace_length, OPTIMUM_WINDOW))
         self.curve = curve
@@ -216,8 +220,8 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
     def _plot_curve(self) -> None:
         curve, snap = self.curve, self.snapshot
         chart = self.query_one(MissCurveChart)
-        if curve is None or snap is None:
-            chart.figure = Figure("hit rate vs capacity", "experts per layer", "%", empty="replayed when idle")
+        if curve is None or snap is None or not curve.capacities:
+            chart.figure = Figure("hit rate vs capacity", "experts per layer", "%", empty=text.curve_placeholder(curve))
         else:
             xs = tuple(float(c) for c in curve.capacities)
             colours = {"lru": "primary", "lfu": "secondary", "decay": "warning", "lrfu": "accent", "markov": "error",
@@ -232,7 +236,7 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
             chart.figure = Figure(f"hit rate vs capacity (line: now, {snap.capacity})", "experts per layer",
                                   "%", series, ylim=(0, 100), xlim=(1, max(snap.num_experts, 2)),
                                   vlines=((float(snap.capacity), "accent"),), yticks=PERCENT_TICKS, integer_x=True)
-        if snap is not None:
+        if snap is not None or curve is not None:
             self.query_one("#curve-text", Readout).show(
                 Text("\n").join(text.curve_rows(curve, snap, chart.cursor_capacity, self.unicode)))
 
