@@ -407,6 +407,7 @@ def test_the_miss_curve_is_the_engines_replay_and_a_reply_goes_first(tmp_path):
     reply = {"messages": MSG, "max_tokens": 8, "temperature": 0}
     try:
         assert httpx.get(url).status_code == 409  # nothing routed yet
+        assert "/v1/stats/miss-curve" in httpx.get(live.url + "/openapi.json").json()["paths"]
         assert httpx.post(live.url + "/v1/chat/completions", json=reply, timeout=60).status_code == 200
         data = httpx.get(url, params={"capacities": "1,2,4,8"}, timeout=60).json()
         assert data["capacities"] == [1, 2, 4, 8] and data["last_steps"] == OPTIMUM_WINDOW

@@ -462,6 +462,14 @@ def openapi(max_tokens_cap: int) -> dict:
                 {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
                 "responses": {"200": {"description": "OK", "content": {"text/event-stream": {
                     "schema": {"type": "string"}}}}, "400": error}}},
+            "/v1/stats/miss-curve": {"get": {
+                "summary": "hit rate of every policy and Belady's MIN at each capacity, replayed on the routing trace",
+                "parameters": [
+                    {"name": "capacities", "in": "query", "schema": {"type": "string"},
+                     "description": "comma-separated experts per layer (default: about two dozen from 1 to all)"},
+                    {"name": "last_steps", "in": "query", "schema": {"type": "string"},
+                     "description": "the trace's last N steps, or 'all' (default 1024)"}],
+                "responses": {"200": ok_json, "400": error, "409": error, "503": error}}},
             "/metrics": get("Prometheus metrics", "text/plain"),
         },
     }
