@@ -1,4 +1,4 @@
-"""The `moe` command: chat (the app), generate, info, profile and bench."""
+"""The `moe` command: chat (the app), web, attach, serve, generate, info, profile, plan and bench."""
 
 from __future__ import annotations
 
@@ -65,6 +65,22 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="predict each next layer's experts and read them while this one computes (outputs "
                         "unchanged; default: only while that makes decoding faster, timed as it runs)")
+
+
+def _add_chat_args(p: argparse.ArgumentParser) -> None:
+    _add_engine_args(p, model_optional=True)
+    p.add_argument("--data-dir", type=Path, default=None, help="where chats are stored (default: user data dir)")
+    p.add_argument("--base-url", default=None,
+                   help="chat through any OpenAI-compatible server (vLLM, SGLang, llama.cpp...) instead")
+    p.add_argument("--model", dest="remote_model", default=None, help="model name on the --base-url server")
+    p.add_argument("--api-key", default=None, help="key for --base-url (or MOE_API_KEY / OPENAI_API_KEY)")
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
 
 
 def _version() -> str:
@@ -266,6 +282,40 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_web(args) -> int:
+    """Serve the app to browsers: the model is found (or downloaded) and checked once here, and each session
+    runs `moe chat` on the resolved path."""
+    from . import web
+    from .settings import load_settings
+    from .store import DataDirLock
+
+    warning = web.prepare(args)
+    settings = load_settings()
+    if args.data_dir:
+        settings.data_dir = str(args.data_dir)
+    probe = DataDirLock(settings.resolved_data_dir() / "chats.sqlite3")
+    probe.acquire()  # StoreInUse now, not in every browser session, when another app has these chats open
+    probe.release()
+    model = None
+    if args.base_url:
+        check_server(args.base_url)
+    elif args.model or settings.default_model:
+        from moe_tui.inference.loading import check_model_folder
+
+        model = ensure_local(args.model or settings.default_model)
+        check_model_folder(model)
+    web.resolve_paths(args, model)
+    if args.api_key:  # to the sessions through their environment, not their command line (visible in `ps`)
+        os.environ["MOE_API_KEY"] = args.api_key
+        args.api_key = None
+    if warning:
+        print(warning, file=sys.stderr)
+    chat_args = web.chat_argv(build_parser().subcommands["web"], args)
+    title = "moe: " + (args.base_url or (Path(model).name if model else "demo model"))
+    web.serve(chat_args, host=args.host, port=args.port, public_url=args.public_url, title=title)
+    return 0
+
+
 def run_remote(settings, base_url: str, model: str | None, api_key: str | None, telemetry: bool) -> int:
     from .main import MoeApp
     from .remote import RemoteWorker
@@ -360,13 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("chat", help="open the app on a model (default: the built-in demo)")
-    _add_engine_args(p, model_optional=True)
-    p.add_argument("--data-dir", type=Path, default=None, help="where chats are stored (default: user data dir)")
-    p.add_argument("--base-url", default=None,
-                   help="chat through any OpenAI-compatible server (vLLM, SGLang, llama.cpp...) instead")
-    p.add_argument("--model", dest="remote_model", default=None, help="model name on the --base-url server")
-    p.add_argument("--api-key", default=None, help="key for --base-url (or MOE_API_KEY / OPENAI_API_KEY)")
+    _add_chat_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("web", help="serve the app to a web browser (each connection runs `moe chat` with the same "
+                                   "options); loopback only by default")
+    _add_chat_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; any other is reachable by others, who could use "
+                        "the app and its commands)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--public-url", default=None, metavar="URL",
+                   help="the address browsers use to reach this server, when it is not http://HOST:PORT (a tunnel "
+                        "to another local port, a proxy, or --host 0.0.0.0)")
+    p.set_defaults(func=cmd_web)
 
     p = sub.add_parser("attach", help="open the app on a running `moe serve` (chat, heatmap and gauges)")
     p.add_argument("url", help="the server's address, e.g. http://127.0.0.1:8080")
@@ -482,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--offload: search the synthetic routing's embedding scale against the demo's hit rates")
     p.set_defaults(func=_bench)
     parser.commands = tuple(sub.choices)
+    parser.subcommands = sub.choices
     for command in (parser, *sub.choices.values()):
         command.allow_abbrev = False  # `--mode` must not be taken for `--model`
     return parser

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import venv
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,3 +76,35 @@ def test_installed_wheel_opens_the_app_on_the_demo(wheel_env, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "headless ok" in result.stdout
+
+
+def test_installed_wheel_serves_the_app_to_a_browser(wheel_env, tmp_path):
+    """`moe web` from the wheel runs each session with the wheel's own Python, from any folder: a WebSocket
+    client (the browser's part, without a browser) gets the app's dashboard."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([wheel_env / "bin" / "moe", "web", "--port", str(port), "--data-dir",
+                               str(tmp_path / "d")], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "MOE_CONFIG": str(tmp_path / "config.toml")})
+    try:
+        banner = [server.stdout.readline() for _ in range(2)]
+        assert f"each browser session runs: {wheel_env / 'bin' / 'python'} -m moe_tui.app.cli chat" in banner[1], banner
+
+        async def dashboard() -> bytes:
+            received = b""
+            async with aiohttp.ClientSession() as http, http.ws_connect(
+                    f"http://127.0.0.1:{port}/ws?width=160&height=50") as ws, asyncio.timeout(120):
+                while not all(title in received for title in (b"Experts", b"Hit rate", b"experts per layer")):
+                    received += (await ws.receive_bytes())
+            return received
+
+        asyncio.run(dashboard())
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=30)
+        assert server.returncode == 0 and "ended" in output and "Traceback" not in output, output
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
