@@ -26,10 +26,11 @@ ALIASES = {
     "up_proj": ("up_proj", "w3"),
     "down_proj": ("down_proj", "w2"),
 }
-# Half-width floats checked on their raw bits: all exponent bits set means Inf or NaN (numpy has no bfloat16,
-# and its float16 isfinite is several times slower than this mask).
+# Floats checked on their raw bits: all exponent bits set means Inf or NaN (numpy has no bfloat16, and isfinite
+# is several times slower). The exponent sits right under the sign bit, so a value is Inf or NaN exactly when
+# its bits without the sign are >= the mask: see _check_finite.
 NONFINITE_BITS = {"F16": ("uint16", 0x7C00), "BF16": ("uint16", 0x7F80), "F8_E5M2": ("uint8", 0x7C),
-                  "F8_E4M3": ("uint8", 0x7F)}
+                  "F8_E4M3": ("uint8", 0x7F), "F32": ("uint32", 0x7F800000), "F64": ("uint64", 0x7FF0000000000000)}
 
 
 @dataclass(frozen=True)
@@ -313,15 +314,17 @@ def _check_finite(src: ParamSource, experts: list[int], raw: np.ndarray) -> None
     Raises:
         ModelLoadError: naming the file, the tensor and the first expert with a non-finite value.
     """
-    if src.file_dtype in ("F32", "F64"):
-        bad = ~np.isfinite(raw)
-    elif src.file_dtype in NONFINITE_BITS:
-        bits, mask = NONFINITE_BITS[src.file_dtype]
-        bad = (raw.view(bits) & mask) == mask
-    else:
+    if src.file_dtype not in NONFINITE_BITS:
         return
-    if not bad.any():
+    bits, mask = NONFINITE_BITS[src.file_dtype]
+    unsigned = raw.view(bits)
+    signed = unsigned.view(np.dtype(bits.replace("uint", "int")))
+    # Positive Inf/NaN are the largest values read as signed integers, negative ones the largest read as unsigned:
+    # two reductions with no temporary arrays (a mask and a compare made three passes and two arrays).
+    sign = 1 << (8 * unsigned.itemsize - 1)
+    if int(signed.max(initial=0)) < mask and int(unsigned.max(initial=0)) < (sign | mask):
         return
+    bad = (unsigned & mask) == mask
     row = int(np.argmax(bad.reshape(len(experts), -1).any(axis=1)))
     expert = experts[row]
     info = src.stacked or src.per_expert[expert]

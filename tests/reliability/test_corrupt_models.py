@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -313,7 +314,7 @@ def expect_error_when_read(path: Path) -> str:
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
 def test_non_finite_expert_weights_fail_when_read(checkpoint, tmp_path, dtype, bad):
     good = checkpoint(ARCH, dtype=dtype)
     expert = first_routed_expert(good)
@@ -331,3 +332,25 @@ def test_non_finite_weights_of_a_per_expert_tensor(checkpoint, tmp_path):
     poke(path / "model.safetensors", tensor, 0.5, non_finite("nan", mx.bfloat16))
     message = expect_error_when_read(path)
     assert message.startswith("<model>/model.safetensors:") and tensor in message and f"expert {expert}" in message
+
+
+@pytest.mark.parametrize("file_dtype", ["F16", "BF16", "F32"])
+def test_the_non_finite_check_flags_exactly_inf_and_nan(file_dtype):
+    """Every 16-bit pattern (and float32's around each boundary) against numpy's own isfinite."""
+    from moe_tui.inference.experts import _check_finite
+
+    if file_dtype == "F32":
+        edges = np.array([0, 1, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF], dtype=np.uint32)
+        patterns = np.concatenate([edges, edges | 0x80000000])
+        values = patterns.view(np.float32)
+    else:
+        patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+        values = patterns.view(np.float16) if file_dtype == "F16" else (patterns.astype(np.uint32) << 16).view(np.float32)
+    src = SimpleNamespace(file_dtype=file_dtype, stacked=SimpleNamespace(path="m.safetensors", name="w"))
+    flagged = []
+    for pattern in patterns:
+        try:
+            _check_finite(src, [0], np.array([pattern]))
+        except ModelLoadError:
+            flagged.append(int(pattern))
+    assert flagged == [int(p) for p in patterns[~np.isfinite(values)]]
