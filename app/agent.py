@@ -1,6 +1,7 @@
 """Agent mode's tools and loop: the model is offered tools (read a file, list and search the working directory,
-apply an edit, run a command) through an OpenAI-compatible server's chat completions; each call is run here,
-its result sent back, until the model answers in text. Writes and commands ask first (`ask`), reads ask
+apply an edit, run a command); each call is run here, its result sent back, until the model answers in text.
+The model is the local session's (tool calls parsed on its thread) or an OpenAI-compatible server's (chat
+completions with `tools`): the loop takes either as a `Model`. Writes and commands ask first (`ask`), reads ask
 unless the chat always allows them. No widgets here: the app passes in how to ask and how to show a step."""
 
 from __future__ import annotations
@@ -9,12 +10,18 @@ import fnmatch
 import json
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
+from moe_tui.inference.events import Generate
 
 from . import coding, edits, runner
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .messages import ReplyDone
 
 AGENT_PROMPT = """You are a coding agent working in the user's project folder. Use the tools to look at the \
 project (list_files, search_files, read_file), to change files (apply_edit) and to run commands such as tests \
@@ -166,9 +173,59 @@ class Tools:
         return f"{result.status_text}\n{result.output}"
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One model turn: its text, and its calls as (id, name, arguments), arguments that are not a JSON object
+    being the error text to send back."""
+
+    content: str
+    calls: list[tuple[str, str, dict | str]] = field(default_factory=list)
+
+
+# The model: its next turn given the chat so far (chat-template form: calls' arguments are objects), tools offered.
+Model = Callable[[list[dict]], Awaitable[Turn]]
+
+
+def session_model(generate: Callable[[Generate], Awaitable[ReplyDone]], max_tokens: int,
+                  temperature: float) -> Model:
+    """The local session's model: `generate` submits a request (the session renders the chat template with
+    `TOOLS` and parses the calls) and returns its ReplyDone."""
+
+    async def turn(messages: list[dict]) -> Turn:
+        done = await generate(Generate(messages, max_tokens, temperature, fit_context=True, tools=tuple(TOOLS)))
+        if done.error:
+            raise AgentError(f"generation failed: {done.error}")
+        if done.done is None or done.done.finish_reason == "cancelled":
+            raise AgentError("the model's turn was cancelled")
+        return Turn(done.text, [(call.id, call.name, call.arguments) for call in done.tool_calls])
+
+    return turn
+
+
+def server_model(client: httpx.AsyncClient, model: str, max_tokens: int, temperature: float) -> Model:
+    """An OpenAI-compatible server's model, through non-streaming chat completions with `TOOLS`."""
+
+    async def turn(messages: list[dict]) -> Turn:
+        message = await complete(client, model, [wire_message(m) for m in messages], max_tokens, temperature)
+        return Turn(message.get("content") or "", tool_calls(message))
+
+    return turn
+
+
+def wire_message(message: dict) -> dict:
+    """A message as chat completions take it: a call's arguments as a JSON string."""
+    if not message.get("tool_calls"):
+        return message
+    calls = [{**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
+             for call in message["tool_calls"]]
+    return {**message, "content": message["content"] or None, "tool_calls": calls}
+
+
 async def complete(client: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int,
                    temperature: float) -> dict:
     """One non-streaming chat completion with the tools: the assistant message (content and tool_calls)."""
+    import httpx
+
     body = {"model": model, "messages": messages, "tools": TOOLS, "tool_choice": "auto", "max_tokens": max_tokens,
             "temperature": temperature, "stream": False}
     try:
@@ -204,18 +261,18 @@ def tool_calls(message: dict) -> list[tuple[str, str, dict | str]]:
     return calls
 
 
-async def run(client: httpx.AsyncClient, model: str, messages: list[dict], tools: Tools, max_tokens: int,
-              temperature: float, shown: Callable[[Step], None]) -> str:
+async def run(model: Model, messages: list[dict], tools: Tools, shown: Callable[[Step], None]) -> str:
     """The loop: ask, run the calls, send their results, until the model answers without calls. Its answer."""
     messages = list(messages)
     for _ in range(MAX_STEPS):
-        message = await complete(client, model, messages, max_tokens, temperature)
-        calls = tool_calls(message)
-        if not calls:
-            return message.get("content") or ""
-        messages.append({"role": "assistant", "content": message.get("content"),
-                         "tool_calls": message.get("tool_calls")})
-        for call_id, name, arguments in calls:
+        turn = await model(messages)
+        if not turn.calls:
+            return turn.content
+        messages.append({"role": "assistant", "content": turn.content, "tool_calls": [
+            {"id": call_id, "type": "function",
+             "function": {"name": name, "arguments": arguments if isinstance(arguments, dict) else {}}}
+            for call_id, name, arguments in turn.calls]})
+        for call_id, name, arguments in turn.calls:
             if isinstance(arguments, str):
                 step = Step(name, {}, arguments)
             else:

@@ -26,10 +26,11 @@ class Capabilities:
     exact_token_counts: bool
     """count_tokens uses the model's own tokenizer; else it estimates (~4 characters a token)."""
     miss_curve: bool = False
-    tool_calls: bool = False
-    """The server takes OpenAI `tools` on /v1/chat/completions (agent mode); `base_url`, `model` and `headers`
-    say where."""
     """miss_curve replays the engine's routing trace at each capacity (a MissCurveReady answers)."""
+    tool_calls: bool = False
+    """Agent mode can run on it: locally, `submit` takes a `Generate` with `tools` and its ReplyDone carries the
+    parsed calls (when the model has a tool-call format: EngineInfo.tool_parser); remotely, the server takes
+    OpenAI `tools` on /v1/chat/completions, and `base_url`, `model` and `headers` say where."""
 
 
 class Backend(Protocol):

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import sqlite3
 from pathlib import Path
 
+from moe_tui.inference.events import Generate
 from textual.worker import Worker
 
 from . import coding, edits, runner
 from .context_gauge import ContextBudget, ContextGauge, count, deliver
+from .messages import ReplyDone
 from .store import AppliedFile
 from .widgets.chat import MessageView
 from .widgets.confirm import ConfirmScreen
 
 SHOWN_OUTPUT_LINES = 30  # of a command's output, shown in the chat (all of it, capped, goes to the model)
+_agent_tags = itertools.count(1)
 
 
 class CodingCommands:
@@ -25,6 +29,7 @@ class CodingCommands:
     running_command: Worker | None = None
     agent_on = False
     agent_worker: Worker | None = None
+    agent_turns: dict[tuple[str, int], asyncio.Future]  # the local session's agent turns in flight, by tag
 
     # ---- edits
     def reply_edits(self, arg: str) -> tuple[list[edits.Change], list[str]] | None:
@@ -253,9 +258,8 @@ class CodingCommands:
             state = "on" if self.agent_on else "off"
             self.usage("agent", f"agent mode is {state}; reads {'allowed' if reads else 'asked'} in this chat")
             return
-        if arg == "on" and not self.backend.capabilities.tool_calls:
-            self.notice("agent mode needs a server that takes tools: `moe serve MODEL` then `moe attach URL`, or "
-                        "`moe chat --base-url URL` (the local session does not pass tools to the model yet)", "error")
+        if arg == "on" and (problem := self.agent_unavailable()):
+            self.notice(problem, "error")
             return
         if arg == "reads":
             self.store.update_chat(self.chat_id, settings={**settings, "agent_reads": not reads})
@@ -265,6 +269,46 @@ class CodingCommands:
         self.agent_on = arg == "on"
         self.notice("agent mode on: the model may read, search, edit and run commands here; each write and run "
                     "asks first (reads too, until /agent reads)" if self.agent_on else "agent mode off")
+
+    def agent_unavailable(self) -> str | None:
+        """Why agent mode cannot run on this backend and model, or None."""
+        caps = self.backend.capabilities
+        if not caps.tool_calls:
+            return ("agent mode needs a model or server that takes tools: the local model, `moe attach URL` on a "
+                    "`moe serve`, or `moe chat --base-url URL`")
+        if caps.remote:
+            return None
+        info = self.model_info
+        if info is None:
+            return "the model is still loading: /agent on again once it is ready"
+        if not info.tool_parser:
+            reason = info.no_tool_calling or "no tool-call format is known for it"
+            return f"agent mode needs a model that can call tools, and {info.model} cannot: {reason}"
+        return None
+
+    def agent_turn_done(self, event: ReplyDone) -> bool:
+        """A local agent turn's ReplyDone is handed to the agent loop awaiting it. True when it was one."""
+        future = self.agent_turns.pop(event.tag, None)
+        if future is None:
+            return False
+        if not future.done():
+            future.set_result(event)
+        return True
+
+    async def agent_generate(self, request: Generate) -> ReplyDone:
+        """One agent turn on the local session: submitted with a tag of its own, its ReplyDone awaited. Cancelled
+        (Esc), it cancels the reply on the session."""
+        tag = ("agent", next(_agent_tags))
+        future = asyncio.get_running_loop().create_future()
+        self.agent_turns[tag] = future
+        self.backend.submit(dataclasses.replace(request, tag=tag))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.backend.cancel()
+            raise
+        finally:
+            self.agent_turns.pop(tag, None)
 
     def start_agent(self) -> bool:
         """Answer the last message with the agent loop, when agent mode is on. False: a plain reply is due."""
@@ -277,8 +321,6 @@ class CodingCommands:
         return True
 
     async def _agent(self, chat_id: int) -> None:
-        import httpx  # here: the app starts without the HTTP client unless it talks to a server
-
         from . import agent
 
         messages = self.history()
@@ -300,13 +342,20 @@ class CodingCommands:
                 self.add_view(MessageView("notice", text, message_id))
 
         tools = agent.Tools(self.cwd, ask, bool(settings.get("agent_reads")), record)
+        max_tokens = int(settings.get("max_tokens", self.settings.max_tokens))
+        temperature = float(settings.get("temperature", self.settings.temperature))
         self.notice("the agent is working (Esc stops it)")
         try:
-            async with httpx.AsyncClient(base_url=backend.base_url, headers=backend.headers,
-                                         timeout=httpx.Timeout(10, read=300)) as client:
-                answer = await agent.run(client, backend.model, messages, tools,
-                                         int(settings.get("max_tokens", self.settings.max_tokens)),
-                                         float(settings.get("temperature", self.settings.temperature)), shown)
+            if not backend.capabilities.remote:
+                model = agent.session_model(self.agent_generate, max_tokens, temperature)
+                answer = await agent.run(model, messages, tools, shown)
+            else:
+                import httpx  # here: the app starts without the HTTP client unless it talks to a server
+
+                async with httpx.AsyncClient(base_url=backend.base_url, headers=backend.headers,
+                                             timeout=httpx.Timeout(10, read=300)) as client:
+                    model = agent.server_model(client, backend.model, max_tokens, temperature)
+                    answer = await agent.run(model, messages, tools, shown)
         except agent.AgentError as exc:
             self.notice(f"agent stopped: {exc}", "error")
             return

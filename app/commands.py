@@ -56,7 +56,8 @@ COMMANDS: tuple[Command, ...] = (
                     'The exit status and the end of the output are shown; the output (its middle cut when over '
                     '32 KiB) is attached to your next message (`/drop CMD` removes it).'),
     Command("agent", "[on|off|reads]", "agent mode: the model reads, edits and runs commands through tools", "Coding",
-            details='With a server that takes tools (`moe attach URL`, `moe chat --base-url URL`) the model is '
+            details='With a model that can call tools (the local one, when its chat template renders tools) or a '
+                    'server that takes them (`moe attach URL`, `moe chat --base-url URL`) the model is '
                     'offered tools to read files, list and search the working directory, apply an edit and '
                     'run a command. Every edit and command asks first; reads ask too until `/agent reads` '
                     'allows them in this chat (again: ask again). Each call is shown and kept in the chat; '

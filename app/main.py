@@ -32,6 +32,7 @@ from .heatmap import HeatmapStyle
 from .messages import (
     ConnectionChanged,
     EngineFailed,
+    EngineInfo,
     EngineNotice,
     EngineReady,
     MissCurveReady,
@@ -177,6 +178,8 @@ class MoeApp(CodingCommands, App):
         self.editing: int | None = None  # id of the user message Ctrl+E took back into the prompt, if any
         self.disconnected: str | None = None  # why the remote server does not answer, while it does not
         self.context_length = 0
+        self.model_info: EngineInfo | None = None  # the loaded model's (or the server's), once ready
+        self.agent_turns = {}
         self.last_snapshot = None
         self.last_optimum: dict | None = None  # hit rates of every policy and Belady on the recent trace
         self.last_done = None  # GenerationDone of the latest reply (speeds, token counts)
@@ -430,6 +433,8 @@ class MoeApp(CodingCommands, App):
     @on(ReplyDone)
     @while_mounted
     async def on_reply_done(self, event: ReplyDone) -> None:
+        if self.agent_turn_done(event):
+            return
         reply = self.reply
         if reply is None or event.tag != reply.tag:
             return
@@ -597,6 +602,7 @@ class MoeApp(CodingCommands, App):
         # docs/performance.md, "Garbage collection"). The price: cyclic garbage among these objects
         # (views of a chat closed later) stays.
         self.call_after_refresh(gc.freeze)
+        self.model_info = event.info
         self.context_length = event.info.context_length
         self.refresh_context()
         caps = self.backend.capabilities
@@ -625,6 +631,8 @@ class MoeApp(CodingCommands, App):
     @on(EngineFailed)
     @while_mounted
     def on_engine_failed(self, event: EngineFailed) -> None:
+        for tag in list(self.agent_turns):  # an agent turn in flight ends with the engine
+            self.agent_turn_done(ReplyDone(tag, "", None, event.error))
         self.engine_down = "the model did not load" if self.last_snapshot is None else "the inference engine stopped"
         if self.last_snapshot is None:
             self.sub_title = "model failed to load"

@@ -5,7 +5,7 @@ pickled as its constructor arguments and built afresh on the UI side."""
 
 from __future__ import annotations
 
-from moe_tui.inference.events import ModelInfo
+from moe_tui.inference.events import ModelInfo, ToolCall
 from moe_tui.inference.telemetry import CacheSnapshot, GenerationDone
 from textual.message import Message
 
@@ -48,12 +48,16 @@ class ReplyChunk(WorkerMessage):
 
 
 class ReplyDone(WorkerMessage):
-    def __init__(self, tag, text: str, done: GenerationDone | None, error: str | None = None) -> None:
-        super().__init__(tag, text, done, error)
+    """A reply's end. Offered tools, `text` is the text outside its calls and `tool_calls` the calls."""
+
+    def __init__(self, tag, text: str, done: GenerationDone | None, error: str | None = None,
+                 tool_calls: tuple[ToolCall, ...] = ()) -> None:
+        super().__init__(tag, text, done, error, tool_calls)
         self.tag = tag
         self.text = text
         self.done = done
         self.error = error
+        self.tool_calls = tool_calls
 
 
 class SnapshotReady(WorkerMessage):

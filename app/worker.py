@@ -46,7 +46,8 @@ from .messages import (
 )
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI (5 a second: each costs a repaint)
-LOCAL = Capabilities(remote=False, telemetry=True, configurable=True, exact_token_counts=True, miss_curve=True)
+LOCAL = Capabilities(remote=False, telemetry=True, configurable=True, exact_token_counts=True, miss_curve=True,
+                     tool_calls=True)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def to_message(event: Event, replies: dict[Any, str]):
         return ReplyChunk(event.tag, event.text, stats)
     if isinstance(event, JobDone):
         replies.pop(event.tag, None)
-        return ReplyDone(event.tag, event.done.text, event.done)
+        return ReplyDone(event.tag, event.done.text, event.done, None, event.tool_calls)
     if isinstance(event, JobFailed):
         replies.pop(event.tag, None)
         return ReplyDone(event.tag, event.text, None, event.error)

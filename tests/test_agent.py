@@ -1,5 +1,7 @@
-"""Agent mode against a scripted OpenAI-compatible server on loopback answering in the real tool-call wire format:
-read a file, propose an edit, apply it after a yes, run a command, answer; /undo restores the file."""
+"""Agent mode, on both backends: a scripted OpenAI-compatible server on loopback answering in the real tool-call
+wire format, and the local session on the demo model with its continuation forced (tests/forcing.py), its calls
+read by the session with the demo template's own parser. Read a file, propose an edit, apply it after a yes, run
+a command, answer; /undo restores the file."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from moe_tui.app.main import MoeApp
 from moe_tui.app.remote import RemoteWorker
 from moe_tui.app.settings import Settings
 from moe_tui.app.worker import EngineSpec
+from moe_tui.inference.demo_paths import DEMO_MODEL
 
+from tests.forcing import Script
+from tests.forcing import call as written_call
 from tests.helpers import dialog_open, notified, replies, send, wait_until, watched
 
 
@@ -171,9 +176,73 @@ async def test_a_refused_call_is_told_to_the_model_and_reads_can_be_always_allow
         server.close()
 
 
-async def test_agent_mode_needs_a_server_that_takes_tools(fake_app):
-    app = fake_app()
+def local_agent_app(tmp_path, scripts: list[Script]) -> MoeApp:
+    """The app on the local session (its thread in this process) with the demo model, whose replies follow the
+    script appended to `scripts` once the model has loaded."""
+    spec = EngineSpec(model=str(DEMO_MODEL), capacity=8)
+    load = spec.load
+
+    def scripted_load():
+        engine = load()
+        scripts.append(Script(engine))
+        return engine
+
+    spec.load = scripted_load
+    return watched(MoeApp(spec, Settings(data_dir=str(tmp_path / "data"), glyphs="unicode", inference_process=False)))
+
+
+async def test_an_agent_on_the_local_session_reads_edits_after_a_yes_runs_a_command_and_answers(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "util.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    check = f"{sys.executable} -c 'import util; print(util.twice(21))'"
+    scripts: list[Script] = []
+    app = local_agent_app(tmp_path, scripts)
     async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.model_info is not None, timeout=60)
+        (script,) = scripts
+        script.queue("Let me look.\n" + written_call("read_file", path="util.py"),
+                     written_call("apply_edit", path="util.py", search="    return 2 * x", replace="    return x + x"),
+                     written_call("run_command", command=check),
+                     "twice now adds; it returns 42 for 21.")
         app.run_command("/agent on")
-        await wait_until(pilot, lambda: notified(app, "agent mode needs a server"))
+        await wait_until(pilot, lambda: notified(app, "agent mode on"))
+        await send(pilot, app, "make twice use addition")
+        await yes(pilot, app, "The model wants to read file")
+        diff = await yes(pilot, app, "The model wants to edit util.py")
+        assert "-    return 2 * x" in diff and "+    return x + x" in diff
+        await yes(pilot, app, "The model wants to run")
+        await wait_until(pilot, lambda: replies(app) and replies(app)[-1].content.startswith("twice"), timeout=60)
+        assert replies(app)[-1].content == "twice now adds; it returns 42 for 21."
+        assert (project / "util.py").read_text() == "def twice(x):\n    return x + x\n"
+        tool_rows = [m.content for m in app.store.messages(app.chat_id) if m.role == "tool"]
+        assert len(tool_rows) == 3 and "read_file" in tool_rows[0] and "42" in tool_rows[2]
+
+        # What the model was shown, through the demo's chat template: the tools, then its own calls and their
+        # results as tool turns.
+        first, *_, last = [script.engine.tokenizer.decode(prompt) for prompt in script.prompts]
+        assert len(script.prompts) == 4
+        assert '"name": "run_command"' in first and first.endswith("make twice use addition<|im_end|>\n"
+                                                                    "<|im_start|>assistant\n")
+        assert written_call("read_file", path="util.py") in last
+        assert "<tool_response>\ndef twice(x):\n    return 2 * x\n\n</tool_response>" in last
+        assert "<tool_response>\napplied to util.py\n</tool_response>" in last
+        assert last.endswith("<tool_response>\nexit status 0\n42\n\n</tool_response><|im_end|>\n"
+                             "<|im_start|>assistant\n")
+
+        app.run_command("/undo")
+        await yes(pilot, app, "Undo the last apply")
+        await wait_until(pilot, lambda: notified(app, "restored 1 file(s)"))
+        assert (project / "util.py").read_text() == "def twice(x):\n    return 2 * x\n"
+
+
+async def test_agent_mode_on_a_local_model_that_cannot_call_tools_says_why(make_app):
+    app = make_app()  # a tiny checkpoint whose chat template renders no tools, in the inference process
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.model_info is not None, timeout=60)
+        app.run_command("/agent on")
+        await wait_until(pilot, lambda: notified(app, "agent mode needs a model that can call tools"))
+        assert notified(app, "cannot: its chat template does not render tools")
         assert not app.agent_on

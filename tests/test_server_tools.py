@@ -1,10 +1,10 @@
 """Tool calling in `moe serve` against the real openai and anthropic SDKs, on 127.0.0.1, with the demo model.
 
-The demo model cannot write tool calls itself, so the `demo` fixture forces its continuation (`Script`, set
-per test through the `script` fixture): a wrapper around the engine's model, installed by the fixture and never
-by the server, replaces the logits of each reply position with a one-hot row for the next token of a script
-(then EOS). Only the model's choice of tokens is scripted: the demo's own chat template builds the
-prompt, mlx-lm's parser (inferred from that template) reads the calls and the server's wire format carries
+The demo model cannot write tool calls itself, so the `demo` fixture forces its continuation (tests/forcing.py's
+`Script`, set per test through the `script` fixture): a wrapper around the engine's model, installed by the
+fixture and never by the server, replaces the logits of each reply position with a one-hot row for the next
+token of a script (then EOS). Only the model's choice of tokens is scripted: the demo's own chat template builds
+the prompt, mlx-lm's parser (inferred from that template) reads the calls and the server's wire format carries
 them, so the SDKs see what they would see from a model that calls tools.
 """
 
@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any
 
 import anthropic
 import httpx
-import mlx.core as mx
 import openai
 import pytest
 import uvicorn
@@ -28,6 +26,7 @@ from moe_tui.inference.server.app import ServerConfig, build_app
 from moe_tui.inference.server.runner import EngineRunner
 from moe_tui.inference.tools import NAMED_OPENINGS, ToolCallSplitter, forced_opening, load_parser, tool_format
 
+from tests.forcing import Script, call
 from tests.test_server import free_port
 
 OLD_DEMO_TEMPLATE = (  # the demo's chat template before it rendered tools
@@ -44,57 +43,6 @@ CLAUDE_TOOLS = [{"name": t["function"]["name"], "description": t["function"]["de
                  "input_schema": t["function"]["parameters"]} for t in (WEATHER, TIME)]
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 T0 = {"temperature": 0}
-
-
-def call(name: str, **arguments: Any) -> str:
-    """A call as the demo's template writes one (Qwen/Hermes style)."""
-    return f'<tool_call>\n{{"name": "{name}", "arguments": {json.dumps(arguments)}}}\n</tool_call>'
-
-
-class ForcedModel:
-    """The engine's model, made to produce `script.ids` (then EOS) at the reply's positions."""
-
-    def __init__(self, model: Any, script: Script) -> None:
-        self.model = model
-        self.script = script
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def __call__(self, inputs, cache=None, **kwargs):
-        logits = self.model(inputs, cache=cache, **kwargs)
-        ids = self.script.ids
-        position = cache[0].offset - self.script.prompt_length  # 0: the reply's first token
-        if not ids or position < 0:
-            return logits  # no script, or a prefill chunk whose logits are not sampled
-        token = ids[position] if position < len(ids) else self.script.eos
-        row = mx.where(mx.arange(logits.shape[-1]) == token, 0.0, -1e9).astype(logits.dtype)
-        return mx.concatenate([logits[:, :-1, :], mx.broadcast_to(row, (logits.shape[0], 1, logits.shape[-1]))],
-                              axis=1)
-
-
-class Script:
-    """What the model says next: `say(text)` before a request, `clear()` after."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.ids: list[int] = []
-        self.prompt_length = 0
-        self.eos = engine.tokenizer.eos_token_id
-        engine.model = ForcedModel(engine.model, self)
-        stream = engine.stream
-
-        def scripted_stream(prompt, *args, **kwargs):
-            self.prompt_length = len(prompt)  # the server hands the engine token ids
-            return stream(prompt, *args, **kwargs)
-
-        engine.stream = scripted_stream
-
-    def say(self, text: str) -> None:
-        self.ids = list(self.engine.tokenizer.encode(text, add_special_tokens=False))
-
-    def clear(self) -> None:
-        self.ids = []
 
 
 class Served:
