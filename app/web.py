@@ -146,9 +146,18 @@ class MoeWebServer(Server):
         return socket
 
 
+def page_url(host: str, port: int, public_url: str | None) -> str | None:
+    """--public-url, else textual-serve's own http://HOST:PORT, with an IPv6 address in brackets (a bare one
+    would give the page a WebSocket address it cannot parse)."""
+    if public_url is None and ":" in host and not host.startswith("["):
+        return f"http://[{host}]:{port}"
+    return public_url
+
+
 def serve(chat_args: list[str], host: str, port: int, public_url: str | None, title: str) -> None:
     """Serve until Ctrl+C (or SIGTERM)."""
-    server = MoeWebServer(app_command(chat_args), host=host, port=port, public_url=public_url, title=title)
+    server = MoeWebServer(app_command(chat_args), host=host, port=port, public_url=page_url(host, port, public_url),
+                          title=title)
     try:
         server.serve()
     except OSError as exc:  # the address is taken or not ours: a one-line error, as for other bad options

@@ -77,6 +77,12 @@ def test_other_hosts_than_loopback_are_warned_about():
     assert "anyone" in web.prepare(web_args("--host", "0.0.0.0", "--public-url", "http://box:8000"))
 
 
+def test_the_page_connects_back_to_an_address_a_browser_can_parse():
+    assert web.page_url("::1", 8000, None) == "http://[::1]:8000"
+    assert web.page_url("127.0.0.1", 8000, None) is None  # textual-serve's http://127.0.0.1:8000
+    assert web.page_url("::1", 8000, "http://localhost:9000") == "http://localhost:9000"
+
+
 def test_a_wildcard_host_without_public_url_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
     assert main(["web", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]) == 2
