@@ -735,7 +735,10 @@ class ResidencyLog:
     def extend(self, resident: np.ndarray, steps: int) -> None:
         """`steps` more steps, each begun with `resident` (a bool per expert)."""
         size = len(self.bits)
-        self.bits[(self.logged + np.arange(max(steps - size, 0), steps)) % size] = np.packbits(resident)
+        if steps == 1:  # a decode step: no index arrays
+            self.bits[self.logged % size] = np.packbits(resident)
+        else:
+            self.bits[(self.logged + np.arange(max(steps - size, 0), steps)) % size] = np.packbits(resident)
         self.logged += steps
 
     def at(self, back: int) -> list[int]:
