@@ -241,6 +241,8 @@ class RemoteWorker(threading.Thread):
         if request.last_steps is not None:
             params["last_steps"] = str(request.last_steps)
         r = self.client.get("/v1/stats/miss-curve", params=params, timeout=httpx.Timeout(10, read=CURVE_TIMEOUT))
+        if self._stopping.is_set():  # nothing is posted once the app has stopped us
+            return
         if r.status_code in (404, 405):  # an older moe serve
             self._no_curve()
             return
