@@ -15,6 +15,7 @@ from moe_tui.app.remote import RemoteWorker
 from moe_tui.app.settings import Settings
 from moe_tui.app.worker import EngineSpec
 from moe_tui.inference.demo_paths import DEMO_MODEL
+from moe_tui.inference.events import JobDone
 
 from tests.forcing import Script
 from tests.forcing import call as written_call
@@ -246,3 +247,33 @@ async def test_agent_mode_on_a_local_model_that_cannot_call_tools_says_why(make_
         await wait_until(pilot, lambda: notified(app, "agent mode needs a model that can call tools"))
         assert notified(app, "cannot: its chat template does not render tools")
         assert not app.agent_on
+
+
+async def test_esc_stops_the_local_models_turn_on_the_session(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    scripts: list[Script] = []
+    app = local_agent_app(tmp_path, scripts)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.model_info is not None, timeout=60)
+        (script,) = scripts
+        script.queue("def f(x):\n    return x\n" * 60)  # a long turn, cut by Esc
+        session = app.backend.session
+        ends: list[JobDone] = []
+        sink = session._sink
+
+        def recording(event) -> None:
+            if isinstance(event, JobDone):
+                ends.append(event)
+            sink(event)
+
+        session._sink = recording
+        app.run_command("/agent on")
+        await send(pilot, app, "go")
+        await wait_until(pilot, lambda: session.current is not None)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: notified(app, "agent stopped") and ends)
+        (end,) = ends
+        assert end.tag[0] == "agent" and end.done.finish_reason == "cancelled"
+        assert end.done.generated_tokens < len(script.ids)
+        assert not replies(app) and not app.agent_turns
