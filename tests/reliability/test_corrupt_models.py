@@ -345,7 +345,8 @@ def test_the_non_finite_check_flags_exactly_inf_and_nan(file_dtype):
         values = patterns.view(np.float32)
     else:
         patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-        values = patterns.view(np.float16) if file_dtype == "F16" else (patterns.astype(np.uint32) << 16).view(np.float32)
+        wide = (patterns.astype(np.uint32) << 16).view(np.float32)  # bfloat16: float32's top half
+        values = patterns.view(np.float16) if file_dtype == "F16" else wide
     src = SimpleNamespace(file_dtype=file_dtype, stacked=SimpleNamespace(path="m.safetensors", name="w"))
     flagged = []
     for pattern in patterns:
