@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -691,12 +691,12 @@ class ExpertCache:
         mx.clear_cache()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None, warm: bool = True,
-                             ) -> dict[str, dict[str, float]]:
+                             should_stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]] | None:
         """Hit rate every policy and Belady's MIN would get on this session's trace (or its last steps).
 
         `warm`: each replay starts from the experts the cache held when the first replayed step began, as the
         realized run did (so at the capacity it ran with, Belady is never below the hit rate it got there); else
-        empty.
+        empty. `should_stop`: asked between layers; None when it said stop (see oracle.compare).
         """
         from .oracle import compare
 
@@ -711,7 +711,8 @@ class ExpertCache:
                 starts.append(_by_recency(log.at(len(window)), before))
             else:
                 starts.append([])
-        return compare(traces, self.layout.num_experts, capacity or self._capacity, starts=starts)
+        return compare(traces, self.layout.num_experts, capacity or self._capacity, starts=starts,
+                       should_stop=should_stop)
 
     def close(self) -> None:
         for layer in self._layers:

@@ -9,7 +9,7 @@ cache held when the trace's first step began (so Belady's MIN is compared with t
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -141,12 +141,15 @@ def _groups(experts: list[int], capacity: int) -> list[list[int]]:
 def compare(traces: Sequence[Sequence[Step]], num_experts: int, capacity: int,
             guesses: Sequence[Sequence[Step]] | None = None, top_k: int = 1,
             policies: Sequence[str] = POLICIES,
-            starts: Sequence[Sequence[int]] | None = None) -> dict[str, dict[str, float]]:
+            starts: Sequence[Sequence[int]] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]] | None:
     """Hit rates over all layers for every policy and for Belady, at one capacity.
 
     With `guesses` (per layer, per step, as in a recorded trace) each policy is also replayed with the
     engine's next-layer prefetch, as "POLICY+prediction" (hit rate = ready rate). With `starts` (per layer,
     the experts resident when its first step began, most valuable first) every replay starts from them.
+    `should_stop` is asked before each layer's replay: None comes back when it says stop (a 48-layer model's
+    replay at one capacity takes seconds; whoever waits on the CPU meanwhile waits at most one layer's).
     """
     result: dict[str, dict[str, float]] = {}
     runs = [(name, False) for name in (*policies, "belady")]
@@ -155,6 +158,8 @@ def compare(traces: Sequence[Sequence[Step]], num_experts: int, capacity: int,
     for name, predicted in runs:
         total: dict[str, float] = {}
         for i, trace in enumerate(traces):
+            if should_stop is not None and should_stop():
+                return None
             start = starts[i] if starts is not None else ()
             if name == "belady":
                 r = belady(trace, capacity, start)

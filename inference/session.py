@@ -468,13 +468,19 @@ class Session:
         if (snapshot := self._due_snapshot(time.monotonic(), force)) is not None:
             self._emit(Snapshot(snapshot, self._optimum))
 
+    def _job_waiting(self) -> bool:
+        """Whether idle work (a replay) should stop now: a job waits, or the session is stopping."""
+        return bool(self._waiting) or self._stopping.is_set()
+
     def _refresh_optimum(self) -> None:
         """Replay the recent trace under every policy and Belady's MIN (idle only: it costs CPU)."""
         engine = self.engine
         steps = engine.traced_steps
         if not steps or steps == self._optimum_steps or not engine.layout.moe_layers:
             return
-        rates = engine.hit_rates_vs_optimum(last_steps=OPTIMUM_WINDOW)
+        rates = engine.hit_rates_vs_optimum(last_steps=OPTIMUM_WINDOW, should_stop=self._job_waiting)
+        if rates is None:
+            return  # a job came first: replayed at the next idle moment
         self._optimum = {name: r["hit_rate"] for name, r in rates.items()}
         self._optimum_steps = steps
         self._publish(force=True)
@@ -485,9 +491,10 @@ class Session:
             return
         rates: dict[str, list[float]] = {}
         for capacity in request.capacities:
-            if self._waiting or self._stopping.is_set():
+            replayed = engine.hit_rates_vs_optimum(capacity, request.last_steps, should_stop=self._job_waiting)
+            if replayed is None:
                 return  # a job goes first; the caller asks again when idle
-            for name, r in engine.hit_rates_vs_optimum(capacity, request.last_steps).items():
+            for name, r in replayed.items():
                 rates.setdefault(name, []).append(r["hit_rate"])
         self._emit(MissCurveDone(tuple(request.capacities), {k: tuple(v) for k, v in rates.items()},
                                  engine.traced_steps))

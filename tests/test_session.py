@@ -15,6 +15,7 @@ from moe_tui.inference.events import (
     JobDone,
     JobFailed,
     JobStarted,
+    MissCurveRequest,
     Notice,
     Progress,
     SessionFailed,
@@ -193,3 +194,33 @@ def test_wake_ups_and_settings_never_take_a_waiting_jobs_place(started):
     while not any(e.job_id == queued.id for e in done):
         done += [e for e in sink.until(JobDone) if isinstance(e, JobDone)]
     assert session.waiting() == 0
+
+
+def test_idle_replays_stop_between_layers_when_a_job_comes(started, monkeypatch):
+    """Belady's replay beside every policy (after each reply) and the miss curve (one per capacity) take seconds
+    per capacity on a 48-layer model: a job that comes meanwhile waits at most one layer's replay, not the rest."""
+    import time
+
+    from moe_tui.inference import oracle
+
+    session, sink = started(replay_optimum=True)
+    session.submit(Generate(PROMPT, max_tokens=8, temperature=0.0))
+    sink.until(JobDone)
+    started_while_waiting = []
+    replaying = threading.Event()
+
+    def slow(real):
+        def replay(*args, **kwargs):
+            started_while_waiting.append(session._waiting > 0)
+            replaying.set()
+            time.sleep(0.1)
+            return real(*args, **kwargs)
+        return replay
+
+    monkeypatch.setattr(oracle, "simulate_policy", slow(oracle.simulate_policy))
+    monkeypatch.setattr(oracle, "belady", slow(oracle.belady))
+    session.miss_curve(MissCurveRequest(tuple(range(1, 9))))
+    assert replaying.wait(30)
+    session.submit(Generate(PROMPT, max_tokens=4, temperature=0.0))
+    sink.until(JobDone)
+    assert sum(started_while_waiting) <= 1  # the replay under way when it came, at most
