@@ -46,6 +46,9 @@ from .messages import (
 )
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI (5 a second: each costs a repaint)
+# The inference process yields the CPU to the UI when both want it: where MLX's threads fill every core (2 here), a
+# key typed mid-reply otherwise waits its turn behind them (keypress p99 ~51 -> ~43 ms on the demo, 2 cores).
+INFERENCE_NICE = 5
 LOCAL = Capabilities(remote=False, telemetry=True, configurable=True, exact_token_counts=True, miss_curve=True,
                      tool_calls=True)
 
@@ -160,6 +163,8 @@ class InferenceWorker:
 
 def _serve(spec: EngineSpec, stats_interval: float, conn, control, log_path: str | None) -> None:
     """The inference process: the session, its events sent to the UI, its controls read from `control`."""
+    if hasattr(os, "nice"):
+        os.nice(INFERENCE_NICE)
     if log_path:  # the terminal belongs to the UI: anything written here (warnings, tracebacks) goes to a file
         try:
             os.makedirs(os.path.dirname(log_path), exist_ok=True)

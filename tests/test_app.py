@@ -255,12 +255,15 @@ async def test_belady_optimum_is_shown_after_a_reply(make_app):
 async def test_inference_runs_in_its_own_process_and_its_death_is_reported(make_app):
     import os
 
-    from moe_tui.app.worker import InferenceProcess
+    from moe_tui.app.worker import INFERENCE_NICE, InferenceProcess
 
     app = make_app(max_tokens=400)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         assert isinstance(app.backend, InferenceProcess) and app.backend.process.pid != os.getpid()
+        if hasattr(os, "getpriority"):  # it yields the CPU to the UI: keys typed mid-reply do not wait behind it
+            ours = os.getpriority(os.PRIO_PROCESS, 0)
+            assert os.getpriority(os.PRIO_PROCESS, app.backend.process.pid) == min(ours + INFERENCE_NICE, 19)
         await send(pilot, app, "def add(a, b):")
         await wait_until(pilot, lambda: app.reply_text)
         app.backend.process.kill()  # e.g. the OOM killer, mid-reply
