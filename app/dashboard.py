@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_tui.inference.oracle import curve_capacities as curve_capacities  # the widgets ask for these
+from moe_tui.inference.oracle import MISS_CURVE_LAYERS as MISS_CURVE_LAYERS  # the widgets ask for these
+from moe_tui.inference.oracle import curve_capacities as curve_capacities
 from moe_tui.inference.telemetry import CacheSnapshot
 from rich.text import Text
 
@@ -299,7 +300,9 @@ def curve_rows(curve: MissCurve | None, snap: CacheSnapshot | None, cursor: int 
     rows.append(row("90% hits", "need " + dot.join(needs)))
     arrows = "←/→" if unicode else "Left/Right"
     start = "the cache they began with (warm start)" if warm_start(snap, curve.window) else "an empty cache"
-    rows.append(Text(f"replay of the last {curve.window:,} steps from {start}; {arrows} move the cursor, "
+    sampled = (f" of {MISS_CURVE_LAYERS} of the {snap.num_moe_layers} layers (spread evenly)"
+               if snap.num_moe_layers > MISS_CURVE_LAYERS else "")
+    rows.append(Text(f"replay of the last {curve.window:,} steps{sampled} from {start}; {arrows} move the cursor, "
                      "Enter sets /capacity", style="dim"))
     return rows
 
@@ -356,7 +359,9 @@ MLX free cache: buffers MLX keeps for reuse.
 *Miss curve*: the hit rate every policy and Belady would get at each capacity (1 to all experts; about
 two dozen spread over them for large models), replayed while idle on the same last steps as Belady's
 figure, from the same start (at a capacity below the experts it held: Belady keeps those used soonest, a
-policy the most recently used). The current capacity is marked; Left/Right move the cursor, Enter sets
+policy the most recently used). On a model with more than 8 MoE layers it replays 8 of them, spread evenly
+from the first to the last (all 48 of a large model took minutes of CPU after every reply; the 8 estimate
+their average). The current capacity is marked; Left/Right move the cursor, Enter sets
 `/capacity` to it. **90% hits need** the smallest replayed capacity whose rate reaches 90%, with the
 memory its slots take.
 """

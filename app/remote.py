@@ -240,6 +240,7 @@ class RemoteWorker(threading.Thread):
         params = {"capacities": ",".join(str(c) for c in request.capacities)}
         if request.last_steps is not None:
             params["last_steps"] = str(request.last_steps)
+        params["layers"] = "all" if request.layers is None else str(request.layers)
         r = self.client.get("/v1/stats/miss-curve", params=params, timeout=httpx.Timeout(10, read=CURVE_TIMEOUT))
         if self._stopping.is_set():  # nothing is posted once the app has stopped us
             return

@@ -161,8 +161,9 @@ class Engine:
         return self.experts.cache_bytes()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None,
-                             should_stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]] | None:
-        return self.experts.hit_rates_vs_optimum(capacity, last_steps, should_stop=should_stop)
+                             should_stop: Callable[[], bool] | None = None, layers: Sequence[int] | None = None,
+                             ) -> dict[str, dict[str, float]] | None:
+        return self.experts.hit_rates_vs_optimum(capacity, last_steps, should_stop=should_stop, layers=layers)
 
     def reset_stats(self) -> None:
         self.experts.reset_stats()

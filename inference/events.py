@@ -59,6 +59,7 @@ class MissCurveRequest:
 
     capacities: tuple[int, ...]
     last_steps: int | None = None
+    layers: int | None = None  # replay this many MoE layers, spread evenly (oracle.sampled_layers); None: all
 
 
 # ---------------------------------------------------------------- events

@@ -691,18 +691,21 @@ class ExpertCache:
         mx.clear_cache()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None, warm: bool = True,
-                             should_stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]] | None:
+                             should_stop: Callable[[], bool] | None = None, layers: Sequence[int] | None = None,
+                             ) -> dict[str, dict[str, float]] | None:
         """Hit rate every policy and Belady's MIN would get on this session's trace (or its last steps).
 
         `warm`: each replay starts from the experts the cache held when the first replayed step began, as the
         realized run did (so at the capacity it ran with, Belady is never below the hit rate it got there); else
-        empty. `should_stop`: asked between layers; None when it said stop (see oracle.compare).
+        empty. `should_stop`: asked between layers; None when it said stop (see oracle.compare). `layers`: only these
+        MoE layers (indexes from 0), e.g. a sample of a large model's.
         """
         from .oracle import compare
 
         self.drain()
         traces, starts = [], []
-        for layer, log in zip(self.trace, self.trace_resident, strict=True):
+        chosen = range(len(self.trace)) if layers is None else layers
+        for layer, log in ((self.trace[i], self.trace_resident[i]) for i in chosen):
             steps = list(layer)
             window = steps if last_steps is None else steps[len(steps) - min(last_steps, len(steps)):]
             traces.append(window)

@@ -174,6 +174,16 @@ def compare(traces: Sequence[Sequence[Step]], num_experts: int, capacity: int,
     return result
 
 
+MISS_CURVE_LAYERS = 8  # layers a miss curve replays (spread evenly): all 48 of a large model took ~5 min of CPU
+
+
+def sampled_layers(num_layers: int, most: int | None) -> list[int]:
+    """`most` layer indexes spread evenly from the first to the last (all of them when there are no more)."""
+    if most is None or num_layers <= most:
+        return list(range(num_layers))
+    return sorted({round(i * (num_layers - 1) / max(most - 1, 1)) for i in range(most)})
+
+
 def curve_capacities(num_experts: int, current: int, most: int = 24) -> tuple[int, ...]:
     """Capacities a miss curve replays: every one from 1 to all experts when there are few, else `most` spread
     evenly (the current capacity always among them)."""

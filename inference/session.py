@@ -41,6 +41,7 @@ from .events import (
     ToolCall,
     ToolCalled,
 )
+from .oracle import sampled_layers
 from .prompts import encode_messages
 from .telemetry import CacheSnapshot, GenerationDone
 from .tools import ToolCallSplitter, ToolFormat, forced_opening, tool_format
@@ -490,8 +491,10 @@ class Session:
         if not engine.traced_steps or not engine.layout.moe_layers:
             return
         rates: dict[str, list[float]] = {}
+        layers = sampled_layers(len(engine.layout.moe_layers), request.layers)
         for capacity in request.capacities:
-            replayed = engine.hit_rates_vs_optimum(capacity, request.last_steps, should_stop=self._job_waiting)
+            replayed = engine.hit_rates_vs_optimum(capacity, request.last_steps, should_stop=self._job_waiting,
+                                                   layers=layers)
             if replayed is None:
                 return  # a job goes first; the caller asks again when idle
             for name, r in replayed.items():

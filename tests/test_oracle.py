@@ -175,3 +175,21 @@ def test_shared_budget_is_the_best_split(raw, capacity):
                for split in itertools.product(range(2, 7), repeat=len(curves)) if sum(split) <= total)
     assert result["shared_hits"] == best >= result["uniform_hits"]
     assert sum(result["allocation"]) <= total and min(result["allocation"]) >= 2
+
+
+def test_a_sampled_replay_is_the_replay_of_those_layers(checkpoint):
+    """The miss curve of a model with many layers replays a few spread evenly (first and last among them)."""
+    from moe_tui.inference.oracle import compare, sampled_layers
+
+    assert sampled_layers(48, 8) == [0, 7, 13, 20, 27, 34, 40, 47]
+    assert sampled_layers(4, 8) == [0, 1, 2, 3] and sampled_layers(5, None) == [0, 1, 2, 3, 4]
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4)
+    list(engine.stream([{"role": "user", "content": "def add(a, b):"}], max_tokens=8))
+    replay = functools.partial(engine.experts.hit_rates_vs_optimum, 2, warm=False)
+    layers = [replay(layers=[i]) for i in range(len(engine.layout.moe_layers))]
+    assert layers[1] == compare([list(engine.experts.trace[1])], engine.layout.num_experts, 2)
+    everything = replay()
+    for name, rates in everything.items():  # the layers' counts add up to the whole model's
+        assert sum(one[name]["hits"] for one in layers) == rates["hits"]
+        assert sum(one[name]["accesses"] for one in layers) == rates["accesses"]
+    engine.close()

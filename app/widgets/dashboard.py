@@ -254,7 +254,7 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
 
         self._curve_asked = snap.steps
         backend.miss_curve(MissCurveRequest(text.curve_capacities(snap.num_experts, snap.capacity),
-                                            last_steps=OPTIMUM_WINDOW))
+                                            last_steps=OPTIMUM_WINDOW, layers=text.MISS_CURVE_LAYERS))
 
     def on_miss_curve_chart_cursor_moved(self) -> None:
         self._plot_curve()

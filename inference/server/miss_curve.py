@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 
 from ..events import MissCurveDone, MissCurveRequest
-from ..oracle import curve_capacities
+from ..oracle import MISS_CURVE_LAYERS, curve_capacities
 from ..session import OPTIMUM_WINDOW, Session, SessionClosed
 from ..telemetry import CacheSnapshot
 from .errors import openai_body
@@ -93,7 +93,8 @@ class MissCurves:
         rates: dict[str, list[float]] = {}
         steps = None
         for capacity in request.capacities:
-            done = await self._replay_one(MissCurveRequest((capacity,), request.last_steps), deadline - loop.time())
+            done = await self._replay_one(MissCurveRequest((capacity,), request.last_steps, request.layers),
+                                          deadline - loop.time())
             if done is None or self._newest_job != newest_job or steps not in (None, done.steps):
                 return None  # the trace moved on: the capacities replayed so far would not match the others
             steps = done.steps
@@ -112,7 +113,8 @@ class MissCurves:
 
 
 def parse_query(params, num_experts: int, capacity: int) -> MissCurveRequest:
-    """`capacities=1,2,8` (default: the ones the app's panel asks for) and `last_steps=N` (default: the panel's
+    """`capacities=1,2,8` (default: the ones the app's panel asks for), `layers=N` (MoE layers replayed, spread
+    evenly; default the panel's MISS_CURVE_LAYERS; `all`) and `last_steps=N` (default: the panel's
     window; `all`: the whole trace) from a query string.
 
     Raises:
@@ -124,20 +126,24 @@ def parse_query(params, num_experts: int, capacity: int) -> MissCurveRequest:
                       else curve_capacities(num_experts, capacity))
         window = params.get("last_steps", str(OPTIMUM_WINDOW))
         last_steps = None if window == "all" else int(window)
+        sample = params.get("layers", str(MISS_CURVE_LAYERS))
+        layers = None if sample == "all" else int(sample)
     except ValueError as exc:
-        raise BadQuery("'capacities' must be integers separated by commas and 'last_steps' an integer or 'all'") \
-            from exc
+        raise BadQuery("'capacities' must be integers separated by commas, 'last_steps' and 'layers' an integer or "
+                       "'all'") from exc
     if not capacities or len(capacities) > MOST_CAPACITIES or not all(1 <= c <= num_experts for c in capacities):
         raise BadQuery(f"'capacities' must name 1 to {MOST_CAPACITIES} capacities between 1 and {num_experts}")
     if last_steps is not None and last_steps < 1:
         raise BadQuery("'last_steps' must be at least 1")
-    return MissCurveRequest(capacities, last_steps)
+    if layers is not None and layers < 1:
+        raise BadQuery("'layers' must be at least 1")
+    return MissCurveRequest(capacities, last_steps, layers)
 
 
 async def respond(curves: MissCurves, params, snap: CacheSnapshot) -> JSONResponse:
     """The endpoint's answer: {"capacities": [...], "rates": {name: [rate per capacity]}, "steps": traced steps,
-    "last_steps": the window}, or an error in the OpenAI format (409 before any routing, 503 with Retry-After
-    when a reply started first)."""
+    "last_steps": the window, "layers": how many layers were sampled (null: all)}, or an error in the OpenAI
+    format (409 before any routing, 503 with Retry-After when a reply started first)."""
     try:
         request = parse_query(params, snap.num_experts, snap.capacity)
     except BadQuery as exc:
@@ -156,4 +162,4 @@ async def respond(curves: MissCurves, params, snap: CacheSnapshot) -> JSONRespon
                                         "server_error"), status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"capacities": list(done.capacities),
                          "rates": {name: list(rates) for name, rates in done.rates.items()},
-                         "steps": done.steps, "last_steps": request.last_steps})
+                         "steps": done.steps, "last_steps": request.last_steps, "layers": request.layers})
