@@ -113,7 +113,7 @@ class Session:
         self.completed = 0
         self.snapshot: CacheSnapshot | None = None  # the latest, for readers on other threads
         self._optimum: dict[str, float] | None = None
-        self._optimum_steps = 0
+        self._optimum_for: tuple[int, int] | None = None  # (traced steps, capacity) the optimum replayed
         self._last_snapshot = 0.0
 
     # ---------------------------------------------------------------- any thread
@@ -328,6 +328,7 @@ class Session:
         try:
             if request.capacity is not None:
                 engine.set_capacity(request.capacity)
+                self._optimum = None  # of the old capacity: replayed at the new one when idle
                 self._emit(Notice(f"capacity {engine.capacity} experts per layer"))
             if request.mode is not None:
                 engine.set_mode(request.mode)
@@ -337,7 +338,7 @@ class Session:
                 self._emit(Notice(f"policy {engine.policy}"))
             if request.reset_stats:
                 engine.reset_stats()
-                self._optimum, self._optimum_steps = None, 0
+                self._optimum, self._optimum_for = None, None
                 self._emit(Notice("statistics reset"))
         except (ValueError, ModelLoadError) as exc:
             self._emit(Notice(str(exc), "error"))
@@ -477,13 +478,13 @@ class Session:
         """Replay the recent trace under every policy and Belady's MIN (idle only: it costs CPU)."""
         engine = self.engine
         steps = engine.traced_steps
-        if not steps or steps == self._optimum_steps or not engine.layout.moe_layers:
+        if not steps or (steps, engine.capacity) == self._optimum_for or not engine.layout.moe_layers:
             return
         rates = engine.hit_rates_vs_optimum(last_steps=OPTIMUM_WINDOW, should_stop=self._job_waiting)
         if rates is None:
             return  # a job came first: replayed at the next idle moment
         self._optimum = {name: r["hit_rate"] for name, r in rates.items()}
-        self._optimum_steps = steps
+        self._optimum_for = (steps, engine.capacity)
         self._publish(force=True)
 
     def _miss_curve(self, request: MissCurveRequest) -> None:

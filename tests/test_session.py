@@ -224,3 +224,24 @@ def test_idle_replays_stop_between_layers_when_a_job_comes(started, monkeypatch)
     session.submit(Generate(PROMPT, max_tokens=4, temperature=0.0))
     sink.until(JobDone)
     assert sum(started_while_waiting) <= 1  # the replay under way when it came, at most
+
+
+def test_belady_is_replayed_again_at_a_new_capacity(started):
+    """After /capacity the panel's Belady figure is of the new capacity, not the old one's until more steps."""
+    from moe_tui.inference.session import OPTIMUM_WINDOW
+
+    session, sink = started(replay_optimum=True)
+    session.submit(Generate(PROMPT, max_tokens=12, temperature=0.0))
+    sink.until(JobDone)
+    while sink.until(Snapshot)[-1].optimum is None:  # replayed at capacity 4 first
+        pass
+    session.configure(Configure(capacity=2))
+    expected = None
+    for _ in range(200):
+        snap = sink.until(Snapshot)[-1]
+        if snap.snapshot.capacity == 2 and snap.optimum is not None:
+            expected = {name: r["hit_rate"] for name, r in session.engine.hit_rates_vs_optimum(
+                2, OPTIMUM_WINDOW).items()}
+            assert snap.optimum == expected
+            break
+    assert expected is not None
