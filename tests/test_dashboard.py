@@ -141,13 +141,14 @@ def _advanced(snap, steps: int, hits: int, misses: int):
 BOXES = ("Experts", "Hit rate", "Speed", "Memory", "I/O", "Miss curve")
 
 
+@pytest.mark.parametrize("theme", ["moe-dark", "moe-light", "moe-colorblind"])
 @pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 60)])
-async def test_every_box_is_titled_and_fits_the_panel(fake_app, size):
+async def test_every_box_is_titled_and_fits_the_panel(fake_app, size, theme):
     from moe_tui.app.widgets.dashboard import Box, Dashboard
 
     from tests.helpers import wait_until
 
-    app = fake_app()
+    app = fake_app(theme=theme)
     async with app.run_test(size=size) as pilot:
         if size[0] < 76:
             await pilot.press("f2")

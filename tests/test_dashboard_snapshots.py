@@ -18,8 +18,8 @@ def make_app(tmp_path, theme: str) -> MoeApp:
     return MoeApp(EngineSpec(model="demo"), settings, worker_factory=FakeWorker)
 
 
-@pytest.mark.parametrize(("size", "theme"), [((80, 24), "moe-dark"), ((120, 40), "moe-dark"), ((200, 60), "moe-dark"),
-                                             ((200, 60), "moe-light"), ((200, 60), "moe-colorblind")])
+@pytest.mark.parametrize("theme", ["moe-dark", "moe-light", "moe-colorblind"])
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (200, 60)])
 def test_dashboard(snap_compare, tmp_path, monkeypatch, size, theme):
     monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
 
