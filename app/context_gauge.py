@@ -42,6 +42,7 @@ class ContextBudget:
 
 
 SEGMENTS = (("system", "magenta"), ("files", "cyan"), ("history", "blue"))
+MIN_BAR = 6  # cells: below this the bar says nothing and the numbers get the row
 
 
 def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Text:
@@ -49,12 +50,23 @@ def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Te
     if budget is None:
         return Text("context: counting...", style="dim")
     approx = "" if budget.exact else "≈" if unicode else "~"
-    numbers = (f" {approx}{budget.used:,}" + (f"/{budget.context:,}" if budget.context else "")
-               + f" · system {budget.system:,} · files {budget.files:,} · chat {budget.history:,}"
-               + f" · reply {min(budget.reply, budget.room) if budget.context else budget.reply:,}")
-    line = Text("context ")
-    if budget.context:
-        bar_width = max(6, min(24, width - len(numbers) - 12))
+    total = f" {approx}{budget.used:,}" + (f"/{budget.context:,}" if budget.context else "")
+    reply = min(budget.reply, budget.room) if budget.context else budget.reply
+    parts = (("system", budget.system), ("files", budget.files), ("chat", budget.history), ("reply", reply))
+    dot = " · " if unicode else " - "
+    # The longest form that fits beside a bar of MIN_BAR cells: the numbers are what the row is for.
+    forms = [total + "".join(f"{dot}{name} {n:,}" for name, n in parts),
+             total + "".join(f"{dot}{name[0]} {n:,}" for name, n in parts),
+             total + " " + " ".join(f"{name[0]}{n:,}" for name, n in parts), total]
+    warning = ""
+    if budget.over:
+        dropped = "the oldest turns will be dropped" if budget.history else "the reply will be cut short"
+        warning = f"{dot}{budget.over:,} over: {dropped}"
+    room = width - len("context ") - len(warning)
+    numbers = next((f for f in forms if len(f) + MIN_BAR <= room), forms[-1])
+    line = Text("context ", no_wrap=True, overflow="ellipsis", end="")
+    if budget.context and len(numbers) + MIN_BAR <= room:
+        bar_width = max(MIN_BAR, min(24, room - len(numbers) - 4))
         full, reply_cell, empty = ("█", "▒", "░") if unicode else ("#", "=", ".")
         cells, taken = [], 0
         for name, colour in SEGMENTS:
@@ -68,9 +80,8 @@ def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Te
         for text, style in cells:
             line.append(text, style=style)
     line.append(numbers)
-    if budget.over:
-        dropped = "the oldest turns will be dropped" if budget.history else "the reply will be cut short"
-        line.append(f" · {budget.over:,} over: {dropped}", style="bold yellow")
+    if warning:
+        line.append(warning, style="bold yellow")
     elif not budget.context:
         line.append(" · context window unknown", style="dim")
     return line

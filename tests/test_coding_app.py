@@ -272,10 +272,12 @@ async def test_the_context_gauge_splits_the_window_and_warns_before_turns_are_dr
         app.open_chat(app.chat_id)
         await wait_until(pilot, lambda: gauge.budget.history > 300)
         assert not gauge.has_class("over")
-        app.run_command("/add big.py")
-        await wait_until(pilot, lambda: gauge.budget.files > 1000)
         line = str(gauge.render())
         assert "system" in line and "files" in line and "chat" in line and "reply" in line
+        app.run_command("/add big.py")
+        await wait_until(pilot, lambda: gauge.budget.files > 1000)
+        line = str(gauge.render())  # the warning takes the room of the split (the row holds it all, not cut)
+        assert f"{gauge.budget.used:,}/2,048" in line and len(line) <= gauge.size.width
         assert gauge.has_class("over") and "oldest turns will be dropped" in line
         app.run_command("/drop big.py")
         await wait_until(pilot, lambda: gauge.budget.files == 0 and not gauge.has_class("over"))
@@ -293,3 +295,16 @@ async def test_the_gauge_counts_with_the_models_own_tokenizer(make_app):
         await wait_until(pilot, lambda: gauge.budget is not None and gauge.budget.used == expected)
         assert gauge.budget.exact and gauge.budget.context == engine.context_length
         assert gauge.budget.system == len(engine.encode([app.history()[0]]))
+
+
+@pytest.mark.parametrize("width", [30, 44, 50, 60, 75, 120])
+def test_the_context_gauge_fits_its_row_and_keeps_the_numbers(width):
+    """At 80x24 the chat is ~44 columns: the gauge lost 'files', 'chat' and 'reply' off its one row."""
+    from moe_tui.app.context_gauge import ContextBudget, render
+
+    budget = ContextBudget(system=183, files=0, history=528, reply=512, context=2048, exact=True)
+    line = render(budget, width)
+    assert line.cell_len <= width, line.plain
+    assert "711/2,048" in line.plain
+    if width >= 50:
+        assert all(f"{n:,}" in line.plain for n in (183, 528, 512)), line.plain
