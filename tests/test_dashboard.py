@@ -263,3 +263,62 @@ async def test_help_cache_explains_every_number(fake_app):
 
 def _box_text(app, selector: str) -> str:
     return "\n".join(line.plain for line in app.query_one(selector).text_lines)
+
+
+async def test_the_speed_boxs_max_takes_in_the_current_speed(fake_app):
+    """A walkthrough saw 'decode 52.8 tok/s avg 48.3 max 50.5' while a reply streamed."""
+    from dataclasses import replace
+
+    from moe_tui.app.messages import SnapshotReady
+    from moe_tui.app.widgets.gauges import Readout
+
+    from tests.helpers import fixed_snapshot, wait_until
+
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        first = fixed_snapshot()
+        faster = replace(first, decode_tps=99.7, tokens_generated=first.tokens_generated + 8, steps=first.steps + 8)
+        speed = app.query_one("#speed", Readout)
+        shown = []
+        real_show = speed.show
+        speed.show = lambda text: (shown.append(str(text).split("\n")[0]), real_show(text))
+        app.post_message(SnapshotReady(faster, None))
+        await wait_until(pilot, lambda: any("99.7 tok/s" in line for line in shown))
+        first = next(line for line in shown if "99.7 tok/s" in line)  # as the snapshot came, not a later redraw
+        assert "max 99.7 tok/s" in first, first
+
+
+async def test_empty_plots_say_what_they_wait_for(tmp_path, monkeypatch):
+    """Before the first reply the Hit rate and Speed plots were blank boxes (found by a tmux walkthrough)."""
+    from dataclasses import replace
+
+    import numpy as np
+    from moe_tui.app.main import MoeApp
+    from moe_tui.app.messages import SnapshotReady
+    from moe_tui.app.settings import Settings
+    from moe_tui.app.widgets.charts import Chart
+    from moe_tui.app.worker import EngineSpec
+    from moe_tui.inference.telemetry import IOStats
+
+    from tests.helpers import FakeWorker, fixed_snapshot, wait_until
+
+    class FreshEngine(FakeWorker):
+        """A model just loaded: nothing routed, nothing decoded, no replay yet."""
+
+        def start(self) -> None:
+            super().start()
+            full = fixed_snapshot()
+            zero = np.zeros_like(full.hits)
+            self.app.post_message(SnapshotReady(replace(
+                full, requests=zero, hits=zero, misses=zero, loads=zero, evictions=zero, decode_tps=0.0,
+                prefill_tps=0.0, tokens_generated=0, steps=0, trace_length=0, io=IOStats()), None))
+
+        def miss_curve(self, request) -> None:
+            pass
+
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    app = MoeApp(EngineSpec(model="demo"), Settings(data_dir=str(tmp_path / "data")), worker_factory=FreshEngine)
+    async with app.run_test(size=(120, 40)) as pilot:
+        hit, speed = app.query_one("#hit-chart", Chart), app.query_one("#speed-chart", Chart)
+        await wait_until(pilot, lambda: "waiting for steps" in hit.text and "waiting for a reply" in speed.text)

@@ -93,7 +93,9 @@ def draw(figure: Figure, width: int, height: int, colours: dict[str, tuple[int, 
                                     max(max(s.xs) for s in figure.series if s.xs))
         ticks = whole_ticks(low, high, max(width // 10, 2))
         plot.xticks(ticks, [str(int(t)) for t in ticks])
-    plot.title(figure.title if drawn else f"{figure.title}: {figure.empty}")
+    waiting = f"{figure.title}: {figure.empty}"
+    # plotext leaves out a title wider than the plot: an empty plot would be a blank box.
+    plot.title(figure.title if drawn else waiting if len(waiting) <= width else figure.empty)
     plot.xlabel(figure.xlabel)
     plot.ylabel(figure.ylabel)
     return Text.from_ansi(plot.build(), no_wrap=True, end="")

@@ -90,6 +90,11 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
                 yield Box("Miss curve", MissCurveChart(u, id="miss-curve"), Readout(id="curve-text"),
                           id="curve-box")
 
+    def on_mount(self) -> None:
+        self._plot_history()  # empty plots say what they wait for, rather than a blank box
+        self._plotted_at = 0.0  # the first data is drawn at once all the same
+        self._plot_curve()
+
     def on_resize(self) -> None:
         self.set_class(self.size.width >= WIDE, "wide")
         if self.snapshot is not None:
@@ -107,8 +112,9 @@ capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/c
             self.replay = text.Replay(dict(optimum), snap.steps, min(snap.trace_length, OPTIMUM_WINDOW))
         elif optimum is None and old is not None and snap.steps < old.steps:
             self.replay = None
+        plotted = self.history.add(snap, self.replay)  # first: the Speed box's avg and max take this speed in
         self._show_numbers()
-        if self.history.add(snap, self.replay):
+        if plotted:
             self._plot_soon()
         self._ask_for_curve(snap)
 
