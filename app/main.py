@@ -487,6 +487,8 @@ class MoeApp(CodingCommands, App):
             self.editing = None
             self.query_one(PromptInput).text = ""
             self.notice("edit dropped: your message and its reply are unchanged")
+        elif self.screen.query("HelpPanel"):
+            self.action_hide_help_panel()
 
     @store_writes
     def action_regenerate(self) -> None:

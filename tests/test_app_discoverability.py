@@ -130,6 +130,8 @@ async def test_f1_shows_the_keys_of_the_focused_pane_and_question_mark_does_outs
         await wait_until(pilot, lambda: app.screen.query(HelpPanel))
         await pilot.pause()
         assert "Expert-cache heatmap" in "\n".join(screen_rows(app))
+        await pilot.press("escape")  # the footer says "esc cancel": it closes the key overview too
+        await wait_until(pilot, lambda: not app.screen.query(HelpPanel))
 
 
 async def test_code_blocks_in_replies_show_the_number_save_and_copy_take(fake_app, tmp_path, monkeypatch):
