@@ -716,7 +716,10 @@ class MoeApp(CodingCommands, App):
         if text is None:
             self.notice(f"no command /{arg.lstrip('/')}; /help lists them", "warning")
             return
-        self.add_view(MessageView("notice", text))
+        view = self.add_view(MessageView("notice", text))
+        box = self.query_one("#messages", VerticalScroll)
+        # Read from its start: a page longer than the chat would otherwise show its last lines, not the keys.
+        self.call_after_refresh(lambda: box.scroll_to_widget(view, top=True, animate=False))
 
     def usage(self, name: str, current: str = "") -> None:
         """A command given no argument (or a wrong one): the current value, if any, and how to use it."""

@@ -226,3 +226,12 @@ async def test_slash_commands_and_at_paths_complete_with_tab(fake_app, tmp_path,
         await wait_until(pilot, lambda: menu.shown and [c.insert for c in menu.candidates] == ["alps/inner.txt"])
         await pilot.press("tab")
         assert prompt.text == "see @alpha.py and @alps/inner.txt"
+
+
+async def test_help_opens_at_its_start(fake_app):
+    """/help is longer than the chat at 80x24: it showed its last commands, the keys scrolled off above."""
+    app = fake_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/help")
+        await wait_until(pilot, lambda: any("Keys:" in row for row in screen_rows(app)), timeout=5)
