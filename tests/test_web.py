@@ -248,7 +248,7 @@ async def test_the_app_in_headless_chromium(tmp_path):
         async with Chromium(CHROMIUM, tmp_path / "chromium-profile", 1600, 960) as browser:
             await browser.open_terminal_page(server.url)
             screen = await wait_for_screen(
-                browser, lambda s: all(box in s for box in BOXES) and "experts per layer" in s,
+                browser, lambda s: all(box in s for box in BOXES) and re.search(r"\d+/\d+ experts per layer", s),
                 "the dashboard's boxes and the loaded demo model")
             assert "tokens   0 generated" in screen and re.search(r"ready\s+0\.0%\s+0/0", screen), screen
 
