@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from moe_tui.app.main import MoeApp
 from moe_tui.app.remote import RemoteWorker
@@ -101,13 +102,18 @@ async def yes(pilot, app, expect: str) -> str:
     return diff
 
 
-async def test_an_agent_reads_edits_after_a_yes_runs_a_command_and_answers(tmp_path, monkeypatch):
+def twice_project(tmp_path, monkeypatch) -> tuple[Path, str]:
+    """A project folder (made the working directory) with util.py's twice(x) = 2 * x, and a command checking it."""
     project = tmp_path / "project"
     project.mkdir()
     (project / "util.py").write_text("def twice(x):\n    return 2 * x\n")
     monkeypatch.chdir(project)
     monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
-    check = f"{sys.executable} -c 'import util; print(util.twice(21))'"
+    return project, f"{sys.executable} -c 'import util; print(util.twice(21))'"
+
+
+async def test_an_agent_reads_edits_after_a_yes_runs_a_command_and_answers(tmp_path, monkeypatch):
+    project, check = twice_project(tmp_path, monkeypatch)
     server = ScriptedServer([
         call("call_1", "read_file", {"path": "util.py"}),
         call("call_2", "apply_edit", {"path": "util.py", "search": "    return 2 * x", "replace": "    return x + x"}),
@@ -193,12 +199,7 @@ def local_agent_app(tmp_path, scripts: list[Script]) -> MoeApp:
 
 
 async def test_an_agent_on_the_local_session_reads_edits_after_a_yes_runs_a_command_and_answers(tmp_path, monkeypatch):
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "util.py").write_text("def twice(x):\n    return 2 * x\n")
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
-    check = f"{sys.executable} -c 'import util; print(util.twice(21))'"
+    project, check = twice_project(tmp_path, monkeypatch)
     scripts: list[Script] = []
     app = local_agent_app(tmp_path, scripts)
     async with app.run_test(size=(120, 40)) as pilot:
