@@ -10,17 +10,29 @@ from tests.helpers import dialog_open, finished, replies, reply_shown, send, wai
 
 async def start_long_reply(pilot, app) -> int:
     await wait_until(pilot, lambda: app.last_snapshot is not None)
-    # The tiny random model may sample its end of text within a few tokens: a reply over before the test could
-    # act mid-reply (a full-suite run timed out waiting for its text). Here it has no end but max_tokens.
-    app.backend.session.engine.tokenizer.eos_token_ids = set()
     await send(pilot, app, "for i in range(10):")
     await wait_until(pilot, lambda: app.reply_text != "")
     return app.chat_id
 
 
+def demo_app(tmp_path, monkeypatch):
+    """The demo model: its replies stream for seconds. (The tests' tiny random model could end a reply before
+    the test acted mid-reply: full-suite runs timed out waiting for its text.)"""
+    from moe_tui.app.main import MoeApp
+    from moe_tui.app.settings import Settings
+    from moe_tui.app.worker import EngineSpec
+    from moe_tui.inference.demo_paths import DEMO_CAPACITY, DEMO_MODEL
+
+    from tests.helpers import watched
+
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    return watched(MoeApp(EngineSpec(model=str(DEMO_MODEL), capacity=DEMO_CAPACITY),
+                          Settings(data_dir=str(tmp_path / "data"), max_tokens=4000, inference_process=False)))
+
+
 @pytest.mark.parametrize("action", ["/clear", "/delete", "/new", "switch-and-back", "ctrl+n"])
-async def test_changing_chats_mid_reply_ends_it_cleanly(make_app, action):
-    app = make_app(max_tokens=4000, inference_process=False)
+async def test_changing_chats_mid_reply_ends_it_cleanly(tmp_path, monkeypatch, action):
+    app = demo_app(tmp_path, monkeypatch)
     async with app.run_test(size=(120, 40)) as pilot:
         other = app.store.create_chat(title="other").id
         streaming = await start_long_reply(pilot, app)
