@@ -102,6 +102,17 @@ async def yes(pilot, app, expect: str) -> str:
     return diff
 
 
+async def agree_to_read_edit_and_run(pilot, app) -> None:
+    """Agent mode on, the request sent, and a yes to each of the model's three steps (the edit's diff checked)."""
+    app.run_command("/agent on")
+    await wait_until(pilot, lambda: notified(app, "agent mode on"))
+    await send(pilot, app, "make twice use addition")
+    await yes(pilot, app, "The model wants to read file")
+    diff = await yes(pilot, app, "The model wants to edit util.py")
+    assert "-    return 2 * x" in diff and "+    return x + x" in diff
+    await yes(pilot, app, "The model wants to run")
+
+
 def twice_project(tmp_path, monkeypatch) -> tuple[Path, str]:
     """A project folder (made the working directory) with util.py's twice(x) = 2 * x, and a command checking it."""
     project = tmp_path / "project"
@@ -124,13 +135,7 @@ async def test_an_agent_reads_edits_after_a_yes_runs_a_command_and_answers(tmp_p
     try:
         async with app.run_test(size=(120, 40)) as pilot:
             await wait_until(pilot, lambda: app.context_length == 0 and app.sub_title == "remote server")
-            app.run_command("/agent on")
-            await wait_until(pilot, lambda: notified(app, "agent mode on"))
-            await send(pilot, app, "make twice use addition")
-            await yes(pilot, app, "The model wants to read file")
-            diff = await yes(pilot, app, "The model wants to edit util.py")
-            assert "-    return 2 * x" in diff and "+    return x + x" in diff
-            await yes(pilot, app, "The model wants to run")
+            await agree_to_read_edit_and_run(pilot, app)
             await wait_until(pilot, lambda: replies(app) and "returns 42" in replies(app)[-1].content)
             assert (project / "util.py").read_text() == "def twice(x):\n    return x + x\n"
 
@@ -209,13 +214,7 @@ async def test_an_agent_on_the_local_session_reads_edits_after_a_yes_runs_a_comm
                      written_call("apply_edit", path="util.py", search="    return 2 * x", replace="    return x + x"),
                      written_call("run_command", command=check),
                      "twice now adds; it returns 42 for 21.")
-        app.run_command("/agent on")
-        await wait_until(pilot, lambda: notified(app, "agent mode on"))
-        await send(pilot, app, "make twice use addition")
-        await yes(pilot, app, "The model wants to read file")
-        diff = await yes(pilot, app, "The model wants to edit util.py")
-        assert "-    return 2 * x" in diff and "+    return x + x" in diff
-        await yes(pilot, app, "The model wants to run")
+        await agree_to_read_edit_and_run(pilot, app)
         await wait_until(pilot, lambda: replies(app) and replies(app)[-1].content.startswith("twice"), timeout=60)
         assert replies(app)[-1].content == "twice now adds; it returns 42 for 21."
         assert (project / "util.py").read_text() == "def twice(x):\n    return x + x\n"
