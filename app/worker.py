@@ -46,8 +46,8 @@ from .messages import (
 )
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI (5 a second: each costs a repaint)
-# The inference process yields the CPU to the UI when both want it: where MLX's threads fill every core (2 here), a
-# key typed mid-reply otherwise waits its turn behind them (keypress p99 ~51 -> ~43 ms on the demo, 2 cores).
+# The inference process yields the CPU to the UI when both want it: where MLX's threads fill every core, a key typed
+# mid-reply otherwise waits its turn behind them (figures: docs/performance.md, "Keys typed while a reply streams").
 INFERENCE_NICE = 5
 LOCAL = Capabilities(remote=False, telemetry=True, configurable=True, exact_token_counts=True, miss_curve=True,
                      tool_calls=True)
