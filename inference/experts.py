@@ -102,7 +102,8 @@ def locate(block: MoEBlock, params: dict[str, list[str]], model_shapes: dict[str
 
 
 READ_THREADS = 4  # positional reads in flight at once: they release the GIL, and disks serve several faster
-INLINE_READ_BYTES = 1 << 20  # smaller loads are read on the calling thread: a hand-off would cost more
+INLINE_READ_BYTES = 1 << 20  # smaller loads from the page cache run on the calling thread: a hand-off costs more
+RUN_BYTES = 8 << 20  # the most bytes of consecutive experts one read job takes: bigger runs split between threads
 
 
 class ExpertReader:
@@ -150,47 +151,67 @@ class ExpertReader:
                     views: dict[tuple[str, str], np.ndarray], wait: bool = True) -> SlotWrites:
         """Read each placed (expert, slot, _) straight into its slot through `views` (numpy views of the
         slot tensors' memory, see `slot_views`), converting on the reader threads: no MLX work, and the
-        GIL is released while reading and converting. With `wait=False` the writes run in the background;
-        the caller must `wait()` before anything reads those slots.
+        GIL is released while reading and converting. Consecutive experts of a stacked parameter are one
+        read (up to RUN_BYTES). With `wait=False` the writes run in the background; the caller must
+        `wait()` before anything reads those slots.
+
+        A small load (under INLINE_READ_BYTES) runs on the calling thread when its bytes are in the page
+        cache (a memory copy: a hand-off would cost more); what must come from the disk goes to the reader
+        threads, several reads in flight, since one at a time leaves the disk idle between them.
 
         Raises (here or from `wait`):
             ModelLoadError: a read came up short, or an expert holds NaN/Inf.
         """
-        jobs = [(src, expert, views[(src.projection, src.param)][slot]) for expert, slot, _ in placements
-                for src in sources]
+        placements = sorted(placements)
+        jobs = []
+        for src in sources:
+            view = views[(src.projection, src.param)]
+            most = max(1, RUN_BYTES // src.expert_nbytes) if src.stacked is not None else 1
+            for run in _runs([e for e, _, _ in placements], most):
+                jobs.append((src, [placements[i][0] for i in run], [view[placements[i][1]] for i in run]))
         nbytes = sum(src.expert_nbytes for src in sources) * len(placements)
         if wait and nbytes < INLINE_READ_BYTES:
-            for job in jobs:
-                self._write_one(*job)
-            return SlotWrites([], nbytes)
+            jobs = [job for job in jobs if not self._write_run(*job, nowait=True)]
+            if not jobs:
+                return SlotWrites([], nbytes)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moe-read")
-        writes = SlotWrites([self._pool.submit(self._write_one, *job) for job in jobs], nbytes)
+        writes = SlotWrites([self._pool.submit(self._write_run, *job) for job in jobs], nbytes)
         if wait:
             writes.wait()
         return writes
 
-    def _write_one(self, src: ParamSource, expert: int, out: np.ndarray) -> None:
-        path, offset = src.location(expert)
+    def _write_run(self, src: ParamSource, experts: list[int], outs: list[np.ndarray], nowait: bool = False) -> bool:
+        """Consecutive `experts` of one parameter into their slot rows `outs`. With `nowait`: False, and
+        nothing counted as written, when a byte would have to come from the disk."""
+        path, offset = src.location(experts[0])
         raw_dtype = np.dtype(DTYPES[src.file_dtype][0])
-        nbytes = out.size * raw_dtype.itemsize
-        if not self.reader.uncached and out.dtype == raw_dtype:  # no conversion: straight into the slot
-            self.reader.read_into(path, offset, out)
-            _check_finite(src, [expert], out)
-            return
+        shape = outs[0].shape
+        if not self.reader.uncached and outs[0].dtype == raw_dtype:  # no conversion: straight into the slots
+            if not self.reader.read_into(path, offset, outs, nowait=nowait):
+                return False
+            for expert, out in zip(experts, outs, strict=True):
+                _check_finite(src, [expert], out)
+            return True
         if not hasattr(self._scratch, "buf"):
             self._scratch.buf = AlignedScratch()
+        nbytes = len(experts) * outs[0].size * raw_dtype.itemsize
         if self.reader.uncached:
+            if nowait:  # every uncached read waits for the disk
+                return False
             raw = self.reader.read_uncached(path, offset, nbytes, self._scratch.buf)
         else:
             raw = self._scratch.buf.get(nbytes)
-            self.reader.read_into(path, offset, raw)
-        raw = raw.view(raw_dtype).reshape(out.shape)
-        _check_finite(src, [expert], raw)
-        if src.file_dtype == "BF16" and out.dtype == np.float32:
-            np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits are f32's top half
-        else:
-            np.copyto(out, raw)
+            if not self.reader.read_into(path, offset, raw, nowait=nowait):
+                return False
+        raw = raw.view(raw_dtype).reshape(len(experts), *shape)
+        _check_finite(src, experts, raw)
+        for row, out in zip(raw, outs, strict=True):
+            if src.file_dtype == "BF16" and out.dtype == np.float32:
+                np.left_shift(row, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits are f32's top half
+            else:
+                np.copyto(out, row)
+        return True
 
     def _read_checked(self, src: ParamSource, experts: list[int]) -> np.ndarray:
         raw = self._read_raw(src, experts)
@@ -216,6 +237,15 @@ class ExpertReader:
                 self.reader.read_into(*src.location(experts[start]), out[start:i])
                 start = i
         return out
+
+
+def _runs(experts: list[int], most: int) -> Iterator[range]:
+    """Index ranges of `experts` (ascending) whose ids are consecutive, at most `most` long."""
+    start = 0
+    for i in range(1, len(experts) + 1):
+        if i == len(experts) or experts[i] != experts[i - 1] + 1 or i - start == most:
+            yield range(start, i)
+            start = i
 
 
 class SlotWrites:

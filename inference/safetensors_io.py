@@ -256,6 +256,8 @@ def index_model(model_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+# preadv2 flag: fail with EAGAIN instead of waiting for the disk (Linux 4.14+); 0 where there is none.
+NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and buffers aligned to the logical block size
 
 
@@ -300,20 +302,40 @@ class RangeReader:
                         self._direct_fds[path] = None
         return self._direct_fds[path]
 
-    def read_into(self, path: Path, offset: int, out: np.ndarray) -> None:
-        """Fill `out` (C-contiguous) with the bytes at `offset`."""
-        view = memoryview(out).cast("B")
+    def read_into(self, path: Path, offset: int, out: np.ndarray | list[np.ndarray], nowait: bool = False) -> bool:
+        """Fill `out` (C-contiguous; or several, filled in turn from consecutive bytes, one call each time)
+        with the bytes at `offset`.
+
+        With `nowait` (Linux), only what the page cache already holds is read: False as soon as a read would
+        have to wait for the disk (what was read so far is left in `out`), so a caller can hand cold reads to
+        a thread and keep warm ones, a memory copy, on its own.
+        """
+        views = [memoryview(o).cast("B") for o in (out if isinstance(out, list) else [out])]
         fd = self._fd(path)
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done) if hasattr(os, "preadv") else _pread_into(
-                fd, view[done:], offset + done
-            )
+        flags = NOWAIT if nowait else 0
+        total, done = sum(len(v) for v in views), 0
+        first, skip = 0, 0  # the next byte goes to views[first][skip]
+        while done < total:
+            buffers = [views[first][skip:], *views[first + 1 :]]
+            try:
+                if flags:
+                    n = os.preadv(fd, buffers, offset + done, flags)
+                elif hasattr(os, "preadv"):
+                    n = os.preadv(fd, buffers, offset + done)
+                else:
+                    n = _pread_into(fd, buffers[0], offset + done)
+            except BlockingIOError:
+                return False
             if n <= 0:
                 raise ModelLoadError(f"{path}: unexpected end of file at byte {offset + done}; re-download it")
             done += n
+            skip += n
+            while first < len(views) and skip >= len(views[first]):
+                skip -= len(views[first])
+                first += 1
         with self._lock:
-            self.bytes_read += done
+            self.bytes_read += total
+        return True
 
     def read_uncached(self, path: Path, offset: int, nbytes: int, scratch: AlignedScratch) -> np.ndarray:
         """`nbytes` at `offset` as uint8, bypassing the page cache where possible, in `scratch` (reused by

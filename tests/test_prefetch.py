@@ -3,6 +3,9 @@ and reads that bypass the page cache. None of them may change a single output.""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -147,6 +150,60 @@ def test_uncached_reads_return_the_same_bytes(tmp_path, offset, nbytes):
     with pytest.raises(ModelLoadError, match="unexpected end of file"):
         reader.read_uncached(file, 79_000, 2_000, AlignedScratch())
     reader.close()
+
+
+def test_one_read_fills_several_buffers_from_consecutive_bytes(tmp_path):
+    data = np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8)
+    file = tmp_path / "blob.bin"
+    file.write_bytes(data.tobytes())
+    reader = RangeReader()
+    outs = [np.empty(n, dtype=np.uint8) for n in (1, 4096, 3000, 7)]
+    assert reader.read_into(file, 5, outs)
+    assert np.array_equal(np.concatenate(outs), data[5 : 5 + 7104]) and reader.bytes_read == 7104
+    with pytest.raises(ModelLoadError, match="unexpected end of file"):
+        reader.read_into(file, 9_000, [np.empty(800, np.uint8), np.empty(800, np.uint8)])
+    reader.close()
+
+
+def test_a_read_that_would_wait_for_the_disk_is_left_to_the_caller(tmp_path_factory):
+    """`nowait`: what the page cache holds is a memory copy done on the spot; a read from the disk says so,
+    and the engine hands it to its reader threads (several in flight) instead."""
+    from moe_tui.inference.safetensors_io import NOWAIT
+
+    if not NOWAIT or not hasattr(os, "posix_fadvise"):
+        pytest.skip("no RWF_NOWAIT here: reads always wait (and small ones run on the calling thread)")
+    folder = Path(os.environ.get("MOE_TEST_DISK_DIR", "/var/tmp"))
+    file = folder / f"moe-nowait-{os.getpid()}.bin"
+    data = np.random.default_rng(2).integers(0, 256, 1 << 20, dtype=np.uint8)
+    try:
+        with open(file, "wb") as f:
+            f.write(data.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        reader = RangeReader()
+        out = np.empty(1 << 20, dtype=np.uint8)
+        if reader.read_into(file, 0, out, nowait=True):
+            pytest.skip(f"{folder} keeps its pages in memory (tmpfs?): nothing comes from a disk")
+        assert reader.bytes_read == 0
+        assert reader.read_into(file, 0, out) and np.array_equal(out, data)
+        assert reader.read_into(file, 0, out, nowait=True)  # now cached
+        reader.close()
+    finally:
+        file.unlink(missing_ok=True)
+
+
+def test_a_layer_load_reads_consecutive_experts_of_a_parameter_in_one_call(checkpoint, stock_tokens, monkeypatch):
+    path = checkpoint("qwen3_moe", 4)
+    engine = Engine.load(path, capacity=0.5, prefetch=False)
+    calls = []
+    real = engine.experts.reader.read_into
+    monkeypatch.setattr(engine.experts.reader, "read_into",
+                        lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    engine.warm()  # each layer: its lowest experts, consecutive ids
+    layers, params = len(engine.experts._layers), len(engine.experts._layers[0].sources)
+    assert len(calls) == layers * params  # weight, scales and biases of 3 projections, once each per layer
+    assert greedy(engine.model) == stock_tokens(path)
 
 
 def test_uncached_reads_keep_the_outputs(checkpoint, stock_tokens):
