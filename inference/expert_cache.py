@@ -42,6 +42,9 @@ LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
 TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones drop off (memory stays bounded)
 
 
+PREFILL_OVERLAP = True  # see _forward_exact's expert-major prefill
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """Shape facts about a loaded model, known before any expert is read."""
@@ -455,21 +458,31 @@ class ExpertCache:
             if target is not None:  # read while MLX computes this layer and the next one's attention
                 self._prefetch_into(target, guess)
             return out
-        # More distinct experts than free slots (long prefill): expert-major, a cache-sized group at a time,
-        # each needed expert read once and each routed (token, expert) pair computed once.
+        # More distinct experts than free slots (long prefill): expert-major, a group of experts at a time,
+        # each needed expert read once and each routed (token, expert) pair computed once. Where slots are
+        # written directly, a group takes half the room: the next group is read into the other half while
+        # MLX computes this one.
         cache.touch(pinned_needed, self._step)
         routed = inds.reshape(-1)
         token_of = np.repeat(np.arange(routed.size // inds.shape[-1]), inds.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
+        overlap = PREFILL_OVERLAP and layer.views is not None and room >= 2
+        size = room // 2 if overlap else room
+        groups = [others[start : start + size] for start in range(0, len(others), size)]
+        groups[0] += pinned_needed
         order, outputs = [], []
-        for start in range(0, len(others), room):
-            group = others[start : start + room] + (pinned_needed if start == 0 else [])
-            self._load(layer, cache.access(group, self._step))
+        for i, group in enumerate(groups):
+            # Slots of a group still being computed are not overwritten: only the one before may still run.
+            mx.eval(outputs[:-1] if overlap else outputs)
+            protected = set(group) | (set(groups[i - 1]) if overlap and i else set())
+            cache.touch(group, self._step)
+            self._load(layer, cache.admit([e for e in group if cache.slot_of[e] < 0], protected, self._step))
             pairs = np.flatnonzero(np.isin(routed, group))
             y = stock(rows[mx.array(token_of[pairs])], mx.array(cache.slot_of[routed[pairs]])[:, None])[:, 0]
-            mx.eval(y)  # before the next group's loads overwrite these slots
+            mx.async_eval(y)
             order.append(pairs)
             outputs.append(y)
+        mx.eval(outputs)  # before any later load overwrites these slots
         self._sync_identity(layer)
         out = mx.concatenate(outputs)[mx.array(np.argsort(np.concatenate(order)))]
         return out.reshape(*inds.shape, out.shape[-1])

@@ -75,17 +75,24 @@ def test_capacity_below_top_k_is_value_error(checkpoint):
     assert engine.capacity == 4  # a refused change leaves the engine as it was
 
 
-def test_long_prefill_runs_in_cache_sized_groups(checkpoint):
-    """A prompt routing to every expert at capacity top_k: layers run in groups, still exact."""
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("capacity", [2, 3, 5])
+def test_long_prefill_runs_in_cache_sized_groups(checkpoint, monkeypatch, overlap, capacity):
+    """A prompt routing to every expert with fewer slots: layers run in groups, still exact, each expert read
+    once per layer. With `overlap` a group is read while MLX computes the one before (half the room each)."""
+    import moe_tui.inference.expert_cache as expert_cache
+
+    monkeypatch.setattr(expert_cache, "PREFILL_OVERLAP", overlap)
     path = checkpoint("mixtral")
     stock, _ = load(str(path))
     prompt = mx.array([list(range(3, 200, 3))])
     ref = stock(prompt)
-    engine = Engine.load(path, capacity=2)
+    engine = Engine.load(path, capacity=capacity)
     out = engine.model(prompt)
     assert float(mx.abs(out - ref).max()) <= 1e-4
     snap = engine.snapshot()
-    assert (snap.misses.sum(axis=1) > 2).all()  # more distinct experts than slots in one step
+    assert (snap.misses.sum(axis=1) > capacity).all()  # more distinct experts than slots in one step
+    assert (snap.loads <= 1).all()  # one step: every expert read at most once per layer
 
 
 def test_fractional_and_automatic_capacity(checkpoint):
