@@ -114,6 +114,9 @@ class ExpertReader:
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._scratch = threading.local()  # per reader thread: file-dtype bytes awaiting conversion
+        # (file, offset) of expert bytes found finite: the checkpoint does not change under a loaded model, so
+        # an expert read again (evicted, then missed) is not checked again.
+        self._finite: set[tuple[Path, int]] = set()
 
     def read(self, sources: list[ParamSource], experts: list[int],
              slot_dtypes: dict[tuple[str, str], mx.Dtype]) -> Iterator[tuple[tuple[str, str], Iterator[mx.array]]]:
@@ -191,7 +194,7 @@ class ExpertReader:
             if not self.reader.read_into(path, offset, outs, nowait=nowait):
                 return False
             for expert, out in zip(experts, outs, strict=True):
-                _check_finite(src, [expert], out)
+                self._check(src, [expert], out[None])
             return True
         if not hasattr(self._scratch, "buf"):
             self._scratch.buf = AlignedScratch()
@@ -205,7 +208,7 @@ class ExpertReader:
             if not self.reader.read_into(path, offset, raw, nowait=nowait):
                 return False
         raw = raw.view(raw_dtype).reshape(len(experts), *shape)
-        _check_finite(src, experts, raw)
+        self._check(src, experts, raw)
         for row, out in zip(raw, outs, strict=True):
             if src.file_dtype == "BF16" and out.dtype == np.float32:
                 np.left_shift(row, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits are f32's top half
@@ -215,8 +218,18 @@ class ExpertReader:
 
     def _read_checked(self, src: ParamSource, experts: list[int]) -> np.ndarray:
         raw = self._read_raw(src, experts)
-        _check_finite(src, experts, raw)
+        self._check(src, experts, raw)
         return raw
+
+    def _check(self, src: ParamSource, experts: list[int], raw: np.ndarray) -> None:
+        """`_check_finite`, once per expert's bytes (see `_finite`)."""
+        if src.file_dtype not in NONFINITE_BITS:
+            return
+        for j, expert in enumerate(experts):
+            where = src.location(expert)
+            if where not in self._finite:
+                _check_finite(src, [expert], raw[j : j + 1])
+                self._finite.add(where)
 
     def close(self) -> None:
         if self._pool is not None:

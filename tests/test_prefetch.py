@@ -206,6 +206,22 @@ def test_a_layer_load_reads_consecutive_experts_of_a_parameter_in_one_call(check
     assert greedy(engine.model) == stock_tokens(path)
 
 
+def test_an_expert_read_again_is_not_checked_for_nan_again(checkpoint, stock_tokens, monkeypatch):
+    """The NaN/Inf check runs once per expert's bytes: evicted and read again, they are the same bytes."""
+    import moe_tui.inference.experts as experts
+
+    path = checkpoint("qwen3_moe", dtype=mx.bfloat16)
+    expected = greedy(Engine.load(path, capacity=1.0).model)
+    checked = []
+    real = experts._check_finite
+    monkeypatch.setattr(experts, "_check_finite", lambda src, ids, raw: checked.extend(
+        (src.stacked.name, e) for e in ids) or real(src, ids, raw))
+    engine = Engine.load(path, capacity=2, prefetch=False)
+    assert greedy(engine.model) == expected
+    loads = int(engine.counters.loads.sum())
+    assert len(checked) == len(set(checked)) and loads * len(engine.experts._layers[0].sources) > len(checked)
+
+
 def test_uncached_reads_keep_the_outputs(checkpoint, stock_tokens):
     path = checkpoint("qwen3_moe")
     engine = Engine.load(path, capacity=3, uncached_reads=True)
