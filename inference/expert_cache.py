@@ -796,6 +796,9 @@ class ReadAheadSwitch:
     WINDOW = 16  # decode steps timed per setting
     HOLD = 256  # decode steps the faster setting runs before both are timed again
     GAP = 1.0  # seconds: a longer pause between steps is a new request, not a step
+    # Reads ahead stay on only when their steps are this much faster: they also cost CPU, disk reads and evictions,
+    # and a near tie is the noise of 16 steps (docs/performance.md).
+    MARGIN = 0.03
 
     def __init__(self) -> None:
         self.active = True
@@ -820,7 +823,7 @@ class ReadAheadSwitch:
                 return
             self.with_seconds = float(np.median(self._times[True]))
             self.without_seconds = float(np.median(self._times[False]))
-            self.active = self.with_seconds < self.without_seconds
+            self.active = self.with_seconds < self.without_seconds * (1 - self.MARGIN)
             self._phase, self._left = "hold", self.HOLD
         elif self._left <= 0:
             self._phase, self._left, self.active = "time", self.WINDOW, True

@@ -290,6 +290,21 @@ def test_automatic_reads_ahead_keep_the_faster_setting(monkeypatch, faster_with)
     assert switch.active
 
 
+@pytest.mark.parametrize("with_ms,stays_on", [(9.6, True), (9.8, False), (10.0, False)])
+def test_reads_ahead_stay_on_only_when_clearly_faster(monkeypatch, with_ms, stays_on):
+    """A near tie (within MARGIN) turns them off: they cost CPU, reads and evictions for nothing measurable."""
+    from moe_tui.inference import expert_cache
+
+    clock = [0.0]
+    monkeypatch.setattr(expert_cache.time, "perf_counter", lambda: clock[0])
+    switch = expert_cache.ReadAheadSwitch()
+    switch.step(decoding=True)
+    for _ in range(2 * switch.WINDOW):
+        clock[0] += (with_ms if switch.active else 10.0) / 1000
+        switch.step(decoding=True)
+    assert switch.active == stays_on
+
+
 def test_reads_ahead_are_automatic_by_default(checkpoint):
     engine = Engine.load(checkpoint("mixtral"), capacity=4)
     assert engine.experts.read_ahead is not None and engine.experts.reading_ahead
