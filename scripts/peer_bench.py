@@ -18,7 +18,8 @@ to the next, as a server would):
   backend as stock needs there (`model.set_dtype(mx.float32, lambda d: d in (mx.bfloat16, mx.float16))`):
   the 1.0x reference;
 - per capacity (25% and 50% of the experts per layer by default): ours (`Engine.load(model, capacity=c,
-  mode="exact")`, reads ahead on), ours without reads ahead (`prefetch=False`), and boyle.
+  mode="exact")`, the product's default: reads ahead while they pay, timed by the engine), ours without reads
+  ahead (`prefetch=False`), and boyle.
 
 Each round runs every configuration once (greedy, same prompt ids, EOS ignored so each decodes exactly
 --decode-tokens tokens), in an order that alternates between rounds (forward, then reversed), so that
@@ -324,10 +325,10 @@ def build_runners(path: Path, fractions: list[float], boyle_reads: list[str], io
     for fraction in fractions:
         capacity = max(1, round(num_experts * fraction))
         pct = f"{fraction:.0%}"
-        for prefetch in (True, False):
+        for prefetch in (None, False):
             engine = Engine.load(path, capacity=capacity, mode="exact", prefetch=prefetch)
             engine.tokenizer.eos_token_ids = set()  # every run decodes exactly --decode-tokens
-            kind = "ours" if prefetch else "ours-noprefetch"
+            kind = "ours" if prefetch is None else "ours-noprefetch"
             runners.append(EngineRunner(f"{kind}@{pct}", kind, capacity, engine))
         for reads in boyle_reads:
             b_model, b_tok, layers = load_boyle(path, capacity, reads, io_workers)
