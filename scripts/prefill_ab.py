@@ -1,0 +1,58 @@
+"""Prefill at a capacity below 100% against prefill with every expert resident, interleaved in one process.
+
+    python scripts/prefill_ab.py [--model DIR] [--capacity 0.25] [--prompt-tokens 64] [--rounds 16]
+
+Without --model the script makes `moe bench --synthetic`'s checkpoint in a temporary folder. Three
+configurations take turns, one prefill each per round, the order reversed every other round: every expert
+resident (100%), and at --capacity the expert-major prefill with its groups overlapped (a group is read while
+MLX computes the one before, the default) and in turn (`PREFILL_OVERLAP = False`: read, compute, wait). The
+engines keep their caches from round to round, as `moe bench`'s warm pass does, and the page cache holds the
+file. Reported: median prefill tok/s of each, and each capacity configuration over the 100% one of the same
+round (median and geometric mean of the per-round ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+from pathlib import Path
+
+from moe_tui.inference import Engine, expert_cache
+from moe_tui.inference.bench import _prompt_tokens, make_synthetic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--capacity", type=float, default=0.25)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=16)
+    args = parser.parse_args()
+    model = args.model or make_synthetic(Path(tempfile.mkdtemp(prefix="moe-prefill-")) / "synthetic-qwen3-moe")
+    full = Engine.load(model, capacity=1.0, prefetch=False)
+    part = Engine.load(model, capacity=args.capacity, prefetch=False)
+    prompt = _prompt_tokens(full.tokenizer, args.prompt_tokens)
+    pct = f"{args.capacity:.0%}"
+    configs = [("100%", full, True), (f"{pct} overlapped", part, True), (f"{pct} in turn", part, False)]
+    speeds: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    for r in range(args.rounds + 1):  # round 0 fills the caches and is not counted
+        for name, engine, overlap in configs if r % 2 else configs[::-1]:
+            expert_cache.PREFILL_OVERLAP = overlap
+            engine.reset_prompt_cache()
+            *_, done = engine.stream(prompt, max_tokens=1)
+            if r:
+                speeds[name].append(done.prefill_tps)
+    print(f"model {model}  prompt {len(prompt)} tokens  {args.rounds} rounds")
+    for name, values in speeds.items():
+        line = f"{name:<18} prefill {statistics.median(values):7.1f} tok/s"
+        if name != "100%":
+            ratios = [a / b for a, b in zip(values, speeds["100%"], strict=True)]
+            geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            line += f"   vs 100%: median {statistics.median(ratios):.3f}  geometric mean {geo:.3f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
