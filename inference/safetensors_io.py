@@ -276,6 +276,7 @@ class RangeReader:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.uncached = uncached
+        self._nowait = bool(NOWAIT)  # cleared where the kernel or file system refuses RWF_NOWAIT
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -312,7 +313,7 @@ class RangeReader:
         """
         views = [memoryview(o).cast("B") for o in (out if isinstance(out, list) else [out])]
         fd = self._fd(path)
-        flags = NOWAIT if nowait else 0
+        flags = NOWAIT if nowait and self._nowait else 0
         total, done = sum(len(v) for v in views), 0
         first, skip = 0, 0  # the next byte goes to views[first][skip]
         while done < total:
@@ -326,6 +327,11 @@ class RangeReader:
                     n = _pread_into(fd, buffers[0], offset + done)
             except BlockingIOError:
                 return False
+            except OSError as e:
+                if not flags or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                self._nowait = flags = 0  # a kernel or file system without RWF_NOWAIT: ordinary reads from now on
+                continue
             if n <= 0:
                 raise ModelLoadError(f"{path}: unexpected end of file at byte {offset + done}; re-download it")
             done += n

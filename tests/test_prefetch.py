@@ -193,6 +193,33 @@ def test_a_read_that_would_wait_for_the_disk_is_left_to_the_caller(tmp_path_fact
         file.unlink(missing_ok=True)
 
 
+def test_a_kernel_or_file_system_without_nowait_reads_gets_ordinary_reads(tmp_path, monkeypatch):
+    """preadv2's RWF_NOWAIT is refused by older kernels and some file systems (EOPNOTSUPP): the read goes on
+    without it, and later reads do not ask again."""
+    import errno
+
+    from moe_tui.inference import safetensors_io
+
+    monkeypatch.setattr(safetensors_io, "NOWAIT", 8)
+    real, flagged = os.preadv, []
+
+    def preadv(fd, buffers, offset, *flags):
+        if flags and flags[0]:
+            flagged.append(flags[0])
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(safetensors_io.os, "preadv", preadv)
+    data = np.arange(4096, dtype=np.uint8)
+    file = tmp_path / "blob.bin"
+    file.write_bytes(data.tobytes())
+    reader = RangeReader()
+    out = np.empty(4096, dtype=np.uint8)
+    assert reader.read_into(file, 0, out, nowait=True) and np.array_equal(out, data)
+    assert reader.read_into(file, 0, out, nowait=True) and flagged == [8]
+    reader.close()
+
+
 def test_a_layer_load_reads_consecutive_experts_of_a_parameter_in_one_call(checkpoint, stock_tokens, monkeypatch):
     path = checkpoint("qwen3_moe", 4)
     engine = Engine.load(path, capacity=0.5, prefetch=False)
