@@ -124,3 +124,26 @@ def test_sequential_read_is_the_faster_of_ordinary_and_direct_reads(tmp_path, mo
     assert bench.sequential_read_bandwidth([file]) == 1e15 and direct == [4 << 20]
     monkeypatch.setattr(bench, "measure_read_bandwidth", lambda files, nbytes: 1.0)
     assert 1.0 < bench.sequential_read_bandwidth([file]) < 1e15
+
+
+def test_bench_ratios_to_stock_pair_runs_of_the_same_repeat():
+    """One lucky stock run must not decide `moe bench`'s x-stock column: ratios are taken within each repeat
+    (stock and the configurations run back to back) and their median reported."""
+    from moe_tui.inference.bench import _paired
+
+    stock = [{"decode_tps": t} for t in (200.0, 100.0, 100.0)]
+    engine = [{"decode_tps": t} for t in (100.0, 98.0, 101.0)]
+    assert max(e["decode_tps"] for e in engine) / max(s["decode_tps"] for s in stock) == 0.505  # best of each
+    assert _paired(engine, stock, "decode_tps") == 0.98
+
+
+def test_bench_stdout_is_json_alone_when_it_makes_a_quantized_checkpoint(monkeypatch, capsys):
+    """mlx-lm prints "[INFO] Quantized model with ... bits per weight." on stdout while quantizing: `moe bench
+    --synthetic --quantized > report.json` must still write a JSON file."""
+    from moe_tui.inference import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda model, **kwargs: {"model": str(model)})
+    monkeypatch.setattr(bench, "format_table", lambda report: "table")
+    assert main(["bench", "--synthetic", "--quantized"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["model"].endswith("synthetic-qwen3-moe") and "table" in err
