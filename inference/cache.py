@@ -129,13 +129,15 @@ class LayerCache:
         order = np.lexsort((candidates, self.priority(candidates, step)))
         return [int(e) for e in candidates[order[:count]]]
 
-    def access(self, needed: Iterable[int], step: int, touch: bool = True) -> list[tuple[int, int, int]]:
-        """Make `needed` resident. Returns (expert, slot, evicted_expert or -1) for each miss."""
+    def access(self, needed: Iterable[int], step: int, touch: bool = True,
+               keep: Iterable[int] = ()) -> list[tuple[int, int, int]]:
+        """Make `needed` resident, evicting neither them nor the experts in `keep`. Returns (expert, slot,
+        evicted_expert or -1) for each miss."""
         needed = [int(e) for e in needed]
         if touch:
             self.touch(needed, step)
         missing = [e for e in needed if self.slot_of[e] < 0]
-        return self.admit(missing, protected=set(needed), step=step)
+        return self.admit(missing, protected={*needed, *(int(e) for e in keep)}, step=step)
 
     def admit(self, experts: list[int], protected: set[int], step: int) -> list[tuple[int, int, int]]:
         """Give each expert in `experts` (not resident) a slot, evicting by policy where full."""

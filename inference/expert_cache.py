@@ -40,9 +40,7 @@ PREFETCH_WARMUP = 4.0  # guesses of a rank scored before its precision decides (
 DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs them sooner
 LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
 TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones drop off (memory stays bounded)
-
-
-PREFILL_OVERLAP = True  # see _forward_exact's expert-major prefill
+PREFILL_OVERLAP = True  # expert-major prefill reads the next group while MLX computes this one (_forward_exact)
 
 
 @dataclass(frozen=True)
@@ -474,9 +472,7 @@ class ExpertCache:
         for i, group in enumerate(groups):
             # Slots of a group still being computed are not overwritten: only the one before may still run.
             mx.eval(outputs[:-1] if overlap else outputs)
-            protected = set(group) | (set(groups[i - 1]) if overlap and i else set())
-            cache.touch(group, self._step)
-            self._load(layer, cache.admit([e for e in group if cache.slot_of[e] < 0], protected, self._step))
+            self._load(layer, cache.access(group, self._step, keep=groups[i - 1] if overlap and i else ()))
             pairs = np.flatnonzero(np.isin(routed, group))
             y = stock(rows[mx.array(token_of[pairs])], mx.array(cache.slot_of[routed[pairs]])[:, None])[:, 0]
             mx.async_eval(y)
