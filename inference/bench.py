@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -278,21 +279,29 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
-    out = sys.stdout
-    tmp = Path(tempfile.mkdtemp(prefix="moe-bench-")) if args.synthetic else None
+@contextlib.contextmanager
+def synthetic_checkpoint(quantized: bool = False, prefix: str = "moe-bench-") -> Iterator[Path]:
+    """`make_synthetic`'s checkpoint in a temporary folder, removed afterwards (~100 MB). mlx-lm's "[INFO] ..."
+    lines while it quantizes go to stderr: stdout stays the caller's report."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON alone (mlx-lm prints "[INFO] ...")
-            model = args.model if tmp is None else make_synthetic(tmp / "synthetic-qwen3-moe",
-                                                                  quantized=getattr(args, "quantized", False))
+        with contextlib.redirect_stdout(sys.stderr):
+            path = make_synthetic(tmp / "synthetic-qwen3-moe", quantized=quantized)
+        yield path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(args) -> int:
+    with contextlib.ExitStack() as stack:
+        model = (stack.enter_context(synthetic_checkpoint(getattr(args, "quantized", False))) if args.synthetic
+                 else args.model)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON report alone
             report = run_bench(model, prompt_len=args.prompt_tokens, decode_tokens=args.decode_tokens,
                                repeats=args.repeats, trace_out=getattr(args, "trace", None))
             print(format_table(report), file=sys.stderr)
-    finally:
-        if tmp is not None:  # the synthetic checkpoint (~100 MB) is not kept
-            shutil.rmtree(tmp, ignore_errors=True)
-    json.dump(report, out, indent=2, default=_json_default)
-    out.write("\n")
+    json.dump(report, sys.stdout, indent=2, default=_json_default)
+    sys.stdout.write("\n")
     return 0
 
 

@@ -14,13 +14,13 @@ round (median and geometric mean of the per-round ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
-import tempfile
 from pathlib import Path
 
 from moe_tui.inference import Engine, expert_cache
-from moe_tui.inference.bench import _prompt_tokens, make_synthetic
+from moe_tui.inference.bench import _prompt_tokens, synthetic_checkpoint
 
 
 def main() -> None:
@@ -30,21 +30,26 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=16)
     args = parser.parse_args()
-    model = args.model or make_synthetic(Path(tempfile.mkdtemp(prefix="moe-prefill-")) / "synthetic-qwen3-moe")
+    with contextlib.ExitStack() as stack:
+        model = args.model or stack.enter_context(synthetic_checkpoint(prefix="moe-prefill-"))
+        run(model, args.capacity, args.prompt_tokens, args.rounds)
+
+
+def run(model: Path, capacity: float, prompt_tokens: int, rounds: int) -> None:
     full = Engine.load(model, capacity=1.0, prefetch=False)
-    part = Engine.load(model, capacity=args.capacity, prefetch=False)
-    prompt = _prompt_tokens(full.tokenizer, args.prompt_tokens)
-    pct = f"{args.capacity:.0%}"
+    part = Engine.load(model, capacity=capacity, prefetch=False)
+    prompt = _prompt_tokens(full.tokenizer, prompt_tokens)
+    pct = f"{capacity:.0%}"
     configs = [("100%", full, True), (f"{pct} overlapped", part, True), (f"{pct} in turn", part, False)]
     speeds: dict[str, list[float]] = {name: [] for name, _, _ in configs}
-    for r in range(args.rounds + 1):  # round 0 fills the caches and is not counted
+    for r in range(rounds + 1):  # round 0 fills the caches and is not counted
         for name, engine, overlap in configs if r % 2 else configs[::-1]:
             expert_cache.PREFILL_OVERLAP = overlap
             engine.reset_prompt_cache()
             *_, done = engine.stream(prompt, max_tokens=1)
             if r:
                 speeds[name].append(done.prefill_tps)
-    print(f"model {model}  prompt {len(prompt)} tokens  {args.rounds} rounds")
+    print(f"model {model}  prompt {len(prompt)} tokens  {rounds} rounds")
     for name, values in speeds.items():
         line = f"{name:<18} prefill {statistics.median(values):7.1f} tok/s"
         if name != "100%":

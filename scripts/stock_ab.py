@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +24,7 @@ import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import stream_generate
 from moe_tui.inference import Engine
-from moe_tui.inference.bench import _prompt_tokens, make_synthetic
+from moe_tui.inference.bench import _prompt_tokens, synthetic_checkpoint
 
 
 def main() -> None:
@@ -37,14 +34,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--decode-tokens", type=int, default=128)
     args = parser.parse_args()
-    tmp = None if args.model else Path(tempfile.mkdtemp(prefix="moe-stock-ab-"))
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            model_path = args.model or make_synthetic(tmp / "synthetic-qwen3-moe", quantized=args.quantized)
-        run(model_path, args.rounds, args.decode_tokens)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        model = args.model or stack.enter_context(synthetic_checkpoint(args.quantized, prefix="moe-stock-ab-"))
+        run(model, args.rounds, args.decode_tokens)
 
 
 def run(model_path: Path, rounds: int, decode_tokens: int) -> None:
