@@ -244,16 +244,13 @@ class ExpertReader:
             for j, e in enumerate(experts):
                 self.reader.read_into(*src.location(e), out[j])
             return out
-        start = 0
-        for i in range(1, len(experts) + 1):
-            if i == len(experts) or experts[i] != experts[i - 1] + 1:
-                self.reader.read_into(*src.location(experts[start]), out[start:i])
-                start = i
+        for run in _runs(experts):
+            self.reader.read_into(*src.location(experts[run.start]), out[run.start : run.stop])
         return out
 
 
-def _runs(experts: list[int], most: int) -> Iterator[range]:
-    """Index ranges of `experts` (ascending) whose ids are consecutive, at most `most` long."""
+def _runs(experts: list[int], most: int | None = None) -> Iterator[range]:
+    """Index ranges of `experts` over which each id is the one before plus one, at most `most` long."""
     start = 0
     for i in range(1, len(experts) + 1):
         if i == len(experts) or experts[i] != experts[i - 1] + 1 or i - start == most:
