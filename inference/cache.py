@@ -162,6 +162,35 @@ class LayerCache:
             placements.append((e, slot, old))
         return placements
 
+    # ---- size (`inference/budget.py` moves slots between layers' caches)
+    def grow(self) -> None:
+        """One slot more, empty, at the end."""
+        self.expert_in_slot = np.append(self.expert_in_slot, np.int32(-1))
+        self.capacity += 1
+
+    def shrink(self, step: int) -> tuple[int, int]:
+        """One slot fewer: the last one goes. A free slot is given up where there is one, else the policy's
+        victim's (never a pinned expert); the last slot's expert then moves into the slot given up. Returns
+        (the evicted expert or -1, the slot given up): when that slot is not the last, whoever holds the slots'
+        contents copies the last row into it."""
+        free = self.free_slots()
+        if len(free):
+            evicted, slot = -1, int(free[-1])
+        else:
+            evicted = self.victims(1, set(), step)[0]
+            slot = int(self.slot_of[evicted])
+            self.slot_of[evicted] = -1
+            self.prefetched[evicted] = False
+        last = self.capacity - 1
+        moved = int(self.expert_in_slot[last])
+        if slot != last:
+            self.expert_in_slot[slot] = moved
+            if moved >= 0:
+                self.slot_of[moved] = slot
+        self.expert_in_slot = self.expert_in_slot[:last].copy()
+        self.capacity = last
+        return evicted, slot
+
     def pin(self, experts: Iterable[int]) -> None:
         experts = [int(e) for e in experts]
         if len(set(experts) | self.pinned) > self.capacity:

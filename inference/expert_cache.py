@@ -15,9 +15,10 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .budget import SlotBudget
 from .cache import POLICIES, LayerCache, LayerCounters
 from .errors import ModelLoadError
-from .experts import ExpertReader, ParamSource, SlotWrites, locate, slot_views
+from .experts import ExpertReader, ParamSource, SlotWrites, locate, resized_rows, slot_views
 from .moe import (
     ExpertLayerRuntime,
     MoEBlock,
@@ -78,6 +79,7 @@ class _Layer:
     inflight: tuple[SlotWrites, list[tuple[int, int, int]]] | None = None  # prefetch writes, placements
     guess: np.ndarray | None = None  # experts predicted for this layer's next call
     guess_missing: list[tuple[int, int]] | None = None  # (rank, expert) of the guesses not resident then
+    ranked: list[int] | None = None  # every expert guessed for this layer's next call, best first
     # Per guess rank (0 = the router's top choice): recent (needed, guessed while not resident), decayed.
     rank_record: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
@@ -184,6 +186,7 @@ class ExpertCache:
         self._decoding = False
         self._policy = policy
         self._capacity = 0
+        self.budget: SlotBudget | None = None  # one slot budget shared by the layers (while reading ahead)
         if blocks:
             self.set_capacity(capacity)
         for layer in self._layers:
@@ -281,6 +284,7 @@ class ExpertCache:
             self._load(layer, cache.admit(sorted(keep), set(keep), self._step), count=False)
             self._sync_identity(layer)
         self._capacity = new
+        self._restart_budget()
         if new == self.layout.num_experts:
             # Room for every expert: load them all now (as stock mlx-lm would), so no step ever waits on a
             # miss and the forward pass runs with no host sync at all.
@@ -297,6 +301,7 @@ class ExpertCache:
         self._policy = policy
         for layer in self._layers:
             layer.cache.policy = policy
+        self._restart_budget()
 
     # ------------------------------------------------------------------ expert loading
 
@@ -424,6 +429,10 @@ class ExpertCache:
             self._step += 1
             self._decoding = indices.size == indices.shape[-1]  # one token this step
             self.counters.decode_steps += self._decoding
+            if self._budgeting():
+                move = self.budget.decide(self._step, time.perf_counter())
+                if move is not None:
+                    self._move_slot(*move)
         # A full cache is always warmed with expert e in slot e (set_capacity), so every other cache has
         # room for fewer experts than the model has and can miss.
         if layer.identity:  # the stock call as is, no host sync; routing is counted later from `pending`
@@ -443,6 +452,9 @@ class ExpertCache:
         inds = np.array(indices)  # MLX computes up to here while this layer's prefetch writes run: then wait
         self._await(layer)
         needed = np.unique(inds)
+        watched = self._budgeting()
+        ranked, layer.ranked = layer.ranked or (), None
+        ready = int((layer.cache.slot_of[needed] >= 0).sum()) if watched else 0
         self._score_guess(layer, needed)
         self._account(layer, [self._step], inds.reshape(1, -1), layer.cache.slot_of.copy(), deferred=False)
         cache = layer.cache
@@ -455,6 +467,9 @@ class ExpertCache:
             out = layer.last_out = stock(x, mx.array(cache.slot_of[inds]))
             if target is not None:  # read while MLX computes this layer and the next one's attention
                 self._prefetch_into(target, guess)
+            if watched:  # the budget's shadow replays run while MLX computes the layer
+                mx.async_eval(out)
+                self.budget.observe(layer.block.index, self._step, needed, ranked, ready)
             return out
         # More distinct experts than free slots (long prefill): expert-major, a group of experts at a time,
         # each needed expert read once and each routed (token, expert) pair computed once. Where slots are
@@ -482,6 +497,42 @@ class ExpertCache:
         self._sync_identity(layer)
         out = mx.concatenate(outputs)[mx.array(np.argsort(np.concatenate(order)))]
         return out.reshape(*inds.shape, out.shape[-1])
+
+    # ------------------------------------------------------------------ one slot budget for all layers
+
+    def _budgeting(self) -> bool:
+        """Whether SlotBudget follows this step: decoding, reading ahead, a cache that can miss."""
+        return self.budget is not None and self._decoding and self.reading_ahead
+
+    def _restart_budget(self) -> None:
+        """Every layer at the same capacity again (set_capacity), or its caches changed wholesale."""
+        several = len(self._layers) > 1 and 0 < self._capacity < self.layout.num_experts
+        self.budget = SlotBudget([layer.cache for layer in self._layers], self.layout.top_k, self._step) if several \
+            else None
+
+    def _move_slot(self, giver: int, taker: int) -> None:
+        """One expert slot from layer `giver` to layer `taker` (SlotBudget's call, between decoding steps):
+        their slot tensors are made again, one row shorter and one row longer (computations still holding the
+        old tensors keep them); the giver's last row moves into the slot it gave up."""
+        started = time.perf_counter()
+        g, t = self._layers[giver], self._layers[taker]
+        self._await(g)
+        self._await(t)  # no read may still be writing into the old tensors through their views
+        evicted, freed = g.cache.shrink(self._step)
+        if evicted >= 0:
+            self.counters.evictions[giver, evicted] += 1
+        t.cache.grow()
+        last_into = freed if freed < g.cache.capacity else None
+        for layer, into in ((g, last_into), (t, None)):
+            slots = {}
+            for s in layer.sources:
+                old = layer.block.projections[s.projection][s.param]
+                slots[(s.projection, s.param)] = layer.block.projections[s.projection][s.param] = resized_rows(
+                    old, layer.cache.capacity, into)
+            layer.views = slot_views(slots, layer.sources) if self.direct_writes else None
+            layer.last_out = None
+            self._sync_identity(layer)
+        self.budget.moved(self._step, giver, taker, time.perf_counter() - started, time.perf_counter())
 
     # ------------------------------------------------------------------ prediction and prefetch
 
@@ -515,7 +566,7 @@ class ExpertCache:
         out = target.block.router(x)
         arrays = out if isinstance(out, tuple) else (out,)
         E = self.layout.num_experts
-        g = self.prefetch_guesses(target)
+        g = min(self.prefetch_guesses(target) + 1, 2 * self.layout.top_k)  # one more for SlotBudget's larger shadow
         scores = next((a for a in arrays if isinstance(a, mx.array) and a.shape[-1] == E
                        and mx.issubdtype(a.dtype, mx.floating)), None)
         if scores is not None:
@@ -527,7 +578,8 @@ class ExpertCache:
         """Start reading the guessed experts that are not resident into `target`'s slots (background), those
         of ranks whose recent guesses were needed often enough."""
         cache = target.cache
-        ranked = list(dict.fromkeys(int(e) for e in guess))
+        target.ranked = list(dict.fromkeys(int(e) for e in guess))
+        ranked = target.ranked[: self.prefetch_guesses(target)]
         target.guess = np.array(sorted(ranked[: self.layout.top_k]))  # the predictor's own precision/recall
         target.guess_missing = [(r, e) for r, e in enumerate(ranked) if cache.slot_of[e] < 0]
         if len(target.rank_record) < len(ranked):
@@ -673,6 +725,7 @@ class ExpertCache:
                 step_seconds_without=self.read_ahead.without_seconds if self.read_ahead else 0.0,
                 uncached_reads=self.reader.uncached,
             ),
+            capacities=self.budget.capacities if self.budget is not None and self.budget.moves else (),
         )
 
     def expert_disk_bytes(self) -> int:
@@ -697,6 +750,7 @@ class ExpertCache:
             self._load(layer, layer.cache.admit(missing, set(warm), self._step), count=False)
             layer.cache.pin(pins if pin else [])
             self._sync_identity(layer)
+        self._restart_budget()
         mx.clear_cache()
 
     def hit_rates_vs_optimum(self, capacity: int | None = None, last_steps: int | None = None, warm: bool = True,

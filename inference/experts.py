@@ -329,6 +329,28 @@ def _writable_view(array: mx.array) -> np.ndarray | None:
     return view
 
 
+def resized_rows(array: mx.array, count: int, last_into: int | None = None) -> mx.array:
+    """A new tensor of `count` rows: `array`'s leading rows, zeros after them, and with `last_into` its last
+    row written into that row (a layer's slot tensor one row longer, or one shorter whose last slot moved into
+    the slot given up). Memory copies where numpy sees MLX's memory (MLX's gather runs several times slower
+    on the CPU); MLX operations elsewhere."""
+    n = min(count, array.shape[0])
+    out = mx.zeros((count, *array.shape[1:]), dtype=array.dtype)
+    if direct_writes_work():
+        dst, src = _writable_view(out), _writable_view(array)
+        if dst is not None and src is not None:
+            dst[:n] = src[:n]
+            if last_into is not None:
+                dst[last_into] = src[-1]
+            return out
+    rows = np.arange(n)
+    if last_into is not None:
+        rows[last_into] = array.shape[0] - 1
+    out = mx.concatenate([array[mx.array(rows)], out[n:]]) if count > n else array[mx.array(rows)]
+    mx.eval(out)
+    return out
+
+
 _direct_ok: dict[str, bool] = {}
 
 

@@ -48,27 +48,34 @@ def _seeded(num_experts: int, capacity: int, policy: str, start: Sequence[int]) 
     return cache
 
 
-def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, policy: str,
-                    guesses: Sequence[Step] | None = None, top_k: int = 1,
-                    start: Sequence[int] = ()) -> dict[str, float]:
-    """Hit rate the engine's own `LayerCache` gets on `trace` with `policy`, from `start` (see `_seeded`).
+class LayerReplay:
+    """One layer's cache replayed step by step as the engine runs it. With guesses (the experts predicted for
+    the step, best first), the first `prediction_guesses` of them that are not resident are read first, as the
+    engine's next-layer prefetch does: the same admission and protection and the same per-rank precision gate.
+    Then the step's experts are made resident. A hit means ready: resident when the layer runs, whether kept or
+    read ahead. `prefetches` counts experts read ahead, `prefetch_hits` those used before eviction."""
 
-    With `guesses` (per step, the experts predicted for this layer, best first; empty where none), each
-    step first reads the guessed experts that are not resident, as the engine's next-layer prefetch does:
-    the first `prediction_guesses(capacity, top_k)` of them, the same admission and protection, and the
-    same per-rank precision gate. A hit then means ready: resident when the layer runs, whether kept or
-    read ahead. `prefetches` counts experts read ahead, `prefetch_hits` those used before eviction.
-    """
-    cache = _seeded(num_experts, capacity, policy, start)
-    hits = accesses = prefetches = prefetch_hits = 0
-    g = prediction_guesses(capacity, top_k)
-    record = np.zeros((g, 2))  # per guess rank: recent (needed, scored) guesses that were not resident
-    for step, experts in enumerate(trace):
+    def __init__(self, cache: LayerCache, top_k: int) -> None:
+        self.cache = cache
+        self.top_k = top_k
+        self.record = np.zeros((2 * top_k, 2))  # per guess rank: recent (needed, scored) guesses not resident
+        self.hits = self.accesses = self.prefetches = self.prefetch_hits = 0
+
+    def step(self, step: int, experts: Step, guesses: Step = ()) -> int:
+        """Replay one step; returns its hits."""
         experts = sorted(set(int(e) for e in experts))
-        ranked = [] if guesses is None or not g else list(dict.fromkeys(int(e) for e in guesses[step]))[:g]
+        self.read_ahead(step, experts, guesses)
+        return self.run(step, experts)
+
+    def read_ahead(self, step: int, experts: list[int], guesses: Step) -> None:
+        """The guesses made for this step read into the cache (`experts`, sorted: what it will need, for the
+        precision gate)."""
+        cache = self.cache
+        g = prediction_guesses(cache.capacity, self.top_k, len(cache.pinned))
+        ranked = list(dict.fromkeys(int(e) for e in guesses))[:g] if g else []
         missing = [(r, e) for r, e in enumerate(ranked) if cache.slot_of[e] < 0]
         if missing:
-            used, scored = record[:, 0], record[:, 1]
+            used, scored = self.record[:, 0], self.record[:, 1]
             worth = (scored < PREFETCH_WARMUP) | (used >= PREFETCH_MIN_PRECISION * scored)
             guessed = set(ranked)
             evictable = sum(1 for e in cache.expert_in_slot if e < 0 or (e not in guessed and e not in cache.pinned))
@@ -76,23 +83,40 @@ def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, poli
                 if old >= 0:
                     cache.prefetched[old] = False
                 cache.prefetched[e] = True
-                prefetches += 1
+                self.prefetches += 1
             for r, e in missing:
-                record[r] = record[r] * PREFETCH_MEMORY + (e in experts, 1)
-        accesses += len(experts)
+                self.record[r] = self.record[r] * PREFETCH_MEMORY + (e in experts, 1)
+
+    def run(self, step: int, experts: list[int]) -> int:
+        """The step's experts (sorted) made resident; returns how many were ready."""
+        cache = self.cache
+        hits = 0
         if experts:
             resident = cache.slot_of[experts] >= 0
-            hits += int(resident.sum())
+            hits = int(resident.sum())
             ready = [e for e, r in zip(experts, resident, strict=True) if r and cache.prefetched[e]]
-            prefetch_hits += len(ready)
+            self.prefetch_hits += len(ready)
             cache.prefetched[ready] = False
-        for group in _groups(experts, capacity):
+        self.hits += hits
+        self.accesses += len(experts)
+        for group in _groups(experts, cache.capacity):
             for _, _, old in cache.access(group, step):
                 if old >= 0:
                     cache.prefetched[old] = False
-    result = _counts(hits, accesses)
+        return hits
+
+
+def simulate_policy(trace: Sequence[Step], num_experts: int, capacity: int, policy: str,
+                    guesses: Sequence[Step] | None = None, top_k: int = 1,
+                    start: Sequence[int] = ()) -> dict[str, float]:
+    """Hit rate the engine's own `LayerCache` gets on `trace` with `policy`, from `start` (see `_seeded`); with
+    `guesses` (per step, as in a recorded trace) the ready rate with the engine's reads ahead (`LayerReplay`)."""
+    replay = LayerReplay(_seeded(num_experts, capacity, policy, start), top_k)
+    for step, experts in enumerate(trace):
+        replay.step(step, experts, guesses[step] if guesses is not None else ())
+    result = _counts(replay.hits, replay.accesses)
     if guesses is not None:
-        result.update(prefetches=prefetches, prefetch_hits=prefetch_hits)
+        result.update(prefetches=replay.prefetches, prefetch_hits=replay.prefetch_hits)
     return result
 
 
@@ -257,6 +281,10 @@ def replay_report(trace, fractions: Sequence[float] = REPLAY_FRACTIONS) -> dict:
             shared[name] = {**s, "uniform_hit_rate": s["uniform_hits"] / max(accesses, 1),
                             "shared_hit_rate": s["shared_hits"] / max(accesses, 1)}
         entry["shared_budget"] = shared
+        if simulate:  # the engine's own budget shared by the layers (while reading ahead), replayed
+            from .budget import replay_shared
+
+            entry["slot_budget"] = replay_shared(trace.steps, trace.guesses, E, capacity, DEFAULT_POLICY, K)
         report["capacities"].append(entry)
     return report
 
@@ -279,6 +307,10 @@ def format_replay(report: dict) -> str:
                 for n in names) + "   (ready rate: kept or read ahead)")
         elif report["guesses"]:
             lines.append(f"  +prediction  {entry['prediction']}")
+        if "slot_budget" in entry:
+            b = entry["slot_budget"]
+            lines.append(f"  {DEFAULT_POLICY}+prediction, one budget moved between layers (the engine's SlotBudget): "
+                         f"{b['hit_rate']:.1%}, slots per layer at the end {b['capacities']}, {b['moves']} moves")
     lines.append("one budget shared across layers: the same slots per layer -> the best split of them (oracle):")
     for entry in report["capacities"]:
         sb = entry["shared_budget"]

@@ -238,6 +238,8 @@ class CacheSnapshot:
     extras: dict = field(default_factory=dict)
     io: IOStats = field(default_factory=IOStats)
     trace_start_warm: bool = False  # the cache held experts as the oldest traced step began (replays start so)
+    # Slots per MoE layer where one budget shared by the layers moved some (`capacity` is their mean); else ().
+    capacities: tuple[int, ...] = ()
 
     @classmethod
     def build(cls, **kw) -> CacheSnapshot:
@@ -321,6 +323,7 @@ class CacheSnapshot:
             "just_missed": [np.flatnonzero(r).tolist() for r in self.just_missed],
             "trace_length": self.trace_length, "trace_start_warm": self.trace_start_warm,
             "demand_hit_rate": self.demand_hit_rate, "io": self.io.to_dict(self.bytes_read),
+            "capacities": list(self.capacities),
         }
 
     @classmethod
@@ -349,6 +352,7 @@ class CacheSnapshot:
             ttft_s=d["ttft_s"], tokens_generated=d["tokens_generated"], steps=d["steps"],
             trace_length=d.get("trace_length", 0), io=IOStats.from_dict(d.get("io")),
             trace_start_warm=bool(d.get("trace_start_warm", False)),
+            capacities=tuple(d.get("capacities", ())),
         )
 
 
