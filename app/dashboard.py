@@ -63,6 +63,11 @@ def gauges(rows: list[tuple[str, float, float, str]], width: int, unicode: bool 
             for label, used, total, value in rows]
 
 
+def by_layer(snap: CacheSnapshot) -> str:
+    """The slots per layer where the shared budget moved some (the capacity is then their mean)."""
+    return f"; {min(snap.capacities)}-{max(snap.capacities)} by layer" if snap.capacities else ""
+
+
 def memory_rows(snap: CacheSnapshot, width: int, unicode: bool = True) -> list[Text]:
     m = snap.memory
     ram = m.system_total_bytes
@@ -80,7 +85,8 @@ def memory_rows(snap: CacheSnapshot, width: int, unicode: bool = True) -> list[T
     rows += [
         Text("cache: of its budget; slots: filled; RSS, MLX, RAM: of the machine's", style="dim"),
         row("experts", f"{snap.capacity} of {snap.num_experts} per layer cached "
-                       f"({share(snap.capacity, snap.num_experts):.0%}), {human_bytes(snap.expert_bytes)} each"),
+                       f"({share(snap.capacity, snap.num_experts):.0%}{by_layer(snap)}), "
+                       f"{human_bytes(snap.expert_bytes)} each"),
         row("MLX", f"peak {human_bytes(m.mlx_peak_bytes)} {dot} free cache {human_bytes(m.mlx_cache_bytes)}"),
     ]
     return rows

@@ -730,7 +730,9 @@ class MoeApp(CodingCommands, App):
     def cmd_capacity(self, arg: str) -> None:
         snap = self.last_snapshot
         if not arg:
-            self.usage("capacity", f"capacity: {snap.capacity} of {snap.num_experts} experts per layer"
+            spread = (f" on average, {min(snap.capacities)}-{max(snap.capacities)} by layer now (one budget, "
+                      "slots move to the layers they help most)" if snap is not None and snap.capacities else "")
+            self.usage("capacity", f"capacity: {snap.capacity} of {snap.num_experts} experts per layer{spread}"
                        if snap is not None else "")
             return
         try:

@@ -132,6 +132,7 @@ async def test_the_dashboard_keeps_its_height_while_its_numbers_grow(fake_app, s
                         loads=full.loads * 991, evictions=full.evictions * 991, bytes_read=37 << 30,
                         load_seconds=1234.5, decode_tps=123.4, prefill_tps=4567.8, ttft_s=12.3,
                         tokens_generated=123_456, steps=234_567, trace_length=234_567,
+                        capacities=(4,) + (full.num_experts,) * (full.num_moe_layers - 1),  # the budget moved slots
                         io=replace(full.io, decode_steps=123_456, decode_stall_seconds=987.6, decode_bytes=3 << 40,
                                    prefetches=98_765, prefetch_hits=76_543, prefetch_wasted=12_345, prefetch=False,
                                    uncached_reads=True))

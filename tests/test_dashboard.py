@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 
 import numpy as np
@@ -109,6 +110,17 @@ def test_memory_gauges_are_drawn_against_meaningful_totals():
     assert "900 MiB / 16.0 GiB" in rss and "5%" in rss  # the process against the machine's RAM
     bars = {r.index("█") if "█" in r else r.index("░") for r in rows[:5]}
     assert len(bars) == 1 and all(len(r) <= 60 for r in rows[:5])  # aligned bars within the width
+
+
+def test_the_experts_row_shows_the_slots_by_layer_once_the_budget_moved_some():
+    snap = fixed_snapshot()
+    row = next(r.plain for r in text.memory_rows(snap, 120) if r.plain.startswith("experts"))
+    assert "by layer" not in row
+    c = snap.capacity
+    moved = dataclasses.replace(snap, capacities=(c + 2, c - 2) + (c,) * (snap.num_moe_layers - 2))
+    row = next(r.plain for r in text.memory_rows(moved, 120) if r.plain.startswith("experts"))
+    assert f"{snap.capacity} of {snap.num_experts} per layer cached" in row
+    assert f"{snap.capacity - 2}-{snap.capacity + 2} by layer" in row
 
 
 def test_history_is_per_refresh_and_skips_prefill_only_refreshes():

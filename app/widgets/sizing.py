@@ -33,8 +33,11 @@ def widest(snap: CacheSnapshot) -> list[CacheSnapshot]:
                  prefetch_hits=COUNT // 3, prefetch_wasted=COUNT // 3, prefetch_bytes=BYTES, demand_hits=COUNT,
                  guesses=(COUNT,) * layers, guess_hits=(COUNT // 3,) * layers, guess_needed=(COUNT,) * layers,
                  prefetch=False, uncached_reads=True)
-    base = replace(snap, requests=count, hits=count, misses=few, loads=count, evictions=count, bytes_read=BYTES,
-                   load_seconds=9_999.99, memory=memory, tokens_generated=COUNT, steps=COUNT, trace_length=COUNT)
+    # The shared slot budget's spread, at its widest: a layer at 2 x top_k slots, one at every expert.
+    capacities = (min(2 * snap.top_k, snap.num_experts),) + (snap.num_experts,) * (layers - 1) if layers > 1 else ()
+    base = replace(snap, capacities=capacities, requests=count, hits=count, misses=few, loads=count,
+                   evictions=count, bytes_read=BYTES, load_seconds=9_999.99, memory=memory, tokens_generated=COUNT,
+                   steps=COUNT, trace_length=COUNT)
     fast = replace(base, decode_tps=9_999.9, prefill_tps=99_999.9, ttft_s=9.99,
                    io=replace(io, decode_stall_seconds=0.0000999))
     slow = replace(base, decode_tps=0.1, prefill_tps=0.1, ttft_s=9_999.99, io=replace(io, decode_stall_seconds=9.9999))
