@@ -44,6 +44,7 @@ TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones dr
 PREFILL_OVERLAP = True  # expert-major prefill reads the next group while MLX computes this one (_forward_exact)
 
 
+
 @dataclass(frozen=True)
 class ModelLayout:
     """Shape facts about a loaded model, known before any expert is read."""
@@ -455,8 +456,7 @@ class ExpertCache:
         watched = self._budgeting()
         ranked, layer.ranked = layer.ranked or (), None
         ready = int((layer.cache.slot_of[needed] >= 0).sum()) if watched else 0
-        self._score_guess(layer, needed)
-        self._account(layer, [self._step], inds.reshape(1, -1), layer.cache.slot_of.copy(), deferred=False)
+        met = layer.cache.slot_of.copy()  # the residency this step met, for the counters
         cache = layer.cache
         pinned_needed = [int(e) for e in needed if int(e) in cache.pinned]
         others = [int(e) for e in needed if int(e) not in cache.pinned]
@@ -465,16 +465,20 @@ class ExpertCache:
             if self._load(layer, cache.access(needed, self._step)):
                 self._sync_identity(layer)
             out = layer.last_out = stock(x, mx.array(cache.slot_of[inds]))
+            mx.async_eval(out)  # MLX computes the layer while the host does its bookkeeping below
             if target is not None:  # read while MLX computes this layer and the next one's attention
                 self._prefetch_into(target, guess)
-            if watched:  # the budget's shadow replays run while MLX computes the layer
-                mx.async_eval(out)
+            self._score_guess(layer, needed)
+            self._account(layer, [self._step], inds.reshape(1, -1), met, deferred=False)
+            if watched:  # the budget's shadow replays
                 self.budget.observe(layer.block.index, self._step, needed, ranked, ready)
             return out
         # More distinct experts than free slots (long prefill): expert-major, a group of experts at a time,
         # each needed expert read once and each routed (token, expert) pair computed once. Where slots are
         # written directly, a group takes half the room: the next group is read into the other half while
         # MLX computes this one.
+        self._score_guess(layer, needed)
+        self._account(layer, [self._step], inds.reshape(1, -1), met, deferred=False)
         cache.touch(pinned_needed, self._step)
         routed = inds.reshape(-1)
         token_of = np.repeat(np.arange(routed.size // inds.shape[-1]), inds.shape[-1])
