@@ -528,13 +528,14 @@ class ExpertCache:
         t.cache.grow()
         last_into = freed if freed < g.cache.capacity else None
         for layer, into in ((g, last_into), (t, None)):
+            layer.last_out = layer.views = None  # (numpy views keep the old tensors' memory alive)
             slots = {}
-            for s in layer.sources:
-                old = layer.block.projections[s.projection][s.param]
-                slots[(s.projection, s.param)] = layer.block.projections[s.projection][s.param] = resized_rows(
-                    old, layer.cache.capacity, into)
+            for s in layer.sources:  # one tensor at a time: a move needs memory for one more, not a layer's
+                params = layer.block.projections[s.projection]
+                slots[(s.projection, s.param)] = params[s.param] = resized_rows(params[s.param],
+                                                                                layer.cache.capacity, into)
+                mx.clear_cache()  # the old tensor's memory back to the OS now, not kept in MLX's buffer cache
             layer.views = slot_views(slots, layer.sources) if self.direct_writes else None
-            layer.last_out = None
             self._sync_identity(layer)
         self.budget.moved(self._step, giver, taker, time.perf_counter() - started, time.perf_counter())
 
