@@ -44,7 +44,6 @@ TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones dr
 PREFILL_OVERLAP = True  # expert-major prefill reads the next group while MLX computes this one (_forward_exact)
 
 
-
 @dataclass(frozen=True)
 class ModelLayout:
     """Shape facts about a loaded model, known before any expert is read."""
@@ -748,6 +747,8 @@ class ExpertCache:
 
         data = load_profile(profile) if not isinstance(profile, dict) else profile
         plan = warm_plan(data, self.layout, self._capacity)
+        if any(layer.cache.capacity != self._capacity for layer in self._layers):
+            self.set_capacity(self._capacity)  # the plan is per layer at the same capacity: the budget's moves undone
         for layer, (warm, pins) in zip(self._layers, plan, strict=False):
             self._await(layer)
             layer.cache.pinned = set()

@@ -95,6 +95,16 @@ def test_exact_mode_equals_stock_while_slots_move(checkpoint, monkeypatch):
         assert len(resident) <= cap
     snap = engine.snapshot()
     assert snap.capacities == tuple(caps) and snap.capacity == 6  # the mean
+    small = min(range(len(caps)), key=lambda i: caps[i])
+    engine.experts._move_slot(small, (small + 1) % len(caps))  # uneven for sure
+    assert len({layer.cache.capacity for layer in engine.experts._layers}) > 1
+    # A profile's plan is for the same capacity in every layer: the moves are undone first.
+    L, E = len(caps), engine.layout.num_experts
+    profile = {"num_experts": E, "moe_layers": list(engine.layout.moe_layers),
+               "counts": [[E - e for e in range(E)]] * L, "universal": [[0]] * L}
+    engine.experts.apply_profile(profile)
+    assert [layer.cache.capacity for layer in engine.experts._layers] == [6] * L
+    assert all(0 in layer.cache.pinned for layer in engine.experts._layers)
     engine.set_capacity(5)  # a new capacity: every layer the same again
     assert [layer.cache.capacity for layer in engine.experts._layers] == [5] * len(caps)
     engine.close()
