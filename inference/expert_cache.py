@@ -205,6 +205,11 @@ class ExpertCache:
         return self._capacity
 
     @property
+    def capacities(self) -> tuple[int, ...]:
+        """Slots per MoE layer: `capacity` each, unless the shared slot budget moved some."""
+        return tuple(layer.cache.capacity for layer in self._layers)
+
+    @property
     def mode(self) -> str:
         return self._mode
 
@@ -434,7 +439,8 @@ class ExpertCache:
                 if move is not None:
                     self._move_slot(*move)
         # A full cache is always warmed with expert e in slot e (set_capacity), so every other cache has
-        # room for fewer experts than the model has and can miss.
+        # room for fewer experts than the model has and can miss (a layer the slot budget grew to every
+        # expert may come to hold each in its own slot too).
         if layer.identity:  # the stock call as is, no host sync; routing is counted later from `pending`
             layer.pending.append((self._step, indices))
             if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
@@ -518,12 +524,15 @@ class ExpertCache:
         their slot tensors are made again, one row shorter and one row longer (computations still holding the
         old tensors keep them); the giver's last row moves into the slot it gave up."""
         started = time.perf_counter()
+        self.drain()  # routing a layer recorded to count later met the residency before the move
         g, t = self._layers[giver], self._layers[taker]
         self._await(g)
         self._await(t)  # no read may still be writing into the old tensors through their views
+        prefetched = g.cache.prefetched.copy()
         evicted, freed = g.cache.shrink(self._step)
         if evicted >= 0:
             self.counters.evictions[giver, evicted] += 1
+            self.counters.prefetch_wasted[giver, evicted] += int(prefetched[evicted])
         t.cache.grow()
         last_into = freed if freed < g.cache.capacity else None
         for layer, into in ((g, last_into), (t, None)):
@@ -729,7 +738,7 @@ class ExpertCache:
                 step_seconds_without=self.read_ahead.without_seconds if self.read_ahead else 0.0,
                 uncached_reads=self.reader.uncached,
             ),
-            capacities=self.budget.capacities if self.budget is not None and self.budget.moves else (),
+            capacities=self.capacities if any(c != self._capacity for c in self.capacities) else (),
         )
 
     def expert_disk_bytes(self) -> int:

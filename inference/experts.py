@@ -335,8 +335,8 @@ def resized_rows(array: mx.array, count: int, last_into: int | None = None) -> m
     the slot given up). Memory copies where numpy sees MLX's memory (MLX's gather runs several times slower
     on the CPU); MLX operations elsewhere."""
     n = min(count, array.shape[0])
-    out = mx.zeros((count, *array.shape[1:]), dtype=array.dtype)
     if direct_writes_work():
+        out = mx.zeros((count, *array.shape[1:]), dtype=array.dtype)
         dst, src = _writable_view(out), _writable_view(array)
         if dst is not None and src is not None:
             dst[:n] = src[:n]
@@ -346,7 +346,9 @@ def resized_rows(array: mx.array, count: int, last_into: int | None = None) -> m
     rows = np.arange(n)
     if last_into is not None:
         rows[last_into] = array.shape[0] - 1
-    out = mx.concatenate([array[mx.array(rows)], out[n:]]) if count > n else array[mx.array(rows)]
+    out = array[mx.array(rows)]
+    if count > n:
+        out = mx.concatenate([out, mx.zeros((count - n, *array.shape[1:]), dtype=array.dtype)])
     mx.eval(out)
     return out
 

@@ -98,6 +98,9 @@ def test_exact_mode_equals_stock_while_slots_move(checkpoint, monkeypatch):
     small = min(range(len(caps)), key=lambda i: caps[i])
     engine.experts._move_slot(small, (small + 1) % len(caps))  # uneven for sure
     assert len({layer.cache.capacity for layer in engine.experts._layers}) > 1
+    moved = tuple(layer.cache.capacity for layer in engine.experts._layers)
+    engine.set_policy("lru")  # a new policy restarts the budget's replays, not the slots
+    assert engine.snapshot().capacities == moved
     # A profile's plan is for the same capacity in every layer: the moves are undone first.
     L, E = len(caps), engine.layout.num_experts
     profile = {"num_experts": E, "moe_layers": list(engine.layout.moe_layers),
@@ -165,3 +168,16 @@ def test_a_move_needs_memory_for_one_more_tensor_not_a_layers_worth(checkpoint):
     assert mx.get_peak_memory() - before <= 1.5 * largest
     assert [layer.cache.capacity for layer in ec._layers][:2] == [5, 7]
     engine.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_resized_rows_keeps_the_rows_on_both_paths(monkeypatch, direct):
+    """Numpy copies where numpy sees MLX's memory; MLX operations elsewhere (CUDA): the same rows."""
+    from moe_tui.inference import experts
+
+    monkeypatch.setattr(experts, "direct_writes_work", lambda: direct)
+    a = mx.arange(4 * 3, dtype=mx.float32).reshape(4, 3)
+    longer = np.array(experts.resized_rows(a, 5))
+    assert np.array_equal(longer[:4], np.array(a)) and not longer[4].any()
+    shorter = np.array(experts.resized_rows(a, 3, last_into=1))  # the last row moves into row 1
+    assert np.array_equal(shorter, np.array(a)[[0, 3, 2]])

@@ -33,8 +33,8 @@ def widest(snap: CacheSnapshot) -> list[CacheSnapshot]:
                  prefetch_hits=COUNT // 3, prefetch_wasted=COUNT // 3, prefetch_bytes=BYTES, demand_hits=COUNT,
                  guesses=(COUNT,) * layers, guess_hits=(COUNT // 3,) * layers, guess_needed=(COUNT,) * layers,
                  prefetch=False, uncached_reads=True)
-    # The shared slot budget's spread, at its widest: a layer at 2 x top_k slots, one at every expert.
-    capacities = (min(2 * snap.top_k, snap.num_experts),) + (snap.num_experts,) * (layers - 1) if layers > 1 else ()
+    # The shared slot budget's spread at its widest: both ends as many digits as the experts' count.
+    capacities = (snap.num_experts,) * layers if layers > 1 else ()
     base = replace(snap, capacities=capacities, requests=count, hits=count, misses=few, loads=count,
                    evictions=count, bytes_read=BYTES, load_seconds=9_999.99, memory=memory, tokens_generated=COUNT,
                    steps=COUNT, trace_length=COUNT)
