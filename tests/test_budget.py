@@ -73,10 +73,15 @@ def test_the_shared_budget_makes_more_experts_ready_than_belady_keeps_on_held_ou
     assert sum(shared["capacities"]) == cap * trace.num_layers
 
 
-def test_exact_mode_equals_stock_while_slots_move(checkpoint, monkeypatch):
+@pytest.fixture
+def moves_every_step(monkeypatch):
+    """No bar for a move: a slot moves at every decoding step (back and forth)."""
     monkeypatch.setattr(budget, "MOVE_EVERY", 1)
-    monkeypatch.setattr(budget, "MOVE_MIN_GAIN", -1e9)  # a move at every decoding step
+    monkeypatch.setattr(budget, "MOVE_MIN_GAIN", -1e9)
     monkeypatch.setattr(budget, "MOVE_TIME_SHARE", 1e9)
+
+
+def test_exact_mode_equals_stock_while_slots_move(checkpoint, moves_every_step):
     path = checkpoint("qwen3_moe")
     stock, _ = load(str(path))
     expected = [int(t) for t, _ in generate_step(mx.array(PROMPT), stock, max_tokens=24)]
@@ -114,11 +119,8 @@ def test_exact_mode_equals_stock_while_slots_move(checkpoint, monkeypatch):
 
 
 @pytest.mark.parametrize("quant", [None, 4])
-def test_moved_slots_keep_their_experts_bytes(checkpoint, monkeypatch, quant):
+def test_moved_slots_keep_their_experts_bytes(checkpoint, moves_every_step, quant):
     """After moves, every resident expert's slot rows equal the checkpoint's (the row copies are right)."""
-    monkeypatch.setattr(budget, "MOVE_EVERY", 1)
-    monkeypatch.setattr(budget, "MOVE_MIN_GAIN", -1e9)
-    monkeypatch.setattr(budget, "MOVE_TIME_SHARE", 1e9)
     path = checkpoint("qwen3_moe", quant)
     engine = Engine.load(path, capacity=6, prefetch=True)
     list(generate_step(mx.array(PROMPT), engine.model, max_tokens=12))
