@@ -756,7 +756,7 @@ class ExpertCache:
 
         data = load_profile(profile) if not isinstance(profile, dict) else profile
         plan = warm_plan(data, self.layout, self._capacity)
-        if any(layer.cache.capacity != self._capacity for layer in self._layers):
+        if any(c != self._capacity for c in self.capacities):
             self.set_capacity(self._capacity)  # the plan is per layer at the same capacity: the budget's moves undone
         for layer, (warm, pins) in zip(self._layers, plan, strict=False):
             self._await(layer)
