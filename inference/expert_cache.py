@@ -479,9 +479,10 @@ class ExpertCache:
                 self.budget.observe(layer.block.index, self._step, needed, ranked, ready)
             return out
         # More distinct experts than free slots (long prefill): expert-major, a group of experts at a time,
-        # each needed expert read once and each routed (token, expert) pair computed once. Where slots are
-        # written directly, a group takes half the room: the next group is read into the other half while
-        # MLX computes this one.
+        # each needed expert read once and each routed (token, expert) pair computed once. Those already
+        # resident go first: computed where they are, before any load could evict them, and MLX starts on them
+        # with nothing to wait for. Where slots are written directly, a group takes half the room: the next
+        # group is read into the other half while MLX computes this one.
         self._score_guess(layer, needed)
         self._account(layer, [self._step], inds.reshape(1, -1), met, deferred=False)
         cache.touch(pinned_needed, self._step)
@@ -490,6 +491,7 @@ class ExpertCache:
         rows = x.reshape(-1, x.shape[-1])
         overlap = PREFILL_OVERLAP and layer.views is not None and room >= 2
         size = room // 2 if overlap else room
+        others.sort(key=lambda e: cache.slot_of[e] < 0)  # resident first (a stable sort: ids ascending in each)
         groups = [others[start : start + size] for start in range(0, len(others), size)]
         groups[0] += pinned_needed
         order, outputs = [], []
@@ -502,9 +504,9 @@ class ExpertCache:
             mx.async_eval(y)
             order.append(pairs)
             outputs.append(y)
-        mx.eval(outputs)  # before any later load overwrites these slots
         self._sync_identity(layer)
         out = mx.concatenate(outputs)[mx.array(np.argsort(np.concatenate(order)))]
+        layer.last_out = out  # computed before any later load overwrites these slots (_settle)
         return out.reshape(*inds.shape, out.shape[-1])
 
     # ------------------------------------------------------------------ one slot budget for all layers

@@ -93,6 +93,13 @@ def test_long_prefill_runs_in_cache_sized_groups(checkpoint, monkeypatch, overla
     snap = engine.snapshot()
     assert (snap.misses.sum(axis=1) > capacity).all()  # more distinct experts than slots in one step
     assert (snap.loads <= 1).all()  # one step: every expert read at most once per layer
+    # Again, the cache now full of experts this prompt needs: those are computed where they are, first, and
+    # only the others are read (once each).
+    resident = snap.resident.copy()
+    assert float(mx.abs(engine.model(prompt) - ref).max()) <= 1e-4
+    loads = engine.snapshot().loads - snap.loads
+    assert (loads[resident] == 0).all()
+    assert (loads[~resident] == 1).all()
 
 
 def test_fractional_and_automatic_capacity(checkpoint):
