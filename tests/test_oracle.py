@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,31 @@ def test_a_sampled_replay_is_the_replay_of_those_layers(checkpoint):
         assert sum(one[name]["hits"] for one in layers) == rates["hits"]
         assert sum(one[name]["accesses"] for one in layers) == rates["accesses"]
     engine.close()
+
+
+def test_a_policy_told_the_next_step_lies_between_itself_and_belady():
+    """Told which experts the next step routes to, a policy keeps those: on the demo's held-out trace it hits
+    more than without being told, and never more than Belady, who knows every later step too."""
+    from moe_tui.inference.cache import DEFAULT_POLICY
+    from moe_tui.inference.oracle import told_next
+    from moe_tui.inference.traces import load_trace
+
+    trace = load_trace(Path(__file__).parent / "data" / "demo-handlers.trace.npz")
+    for capacity in (4, 8):
+        for layer in trace.steps[:2]:
+            alone = simulate_policy(layer, trace.num_experts, capacity, DEFAULT_POLICY)["hit_rate"]
+            told = told_next(layer, trace.num_experts, capacity)["hit_rate"]
+            further = told_next(layer, trace.num_experts, capacity, steps=2)["hit_rate"]
+            best = belady(layer, capacity)["hit_rate"]
+            assert alone < told < further <= best
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "markov"])
+def test_told_next_keeps_what_the_next_step_needs(policy):
+    """Whatever the policy's own scores (LRU's are step numbers, LFU's counts), an expert the next step
+    routes to is evicted only when every candidate is one."""
+    from moe_tui.inference.oracle import told_next
+
+    # Capacity 2: at step 2 (expert 2) the cache holds 0 and 1; the next step needs 0, so 1 must go.
+    trace = [[0], [1], [2], [0], [1]]
+    assert told_next(trace, 3, 2, policy)["hits"] == 1

@@ -130,6 +130,8 @@ def test_profile_and_replay_commands(checkpoint, tmp_path, capsys):
     assert [c["capacity"] for c in report["capacities"]] == [2, 4, 6]
     at50 = report["capacities"][1]["rates"]
     assert set(at50) == {*POLICIES, "belady", *(p + "+prediction" for p in POLICIES)}
+    told = report["capacities"][1]["told_next_step"]
+    assert at50[told["policy"]]["hit_rate"] <= told["hit_rate"] <= at50["belady"]["hit_rate"]
     assert report["capacities"][0]["prediction"].startswith("not simulated")  # no room to guess at top_k
     assert "belady" in captured.err and "+prediction" in captured.err
     assert main(["bench", "--replay", str(tmp_path / "none.npz")]) == 2  # a one-line error, exit 2
