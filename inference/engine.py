@@ -214,7 +214,12 @@ class Engine:
         return generate(self.model, self.tokenizer, self.prompt_cache, self.encode(messages_or_prompt),
                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                         cancel=cancel, speed=self._speed, kv_args=self._kv_args,
-                        after_step=self.experts.after_step, finish=self.experts.drain, progress=progress)
+                        after_step=self.experts.after_step, finish=self._finish, progress=progress,
+                        expect=self.experts.expect_tokens, sampled=self.experts.sampled)
+
+    def _finish(self) -> None:
+        self.experts.drain()
+        self.experts.ended()
 
     def close(self) -> None:
         self.experts.close()

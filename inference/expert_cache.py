@@ -184,6 +184,11 @@ class ExpertCache:
         self.traced_steps = 0  # every step ever traced, including those dropped from the ring
         self._step = 0
         self._decoding = False
+        # The first layer's input is the token itself, so no layer before it can guess its experts: they are
+        # guessed from the token's own last routing there (`token_routes[token]`, sorted ids, -1: not seen).
+        self.token_routes = np.full((0, top_k), -1, dtype=np.int32)
+        self._tokens: deque[int | mx.array] = deque()  # ids of the tokens the next forward passes read, in order
+        self._step_tokens: list[int | mx.array] = []  # those of the step under way
         self._policy = policy
         self._capacity = 0
         self.budget: SlotBudget | None = None  # one slot budget shared by the layers (while reading ahead)
@@ -433,6 +438,7 @@ class ExpertCache:
         if runtime.block.index == 0:
             self._step += 1
             self._decoding = indices.size == indices.shape[-1]  # one token this step
+            self._step_tokens = self._take_tokens(indices.size // max(indices.shape[-1], 1))
             self.counters.decode_steps += self._decoding
             if self._budgeting():
                 move = self.budget.decide(self._step, time.perf_counter())
@@ -456,6 +462,8 @@ class ExpertCache:
             mx.eval(indices, guess)  # one sync for the routing and the guess
             guess = np.array(guess).reshape(-1)
         inds = np.array(indices)  # MLX computes up to here while this layer's prefetch writes run: then wait
+        if self._step_tokens:
+            self._learn_tokens(inds)
         self._await(layer)
         needed = np.unique(inds)
         watched = self._budgeting()
@@ -610,6 +618,58 @@ class ExpertCache:
         placements = cache.admit(missing, guessed, self._step)
         target.inflight = (self.expert_reader.write_slots(target.sources, placements, target.views, wait=False),
                            placements)
+
+    # ------------------------------------------------------------------ the first layer, guessed from the token
+
+    def expect_tokens(self, tokens: Sequence[int]) -> None:
+        """The ids of the tokens the next forward passes read, in order (a prompt about to be prefilled). The
+        first layer's routing of each is kept against its id, to guess that layer's experts when it comes back."""
+        self._tokens = deque(int(t) for t in tokens)
+        self._step_tokens = []
+
+    def sampled(self, token: mx.array) -> None:
+        """The generation loop sampled `token` (lazy, one id): the next forward pass's input. While reading ahead,
+        the first layer's experts for it are read now, guessed from its last routing there: no layer before
+        can guess them, and the reads have until that layer's routing is known (the embedding and the first
+        attention). Otherwise the id is read after that routing, with no sync of its own."""
+        if token.size != 1:  # a batch: not what the engine generates
+            self.ended()
+            return
+        first = self._layers[0] if self._layers else None
+        if first is None or not (self.reading_ahead and first.cache.capacity < self.layout.num_experts
+                                 and first.views is not None and self.prefetch_guesses(first)):
+            self._tokens.append(token)
+            return
+        t = int(np.array(token).reshape(-1)[0])  # the step's result is needed now: its last layers finish first
+        self._tokens.append(t)
+        if t < len(self.token_routes) and self.token_routes[t, 0] >= 0:
+            self._prefetch_into(first, self.token_routes[t])
+
+    def ended(self) -> None:
+        """A generation ended: tokens sampled but never read by a forward pass are forgotten."""
+        self._tokens.clear()
+        self._step_tokens = []
+
+    def _take_tokens(self, count: int) -> list[int | mx.array]:
+        """The ids of the `count` tokens this forward pass reads; none when they were not announced (a direct
+        model call), and then nothing announced before is trusted to line up any more."""
+        if len(self._tokens) < count:
+            self._tokens.clear()
+            return []
+        return [self._tokens.popleft() for _ in range(count)]
+
+    def _learn_tokens(self, inds: np.ndarray) -> None:
+        """Keep the first layer's routing of this step's tokens (`inds`: their expert ids, as routed)."""
+        tokens = [t if isinstance(t, int) else int(np.array(t).reshape(-1)[0]) for t in self._step_tokens]
+        self._step_tokens = []
+        rows = inds.reshape(-1, inds.shape[-1])
+        if len(rows) != len(tokens) or rows.shape[1] != self.token_routes.shape[1]:
+            return
+        if max(tokens) >= len(self.token_routes):
+            grown = np.full((max(max(tokens) + 1, 2 * len(self.token_routes)), rows.shape[1]), -1, dtype=np.int32)
+            grown[: len(self.token_routes)] = self.token_routes
+            self.token_routes = grown
+        self.token_routes[tokens] = np.sort(rows, axis=1)
 
     def _score_guess(self, layer: _Layer, needed: np.ndarray) -> None:
         """Precision and recall of the layer's last prediction against what it really needed."""

@@ -141,16 +141,27 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
              temperature: float, top_p: float, seed: int | None, stop: Sequence[str],
              cancel: threading.Event | None, speed: Speed, kv_args: dict,
              after_step: Callable[[], None], finish: Callable[[], None],
-             progress: Callable[[int, int], None] | None = None) -> Iterator[TokenDelta | GenerationDone]:
+             progress: Callable[[int, int], None] | None = None,
+             expect: Callable[[Sequence[int]], None] | None = None,
+             sampled: Callable[[mx.array], None] | None = None) -> Iterator[TokenDelta | GenerationDone]:
     """The generation loop behind `Engine.stream` (see there). `after_step` runs after every token,
     `finish` once at the end however the loop ends (before the prompt cache is settled), `progress` with
-    (prompt tokens processed, prompt tokens to process) between prefill chunks."""
+    (prompt tokens processed, prompt tokens to process) between prefill chunks. `expect` is told the prompt
+    tokens the model is about to read and `sampled` each token as it is sampled (lazy), before the model reads
+    it (the engine guesses the first layer's experts from the token)."""
     if not tokens:
         raise ValueError("empty prompt")
     if seed is not None:
         mx.random.seed(seed % (1 << 64))  # OpenAI seeds are signed 64-bit
     reuse = prompt_cache.reuse(tokens)
     sampler = make_sampler(**sampling(temperature, top_p))
+    if sampled is not None:
+        choose = sampler
+
+        def sampler(logprobs: mx.array) -> mx.array:
+            token = choose(logprobs)
+            sampled(token)
+            return token
     text = StopText(stop)
     generated: list[int] = []
     reason = "length"
@@ -164,6 +175,8 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
         if progress is not None:
             progress(done, total)
 
+    if expect is not None:
+        expect(tokens[reuse:])
     steps = stream_generate(model, tokenizer, tokens[reuse:], max_tokens=max_tokens, sampler=sampler,
                             prompt_cache=prompt_cache.kv, prefill_step_size=PREFILL_STEP,
                             prompt_progress_callback=prefilled, **kv_args)

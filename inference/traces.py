@@ -36,7 +36,8 @@ class Trace:
     """Per MoE layer, per step: the distinct experts routed (sorted int arrays).
 
     `guesses[layer][step]` are the experts the engine predicted for that layer and step, best first (empty
-    where it made no guess: the first layer, prefill steps, a full cache); None when none were recorded.
+    where it made no guess: prefill steps, a full cache, the first layer for a token it had not routed
+    before); None when none were recorded.
     `segments` holds the first step of each recorded run (a prompt, a text window), then the step count.
     """
 

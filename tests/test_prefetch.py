@@ -338,3 +338,35 @@ def test_reads_ahead_are_automatic_by_default(checkpoint):
     assert Engine.load(checkpoint("mixtral"), capacity=4, prefetch=False).experts.read_ahead is None
     io = engine.snapshot().io
     assert io.prefetch_auto and io.prefetch
+
+
+def test_the_first_layer_is_guessed_from_the_token(checkpoint, stock_tokens):
+    """The first layer's input is the token itself, so no layer before it can guess its experts: they are
+    guessed from that token's last routing there, read as the token is sampled. Replies stay equal to stock;
+    a second identical reply finds every token of the first one's routing kept."""
+    path = checkpoint("qwen3_moe")
+    engine = Engine.load(path, capacity=4, prefetch=True)
+    engine.tokenizer.eos_token_ids = set()
+    for _ in range(2):
+        engine.reset_prompt_cache()
+        engine.reset_stats()
+        *_, done = engine.stream(PROMPT, max_tokens=TOKENS)
+        assert list(done.tokens) == stock_tokens(path)
+    routes = engine.experts.token_routes
+    assert (routes[PROMPT] >= 0).all() and (routes[list(done.tokens)[:-1]] >= 0).all()
+    c = engine.counters
+    assert c.guesses[0] > 0 and c.guess_hits[0] >= 0.9 * c.guesses[0]  # the same tokens, routed the same way
+    assert c.prefetch_hits[0].sum() > 0  # and read ahead in time to be used
+
+
+def test_a_direct_model_call_between_replies_does_not_misplace_tokens(checkpoint):
+    """Token ids announced for forward passes that never read them (the last sampled token, a direct model
+    call in between) are not taken for another call's tokens."""
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4, prefetch=True)
+    engine.tokenizer.eos_token_ids = set()
+    *_, done = engine.stream(PROMPT, max_tokens=4)
+    experts = engine.experts
+    assert not experts._tokens  # the last token sampled was never read: forgotten at the end
+    before = experts.token_routes.copy()
+    engine.model(mx.array([[9, 10, 11]]))  # nothing announced: nothing learned
+    assert (experts.token_routes[: len(before)] == before).all() and (experts.token_routes[len(before) :] < 0).all()
