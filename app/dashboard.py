@@ -177,12 +177,13 @@ def io_rows(snap: CacheSnapshot, unicode: bool = True) -> list[Text]:
     else:
         rows.append(row("ahead", "off", "no reads ahead (--no-prefetch, a full cache, or timed slower)"))
     precision, recall = io.prediction_precision, io.prediction_recall
-    if precision and any(io.guesses):
-        worst = min(range(len(precision)), key=lambda i: precision[i])
+    guessed = [i for i, g in enumerate(io.guesses) if g]  # a layer with no guess yet has no precision
+    if precision and guessed:
+        worst = min(guessed, key=lambda i: precision[i])
         layer = snap.layer_ids[worst] if worst < len(snap.layer_ids) else worst
-        rows.append(row("predict", f"precision {sum(precision) / len(precision):.0%}",
-                        f"recall {sum(recall) / len(recall):.0%} (mean of layers; worst L{layer} "
-                        f"{precision[worst]:.0%} / {recall[worst]:.0%})"))
+        rows.append(row("predict", f"precision {sum(precision[i] for i in guessed) / len(guessed):.0%}",
+                        f"recall {sum(recall[i] for i in guessed) / len(guessed):.0%} (mean of layers; "
+                        f"worst L{layer} {precision[worst]:.0%} / {recall[worst]:.0%})"))
     else:
         rows.append(row("predict", none, "no next-layer guesses yet"))
     rows.append(row("loaded", f"{int(snap.loads.sum()):,} experts",

@@ -334,3 +334,17 @@ async def test_empty_plots_say_what_they_wait_for(tmp_path, monkeypatch):
     async with app.run_test(size=(120, 40)) as pilot:
         hit, speed = app.query_one("#hit-chart", Chart), app.query_one("#speed-chart", Chart)
         await wait_until(pilot, lambda: "waiting for steps" in hit.text and "waiting for a reply" in speed.text)
+
+
+def test_prediction_is_averaged_over_the_layers_guessed_so_far():
+    """A layer with no guess yet (the first layer before its tokens come back) has no precision: it is not a
+    0% in the mean, nor the worst layer."""
+    import dataclasses
+
+    snap = fixed_snapshot()
+    io = dataclasses.replace(snap.io, guesses=(0, *snap.io.guesses[1:]), guess_hits=(0, *snap.io.guess_hits[1:]))
+    rows = "\n".join(r.plain for r in text.io_rows(dataclasses.replace(snap, io=io)))
+    rest = io.prediction_precision[1:]
+    worst = min(range(len(rest)), key=rest.__getitem__) + 1
+    assert f"precision {np.mean(rest):.0%}" in rows
+    assert f"worst L{snap.layer_ids[worst]} {rest[worst - 1]:.0%}" in rows
