@@ -187,7 +187,7 @@ def cmd_profile(args) -> int:
             engine.reset_stats()
         engine.reset_prompt_cache()
         if args.text:
-            _route_tokens(engine, run)
+            engine.route_tokens(run)
         else:
             for _event in engine.stream([{"role": "user", "content": run}], max_tokens=args.max_tokens):
                 pass
@@ -229,17 +229,6 @@ def _text_windows(engine, args) -> list[list[int]]:
         raise SystemExit(f"{args.text}: no text to route")
     window = min(args.window, engine.context_length)
     return [ids[i : i + window] for i in range(0, len(ids), window)]
-
-
-def _route_tokens(engine, ids: list[int]) -> None:
-    """Run the model on `ids` one token at a time with a fresh KV cache: each token is one decode step."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(engine.model)
-    for token in ids:
-        mx.eval(engine.model(mx.array([[token]]), cache=cache))
-        engine.experts.after_step()
 
 
 def _read_prompts(path: Path) -> list[str]:

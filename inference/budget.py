@@ -1,9 +1,10 @@
 """One memory budget for the expert slots of all MoE layers, moved to where a slot makes more experts ready.
 
 With reads ahead, layers differ in what one more slot buys: a layer whose experts are guessed well needs
-little beyond a token's experts and its guesses, while the first layer (never read ahead: its input is the
-next token) and poorly guessed layers turn extra slots into hits. Each layer runs two shadow replays of its
-own cache (`LayerReplay`), one slot larger and one smaller, on the routing and guesses the engine sees; every
+little beyond a token's experts and its guesses, while the first layer (its input is the next token: guessed
+only from that token's last routing) and poorly guessed layers turn extra slots into hits. Each layer runs
+two shadow replays of its own cache (`LayerReplay`), one slot larger and one smaller, on the routing and
+guesses the engine sees; every
 MOVE_EVERY decoding steps a slot moves from the layer that would lose the fewest ready experts without it to
 the one that would gain the most with it, when the gain clearly exceeds the loss. Pure numpy: the engine
 applies the moves to its slot tensors, and the replays use the same class on recorded traces.

@@ -217,6 +217,23 @@ class Engine:
                         after_step=self.experts.after_step, finish=self._finish, progress=progress,
                         expect=self.experts.expect_tokens, sampled=self.experts.sampled)
 
+    def route_tokens(self, ids: Sequence[int]) -> None:
+        """Run the model on `ids` one token at a time with a fresh KV cache, each token one decode step (a
+        text's routing as decoding meets it, for traces and profiles). Each next token is announced as a
+        reply's sampler announces it, so the first layer's guesses are made and read ahead as in a reply."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        self.experts.expect_tokens(ids[:1])
+        try:
+            for i, token in enumerate(ids):
+                mx.eval(self.model(mx.array([[token]]), cache=cache))
+                self.experts.after_step()
+                if i + 1 < len(ids):
+                    self.experts.sampled(mx.array([ids[i + 1]]))
+        finally:
+            self.experts.ended()
+
     def _finish(self) -> None:
         self.experts.drain()
         self.experts.ended()

@@ -270,6 +270,8 @@ class ExpertCache:
     def set_capacity(self, capacity: int | float | None) -> None:
         """Rebuild every layer's slots at a new size, keeping the highest-priority resident experts."""
         new = self._resolve_capacity(capacity)
+        for layer in self._layers:  # reads ahead in flight finish (or fail) before anything changes
+            self._await(layer)
         self.drain()
         self._decoding = False
         for layer in self._layers:
@@ -283,7 +285,6 @@ class ExpertCache:
             cache.copy_policy_state(old_cache)
             cache.pinned = set(pins)
             layer.cache = cache
-            self._await(layer)
             slots = {(s.projection, s.param): mx.zeros((new, *s.expert_shape), dtype=layer.slot_dtypes[
                 (s.projection, s.param)]) for s in layer.sources}
             for (proj, param), array in slots.items():
@@ -448,6 +449,8 @@ class ExpertCache:
         # room for fewer experts than the model has and can miss (a layer the slot budget grew to every
         # expert may come to hold each in its own slot too).
         if layer.identity:  # the stock call as is, no host sync; routing is counted later from `pending`
+            if runtime.block.index == 0:
+                self._step_tokens = []  # no routing on the host to learn from
             layer.pending.append((self._step, indices))
             if len(layer.pending) > 4 * DRAIN_EVERY:  # direct model calls with no stream draining them
                 self.drain(before_step=self._step)
@@ -462,7 +465,7 @@ class ExpertCache:
             mx.eval(indices, guess)  # one sync for the routing and the guess
             guess = np.array(guess).reshape(-1)
         inds = np.array(indices)  # MLX computes up to here while this layer's prefetch writes run: then wait
-        if self._step_tokens:
+        if self._step_tokens and layer.block.index == 0:
             self._learn_tokens(inds)
         self._await(layer)
         needed = np.unique(inds)
@@ -646,9 +649,20 @@ class ExpertCache:
             self._prefetch_into(first, self.token_routes[t])
 
     def ended(self) -> None:
-        """A generation ended: tokens sampled but never read by a forward pass are forgotten."""
+        """A generation ended: tokens sampled but never read by a forward pass are forgotten, with the first
+        layer's guesses for the last one (mlx-lm samples one token more than it reads); their reads finish
+        now, so none is left writing while nothing waits for it."""
         self._tokens.clear()
         self._step_tokens = []
+        if not self._layers:
+            return
+        first = self._layers[0]
+        first.guess = first.guess_missing = first.ranked = None
+        self._decoding = False  # no forward pass waits on these reads: not a stall
+        try:
+            self._await(first)
+        except Exception:  # noqa: BLE001 - its experts were unmarked; a read when one is needed reports it
+            pass
 
     def _take_tokens(self, count: int) -> list[int | mx.array]:
         """The ids of the `count` tokens this forward pass reads; none when they were not announced (a direct

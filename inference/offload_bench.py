@@ -366,13 +366,8 @@ def probe(path: str, capacity: float) -> dict:
 
 def _trace_hit_rates(engine, tokens: list[int], fractions=(0.25, 0.5)) -> dict:
     """Feed `tokens` one at a time (decode-style) and replay the per-layer trace at each capacity."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
     engine.reset_stats()
-    cache = make_prompt_cache(engine.model)
-    for t in tokens:
-        mx.eval(engine.model(mx.array([[t]]), cache=cache))
+    engine.route_tokens(tokens)
     E = engine.layout.num_experts
     out = {}
     for f in fractions:

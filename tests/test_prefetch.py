@@ -370,3 +370,67 @@ def test_a_direct_model_call_between_replies_does_not_misplace_tokens(checkpoint
     before = experts.token_routes.copy()
     engine.model(mx.array([[9, 10, 11]]))  # nothing announced: nothing learned
     assert (experts.token_routes[: len(before)] == before).all() and (experts.token_routes[len(before) :] < 0).all()
+
+
+def test_the_first_layer_learns_only_its_own_routing(tmp_path):
+    """With the first layer holding every expert (no routing on the host there: the slot budget can grow it so),
+    no other layer's routing is kept as the first layer's."""
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "four", "qwen3_moe", router_scale=4.0, num_hidden_layers=4)
+    kept = {}
+    for grown in (False, True):
+        engine = Engine.load(path, capacity=5, prefetch=True)
+        engine.tokenizer.eos_token_ids = set()
+        experts = engine.experts
+        E = experts.layout.num_experts
+        while grown and experts._layers[0].cache.capacity < E:
+            experts._move_slot(max(range(1, 4), key=lambda i: experts._layers[i].cache.capacity), 0)
+        experts.warm([list(range(E))] + [[] for _ in range(3)] if grown else None)
+        experts.budget = None  # keep the slots where they are
+        *_, done = engine.stream(PROMPT, max_tokens=8)
+        routes = experts.token_routes  # grows to the highest token id learned
+        kept[grown] = np.array([routes[t] if t < len(routes) else [-1] * routes.shape[1] for t in PROMPT])
+    assert (kept[False] >= 0).all()  # each prompt token's first-layer routing
+    learned = kept[True][:, 0] >= 0
+    assert (kept[True][learned] == kept[False][learned]).all()
+
+
+def test_a_reply_leaves_no_guess_or_read_ahead_behind(checkpoint):
+    """mlx-lm samples one token more than it reads: the first layer's guesses for it are dropped when the reply
+    ends and their reads finish, so a later call neither scores them nor meets their reads."""
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4, prefetch=True)
+    engine.tokenizer.eos_token_ids = set()
+    for _ in range(2):  # the second reply's tokens were all routed before: guessed
+        engine.reset_prompt_cache()
+        *_, done = engine.stream(PROMPT, max_tokens=TOKENS)
+    first = engine.experts._layers[0]
+    assert first.guess is None and first.guess_missing is None and first.inflight is None
+    guesses = engine.counters.guesses[0]
+    engine.model(mx.array([list(range(3, 43))]))
+    assert engine.counters.guesses[0] == guesses
+
+
+def test_a_capacity_change_waits_for_reads_ahead_and_changes_nothing_when_one_failed(checkpoint):
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4, prefetch=True)
+    experts = engine.experts
+    greedy(engine.model, 2)
+    first = experts._layers[0]
+    free = [e for e in range(experts.layout.num_experts) if first.cache.slot_of[e] < 0][:1]
+    placements = first.cache.admit(free, set(free), experts._step)
+
+    class Failed:
+        nbytes, seconds = 0, 0.0
+
+        def wait(self):
+            raise ModelLoadError("disk gone")
+
+    first.inflight = (Failed(), placements)  # a read ahead that failed in the background
+    with pytest.raises(ModelLoadError, match="disk gone"):
+        engine.set_capacity(3)
+    assert engine.capacity == 4 and experts.capacities == (4,) * len(experts._layers)
+    for layer in experts._layers:
+        assert all(w.shape[0] == layer.cache.capacity for w in layer.block.projections["gate_proj"].values()
+                   if hasattr(w, "shape"))
+    engine.set_capacity(3)  # the failed read is forgotten: the change goes through now
+    assert greedy(engine.model) and engine.capacity == 3

@@ -123,6 +123,7 @@ def test_profile_and_replay_commands(checkpoint, tmp_path, capsys):
     trace = load_trace(out)
     assert (trace.num_steps, trace.tokens, trace.segments, trace.capacity) == (40, 40, (0, 16, 32, 40), 6)
     assert trace.guesses is not None
+    assert any(len(g) for g in trace.guesses[0])  # the first layer too, from tokens routed before
     capsys.readouterr()
     assert main(["bench", "--replay", str(out), "--replay-capacities", "25,50,75"]) == 0
     captured = capsys.readouterr()
