@@ -141,16 +141,12 @@ def told_next(trace: Sequence[Step], num_experts: int, capacity: int, policy: st
     the next steps would make of the same slots without reading anything ahead. Not a bound in theory,
     but on the demo's traces `steps=1` reaches 88-92% of Belady's hit rate at 25% and 50%: a policy that
     only predicts the next step, however well, gets little closer (docs/performance.md)."""
-    cache = _ToldCache(num_experts, capacity, policy)
+    replay = LayerReplay(_ToldCache(num_experts, capacity, policy), top_k=1)
     sets = [sorted({int(e) for e in experts}) for experts in trace]
-    hits = accesses = 0
     for t, experts in enumerate(sets):
-        accesses += len(experts)
-        hits += int((cache.slot_of[experts] >= 0).sum()) if experts else 0
-        cache.soon = frozenset(e for later in sets[t + 1 : t + 1 + steps] for e in later)
-        for group in _groups(experts, capacity):
-            cache.access(group, t)
-    return _counts(hits, accesses)
+        replay.cache.soon = frozenset(e for later in sets[t + 1 : t + 1 + steps] for e in later)
+        replay.run(t, experts)
+    return _counts(replay.hits, replay.accesses)
 
 
 def belady(trace: Sequence[Step], capacity: int, start: Sequence[int] = ()) -> dict[str, float]:
