@@ -526,6 +526,10 @@ class ExpertCache:
         """Whether SlotBudget follows this step: decoding, reading ahead, a cache that can miss."""
         return self.budget is not None and self._decoding and self.reading_ahead
 
+    def _uneven(self) -> bool:
+        """Whether the slot budget has moved slots: the layers' capacities differ from the set one."""
+        return any(c != self._capacity for c in self.capacities)
+
     def _restart_budget(self) -> None:
         """Every layer at the same capacity again (set_capacity), or its caches changed wholesale."""
         several = len(self._layers) > 1 and 0 < self._capacity < self.layout.num_experts
@@ -643,7 +647,7 @@ class ExpertCache:
                                  and first.views is not None and self.prefetch_guesses(first)):
             self._tokens.append(token)
             return
-        t = int(np.array(token).reshape(-1)[0])  # the step's result is needed now: its last layers finish first
+        t = _token_id(token)  # the step's result is needed now: its last layers finish first
         self._tokens.append(t)
         if t < len(self.token_routes) and self.token_routes[t, 0] >= 0:
             self._prefetch_into(first, self.token_routes[t])
@@ -674,7 +678,7 @@ class ExpertCache:
 
     def _learn_tokens(self, inds: np.ndarray) -> None:
         """Keep the first layer's routing of this step's tokens (`inds`: their expert ids, as routed)."""
-        tokens = [t if isinstance(t, int) else int(np.array(t).reshape(-1)[0]) for t in self._step_tokens]
+        tokens = [_token_id(t) for t in self._step_tokens]
         self._step_tokens = []
         rows = inds.reshape(-1, inds.shape[-1])
         if len(rows) != len(tokens) or rows.shape[1] != self.token_routes.shape[1]:
@@ -814,7 +818,7 @@ class ExpertCache:
                 step_seconds_without=self.read_ahead.without_seconds if self.read_ahead else 0.0,
                 uncached_reads=self.reader.uncached,
             ),
-            capacities=self.capacities if any(c != self._capacity for c in self.capacities) else (),
+            capacities=self.capacities if self._uneven() else (),
         )
 
     def expert_disk_bytes(self) -> int:
@@ -832,7 +836,7 @@ class ExpertCache:
 
         data = load_profile(profile) if not isinstance(profile, dict) else profile
         plan = warm_plan(data, self.layout, self._capacity)
-        if any(c != self._capacity for c in self.capacities):
+        if self._uneven():
             self.set_capacity(self._capacity)  # the plan is per layer at the same capacity: the budget's moves undone
         for layer, (warm, pins) in zip(self._layers, plan, strict=False):
             self._await(layer)
@@ -919,6 +923,11 @@ def _by_recency(experts: list[int], earlier: list[np.ndarray]) -> list[int]:
         if not left:
             break
     return order + sorted(left)
+
+
+def _token_id(token: int | mx.array) -> int:
+    """A token id as the generation loop hands it over: an int, or a one-element MLX array."""
+    return token if isinstance(token, int) else int(np.array(token).reshape(-1)[0])
 
 
 def _check_mode(mode: str) -> None:
