@@ -42,6 +42,7 @@ DRAIN_EVERY = 16  # steps between host-side stats updates when no step needs the
 LOAD_CHUNK_BYTES = 4 << 20  # read buffer per parameter while loading experts
 TRACE_STEPS = 1 << 14  # routing steps kept per layer for replays; older ones drop off (memory stays bounded)
 PREFILL_OVERLAP = True  # expert-major prefill reads the next group while MLX computes this one (_forward_exact)
+SPLIT_READY = True  # a decoding token's resident experts are computed while its others are read (_start_ready)
 
 
 @dataclass(frozen=True)
@@ -467,7 +468,6 @@ class ExpertCache:
         inds = np.array(indices)  # MLX computes up to here while this layer's prefetch writes run: then wait
         if self._step_tokens and layer.block.index == 0:
             self._learn_tokens(inds)
-        self._await(layer)
         needed = np.unique(inds)
         watched = self._budgeting()
         ranked, layer.ranked = layer.ranked or (), None
@@ -478,9 +478,17 @@ class ExpertCache:
         others = [int(e) for e in needed if int(e) not in cache.pinned]
         room = cache.capacity - len(cache.pinned)  # >= top_k: pins are capped at capacity - top_k
         if len(others) <= room:
+            early = self._start_ready(layer, stock, x, inds)
+            self._await(layer)
             if self._load(layer, cache.access(needed, self._step)):
                 self._sync_identity(layer)
-            out = layer.last_out = stock(x, mx.array(cache.slot_of[inds]))
+            if early is None:
+                out = stock(x, mx.array(cache.slot_of[inds]))
+            else:  # the rest of the token's experts, then every expert's output back in routing order
+                here, rest, first = early
+                out = mx.concatenate([first, stock(x, mx.array(cache.slot_of[inds[..., rest]]))], axis=-2)
+                out = mx.take(out, mx.array(np.argsort(np.concatenate([here, rest]))), axis=-2)
+            layer.last_out = out
             mx.async_eval(out)  # MLX computes the layer while the host does its bookkeeping below
             if target is not None:  # read while MLX computes this layer and the next one's attention
                 self._prefetch_into(target, guess)
@@ -494,6 +502,7 @@ class ExpertCache:
         # resident go first: computed where they are, before any load could evict them, and MLX starts on them
         # with nothing to wait for. Where slots are written directly, a group takes half the room: the next
         # group is read into the other half while MLX computes this one.
+        self._await(layer)
         self._score_guess(layer, needed)
         self._account(layer, [self._step], inds.reshape(1, -1), met, deferred=False)
         cache.touch(pinned_needed, self._step)
@@ -519,6 +528,26 @@ class ExpertCache:
         out = mx.concatenate(outputs)[mx.array(np.argsort(np.concatenate(order)))]
         layer.last_out = out  # computed before any later load overwrites these slots (_settle)
         return out.reshape(*inds.shape, out.shape[-1])
+
+    def _start_ready(self, layer: _Layer, stock, x, inds: np.ndarray):
+        """One token whose experts are not all resident: MLX starts on those that are (not being read ahead
+        either) while the rest are read. Returns (their routing positions, the others', their output) or None
+        when there is nothing to split. Exact: each routed expert's output is its own computation (mlx-lm's
+        switch computes a token's experts independently below 64 routings); only their order changes, and is
+        put back."""
+        if not SPLIT_READY or inds.size != inds.shape[-1] or inds.size >= 64:
+            return None
+        cache = layer.cache
+        busy = {e for e, _, _ in layer.inflight[1]} if layer.inflight is not None else ()
+        row = inds.reshape(-1)
+        here = (cache.slot_of[row] >= 0) & ~np.isin(row, list(busy))
+        if here.all() or not here.any():
+            return None
+        rest = np.flatnonzero(~here)
+        here = np.flatnonzero(here)
+        first = stock(x, mx.array(cache.slot_of[inds[..., here]]))
+        mx.async_eval(first)  # no slot it reads is written below: loads evict only experts this step does not need
+        return here, rest, first
 
     # ------------------------------------------------------------------ one slot budget for all layers
 
