@@ -514,12 +514,14 @@ class ExpertCache:
         others.sort(key=lambda e: cache.slot_of[e] < 0)  # resident first (a stable sort: ids ascending in each)
         groups = [others[start : start + size] for start in range(0, len(others), size)]
         groups[0] += pinned_needed
+        by_expert = np.argsort(routed, kind="stable")  # the routed pairs of each expert, found by bisection
+        first_pair = np.searchsorted(routed[by_expert], np.arange(self.layout.num_experts + 1))
         order, outputs = [], []
         for i, group in enumerate(groups):
             # Slots of a group still being computed are not overwritten: only the one before may still run.
             mx.eval(outputs[:-1] if overlap else outputs)
             self._load(layer, cache.access(group, self._step, keep=groups[i - 1] if overlap and i else ()))
-            pairs = np.flatnonzero(np.isin(routed, group))
+            pairs = np.concatenate([by_expert[first_pair[e] : first_pair[e + 1]] for e in group])
             y = stock(rows[mx.array(token_of[pairs])], mx.array(cache.slot_of[routed[pairs]])[:, None])[:, 0]
             mx.async_eval(y)
             order.append(pairs)
