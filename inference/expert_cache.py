@@ -538,7 +538,9 @@ class ExpertCache:
         their output) or None when there is nothing to split. Exact: each routed expert's output is its own
         computation (mlx-lm's switch computes a token's experts independently below 64 routings); only their
         order changes, and is put back."""
-        if not SPLIT_READY or inds.size != inds.shape[-1] or inds.size >= 64:
+        # Only where loads write the slots' memory directly: an MLX update of a slot tensor that a pending
+        # computation still reads would copy the whole tensor.
+        if not SPLIT_READY or layer.views is None or inds.size != inds.shape[-1] or inds.size >= 64:
             return None
         slot_of = layer.cache.slot_of
         busy = {e for e, _, _ in layer.inflight[1]} if layer.inflight is not None else set()

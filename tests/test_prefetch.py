@@ -55,19 +55,19 @@ def test_prefetch_keeps_exact_mode_equal_to_stock(checkpoint, stock_tokens, arch
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "gpt_oss"])
-@pytest.mark.parametrize("uncached", [True, False])
-def test_resident_experts_computed_while_the_others_are_read_keep_outputs_equal_to_stock(checkpoint, stock_tokens,
-                                                                                          arch, uncached, monkeypatch):
+@pytest.mark.parametrize(("uncached", "direct"), [(True, True), (False, True), (True, False)])
+def test_resident_experts_computed_while_the_others_are_read_keep_outputs_equal_to_stock(
+        checkpoint, stock_tokens, arch, uncached, direct, monkeypatch):
     """A decoding token with some experts resident and some not: MLX computes the resident ones while the
     others are read from the disk, then the outputs are put back in routing order: tokens equal stock's. Where
-    the others are a small copy from the page cache, the token's experts are computed together."""
+    the others are a small copy from the page cache, or loads go through MLX, the experts are computed together."""
     path = checkpoint(arch)
-    engine = Engine.load(path, capacity=3, prefetch=False, uncached_reads=uncached)  # top-2 of 8
+    engine = Engine.load(path, capacity=3, prefetch=False, uncached_reads=uncached, direct_writes=direct)  # top-2 of 8
     splits = []
     start_ready = engine.experts._start_ready
     monkeypatch.setattr(engine.experts, "_start_ready", lambda *a: splits.append(start_ready(*a)) or splits[-1])
     assert greedy(engine.model) == stock_tokens(path)
-    assert (sum(s is not None for s in splits) > 0) == uncached
+    assert (sum(s is not None for s in splits) > 0) == (uncached and direct)
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, *MORE_ARCHS])
