@@ -979,9 +979,17 @@ class ReadAheadSwitch:
     """Reads ahead cost CPU (a router call per layer, reading and converting guesses, some wrong) and save
     waiting on reads. Which wins depends on the disk, the page cache, the expert size and what else runs, so
     the automatic setting times decode steps with and without them, in turn, and keeps the faster for a
-    while before timing both again."""
+    while before timing both again.
 
-    WINDOW = 16  # decode steps timed per setting
+    Steps drift while a reply starts (the cache fills, guesses gain a history) and the machine's load moves:
+    timed once each, the setting timed second looked faster. So each is timed in two blocks, with, without,
+    without, with (a steady drift weighs on both alike), and the first steps after each change are not timed
+    (they run on the cache the other setting left)."""
+
+    WINDOW = 16  # decode steps timed per setting, in two blocks
+    SETTLE = 2  # steps after a change of setting (and at the start) that are not timed
+    ORDER = (True, False, False, True)  # the blocks: reads ahead on, off, off, on
+    TIMING = 2 * WINDOW + 3 * SETTLE  # decode steps from the start of a timing to its decision
     HOLD = 256  # decode steps the faster setting runs before both are timed again
     GAP = 1.0  # seconds: a longer pause between steps is a new request, not a step
     # Reads ahead stay on only when their steps are this much faster: they also cost CPU, disk reads and evictions,
@@ -991,28 +999,38 @@ class ReadAheadSwitch:
     def __init__(self) -> None:
         self.active = True
         self.with_seconds = self.without_seconds = 0.0  # median step times of the latest timing
-        self._phase = "time"
-        self._left = self.WINDOW
-        self._times: dict[bool, list[float]] = {True: [], False: []}
         self._last: float | None = None
+        self._start_timing()
+
+    def _start_timing(self) -> None:
+        self._phase, self._block, self.active = "time", 0, self.ORDER[0]
+        self._left, self._settle = self.WINDOW // 2, self.SETTLE
+        self._times: dict[bool, list[float]] = {True: [], False: []}
 
     def step(self, decoding: bool) -> None:
         now = time.perf_counter()
         last, self._last = self._last, now
         if not decoding or last is None or now - last > self.GAP:
             return
+        if self._phase == "hold":
+            self._left -= 1
+            if self._left <= 0:
+                self._start_timing()
+            return
+        if self._settle > 0:
+            self._settle -= 1
+            return
+        self._times[self.active].append(now - last)
         self._left -= 1
-        if self._phase == "time":
-            self._times[self.active].append(now - last)
-            if self._left > 0:
-                return
-            if self.active:  # timed with: now without
-                self.active, self._left = False, self.WINDOW
-                return
-            self.with_seconds = float(np.median(self._times[True]))
-            self.without_seconds = float(np.median(self._times[False]))
-            self.active = self.with_seconds < self.without_seconds * (1 - self.MARGIN)
-            self._phase, self._left = "hold", self.HOLD
-        elif self._left <= 0:
-            self._phase, self._left, self.active = "time", self.WINDOW, True
-            self._times = {True: [], False: []}
+        if self._left > 0:
+            return
+        self._block += 1
+        if self._block < len(self.ORDER):
+            setting = self.ORDER[self._block]
+            self._settle = self.SETTLE if setting != self.active else 0
+            self.active, self._left = setting, self.WINDOW // 2
+            return
+        self.with_seconds = float(np.median(self._times[True]))
+        self.without_seconds = float(np.median(self._times[False]))
+        self.active = self.with_seconds < self.without_seconds * (1 - self.MARGIN)
+        self._phase, self._left = "hold", self.HOLD

@@ -334,7 +334,7 @@ def test_automatic_reads_ahead_keep_the_faster_setting(monkeypatch, faster_with)
             seen.append(switch.active)
 
     switch.step(decoding=True)  # the first step only starts the clock
-    steps(2 * switch.WINDOW)
+    steps(switch.TIMING)
     assert switch.active == faster_with
     assert (switch.with_seconds < switch.without_seconds) == faster_with
     clock[0] += 5.0  # a pause (a new request) is not timed as a step
@@ -347,6 +347,22 @@ def test_automatic_reads_ahead_keep_the_faster_setting(monkeypatch, faster_with)
     assert switch.active
 
 
+def test_automatic_reads_ahead_are_not_fooled_by_steps_getting_faster(monkeypatch):
+    """Steps get faster as a reply starts (the cache fills, guesses gain a history): timed first with reads
+    ahead and then without, the later setting looked faster. Reads ahead 10% faster here all along."""
+    from moe_tui.inference import expert_cache
+
+    clock = [0.0]
+    monkeypatch.setattr(expert_cache.time, "perf_counter", lambda: clock[0])
+    switch = expert_cache.ReadAheadSwitch()
+    switch.step(decoding=True)
+    for i in range(switch.TIMING):
+        clock[0] += (0.150 - 0.001 * i) * (0.9 if switch.active else 1.0)
+        switch.step(decoding=True)
+    assert switch.active
+    assert switch.with_seconds < switch.without_seconds
+
+
 @pytest.mark.parametrize("with_ms,stays_on", [(9.6, True), (9.8, False), (10.0, False)])
 def test_reads_ahead_stay_on_only_when_clearly_faster(monkeypatch, with_ms, stays_on):
     """A near tie (within MARGIN) turns them off: they cost CPU, reads and evictions for nothing measurable."""
@@ -356,7 +372,7 @@ def test_reads_ahead_stay_on_only_when_clearly_faster(monkeypatch, with_ms, stay
     monkeypatch.setattr(expert_cache.time, "perf_counter", lambda: clock[0])
     switch = expert_cache.ReadAheadSwitch()
     switch.step(decoding=True)
-    for _ in range(2 * switch.WINDOW):
+    for _ in range(switch.TIMING):
         clock[0] += (with_ms if switch.active else 10.0) / 1000
         switch.step(decoding=True)
     assert switch.active == stays_on
