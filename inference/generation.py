@@ -3,6 +3,7 @@ record always matches the KV cache, however a generation ends. Knows nothing abo
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -156,11 +157,12 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
     reuse = prompt_cache.reuse(tokens)
     sampler = make_sampler(**sampling(temperature, top_p))
     if sampled is not None:
-        choose = sampler
+        choose, count = sampler, itertools.count(1)
 
         def sampler(logprobs: mx.array) -> mx.array:
             token = choose(logprobs)
-            sampled(token)
+            if next(count) <= max_tokens:  # mlx-lm samples one token after the last it yields, never read
+                sampled(token)
             return token
     text = StopText(stop)
     generated: list[int] = []

@@ -457,6 +457,19 @@ def test_a_reply_leaves_no_guess_or_read_ahead_behind(checkpoint):
     assert engine.counters.guesses[0] == guesses
 
 
+def test_the_token_sampled_after_a_replys_last_is_not_read_ahead(checkpoint, monkeypatch):
+    """mlx-lm samples one token more than a reply of max_tokens yields, and never reads it: its first layer's
+    experts are not read for it."""
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4, prefetch=True)
+    engine.tokenizer.eos_token_ids = set()
+    told = []
+    sampled = engine.experts.sampled
+    monkeypatch.setattr(engine.experts, "sampled", lambda token: told.append(token) or sampled(token))
+    *_, done = engine.stream(PROMPT, max_tokens=TOKENS)
+    assert done.generated_tokens == TOKENS
+    assert len(told) == TOKENS  # the first token (sampled after the prompt) up to the last one yielded
+
+
 def test_a_capacity_change_waits_for_reads_ahead_and_changes_nothing_when_one_failed(checkpoint):
     engine = Engine.load(checkpoint("qwen3_moe"), capacity=4, prefetch=True)
     experts = engine.experts
