@@ -161,7 +161,8 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
 
         def sampler(logprobs: mx.array) -> mx.array:
             token = choose(logprobs)
-            if next(count) <= max_tokens:  # mlx-lm samples one token after the last it yields, never read
+            # mlx-lm samples one token after the last it yields, never read (max_tokens -1: no last one)
+            if next(count) <= max_tokens or max_tokens < 0:
                 sampled(token)
             return token
     text = StopText(stop)

@@ -4,6 +4,7 @@ and reads that bypass the page cache. None of them may change a single output.""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -468,6 +469,14 @@ def test_the_token_sampled_after_a_replys_last_is_not_read_ahead(checkpoint, mon
     *_, done = engine.stream(PROMPT, max_tokens=TOKENS)
     assert done.generated_tokens == TOKENS
     assert len(told) == TOKENS  # the first token (sampled after the prompt) up to the last one yielded
+    told.clear()  # mlx-lm's max_tokens=-1, no limit: every token is handed over (here until cancelled)
+    cancel = threading.Event()
+    events = []
+    for event in engine.stream(PROMPT, max_tokens=-1, cancel=cancel):
+        events.append(event)
+        if len(events) == TOKENS:
+            cancel.set()
+    assert events[-1].finish_reason == "cancelled" and len(told) > TOKENS
 
 
 def test_a_capacity_change_waits_for_reads_ahead_and_changes_nothing_when_one_failed(checkpoint):
