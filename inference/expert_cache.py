@@ -297,6 +297,8 @@ class ExpertCache:
             self._sync_identity(layer)
         self._capacity = new
         self._restart_budget()
+        if self.read_ahead is not None:  # step times at the old capacity say nothing of the new one
+            self.read_ahead = ReadAheadSwitch()
         if new == self.layout.num_experts:
             # Room for every expert: load them all now (as stock mlx-lm would), so no step ever waits on a
             # miss and the forward pass runs with no host sync at all.

@@ -379,6 +379,18 @@ def test_reads_ahead_stay_on_only_when_clearly_faster(monkeypatch, with_ms, stay
     assert switch.active == stays_on
 
 
+def test_a_capacity_change_times_reads_ahead_again(checkpoint):
+    """Step times measured at one capacity say nothing of another: a change starts the timing over."""
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4)
+    engine.tokenizer.eos_token_ids = set()
+    *_, done = engine.stream(PROMPT, max_tokens=TOKENS)
+    switch = engine.experts.read_ahead
+    assert switch._times[True] or switch._times[False]
+    engine.set_capacity(6)
+    assert engine.experts.read_ahead is not switch
+    assert not engine.experts.read_ahead._times[True] and not engine.experts.read_ahead._times[False]
+
+
 def test_reads_ahead_are_automatic_by_default(checkpoint):
     engine = Engine.load(checkpoint("mixtral"), capacity=4)
     assert engine.experts.read_ahead is not None and engine.experts.reading_ahead
