@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -215,7 +216,8 @@ class Engine:
                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                         cancel=cancel, speed=self._speed, kv_args=self._kv_args,
                         after_step=self.experts.after_step, finish=self._finish, progress=progress,
-                        expect=self.experts.expect_tokens, sampled=self.experts.sampled)
+                        expect=functools.partial(self.experts.expect_tokens, stop=self.tokenizer.eos_token_ids),
+                        sampled=self.experts.sampled)
 
     def route_tokens(self, ids: Sequence[int]) -> None:
         """Run the model on `ids` one token at a time with a fresh KV cache, each token one decode step (a

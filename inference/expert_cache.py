@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,8 @@ class ExpertCache:
         self.token_routes = np.full((0, top_k), -1, dtype=np.int32)
         self._tokens: deque[int | mx.array] = deque()  # ids of the tokens the next forward passes read, in order
         self._step_tokens: list[int | mx.array] = []  # those of the step under way
+        self.stop_tokens: frozenset[int] = frozenset()  # ids that end the generation under way (expect_tokens)
+        self._stopped = False  # the token sampled last is one of them: the one sampled after it is never read
         self._policy = policy
         self._capacity = 0
         self.budget: SlotBudget | None = None  # one slot budget shared by the layers (while reading ahead)
@@ -668,11 +670,14 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ the first layer, guessed from the token
 
-    def expect_tokens(self, tokens: Sequence[int]) -> None:
+    def expect_tokens(self, tokens: Sequence[int], stop: Iterable[int] = ()) -> None:
         """The ids of the tokens the next forward passes read, in order (a prompt about to be prefilled). The
-        first layer's routing of each is kept against its id, to guess that layer's experts when it comes back."""
+        first layer's routing of each is kept against its id, to guess that layer's experts when it comes back.
+        `stop`: the ids that end this generation (mlx-lm reads one and samples once more, then stops)."""
         self._tokens = deque(int(t) for t in tokens)
         self._step_tokens = []
+        self.stop_tokens = frozenset(int(t) for t in stop)
+        self._stopped = False
 
     def sampled(self, token: mx.array) -> None:
         """The generation loop sampled `token` (lazy, one id): the next forward pass's input. While reading ahead,
@@ -686,10 +691,12 @@ class ExpertCache:
         if first is None or not (self.reading_ahead and first.cache.capacity < self.layout.num_experts
                                  and first.views is not None and self.prefetch_guesses(first)):
             self._tokens.append(token)
+            self._stopped = False  # not known without a sync
             return
         t = _token_id(token)  # the step's result is needed now: its last layers finish first
         self._tokens.append(t)
-        if t < len(self.token_routes) and self.token_routes[t, 0] >= 0:
+        after_stop, self._stopped = self._stopped, t in self.stop_tokens
+        if not after_stop and t < len(self.token_routes) and self.token_routes[t, 0] >= 0:
             self._prefetch_into(first, self.token_routes[t])
 
     def ended(self) -> None:
@@ -698,6 +705,7 @@ class ExpertCache:
         now, so none is left writing while nothing waits for it."""
         self._tokens.clear()
         self._step_tokens = []
+        self._stopped = False
         if not self._layers:
             return
         first = self._layers[0]

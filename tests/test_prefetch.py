@@ -491,6 +491,30 @@ def test_the_token_sampled_after_a_replys_last_is_not_read_ahead(checkpoint, mon
     assert events[-1].finish_reason == "cancelled" and len(told) > TOKENS
 
 
+def test_the_token_sampled_after_eos_is_not_read_ahead(checkpoint, stock_tokens, monkeypatch):
+    """mlx-lm reads an EOS token, samples once more and stops: the first layer's experts are read ahead for
+    every token up to EOS, not for the one after it."""
+    path = checkpoint("qwen3_moe")
+    engine = Engine.load(path, capacity=4, prefetch=True)
+    tokens = stock_tokens(path)
+    # EOS: a token whose successor the engine has routed before (else nothing is guessed for the successor)
+    k = next(k for k in range(len(tokens) - 1)
+             if tokens.index(tokens[k]) == k and tokens[k + 1] in {*PROMPT, *tokens[: k + 1]})
+    engine.tokenizer.eos_token_ids = {tokens[k]}
+    first = engine.experts._layers[0]
+    read_for = []
+    prefetch_into = engine.experts._prefetch_into
+    monkeypatch.setattr(engine.experts, "_prefetch_into",
+                        lambda target, guess: (read_for.append(1) if target is first else None,
+                                               prefetch_into(target, guess))[1])
+    for _ in range(2):  # the second reply's tokens were all routed before: each one is guessed
+        engine.reset_prompt_cache()
+        read_for.clear()
+        *_, done = engine.stream(PROMPT, max_tokens=TOKENS)
+    assert done.finish_reason == "stop" and list(done.tokens) == tokens[:k]
+    assert len(read_for) == k + 1  # the reply's tokens and the EOS, which the model reads
+
+
 def test_a_capacity_change_waits_for_reads_ahead_and_changes_nothing_when_one_failed(checkpoint):
     engine = Engine.load(checkpoint("qwen3_moe"), capacity=4, prefetch=True)
     experts = engine.experts
