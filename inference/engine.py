@@ -36,7 +36,7 @@ class Engine:
              policy: str = DEFAULT_POLICY, profile: str | Path | dict | None = None, kv_bits: int | None = None,
              record_trace: bool = True, pin: bool = True,
              prefetch: bool | None = None, uncached_reads: bool | None = None, direct_writes: bool = True,
-             context: int | None = None) -> Engine:
+             context: int | None = None, slot_budget: bool = False) -> Engine:
         """Open a model with its experts left on disk and make its expert cache.
 
         Args:
@@ -60,6 +60,9 @@ class Engine:
             context: tokens of context to allow (at most the model's): prompts are checked against it, and
                 an automatic capacity keeps its KV cache's memory free (default: the model's context, with
                 plan.DEFAULT_CONTEXT tokens of KV cache reserved).
+            slot_budget: while reading ahead, move expert slots between layers to where they make more experts
+                ready (`inference/budget.py`). Off by default: its shadow replays cost the host CPU, and with the
+                first layer guessed from the token it no longer made more experts ready (docs/performance.md).
 
         Raises:
             ModelLoadError: the model cannot be used as it is (the message names the file and the fix).
@@ -84,7 +87,7 @@ class Engine:
         self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, self.name, capacity, mode,
                                    policy, record_trace, prefetch=prefetch,
                                    uncached_reads=uncached_reads, direct_writes=direct_writes,
-                                   reserve_bytes=reserve)
+                                   reserve_bytes=reserve, slot_budget=slot_budget)
         self.prompt_cache = PromptCache(self.model)
         self._control_strings = control_strings(self.tokenizer)
         self.max_token_bytes = max_token_bytes(self.tokenizer)

@@ -94,7 +94,7 @@ class ExpertCache:
     def __init__(self, model: Any, config: dict, tensors: dict[str, TensorInfo], name: str,
                  capacity: int | float | None, mode: str, policy: str, record_trace: bool,
                  prefetch: bool | None = None, direct_writes: bool = True, uncached_reads: bool | None = None,
-                 reserve_bytes: int = 0) -> None:
+                 reserve_bytes: int = 0, slot_budget: bool = False) -> None:
         _check_mode(mode)
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -109,6 +109,7 @@ class ExpertCache:
         # makes decoding faster here (timed, see ReadAheadSwitch).
         self.prefetch = prefetch
         self.read_ahead = ReadAheadSwitch() if prefetch is None else None
+        self.slot_budget = slot_budget  # slots move between layers while reading ahead (SlotBudget); off by default
         self.direct_writes = direct_writes  # read into the slots' memory where the backend allows it
         self.reserve_bytes = reserve_bytes  # memory kept out of the budget (the KV cache of the context)
         try:
@@ -574,7 +575,7 @@ class ExpertCache:
 
     def _restart_budget(self) -> None:
         """Every layer at the same capacity again (set_capacity), or its caches changed wholesale."""
-        several = len(self._layers) > 1 and 0 < self._capacity < self.layout.num_experts
+        several = self.slot_budget and len(self._layers) > 1 and 0 < self._capacity < self.layout.num_experts
         self.budget = SlotBudget([layer.cache for layer in self._layers], self.layout.top_k, self._step) if several \
             else None
 

@@ -81,12 +81,23 @@ def moves_every_step(monkeypatch):
     monkeypatch.setattr(budget, "MOVE_TIME_SHARE", 1e9)
 
 
+def test_the_slot_budget_is_off_unless_asked_for(checkpoint, moves_every_step):
+    """Its shadow replays cost the host CPU and, with the first layer guessed, it no longer made more experts
+    ready: on the offload checkpoint at 25% decoding was 1.06x faster without it (docs/performance.md)."""
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=6, prefetch=True)
+    assert engine.experts.budget is None
+    list(generate_step(mx.array(PROMPT), engine.model, max_tokens=8))
+    assert engine.experts.capacities == (6,) * len(engine.experts._layers)
+    engine.set_capacity(5)
+    assert engine.experts.budget is None
+
+
 def test_exact_mode_equals_stock_while_slots_move(checkpoint, moves_every_step):
     path = checkpoint("qwen3_moe")
     stock, _ = load(str(path))
     expected = [int(t) for t, _ in generate_step(mx.array(PROMPT), stock, max_tokens=24)]
     del stock
-    engine = Engine.load(path, capacity=6, prefetch=True)  # top-2 of 8: layers may go from 4 to 8 slots
+    engine = Engine.load(path, capacity=6, prefetch=True, slot_budget=True)  # top-2 of 8: layers may hold 4-8
     got = [int(t) for t, _ in generate_step(mx.array(PROMPT), engine.model, max_tokens=24)]
     assert got == expected
     caps = [layer.cache.capacity for layer in engine.experts._layers]
@@ -122,7 +133,7 @@ def test_exact_mode_equals_stock_while_slots_move(checkpoint, moves_every_step):
 def test_moved_slots_keep_their_experts_bytes(checkpoint, moves_every_step, quant):
     """After moves, every resident expert's slot rows equal the checkpoint's (the row copies are right)."""
     path = checkpoint("qwen3_moe", quant)
-    engine = Engine.load(path, capacity=6, prefetch=True)
+    engine = Engine.load(path, capacity=6, prefetch=True, slot_budget=True)
     list(generate_step(mx.array(PROMPT), engine.model, max_tokens=12))
     assert engine.experts.budget.moves > 0
     reference = Engine.load(path, capacity=1.0)  # every expert in the slot of its own id
@@ -158,7 +169,7 @@ def test_moves_wait_until_the_last_one_cost_a_small_share_of_the_time(monkeypatc
 def test_a_move_needs_memory_for_one_more_tensor_not_a_layers_worth(checkpoint):
     """Slot tensors are made again one at a time and the old one let go at once (numpy views of the slots
     held every old tensor of a layer until the end: 280 MiB more at the peak on the offload benchmark)."""
-    engine = Engine.load(checkpoint("qwen3_moe"), capacity=6, prefetch=True)
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=6, prefetch=True, slot_budget=True)
     ec = engine.experts
     ec.warm()
     largest = max(layer.block.projections[s.projection][s.param].nbytes for layer in ec._layers

@@ -439,7 +439,7 @@ def test_the_first_layer_learns_only_its_own_routing(tmp_path):
     path = make_checkpoint(tmp_path / "four", "qwen3_moe", router_scale=4.0, num_hidden_layers=4)
     kept = {}
     for grown in (False, True):
-        engine = Engine.load(path, capacity=5, prefetch=True)
+        engine = Engine.load(path, capacity=5, prefetch=True, slot_budget=True)
         engine.tokenizer.eos_token_ids = set()
         experts = engine.experts
         E = experts.layout.num_experts
