@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from .budget import SlotBudget
 from .cache import POLICIES, LayerCache, LayerCounters
 from .errors import ModelLoadError
-from .experts import INLINE_READ_BYTES, ExpertReader, ParamSource, SlotWrites, locate, resized_rows, slot_views
+from .experts import ExpertReader, ParamSource, SlotWrites, locate, resized_rows, slot_views
 from .moe import (
     ExpertLayerRuntime,
     MoEBlock,
@@ -555,8 +555,8 @@ class ExpertCache:
             return None
         # Worth its extra MLX work only while the rest takes a while: read ahead, or read on the reader threads.
         missing = {e for e in row if slot_of[e] < 0}
-        if (not self.reader.uncached and not busy.intersection(row)
-                and len(missing) * sum(s.expert_nbytes for s in layer.sources) < INLINE_READ_BYTES):
+        if not busy.intersection(row) and self.expert_reader.may_copy_inline(
+                len(missing) * sum(s.expert_nbytes for s in layer.sources)):
             return None
         rest = [i for i in range(len(row)) if i not in here]
         first = stock(x, mx.array(slot_of[inds[..., here]]))

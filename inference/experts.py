@@ -173,7 +173,7 @@ class ExpertReader:
             for run in _runs([e for e, _, _ in placements], most):
                 jobs.append((src, [placements[i][0] for i in run], [view[placements[i][1]] for i in run]))
         nbytes = sum(src.expert_nbytes for src in sources) * len(placements)
-        if wait and nbytes < INLINE_READ_BYTES:
+        if wait and self.may_copy_inline(nbytes):
             jobs = [job for job in jobs if not self._write_run(*job, nowait=True)]
             if not jobs:
                 return SlotWrites([], nbytes)
@@ -183,6 +183,11 @@ class ExpertReader:
         if wait:
             writes.wait()
         return writes
+
+    def may_copy_inline(self, nbytes: int) -> bool:
+        """Whether a load of `nbytes` may run on the calling thread (`write_slots`): small, and read through the
+        page cache (where its bytes are there, it is a memory copy; uncached reads always wait for the disk)."""
+        return nbytes < INLINE_READ_BYTES and not self.reader.uncached
 
     def _write_run(self, src: ParamSource, experts: list[int], outs: list[np.ndarray], nowait: bool = False) -> bool:
         """Consecutive `experts` of one parameter into their slot rows `outs`. With `nowait`: False, and
