@@ -22,8 +22,6 @@ from moe_tui.inference import offload_bench as ob
 from moe_tui.inference.bench import drop_page_cache, sequential_read_bandwidth
 from moe_tui.inference.safetensors_io import weight_files
 
-NEW = (("new-default", "exact"), ("new-prefetch", "exact-prefetch"), ("new-noprefetch", "exact-noprefetch"))
-
 
 def shim(old: Path) -> str:
     root = Path(tempfile.mkdtemp()) / "moe_tui"
@@ -40,10 +38,15 @@ def main() -> None:
     parser.add_argument("--capacities", default="25", help="percents")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--headroom", type=int, default=512, help="MiB")
+    parser.add_argument("--modes", default="exact,exact-prefetch,exact-noprefetch",
+                        help="the new code's modes (`moe bench --offload-modes`)")
+    parser.add_argument("--old-modes", default="exact", help="the old code's modes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     layout = ob.run_child({"task": "probe", "args": {"path": args.model, "capacity": 1.0}}, work)["layout"]
-    variants = [("old-exact", shim(args.old.resolve()), "exact"), *((name, None, mode) for name, mode in NEW)]
+    old = shim(args.old.resolve())
+    variants = [*((f"old-{mode}", old, mode) for mode in args.old_modes.split(",")),
+                *((f"new-{mode}", None, mode) for mode in args.modes.split(","))]
     files = weight_files(Path(args.model))
     cgroup = ob.MemoryCgroup.detect()
     if cgroup is None:
@@ -74,6 +77,7 @@ def main() -> None:
                            "demand": d.get("demand_hit_rate", d["hit_rate"]),
                            "mib_per_token": d["bytes_per_token"] / 2**20, "stall_ms": d["stall_s_per_token"] * 1e3,
                            "stall_share": d["stall_s_per_token"] * res["decode_tps"],
+                           "load_mib_s": d["bytes_read"] / d["read_seconds"] / 2**20 if d["read_seconds"] else None,
                            "peak_mib": (res.get("cgroup") or {}).get("peak_bytes", 0) / 2**20,
                            "same_tokens_both_passes": res.get("same_tokens_both_passes")}
                     rows.append(row)
@@ -84,13 +88,14 @@ def main() -> None:
     for row in rows:
         by[(row["fraction"], row["variant"])].append(row)
     for (fraction, name), rs in sorted(by.items()):
-        old = by.get((fraction, "old-exact"), [])
+        old = by.get((fraction, f"old-{args.old_modes.split(',')[0]}"), [])
         ratios = [a["decode_tps"] / b["decode_tps"] for a, b in zip(rs, old, strict=False)]
         geo = float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
         runs = " / ".join(format(r["decode_tps"], ".2f") for r in rs)
         print(f"{fraction:.1%} {name:<15} decode {runs}  "
               f"vs old {geo:.2f}x  ready {np.median([r['ready'] for r in rs]):.1%}  "
               f"stall {np.median([r['stall_share'] for r in rs]):.0%}  "
+              f"reads {np.median([r['load_mib_s'] or 0 for r in rs]):.0f} MiB/s  "
               f"peak {np.median([r['peak_mib'] for r in rs]):.0f} MiB")
 
 
