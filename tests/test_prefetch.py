@@ -392,6 +392,31 @@ def test_a_capacity_change_times_reads_ahead_again(checkpoint):
     assert not engine.experts.read_ahead._times[True] and not engine.experts.read_ahead._times[False]
 
 
+def test_reads_ahead_start_on_where_every_miss_waits_for_the_disk(checkpoint, monkeypatch):
+    """Experts that do not fit in memory are read bypassing the page cache: every miss waits for the disk, which
+    is what reads ahead hide. There they start on and are held before the first timing. Timed from a reply's
+    first step, about half of its first 38 steps ran without them (docs/performance.md)."""
+    from moe_tui.inference import expert_cache
+
+    clock = [0.0]
+    monkeypatch.setattr(expert_cache.time, "perf_counter", lambda: clock[0])
+    engine = Engine.load(checkpoint("qwen3_moe"), capacity=4, uncached_reads=True)
+    switch = engine.experts.read_ahead
+    switch.step(decoding=True)
+    for _ in range(switch.HOLD - 1):
+        clock[0] += 0.010 if switch.active else 0.001  # off is faster: only a timing could tell
+        switch.step(decoding=True)
+        assert switch.active
+    for _ in range(switch.TIMING + 1):  # then timed as anywhere else
+        clock[0] += 0.010 if switch.active else 0.001
+        switch.step(decoding=True)
+    assert not switch.active
+    engine.set_capacity(6)  # a new timing at the new capacity: held on again
+    assert engine.experts.read_ahead.active and engine.experts.read_ahead._phase == "hold"
+    cached = Engine.load(checkpoint("qwen3_moe"), capacity=4, uncached_reads=False).experts.read_ahead
+    assert cached._phase == "time"
+
+
 def test_reads_ahead_are_automatic_by_default(checkpoint):
     engine = Engine.load(checkpoint("mixtral"), capacity=4)
     assert engine.experts.read_ahead is not None and engine.experts.reading_ahead
