@@ -106,7 +106,7 @@ class ExpertCache:
         self._mode = mode
         self.record_trace = record_trace
         # Exact decode: read the next layer's predicted experts while this one computes. None: only while that
-        # makes decoding faster here (timed, see ReadAheadSwitch; set below, once the reads' kind is known).
+        # makes decoding faster here (timed, see ReadAheadSwitch; made again below, once the reads' kind is known).
         self.prefetch = prefetch
         self.read_ahead: ReadAheadSwitch | None = None
         self.slot_budget = slot_budget  # slots move between layers while reading ahead (SlotBudget); off by default

@@ -105,7 +105,7 @@ def locate(block: MoEBlock, params: dict[str, list[str]], model_shapes: dict[str
 
 READ_THREADS = 4  # positional reads in flight at once: they release the GIL, and disks serve several faster
 INLINE_READ_BYTES = 1 << 20  # smaller loads from the page cache run on the calling thread: a hand-off costs more
-READER_NICE = 10  # reads that bypass the page cache convert at this niceness (see _pooled_write_run)
+READER_NICE = 10  # added to a reader thread's niceness where reads bypass the page cache (_pooled_write_run)
 RUN_BYTES = 8 << 20  # the most bytes of consecutive experts one read job takes: bigger runs split between threads
 
 
@@ -195,7 +195,9 @@ class ExpertReader:
     def _pooled_write_run(self, src: ParamSource, experts: list[int], outs: list[np.ndarray]) -> bool:
         """`_write_run` on a reader thread. Where reads bypass the page cache (the model does not fit in memory),
         the thread runs READER_NICE nicer than it started: its CPU work is converting what the disk delivered,
-        and the forward pass's thread, which computes meanwhile, comes first (docs/performance.md)."""
+        and the forward pass's thread, which computes meanwhile, comes first (docs/performance.md). Linux derives
+        a thread's disk priority from its niceness where none was set: schedulers that weigh it (BFQ) serve
+        these reads after other processes' too."""
         nice = READER_NICE if self.reader.uncached and sys.platform.startswith("linux") else 0
         local = self._scratch
         if getattr(local, "nice", 0) != nice:
@@ -204,9 +206,9 @@ class ExpertReader:
                 if not hasattr(local, "base_nice"):
                     local.base_nice = os.getpriority(os.PRIO_PROCESS, tid)
                 os.setpriority(os.PRIO_PROCESS, tid, min(19, local.base_nice + nice))
-            except OSError:  # lowering it again needs privileges: left as it is
+                local.nice = nice
+            except OSError:  # lowering it again needs privileges: left as it is (and tried again next time)
                 pass
-            local.nice = nice
         return self._write_run(src, experts, outs)
 
     def _write_run(self, src: ParamSource, experts: list[int], outs: list[np.ndarray], nowait: bool = False) -> bool:

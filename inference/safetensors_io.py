@@ -403,7 +403,7 @@ class RangeReader:
 
 
 class AlignedScratch:
-    """A growable byte buffer for direct I/O (one per reader thread): it starts on a huge-page boundary, spans
+    """A growable byte buffer for direct I/O (one per thread that reads): it starts on a huge-page boundary, spans
     whole huge pages, and asks Linux for transparent huge pages. A direct read into 4 KiB pages reaches the
     disk as many small requests: on this project's VM, 1.5 MiB expert reads ran at half the speed of the same
     reads into huge pages (docs/performance.md)."""
@@ -426,7 +426,10 @@ def _huge_page_buffer(size: int) -> tuple[Any, np.ndarray]:
         # Private: Python's anonymous mmap is shared memory by default, which Linux backs with small pages.
         raw: Any = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
-            raw.madvise(mmap.MADV_HUGEPAGE)
+            try:
+                raw.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a kernel without transparent huge pages (EINVAL): small pages, as before
+                pass
         whole = np.frombuffer(raw, dtype=np.uint8)
     else:
         raw = whole = np.empty(size + HUGE_PAGE, dtype=np.uint8)
