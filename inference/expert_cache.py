@@ -575,9 +575,10 @@ class ExpertCache:
 
     def _new_switch(self) -> ReadAheadSwitch | None:
         """The automatic setting's switch (None when reads ahead were set on or off). Where reads bypass the page
-        cache (the experts do not fit in memory), every miss waits for the disk: reads ahead start on. On the
-        offload checkpoint at 25% and 50% they decoded 1.13-1.22x faster than none in every full run, and timed
-        from a reply's first step, about half of its first 38 steps ran without them (docs/performance.md)."""
+        cache (the experts do not fit in memory), every miss waits for the disk, which reads ahead hide: they
+        start on, and both settings are timed after HOLD steps. Timed from a reply's first step, about half of
+        its first 38 steps ran without them; on this project's 2-core machine they were 1.13-1.22x faster than
+        none, about even since the split and the lower-priority readers (docs/performance.md)."""
         if self.prefetch is not None:
             return None
         return ReadAheadSwitch(start_on=self.reader.uncached)
