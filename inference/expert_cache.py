@@ -578,7 +578,7 @@ class ExpertCache:
         cache (the experts do not fit in memory), every miss waits for the disk, which reads ahead hide: they
         start on, and both settings are timed after HOLD steps. Timed from a reply's first step, about half of
         its first 38 steps ran without them; on this project's 2-core machine they were 1.13-1.22x faster than
-        none, about even since the split and the lower-priority readers (docs/performance.md)."""
+        none, about even since the split (docs/performance.md)."""
         if self.prefetch is not None:
             return None
         return ReadAheadSwitch(start_on=self.reader.uncached)

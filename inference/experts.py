@@ -6,8 +6,6 @@ and per-expert as in original HF checkpoints (`...experts.7.w1.weight`, `...expe
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -105,7 +103,6 @@ def locate(block: MoEBlock, params: dict[str, list[str]], model_shapes: dict[str
 
 READ_THREADS = 4  # positional reads in flight at once: they release the GIL, and disks serve several faster
 INLINE_READ_BYTES = 1 << 20  # smaller loads from the page cache run on the calling thread: a hand-off costs more
-READER_NICE = 10  # added to a reader thread's niceness where reads bypass the page cache (_pooled_write_run)
 RUN_BYTES = 8 << 20  # the most bytes of consecutive experts one read job takes: bigger runs split between threads
 
 
@@ -182,7 +179,7 @@ class ExpertReader:
                 return SlotWrites([], nbytes)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moe-read")
-        writes = SlotWrites([self._pool.submit(self._pooled_write_run, *job) for job in jobs], nbytes)
+        writes = SlotWrites([self._pool.submit(self._write_run, *job) for job in jobs], nbytes)
         if wait:
             writes.wait()
         return writes
@@ -191,25 +188,6 @@ class ExpertReader:
         """Whether a load of `nbytes` may run on the calling thread (`write_slots`): small, and read through the
         page cache (where its bytes are there, it is a memory copy; uncached reads always wait for the disk)."""
         return nbytes < INLINE_READ_BYTES and not self.reader.uncached
-
-    def _pooled_write_run(self, src: ParamSource, experts: list[int], outs: list[np.ndarray]) -> bool:
-        """`_write_run` on a reader thread. Where reads bypass the page cache (the model does not fit in memory),
-        the thread runs READER_NICE nicer than it started: its CPU work is converting what the disk delivered,
-        and the forward pass's thread, which computes meanwhile, comes first (docs/performance.md). Linux derives
-        a thread's disk priority from its niceness where none was set: schedulers that weigh it (BFQ) serve
-        these reads after other processes' too."""
-        nice = READER_NICE if self.reader.uncached and sys.platform.startswith("linux") else 0
-        local = self._scratch
-        if getattr(local, "nice", 0) != nice:
-            tid = threading.get_native_id()  # Linux: niceness is per thread
-            try:
-                if not hasattr(local, "base_nice"):
-                    local.base_nice = os.getpriority(os.PRIO_PROCESS, tid)
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, local.base_nice + nice))
-                local.nice = nice
-            except OSError:  # lowering it again needs privileges: left as it is (and tried again next time)
-                pass
-        return self._write_run(src, experts, outs)
 
     def _write_run(self, src: ParamSource, experts: list[int], outs: list[np.ndarray], nowait: bool = False) -> bool:
         """Consecutive `experts` of one parameter into their slot rows `outs`. With `nowait`: False, and

@@ -608,31 +608,3 @@ def test_a_kernel_refusing_huge_page_advice_still_gets_its_buffer(monkeypatch):
     buf = AlignedScratch().get(3 << 20)
     buf[:] = 7
     assert buf.ctypes.data % HUGE_PAGE == 0 and int(buf.sum()) == 7 * (3 << 20)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-@pytest.mark.parametrize("uncached", [True, False])
-def test_reads_that_bypass_the_page_cache_convert_at_a_lower_priority(checkpoint, stock_tokens, monkeypatch, uncached):
-    """A model that does not fit in memory: the reader threads' CPU work is converting what the disk delivered,
-    while the forward pass's thread computes; the readers run nicer so that thread comes first. Reads from the
-    page cache are memory copies the forward pass waits for soon: their priority stays."""
-    from moe_tui.inference import experts as experts_module
-
-    path = checkpoint("qwen3_moe")
-    engine = Engine.load(path, capacity=4, prefetch=True, uncached_reads=uncached)
-    seen = []
-    real = experts_module.ExpertReader._write_run
-    main = threading.main_thread().native_id
-
-    def write_run(self, *args, **kwargs):
-        if threading.current_thread() is not threading.main_thread():  # a reader thread's job, not an inline copy
-            mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-            seen.append((mine, os.getpriority(os.PRIO_PROCESS, main)))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(experts_module.ExpertReader, "_write_run", write_run)
-    engine.tokenizer.eos_token_ids = set()
-    *_, done = engine.stream(PROMPT, max_tokens=TOKENS)
-    assert list(done.tokens) == stock_tokens(path)
-    assert seen and all(mine == (min(19, forward + experts_module.READER_NICE) if uncached else forward)
-                        for mine, forward in seen)
