@@ -44,9 +44,10 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     layout = ob.run_child({"task": "probe", "args": {"path": args.model, "capacity": 1.0}}, work)["layout"]
-    old = shim(args.old.resolve())
-    variants = [*((f"old-{mode}", old, mode) for mode in args.old_modes.split(",")),
-                *((f"new-{mode}", None, mode) for mode in args.modes.split(","))]
+    old_modes, new_modes = args.old_modes.split(","), args.modes.split(",")
+    old_path = shim(args.old.resolve())
+    variants = [*((f"old-{mode}", old_path, mode) for mode in old_modes),
+                *((f"new-{mode}", None, mode) for mode in new_modes)]
     files = weight_files(Path(args.model))
     cgroup = ob.MemoryCgroup.detect()
     if cgroup is None:
@@ -88,7 +89,7 @@ def main() -> None:
     for row in rows:
         by[(row["fraction"], row["variant"])].append(row)
     for (fraction, name), rs in sorted(by.items()):
-        old = by.get((fraction, f"old-{args.old_modes.split(',')[0]}"), [])
+        old = by.get((fraction, f"old-{old_modes[0]}"), [])  # the reference: the old code's first mode
         ratios = [a["decode_tps"] / b["decode_tps"] for a, b in zip(rs, old, strict=False)]
         geo = float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan")
         runs = " / ".join(format(r["decode_tps"], ".2f") for r in rs)
