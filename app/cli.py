@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--synthetic", action="store_true", help="benchmark a generated model (experts ~95%% of weights)")
     p.add_argument("--quantized", action="store_true",
-                   help="--synthetic: 4-bit with bf16 scales and biases (the format of mlx-community's 4-bit models)")
+                   help="--synthetic, --offload: the synthetic checkpoint in 4 bits with bf16 scales and biases (the "
+                        "format of mlx-community's 4-bit models)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)

@@ -62,6 +62,7 @@ SIZES: dict[str, dict] = {
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},  # ~3 MB, for tests
 }
 MARKER = "offload_bench.json"  # written beside a checkpoint this module made: how it was made
+QUANTIZATION = {"bits": 4, "group_size": 64}  # `--quantized`: mlx-community's usual 4-bit format
 CALIBRATION_TOKENS = 384
 HEADROOM_MB = 512
 
@@ -301,19 +302,46 @@ def _json_default(o):
 # ---------------------------------------------------------------------------------------------- tasks
 
 
-def make_offload_checkpoint(path: str, size: str, embed_std: float = EMBED_STD) -> dict:
-    """Write the synthetic checkpoint of `size` to `path` (bf16 on disk) with calibrated routing."""
+def make_offload_checkpoint(path: str, size: str, embed_std: float = EMBED_STD, quantized: bool = False) -> dict:
+    """Write the synthetic checkpoint of `size` to `path` (bf16 on disk) with calibrated routing. `quantized`:
+    then converted as mlx-community's 4-bit models are (`mlx_lm.convert`, QUANTIZATION: bf16 scales and biases,
+    the routers at 8 bits), the same model and routing in the format most people download."""
     import mlx.core as mx
 
     from .synthetic import make_checkpoint
 
     started = time.perf_counter()
-    make_checkpoint(path, "qwen3_moe", dtype=mx.bfloat16, seed=SEED, router_scale=ROUTER_SCALE, **SIZES[size])
-    set_embedding_std(Path(path), embed_std)
+    path = Path(path)
+    raw = path.with_name(path.name + ".bf16-tmp") if quantized else path
+    try:
+        make_checkpoint(raw, "qwen3_moe", dtype=mx.bfloat16, seed=SEED, router_scale=ROUTER_SCALE, **SIZES[size])
+        set_embedding_std(raw, embed_std)  # before quantizing: the embeddings are quantized too
+        if quantized:
+            _convert_4bit(raw, path)
+    finally:
+        if raw != path:
+            shutil.rmtree(raw, ignore_errors=True)
     info = {"size": size, "embed_std": embed_std, "router_scale": ROUTER_SCALE, "seed": SEED,
-            "config": SIZES[size]}
-    (Path(path) / MARKER).write_text(json.dumps(info, indent=2))
-    return {**info, "seconds": time.perf_counter() - started, **probe(path, 0.25)}
+            "config": SIZES[size], "quantization": QUANTIZATION if quantized else None}
+    (path / MARKER).write_text(json.dumps(info, indent=2))
+    return {**info, "seconds": time.perf_counter() - started, **probe(str(path), 0.25)}
+
+
+def _convert_4bit(source: Path, path: Path) -> None:
+    """`mlx_lm.convert` of `source` into `path` (which may exist, empty: convert itself refuses any folder)."""
+    from mlx_lm.convert import convert
+
+    out = path.with_name(path.name + ".4bit-tmp")
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its "[INFO] ..." lines: stdout is the report's
+            convert(str(source), mlx_path=str(out), quantize=True, q_bits=QUANTIZATION["bits"],
+                    q_group_size=QUANTIZATION["group_size"], dtype="bfloat16")
+        path.mkdir(parents=True, exist_ok=True)
+        for f in out.iterdir():
+            f.replace(path / f.name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def set_embedding_std(path: Path, std: float, name: str = "model.embed_tokens.weight") -> None:
@@ -496,14 +524,22 @@ def parse_percents(text: str) -> list[float]:
     return values
 
 
-def prepare_checkpoint(model: str | None, size: str, workdir: Path) -> tuple[Path, dict | None, bool]:
+def prepare_checkpoint(model: str | None, size: str, workdir: Path, quantized: bool = False,
+                       ) -> tuple[Path, dict | None, bool]:
     """(path, how it was made or None for a checkpoint not made here, whether this run made it)."""
     if model is not None and (Path(model) / "config.json").exists():
         marker = Path(model) / MARKER
-        return Path(model), (json.loads(marker.read_text()) if marker.exists() else None), False
-    path = Path(model) if model is not None else workdir / f"synthetic-qwen3-moe-{size}"
-    print(f"moe bench: writing a synthetic checkpoint ({size}) to {path}", file=sys.stderr)
-    made = run_child({"task": "make", "args": {"path": str(path), "size": size}}, workdir)
+        made = json.loads(marker.read_text()) if marker.exists() else None
+        if quantized and not (made or {}).get("quantization"):
+            raise ValueError(f"--quantized makes the synthetic checkpoint in 4 bits, but {model} already holds "
+                             f"{'a bf16 one' if made else 'a checkpoint not made by moe bench'}: give a new "
+                             f"--offload-model path, or leave out --quantized to run this one")
+        return Path(model), made, False
+    suffix = "-4bit" if quantized else ""
+    path = Path(model) if model is not None else workdir / f"synthetic-qwen3-moe-{size}{suffix}"
+    kind = f"{size}, 4-bit" if quantized else size
+    print(f"moe bench: writing a synthetic checkpoint ({kind}) to {path}", file=sys.stderr)
+    made = run_child({"task": "make", "args": {"path": str(path), "size": size, "quantized": quantized}}, workdir)
     if "error" in made:
         raise RuntimeError(f"making the checkpoint failed: {made['error']}")
     return path, made, True
@@ -512,7 +548,7 @@ def prepare_checkpoint(model: str | None, size: str, workdir: Path) -> tuple[Pat
 def run_offload_bench(model: str | None = None, size: str = "full", fractions=(0.125, 0.25, 0.5, 1.0),
                       modes=("exact", "exact-prefetch", "exact-noprefetch"), prompt_tokens: int = 64,
                       decode_tokens: int = 64, headroom: int = HEADROOM_MB << 20,
-                      use_cgroup: bool = True) -> dict:
+                      use_cgroup: bool = True, quantized: bool = False) -> dict:
     from .bench import MODES
 
     for mode in modes:
@@ -520,7 +556,8 @@ def run_offload_bench(model: str | None = None, size: str = "full", fractions=(0
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     workdir = Path(tempfile.mkdtemp(prefix="moe-offload-"))
     with _terminate_as_exit():
-        return _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, use_cgroup, workdir)
+        return _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, use_cgroup, workdir,
+                    quantized)
 
 
 @contextlib.contextmanager
@@ -543,13 +580,14 @@ def _terminate_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, use_cgroup, workdir) -> dict:
+def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, use_cgroup, workdir,
+         quantized=False) -> dict:
     from .bench import drop_page_cache, sequential_read_bandwidth
     from .safetensors_io import weight_files
 
     cgroup = None
     try:
-        path, made, created = prepare_checkpoint(model, size, workdir)
+        path, made, created = prepare_checkpoint(model, size, workdir, quantized)
         files = weight_files(path)
         file_bytes = sum(f.stat().st_size for f in files)
         if made and "layout" in made:
@@ -576,6 +614,7 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
             print(f"moe bench: {environment['note']}", file=sys.stderr)
         report: dict = {
             "model": str(path), "synthetic": made, "made_here": created, "layout": layout, "environment": environment,
+            "quantization": _quantization(path),
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         }
         sequential = sequential_read_bandwidth(files)
@@ -631,6 +670,12 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _quantization(path: Path) -> dict | None:
+    """The checkpoint's quantization as its config.json states it (bits, group size), or None."""
+    q = json.loads((path / "config.json").read_text()).get("quantization")
+    return {"bits": q.get("bits"), "group_size": q.get("group_size")} if isinstance(q, dict) else None
+
+
 def _derive(r: dict, sequential: float, compute_tps: float) -> dict:
     if "error" in r:
         return r
@@ -680,8 +725,10 @@ def format_table(report: dict) -> str:
     lim = report["limits"]
     io = report["io"]
     iso = env["isolation"] + (f" (headroom {env['headroom_bytes'] / 2**20:.0f} MiB)" if env["headroom_bytes"] else "")
+    q = report.get("quantization")
     lines = [
-        f"model {report['model']}  {env['file_bytes'] / 2**30:.2f} GiB on disk  {lay['num_experts']} experts top-"
+        f"model {report['model']}  {env['file_bytes'] / 2**30:.2f} GiB on disk"
+        + (f" ({q['bits']}-bit, group {q['group_size']})" if q else "") + f"  {lay['num_experts']} experts top-"
         f"{lay['top_k']} x {len(lay['moe_layers'])} layers  expert {lay['expert_bytes'] / 2**20:.2f} MiB in memory",
         f"isolation {iso}; page cache dropped before each run",
         f"cold sequential read {io['sequential_read_bandwidth'] / 2**20:.0f} MiB/s; engine's cold expert reads "
@@ -734,7 +781,8 @@ def main(args) -> int:
             model=args.offload_model, size=args.offload_size, fractions=parse_percents(args.offload_capacities),
             modes=tuple(m.strip() for m in args.offload_modes.split(",") if m.strip()),
             prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-            headroom=int(args.offload_headroom) << 20, use_cgroup=not args.offload_no_cgroup)
+            headroom=int(args.offload_headroom) << 20, use_cgroup=not args.offload_no_cgroup,
+            quantized=getattr(args, "quantized", False))
     except KeyboardInterrupt:
         print("moe bench: interrupted (the running child was ended and its cgroup removed)", file=sys.stderr)
         return 130

@@ -147,3 +147,44 @@ def test_bench_stdout_is_json_alone_when_it_makes_a_quantized_checkpoint(monkeyp
     assert main(["bench", "--synthetic", "--quantized"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["model"].endswith("synthetic-qwen3-moe") and "table" in err
+
+
+def test_offload_bench_quantized_runs_the_same_model_in_4_bits(tmp_path, capsys):
+    """`--quantized` makes the offload checkpoint as mlx-community's 4-bit models are (mlx_lm.convert: packed
+    weights, bf16 scales and biases), and runs it; stdout stays the JSON report (convert prints as it goes)."""
+    from moe_tui.inference.safetensors_io import read_header, weight_files
+
+    ckpt = tmp_path / "q4"
+    rc = main(["bench", "--offload", "--quantized", "--offload-size", "tiny", "--offload-model", str(ckpt),
+               "--offload-capacities", "25", "--offload-modes", "exact", "--offload-no-cgroup",
+               "--prompt-tokens", "12", "--decode-tokens", "6"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["quantization"] == {"bits": 4, "group_size": 64}
+    assert report["synthetic"]["quantization"] == {"bits": 4, "group_size": 64}
+    assert report["synthetic"]["embed_std"] == EMBED_STD
+    tensors = {}
+    for f in weight_files(ckpt):
+        tensors.update(read_header(f))
+    expert = "model.layers.0.mlp.switch_mlp.gate_proj"
+    assert tensors[f"{expert}.weight"].dtype == "U32" and tensors[f"{expert}.scales"].dtype == "BF16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q4"]  # no temporary folder left beside it
+    [config] = report["configs"]
+    assert "error" not in config, config
+    assert config["generated_tokens"] == 6 and config["decode"]["hit_rate"] < 1.0
+    assert config["decode"]["bytes_per_token"] > 0
+    assert "(4-bit, group 64)" in err
+
+
+def test_offload_bench_quantized_refuses_an_existing_bf16_checkpoint(tmp_path, capsys):
+    """An existing checkpoint is run as it is: with `--quantized` it must be one made in 4 bits, not silently
+    the bf16 one (the report would be read as 4-bit)."""
+    from moe_tui.inference.offload_bench import make_offload_checkpoint
+
+    ckpt = tmp_path / "bf16"
+    make_offload_checkpoint(str(ckpt), "tiny")
+    rc = main(["bench", "--offload", "--quantized", "--offload-model", str(ckpt), "--offload-no-cgroup"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert "--quantized" in err and "a bf16 one" in err and str(ckpt) in err
