@@ -265,6 +265,27 @@ def test_a_layer_load_reads_consecutive_experts_of_a_parameter_in_one_call(check
     assert greedy(engine.model) == stock_tokens(path)
 
 
+def test_a_load_hands_each_reader_thread_one_task_not_one_per_read(checkpoint, stock_tokens, monkeypatch):
+    """A hand-off to the reader pool costs the calling thread more than a small read, and a 4-bit expert is
+    nine reads: a load submits at most one task per reader thread, which take the reads in turn."""
+    path = checkpoint("qwen3_moe", 4)
+    engine = Engine.load(path, capacity=3, uncached_reads=True, prefetch=False)  # uncached: never inline
+    reader = engine.experts.expert_reader
+    reads, loads = [], []
+    real_read, real_write = reader.reader.read_uncached, reader.write_slots
+    monkeypatch.setattr(reader.reader, "read_uncached", lambda *a, **k: reads.append(a[1]) or real_read(*a, **k))
+
+    def write_slots(*args, **kwargs):
+        writes = real_write(*args, **kwargs)
+        loads.append(len(writes.futures))
+        return writes
+
+    monkeypatch.setattr(reader, "write_slots", write_slots)
+    assert greedy(engine.model) == stock_tokens(path)
+    assert loads and max(loads) <= reader.threads
+    assert len(reads) > 2 * sum(loads)  # several reads per task
+
+
 def test_an_expert_read_again_is_not_checked_for_nan_again(checkpoint, stock_tokens, monkeypatch):
     """The NaN/Inf check runs once per expert's bytes: evicted and read again, they are the same bytes."""
     import moe_tui.inference.experts as experts
