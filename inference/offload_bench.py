@@ -7,7 +7,8 @@ holds the whole checkpoint; the file's pages are also dropped (posix_fadvise DON
 since pages cached by another cgroup would still be hits. Elsewhere only the drop is done, and the output
 says so.
 
-The default checkpoint is a synthetic qwen3_moe of about 2.3 GiB (bf16 on disk). Its routing is calibrated
+The default checkpoint is a synthetic qwen3_moe of about 2.3 GiB (bf16 on disk; `--quantized`: the same model
+converted to 4 bits as mlx-community ships models, about 0.65 GiB). Its routing is calibrated
 to the locality of the trained demo model: LRU's hit rate at 25% and 50% capacity on a per-token replay of
 a fixed text (`EMBED_STD`, found with `--offload-calibrate`; see `calibrate`).
 
