@@ -11,6 +11,7 @@ import stat
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -277,6 +278,11 @@ class RangeReader:
         self._direct_fds: dict[Path, int | None] = {}  # None: this file cannot be read with O_DIRECT
         self._lock = threading.Lock()
         self.bytes_read = 0
+        # Wall time with at least one read in flight (overlapping reads count once): bytes_read / busy_seconds
+        # is the bandwidth the reads themselves got, apart from what the callers do with the bytes.
+        self.busy_seconds = 0.0
+        self._in_flight = 0
+        self._busy_since = 0.0
         self.uncached = uncached
         self._nowait = bool(NOWAIT)  # cleared where the kernel or file system refuses RWF_NOWAIT
 
@@ -315,8 +321,31 @@ class RangeReader:
         """
         views = [memoryview(o).cast("B") for o in (out if isinstance(out, list) else [out])]
         fd = self._fd(path)
-        flags = NOWAIT if nowait and self._nowait else 0
-        total, done = sum(len(v) for v in views), 0
+        total = sum(len(v) for v in views)
+        self._started()
+        try:
+            read = self._read_views(fd, path, offset, views, total, NOWAIT if nowait and self._nowait else 0)
+        finally:
+            self._ended()
+        if read:
+            with self._lock:
+                self.bytes_read += total
+        return read
+
+    def _started(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.busy_seconds += time.perf_counter() - self._busy_since
+
+    def _read_views(self, fd: int, path: Path, offset: int, views: list[memoryview], total: int, flags: int) -> bool:
+        done = 0
         first, skip = 0, 0  # the next byte goes to views[first][skip]
         while done < total:
             buffers = [views[first][skip:], *views[first + 1 :]]
@@ -341,8 +370,6 @@ class RangeReader:
             while first < len(views) and skip >= len(views[first]):
                 skip -= len(views[first])
                 first += 1
-        with self._lock:
-            self.bytes_read += total
         return True
 
     def read_uncached(self, path: Path, offset: int, nbytes: int, scratch: AlignedScratch) -> np.ndarray:
@@ -358,6 +385,7 @@ class RangeReader:
         buf = scratch.get(length)
         view = memoryview(buf).cast("B")
         done = 0
+        self._started()
         try:
             while done < nbytes + offset - start:
                 n = os.preadv(fd, [view[done:]], start + done)
@@ -369,7 +397,12 @@ class RangeReader:
         except OSError:  # the file system refused direct I/O after all: ordinary reads from now on
             with self._lock:
                 self._direct_fds[path] = None
+            self._ended()
             return self.read_uncached(path, offset, nbytes, scratch)
+        except BaseException:
+            self._ended()
+            raise
+        self._ended()
         if done < nbytes + offset - start:
             raise ModelLoadError(f"{path}: unexpected end of file at byte {start + done}; re-download it")
         with self._lock:

@@ -43,6 +43,8 @@ def test_offload_bench_tiny(tmp_path, capsys):
     io = report["io"]
     assert _positive(io["sequential_read_bandwidth"])
     assert _positive(io["engine_cold_load_bandwidth"]) and _positive(io["engine_warm_load_bandwidth"])
+    # The reads alone are at least as fast as the loads, which also widen and write what was read.
+    assert io["engine_cold_read_bandwidth"] >= io["engine_cold_load_bandwidth"] > 0
     assert 0 < io["engine_vs_sequential"]
     assert _positive(report["limits"]["compute_decode_tps"])
     assert _positive(report["limits"]["compute_prefill_tps"])
@@ -61,6 +63,7 @@ def test_offload_bench_tiny(tmp_path, capsys):
             assert c["capacity"] == 16
             assert c["decode"]["bytes_per_token"] > 0 and _positive(c["io_limit_tps"])
             assert _positive(c["load_bandwidth"]) and _positive(c["decode"]["stall_s_per_token"])
+            assert c["read_bandwidth"] >= c["load_bandwidth"]
             assert c["decode"]["hit_rate"] < 1.0
         else:
             assert c["decode"]["bytes_per_token"] == 0 and c["io_limit_tps"] is None

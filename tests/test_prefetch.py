@@ -184,6 +184,32 @@ def test_uncached_reads_return_the_same_bytes(tmp_path, offset, nbytes):
     reader.close()
 
 
+def test_reads_in_flight_together_count_their_wall_time_once(tmp_path, monkeypatch):
+    """`busy_seconds` is wall time with at least one read in flight: the reads' own bandwidth is
+    bytes_read / busy_seconds, apart from what callers do with the bytes, however many threads read."""
+    import moe_tui.inference.safetensors_io as sio
+
+    clock = iter([10.0, 13.0, 20.0, 21.0])  # first read starts, both end; later a read from 20 to 21
+    monkeypatch.setattr(sio.time, "perf_counter", lambda: next(clock))
+    reader = RangeReader()
+    reader._started()
+    reader._started()  # a second read joins the first: no clock read
+    reader._ended()  # one still in flight: no clock read
+    reader._ended()  # 13.0
+    assert reader.busy_seconds == 3.0
+    reader._started()
+    reader._ended()
+    assert reader.busy_seconds == 4.0
+    monkeypatch.undo()
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    out = np.empty(4096, dtype=np.uint8)
+    assert RangeReader().read_into(path, 0, out) and out[1] == 1
+    cold = RangeReader(uncached=True)
+    cold.read_uncached(path, 100, 1000, AlignedScratch())
+    assert cold.bytes_read == 1000 and cold.busy_seconds > 0 and cold._in_flight == 0
+
+
 def test_one_read_fills_several_buffers_from_consecutive_bytes(tmp_path):
     data = np.random.default_rng(1).integers(0, 256, 10_000, dtype=np.uint8)
     file = tmp_path / "blob.bin"
