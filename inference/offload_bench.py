@@ -303,22 +303,27 @@ def _json_default(o):
 # ---------------------------------------------------------------------------------------------- tasks
 
 
-def make_offload_checkpoint(path: str, size: str, embed_std: float = EMBED_STD, quantized: bool = False) -> dict:
+def make_offload_checkpoint(path: str, size: str, embed_std: float = EMBED_STD, quantized: bool = False,
+                            scratch: str | None = None) -> dict:
     """Write the synthetic checkpoint of `size` to `path` (bf16 on disk) with calibrated routing. `quantized`:
     then converted as mlx-community's 4-bit models are (`mlx_lm.convert`, QUANTIZATION: bf16 scales and biases,
-    the routers at 8 bits), the same model and routing in the format most people download."""
+    the routers at 8 bits): the same weights in the format most people download (quantizing moves the routing
+    a little; the benchmark measures it on the checkpoint it runs). The bf16 original and the conversion are
+    written under `scratch` (default: beside `path`), which the benchmark's parent removes even when this
+    child is killed."""
     import mlx.core as mx
 
     from .synthetic import make_checkpoint
 
     started = time.perf_counter()
     path = Path(path)
-    raw = path.with_name(path.name + ".bf16-tmp") if quantized else path
+    work = Path(scratch) if scratch else path.parent
+    raw = work / f"{path.name}.bf16-tmp" if quantized else path
     try:
         make_checkpoint(raw, "qwen3_moe", dtype=mx.bfloat16, seed=SEED, router_scale=ROUTER_SCALE, **SIZES[size])
         set_embedding_std(raw, embed_std)  # before quantizing: the embeddings are quantized too
         if quantized:
-            _convert_4bit(raw, path)
+            _convert_4bit(raw, path, work / f"{path.name}.4bit-tmp")
     finally:
         if raw != path:
             shutil.rmtree(raw, ignore_errors=True)
@@ -328,11 +333,11 @@ def make_offload_checkpoint(path: str, size: str, embed_std: float = EMBED_STD, 
     return {**info, "seconds": time.perf_counter() - started, **probe(str(path), 0.25)}
 
 
-def _convert_4bit(source: Path, path: Path) -> None:
-    """`mlx_lm.convert` of `source` into `path` (which may exist, empty: convert itself refuses any folder)."""
+def _convert_4bit(source: Path, path: Path, out: Path) -> None:
+    """`mlx_lm.convert` of `source` into `out`, then its files moved into `path` (new or empty: convert itself
+    refuses any existing folder)."""
     from mlx_lm.convert import convert
 
-    out = path.with_name(path.name + ".4bit-tmp")
     shutil.rmtree(out, ignore_errors=True)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # its "[INFO] ..." lines: stdout is the report's
@@ -340,7 +345,7 @@ def _convert_4bit(source: Path, path: Path) -> None:
                     q_group_size=QUANTIZATION["group_size"], dtype="bfloat16")
         path.mkdir(parents=True, exist_ok=True)
         for f in out.iterdir():
-            f.replace(path / f.name)
+            shutil.move(f, path / f.name)  # the scratch folder may be on another file system
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -540,11 +545,15 @@ def prepare_checkpoint(model: str | None, size: str, workdir: Path, quantized: b
                              f"{'a bf16 one' if made else 'a checkpoint not made by moe bench'}: give a new "
                              f"--offload-model path, or leave out --quantized to run this one")
         return Path(model), made, False
+    if model is not None and Path(model).exists() and (not Path(model).is_dir() or any(Path(model).iterdir())):
+        raise ValueError(f"--offload-model {model} exists and is not a checkpoint: give a new or empty folder "
+                         f"to make the synthetic one in")
     suffix = "-4bit" if quantized else ""
     path = Path(model) if model is not None else workdir / f"synthetic-qwen3-moe-{size}{suffix}"
     kind = f"{size}, 4-bit" if quantized else size
     print(f"moe bench: writing a synthetic checkpoint ({kind}) to {path}", file=sys.stderr)
-    made = run_child({"task": "make", "args": {"path": str(path), "size": size, "quantized": quantized}}, workdir)
+    made = run_child({"task": "make", "args": {"path": str(path), "size": size, "quantized": quantized,
+                                               "scratch": str(workdir)}}, workdir)
     if "error" in made:
         raise RuntimeError(f"making the checkpoint failed: {made['error']}")
     return path, made, True

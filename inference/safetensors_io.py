@@ -280,7 +280,7 @@ class RangeReader:
         self.bytes_read = 0
         # Wall time with at least one read in flight (overlapping reads count once): bytes_read / busy_seconds
         # is the bandwidth the reads themselves got, apart from what the callers do with the bytes.
-        self.busy_seconds = 0.0
+        self._busy_total = 0.0  # busy periods that have ended
         self._in_flight = 0
         self._busy_since = 0.0
         self.uncached = uncached
@@ -332,6 +332,13 @@ class RangeReader:
                 self.bytes_read += total
         return read
 
+    @property
+    def busy_seconds(self) -> float:
+        """Wall time so far with at least one read in flight, the current busy period included (a snapshot taken
+        mid-period and one taken later then cover the same span as the bytes counted between them)."""
+        with self._lock:
+            return self._busy_total + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
+
     def _started(self) -> None:
         with self._lock:
             if self._in_flight == 0:
@@ -342,7 +349,7 @@ class RangeReader:
         with self._lock:
             self._in_flight -= 1
             if self._in_flight == 0:
-                self.busy_seconds += time.perf_counter() - self._busy_since
+                self._busy_total += time.perf_counter() - self._busy_since
 
     def _read_views(self, fd: int, path: Path, offset: int, views: list[memoryview], total: int, flags: int) -> bool:
         done = 0

@@ -191,3 +191,15 @@ def test_offload_bench_quantized_refuses_an_existing_bf16_checkpoint(tmp_path, c
     out, err = capsys.readouterr()
     assert rc == 2 and out == ""
     assert "--quantized" in err and "a bf16 one" in err and str(ckpt) in err
+
+
+def test_offload_bench_will_not_make_its_checkpoint_among_other_files(tmp_path, capsys):
+    """A folder that exists without a checkpoint in it is not written into: mlx-lm would load any safetensors
+    already there beside the new ones."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    rc = main(["bench", "--offload", "--offload-size", "tiny", "--offload-model", str(folder), "--offload-no-cgroup"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and "not a checkpoint" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]

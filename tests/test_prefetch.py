@@ -3,6 +3,7 @@ and reads that bypass the page cache. None of them may change a single output.""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -208,6 +209,32 @@ def test_reads_in_flight_together_count_their_wall_time_once(tmp_path, monkeypat
     cold = RangeReader(uncached=True)
     cold.read_uncached(path, 100, 1000, AlignedScratch())
     assert cold.bytes_read == 1000 and cold.busy_seconds > 0 and cold._in_flight == 0
+
+
+def test_a_read_that_fails_or_gives_way_ends_its_busy_period(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(8192))
+    reader = RangeReader(uncached=True)
+    with pytest.raises(ModelLoadError, match="end of file"):
+        reader.read_into(path, 4096, np.empty(8192, dtype=np.uint8))
+    with pytest.raises(ModelLoadError, match="end of file"):
+        reader.read_uncached(path, 4096, 8192, AlignedScratch())
+    real = os.preadv
+
+    def preadv(fd, buffers, offset, *flags):
+        if flags:  # a nowait read whose bytes are not cached
+            raise BlockingIOError
+        if fd in reader._direct_fds.values():
+            raise OSError(errno.EINVAL, "no direct I/O here")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    reader.read_into(path, 0, np.empty(16, dtype=np.uint8), nowait=True)  # gives way where RWF_NOWAIT exists
+    out = reader.read_uncached(path, 10, 100, AlignedScratch())  # direct I/O refused: ordinary reads instead
+    assert out.size == 100 and reader._direct_fds[path] is None
+    assert reader._in_flight == 0
+    busy = reader.busy_seconds
+    assert reader.busy_seconds == busy  # nothing in flight: the clock is not read
 
 
 def test_one_read_fills_several_buffers_from_consecutive_bytes(tmp_path):
