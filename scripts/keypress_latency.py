@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import sqlite3
 import subprocess
 import tempfile
@@ -193,6 +194,7 @@ def main() -> int:
         if client is not None:
             client.close()
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the app's config and chat database
     print(json.dumps({
         "keys_while_streaming": len(latencies), "p50_ms": percentile(latencies, 0.5),
         "p99_ms": percentile(latencies, 0.99), "max_ms": percentile(latencies, 1.0),
