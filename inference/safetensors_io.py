@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -12,6 +13,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -321,16 +323,37 @@ class RangeReader:
         """
         views = [memoryview(o).cast("B") for o in (out if isinstance(out, list) else [out])]
         fd = self._fd(path)
-        total = sum(len(v) for v in views)
-        self._started()
-        try:
-            read = self._read_views(fd, path, offset, views, total, NOWAIT if nowait and self._nowait else 0)
-        finally:
-            self._ended()
-        if read:
-            with self._lock:
-                self.bytes_read += total
-        return read
+        flags = NOWAIT if nowait and self._nowait else 0
+        total, done = sum(len(v) for v in views), 0
+        first, skip = 0, 0  # the next byte goes to views[first][skip]
+        with self._reading():
+            while done < total:
+                buffers = [views[first][skip:], *views[first + 1 :]]
+                try:
+                    if flags:
+                        n = os.preadv(fd, buffers, offset + done, flags)
+                    elif hasattr(os, "preadv"):
+                        n = os.preadv(fd, buffers, offset + done)
+                    else:
+                        n = _pread_into(fd, buffers[0], offset + done)
+                except BlockingIOError:
+                    return False
+                except OSError as e:
+                    if not flags or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    # A kernel or file system without RWF_NOWAIT: ordinary reads from now on.
+                    self._nowait = flags = 0
+                    continue
+                if n <= 0:
+                    raise ModelLoadError(f"{path}: unexpected end of file at byte {offset + done}; re-download it")
+                done += n
+                skip += n
+                while first < len(views) and skip >= len(views[first]):
+                    skip -= len(views[first])
+                    first += 1
+        with self._lock:
+            self.bytes_read += total
+        return True
 
     @property
     def busy_seconds(self) -> float:
@@ -339,45 +362,21 @@ class RangeReader:
         with self._lock:
             return self._busy_total + (time.perf_counter() - self._busy_since if self._in_flight else 0.0)
 
-    def _started(self) -> None:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Around each read (they may overlap, on several threads): a busy period runs from the first read in
+        flight to the end of the last, however the reads end."""
         with self._lock:
             if self._in_flight == 0:
                 self._busy_since = time.perf_counter()
             self._in_flight += 1
-
-    def _ended(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._busy_total += time.perf_counter() - self._busy_since
-
-    def _read_views(self, fd: int, path: Path, offset: int, views: list[memoryview], total: int, flags: int) -> bool:
-        done = 0
-        first, skip = 0, 0  # the next byte goes to views[first][skip]
-        while done < total:
-            buffers = [views[first][skip:], *views[first + 1 :]]
-            try:
-                if flags:
-                    n = os.preadv(fd, buffers, offset + done, flags)
-                elif hasattr(os, "preadv"):
-                    n = os.preadv(fd, buffers, offset + done)
-                else:
-                    n = _pread_into(fd, buffers[0], offset + done)
-            except BlockingIOError:
-                return False
-            except OSError as e:
-                if not flags or e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise
-                self._nowait = flags = 0  # a kernel or file system without RWF_NOWAIT: ordinary reads from now on
-                continue
-            if n <= 0:
-                raise ModelLoadError(f"{path}: unexpected end of file at byte {offset + done}; re-download it")
-            done += n
-            skip += n
-            while first < len(views) and skip >= len(views[first]):
-                skip -= len(views[first])
-                first += 1
-        return True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._busy_total += time.perf_counter() - self._busy_since
 
     def read_uncached(self, path: Path, offset: int, nbytes: int, scratch: AlignedScratch) -> np.ndarray:
         """`nbytes` at `offset` as uint8, bypassing the page cache where possible, in `scratch` (reused by
@@ -392,24 +391,19 @@ class RangeReader:
         buf = scratch.get(length)
         view = memoryview(buf).cast("B")
         done = 0
-        self._started()
-        try:
-            while done < nbytes + offset - start:
-                n = os.preadv(fd, [view[done:]], start + done)
-                if n <= 0:
-                    raise ModelLoadError(f"{path}: unexpected end of file at byte {start + done}; re-download it")
-                done += n
-                if n % DIRECT_ALIGN:  # a short read (end of file): the rest cannot be read aligned
-                    break
-        except OSError:  # the file system refused direct I/O after all: ordinary reads from now on
-            with self._lock:
-                self._direct_fds[path] = None
-            self._ended()
-            return self.read_uncached(path, offset, nbytes, scratch)
-        except BaseException:
-            self._ended()
-            raise
-        self._ended()
+        with self._reading():
+            try:
+                while done < nbytes + offset - start:
+                    n = os.preadv(fd, [view[done:]], start + done)
+                    if n <= 0:
+                        raise ModelLoadError(f"{path}: unexpected end of file at byte {start + done}; re-download it")
+                    done += n
+                    if n % DIRECT_ALIGN:  # a short read (end of file): the rest cannot be read aligned
+                        break
+            except OSError:  # the file system refused direct I/O after all: ordinary reads from now on
+                with self._lock:
+                    self._direct_fds[path] = None
+                return self.read_uncached(path, offset, nbytes, scratch)
         if done < nbytes + offset - start:
             raise ModelLoadError(f"{path}: unexpected end of file at byte {start + done}; re-download it")
         with self._lock:

@@ -193,13 +193,12 @@ def test_reads_in_flight_together_count_their_wall_time_once(tmp_path, monkeypat
     clock = iter([10.0, 13.0, 20.0, 21.0])  # first read starts, both end; later a read from 20 to 21
     monkeypatch.setattr(sio.time, "perf_counter", lambda: next(clock))
     reader = RangeReader()
-    reader._started()
-    reader._started()  # a second read joins the first: no clock read
-    reader._ended()  # one still in flight: no clock read
-    reader._ended()  # 13.0
-    assert reader.busy_seconds == 3.0
-    reader._started()
-    reader._ended()
+    with reader._reading():
+        with reader._reading():  # a second read joins the first: no clock read
+            pass  # one still in flight when it ends: no clock read
+    assert reader.busy_seconds == 3.0  # the first ended at 13.0
+    with reader._reading():
+        pass
     assert reader.busy_seconds == 4.0
     monkeypatch.undo()
     path = tmp_path / "f.bin"
