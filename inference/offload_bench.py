@@ -667,8 +667,8 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
         read = sum(c["decode"]["bytes_read"] for c in ok)
         secs = sum(c["decode"]["read_seconds"] for c in ok)
         engine_bw = read / secs if secs else 0.0
-        disk_bytes = sum(c["decode"].get("disk_bytes", 0) for c in ok)
-        disk_secs = sum(c["decode"].get("disk_seconds", 0.0) for c in ok)
+        disk_bytes = sum(c["decode"]["disk_bytes"] for c in ok)
+        disk_secs = sum(c["decode"]["disk_seconds"] for c in ok)
         disk_bw = disk_bytes / disk_secs if disk_secs else 0.0
         warm = compute["load"]
         warm_bw = warm["bytes_read"] / warm["load_seconds"] if warm["load_seconds"] else 0.0
@@ -703,7 +703,7 @@ def _derive(r: dict, sequential: float, compute_tps: float) -> dict:
     per_token = d["bytes_per_token"]
     r["load_bandwidth"] = d["bytes_read"] / d["read_seconds"] if d["read_seconds"] else None
     r["load_vs_sequential"] = r["load_bandwidth"] / sequential if r["load_bandwidth"] and sequential else None
-    r["read_bandwidth"] = d["disk_bytes"] / d["disk_seconds"] if d.get("disk_seconds") else None  # reads alone
+    r["read_bandwidth"] = d["disk_bytes"] / d["disk_seconds"] if d["disk_seconds"] else None  # reads alone
     r["stall_share"] = d["stall_s_per_token"] * r["decode_tps"]  # of each decode token's time
     r["io_limit_tps"] = sequential / per_token if per_token else None  # None: nothing read, no I/O limit
     r["compute_limit_tps"] = compute_tps
@@ -753,8 +753,8 @@ def format_table(report: dict) -> str:
         f"{lay['top_k']} x {len(lay['moe_layers'])} layers  expert {lay['expert_bytes'] / 2**20:.2f} MiB in memory",
         f"isolation {iso}; page cache dropped before each run",
         f"cold sequential read {io['sequential_read_bandwidth'] / 2**20:.0f} MiB/s; engine's cold expert reads "
-        f"{io.get('engine_cold_read_bandwidth', 0) / 2**20:.0f} MiB/s while a read is in flight "
-        f"({io.get('engine_read_vs_sequential', 0):.0%} of it), {io['engine_cold_load_bandwidth'] / 2**20:.0f} MiB/s "
+        f"{io['engine_cold_read_bandwidth'] / 2**20:.0f} MiB/s while a read is in flight "
+        f"({io['engine_read_vs_sequential']:.0%} of it), {io['engine_cold_load_bandwidth'] / 2**20:.0f} MiB/s "
         f"with widening into the slots ({io['engine_vs_sequential']:.0%}); "
         f"engine loading every expert from warm files {io['engine_warm_load_bandwidth'] / 2**20:.0f} MiB/s",
         f"compute limit (100%, files warm): decode {lim['compute_decode_tps']:.1f} tok/s, "
