@@ -15,22 +15,27 @@ a fixed text (`EMBED_STD`, found with `--offload-calibrate`; see `calibrate`).
 Reported per configuration: prefill and decode tok/s, bytes read per decode token, the time decoding waits
 on expert reads (the engine's load seconds per decode token) and two limits from the same run: the
 compute limit (decode tok/s with every expert in memory, files warm) and the I/O limit (the cold
-sequential read bandwidth of the same files divided by the bytes read per decode token). JSON goes to
-stdout, a table to stderr.
+sequential read bandwidth of the same files divided by the bytes read per decode token). And prefill at each
+capacity below 100% against 100% with the files in the page cache, the two taking turns in one process. JSON
+goes to stdout, a table to stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # No MLX at module level: the parent only spawns children, and a child joins its cgroup before MLX loads.
 
@@ -511,6 +516,56 @@ def measure(path: str, capacity: float, mode: str, prompt_tokens: int, decode_to
     return result
 
 
+WARM_PREFILL_ROUNDS = 3  # rounds of the prefill taken in turns with files warm (the first, not counted, extra)
+
+
+def prefill_rounds(configs: list[tuple[str, Any, Callable[[], None] | None]], prompt: list[int],
+                   rounds: int) -> dict[str, list[float]]:
+    """Prefill tok/s of each (name, engine, before) configuration, one process taking turns: one prefill of
+    `prompt` each per round, the order reversed every other round, and a first round not counted (it fills
+    the caches, as `moe bench`'s warm pass does). `before`, where given, runs before each of its prefills."""
+    speeds: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    for r in range(rounds + 1):
+        for name, engine, before in configs if r % 2 else configs[::-1]:
+            if before is not None:
+                before()
+            engine.reset_prompt_cache()
+            *_, done = engine.stream(prompt, max_tokens=1)
+            if r:
+                speeds[name].append(done.prefill_tps)
+    return speeds
+
+
+def ratios(values: list[float], base: list[float]) -> dict:
+    """Each round's value over the base's in the same round: median and geometric mean."""
+    each = [a / b for a, b in zip(values, base, strict=True)]
+    return {"median": statistics.median(each), "geometric_mean": math.exp(statistics.fmean(map(math.log, each))),
+            "per_round": each}
+
+
+def warm_prefill(path: str, fractions: list[float], prompt_tokens: int, rounds: int = WARM_PREFILL_ROUNDS) -> dict:
+    """Prefill at each capacity in `fractions` against every expert resident, files in the page cache (no
+    memory limit; loading at 100% reads them all), the two taking turns in one process."""
+    from .bench import MODES
+    from .engine import Engine
+
+    full = Engine.load(path, capacity=1.0, **MODES["exact"])
+    prompt = text_tokens(full.tokenizer, prompt_tokens)
+    configs = []
+    for fraction in fractions:
+        part = Engine.load(path, capacity=fraction, **MODES["exact"])
+        try:
+            speeds = prefill_rounds([("full", full, None), ("part", part, None)], prompt, rounds)
+        finally:
+            part.close()
+        configs.append({"capacity_fraction": fraction, "capacity": part.capacity,
+                        "prefill_tps": statistics.median(speeds["part"]),
+                        "full_prefill_tps": statistics.median(speeds["full"]),
+                        "vs_full": ratios(speeds["part"], speeds["full"])})
+    full.close()
+    return {"rounds": rounds, "prompt_tokens": len(prompt), "configs": configs}
+
+
 def calibration_point(path: str, embed_std: float, tokens: int) -> dict:
     from .engine import Engine
 
@@ -521,7 +576,8 @@ def calibration_point(path: str, embed_std: float, tokens: int) -> dict:
     return {"embed_std": embed_std, "lru": {f: r["lru"] for f, r in rates.items()}}
 
 
-TASKS = {"make": make_offload_checkpoint, "probe": probe, "measure": measure, "calibrate": calibration_point}
+TASKS = {"make": make_offload_checkpoint, "probe": probe, "measure": measure, "calibrate": calibration_point,
+         "warm_prefill": warm_prefill}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -639,6 +695,13 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
             "decode_tokens": decode_tokens, "calibration": True, "passes": 3}}, workdir)
         if "error" in compute:
             raise RuntimeError(f"the compute-limit run failed: {compute['error']}")
+        # Prefill below 100% against 100%, files still warm, no memory limit: the two take turns in one child.
+        below = [f for f in fractions if f < 1.0]
+        if below:
+            print("moe bench: prefill with the files warm, " + ", ".join(f"{f:.1%}" for f in below) + " against 100%, "
+                  "taking turns", file=sys.stderr)
+            report["warm_prefill"] = run_child({"task": "warm_prefill", "args": {
+                "path": str(path), "fractions": below, "prompt_tokens": prompt_tokens}}, workdir)
         per_slot = layout["expert_bytes"] * len(layout["moe_layers"])
         configs = []
         for mode in modes:
@@ -760,6 +823,14 @@ def format_table(report: dict) -> str:
         f"compute limit (100%, files warm): decode {lim['compute_decode_tps']:.1f} tok/s, "
         f"prefill {lim['compute_prefill_tps']:.1f} tok/s",
     ]
+    warm = report.get("warm_prefill")
+    if warm and "error" in warm:
+        lines.append(f"prefill with files warm: error: {warm['error']}")
+    elif warm:
+        lines.append(f"prefill with files warm, against 100% in the same rounds ({warm['rounds']} rounds, median): "
+                     + ", ".join(f"{c['capacity_fraction']:.1%}".replace(".0%", "%") + f" {c['prefill_tps']:.1f} "
+                                 f"vs {c['full_prefill_tps']:.1f} tok/s ({c['vs_full']['median']:.2f}x)"
+                                 for c in warm["configs"]))
     rt = report["routing"]
     lines.append("LRU hit rate, per-token trace: " + "  ".join(
         f"{float(f):.0%} demo {rt['demo_lru'][f]:.1%} / synthetic {rt['synthetic_lru'][f]:.1%} "

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import statistics
 from pathlib import Path
 
 from moe_tui.inference import Engine, expert_cache
 from moe_tui.inference.bench import _prompt_tokens, synthetic_checkpoint
+from moe_tui.inference.offload_bench import prefill_rounds, ratios
 
 
 def main() -> None:
@@ -40,24 +40,19 @@ def run(model: Path, capacity: float, prompt_tokens: int, rounds: int) -> None:
     part = Engine.load(model, capacity=capacity, prefetch=False)
     prompt = _prompt_tokens(full.tokenizer, prompt_tokens)
     pct = f"{capacity:.0%}"
-    configs = [("100%", full, True), (f"{pct} overlapped", part, True), (f"{pct} in turn", part, False)]
-    speeds: dict[str, list[float]] = {name: [] for name, _, _ in configs}
-    for r in range(rounds + 1):  # round 0 fills the caches and is not counted
-        for name, engine, overlap in configs if r % 2 else configs[::-1]:
-            expert_cache.PREFILL_OVERLAP = overlap
-            engine.reset_prompt_cache()
-            *_, done = engine.stream(prompt, max_tokens=1)
-            if r:
-                speeds[name].append(done.prefill_tps)
+
+    def overlap(on: bool):
+        return lambda: setattr(expert_cache, "PREFILL_OVERLAP", on)
+
+    speeds = prefill_rounds([("100%", full, overlap(True)), (f"{pct} overlapped", part, overlap(True)),
+                             (f"{pct} in turn", part, overlap(False))], prompt, rounds)
     print(f"model {model}  prompt {len(prompt)} tokens  {rounds} rounds")
     for name, values in speeds.items():
         line = f"{name:<18} prefill {statistics.median(values):7.1f} tok/s"
         if name != "100%":
-            ratios = [a / b for a, b in zip(values, speeds["100%"], strict=True)]
-            geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
-            line += f"   vs 100%: median {statistics.median(ratios):.3f}  geometric mean {geo:.3f}"
+            r = ratios(values, speeds["100%"])
+            line += f"   vs 100%: median {r['median']:.3f}  geometric mean {r['geometric_mean']:.3f}"
         print(line)
-
 
 if __name__ == "__main__":
     main()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 from moe_tui.app.cli import main
-from moe_tui.inference.offload_bench import EMBED_STD, MemoryCgroup, parse_percents
+from moe_tui.inference.offload_bench import EMBED_STD, MemoryCgroup, parse_percents, prefill_rounds, ratios
 
 
 def _positive(x) -> bool:
@@ -49,6 +50,16 @@ def test_offload_bench_tiny(tmp_path, capsys):
     assert _positive(report["limits"]["compute_decode_tps"])
     assert _positive(report["limits"]["compute_prefill_tps"])
 
+    warm = report["warm_prefill"]  # prefill at 25% against 100%, files warm, taking turns
+    assert "error" not in warm, warm
+    assert warm["rounds"] == 3 and warm["prompt_tokens"] == 12
+    [part] = warm["configs"]
+    assert part["capacity_fraction"] == 0.25 and part["capacity"] == 16
+    assert _positive(part["prefill_tps"]) and _positive(part["full_prefill_tps"])
+    assert len(part["vs_full"]["per_round"]) == 3 and all(map(_positive, part["vs_full"]["per_round"]))
+    assert min(part["vs_full"]["per_round"]) <= part["vs_full"]["median"] <= max(part["vs_full"]["per_round"])
+    assert "prefill with files warm" in err and "25% " in err
+
     configs = report["configs"]
     assert [(c["mode"], c["capacity_fraction"]) for c in configs] == [
         ("exact", 0.25), ("exact", 1.0), ("exact-noprefetch", 0.25), ("exact-noprefetch", 1.0)]
@@ -71,6 +82,37 @@ def test_offload_bench_tiny(tmp_path, capsys):
         if c["mode"] == "exact":
             assert c["fallback_rate"] == 0.0
     assert "isolation fadvise" in err and "exact@25%" in err and "exact-noprefetch@100%" in err
+
+
+class _FakeEngine:
+    """Records the order of prefills; each reports the prefill speed it is given."""
+
+    def __init__(self, name, log, tps):
+        self.name, self.log, self.tps = name, log, iter(tps)
+
+    def reset_prompt_cache(self):
+        self.log.append(("reset", self.name))
+
+    def stream(self, prompt, max_tokens):
+        assert max_tokens == 1
+        self.log.append(("prefill", self.name))
+        return [SimpleNamespace(prefill_tps=next(self.tps))]
+
+
+def test_prefill_rounds_take_turns_and_leave_out_the_first_round():
+    log = []
+    a = _FakeEngine("a", log, [99.0, 10.0, 12.0, 14.0])
+    b = _FakeEngine("b", log, [99.0, 5.0, 9.0, 7.0])
+    hooks = []
+    speeds = prefill_rounds([("a", a, lambda: hooks.append("a")), ("b", b, None)], [1, 2, 3], rounds=3)
+    assert speeds == {"a": [10.0, 12.0, 14.0], "b": [5.0, 9.0, 7.0]}  # round 0 (99) not counted
+    order = [name for what, name in log if what == "prefill"]
+    assert order == ["b", "a", "a", "b", "b", "a", "a", "b"]  # reversed every other round
+    assert log[:2] == [("reset", "b"), ("prefill", "b")]  # each prefill starts from an empty prompt cache
+    assert hooks == ["a"] * 4
+    r = ratios(speeds["b"], speeds["a"])
+    assert r["per_round"] == [0.5, 0.75, 0.5] and r["median"] == 0.5
+    assert math.isclose(r["geometric_mean"], (0.5 * 0.75 * 0.5) ** (1 / 3))
 
 
 def test_parse_percents():
