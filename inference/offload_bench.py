@@ -516,7 +516,8 @@ def measure(path: str, capacity: float, mode: str, prompt_tokens: int, decode_to
     return result
 
 
-WARM_PREFILL_ROUNDS = 3  # rounds of the prefill taken in turns with files warm (the first, not counted, extra)
+WARM_PREFILL_ROUNDS = 5  # rounds of prefills taken in turns with the files warm (plus a first one, not counted):
+# a single prefill moved 0.7-1.0x against 100% from one round to the next on this project's machine
 
 
 def prefill_rounds(configs: list[tuple[str, Any, Callable[[], None] | None]], prompt: list[int],

@@ -52,11 +52,11 @@ def test_offload_bench_tiny(tmp_path, capsys):
 
     warm = report["warm_prefill"]  # prefill at 25% against 100%, files warm, taking turns
     assert "error" not in warm, warm
-    assert warm["rounds"] == 3 and warm["prompt_tokens"] == 12
+    assert warm["rounds"] == 5 and warm["prompt_tokens"] == 12
     [part] = warm["configs"]
     assert part["capacity_fraction"] == 0.25 and part["capacity"] == 16
     assert _positive(part["prefill_tps"]) and _positive(part["full_prefill_tps"])
-    assert len(part["vs_full"]["per_round"]) == 3 and all(map(_positive, part["vs_full"]["per_round"]))
+    assert len(part["vs_full"]["per_round"]) == 5 and all(map(_positive, part["vs_full"]["per_round"]))
     assert min(part["vs_full"]["per_round"]) <= part["vs_full"]["median"] <= max(part["vs_full"]["per_round"])
     assert "prefill with files warm" in err and "25% " in err
 
