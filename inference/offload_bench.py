@@ -516,15 +516,18 @@ def measure(path: str, capacity: float, mode: str, prompt_tokens: int, decode_to
     return result
 
 
-WARM_PREFILL_ROUNDS = 5  # rounds of prefills taken in turns with the files warm (plus a first one, not counted):
-# a single prefill moved 0.7-1.0x against 100% from one round to the next on this project's machine
+# Rounds of prefills taken in turns with the files warm (plus a first one, not counted). Even: the order
+# alternates, and an engine prefilling right after the other one ran slower here (the other's weights had
+# pushed its own out of the CPU's caches), 0.10-0.15 on a ratio near 0.8, so each order counts as often.
+WARM_PREFILL_ROUNDS = 6
 
 
 def prefill_rounds(configs: list[tuple[str, Any, Callable[[], None] | None]], prompt: list[int],
                    rounds: int) -> dict[str, list[float]]:
     """Prefill tok/s of each (name, engine, before) configuration, one process taking turns: one prefill of
     `prompt` each per round, the order reversed every other round, and a first round not counted (it fills
-    the caches, as `moe bench`'s warm pass does). `before`, where given, runs before each of its prefills."""
+    the caches, as `moe bench`'s warm pass does). An even `rounds` counts each order equally often. `before`,
+    where given, runs before each of its prefills."""
     speeds: dict[str, list[float]] = {name: [] for name, _, _ in configs}
     for r in range(rounds + 1):
         for name, engine, before in configs if r % 2 else configs[::-1]:
@@ -538,7 +541,8 @@ def prefill_rounds(configs: list[tuple[str, Any, Callable[[], None] | None]], pr
 
 
 def ratios(values: list[float], base: list[float]) -> dict:
-    """Each round's value over the base's in the same round: median and geometric mean."""
+    """Each round's value over the base's in the same round: median and geometric mean (over rounds taken in
+    both orders equally often, the geometric mean cancels what the order adds to one and takes from the other)."""
     each = [a / b for a, b in zip(values, base, strict=True)]
     return {"median": statistics.median(each), "geometric_mean": math.exp(statistics.fmean(map(math.log, each))),
             "per_round": each}
@@ -546,24 +550,32 @@ def ratios(values: list[float], base: list[float]) -> dict:
 
 def warm_prefill(path: str, fractions: list[float], prompt_tokens: int, rounds: int = WARM_PREFILL_ROUNDS) -> dict:
     """Prefill at each capacity in `fractions` against every expert resident, files in the page cache (no
-    memory limit; loading at 100% reads them all), the two taking turns in one process."""
+    memory limit; loading at 100% reads them all, and reads go through the page cache even where the engine
+    would bypass it), the two taking turns in one process. One smaller engine at a time beside the 100% one."""
+    import gc
+
     from .bench import MODES
     from .engine import Engine
 
-    full = Engine.load(path, capacity=1.0, **MODES["exact"])
+    full = Engine.load(path, capacity=1.0, **MODES["exact-cached"])
     prompt = text_tokens(full.tokenizer, prompt_tokens)
     configs = []
-    for fraction in fractions:
-        part = Engine.load(path, capacity=fraction, **MODES["exact"])
-        try:
-            speeds = prefill_rounds([("full", full, None), ("part", part, None)], prompt, rounds)
-        finally:
-            part.close()
-        configs.append({"capacity_fraction": fraction, "capacity": part.capacity,
-                        "prefill_tps": statistics.median(speeds["part"]),
-                        "full_prefill_tps": statistics.median(speeds["full"]),
-                        "vs_full": ratios(speeds["part"], speeds["full"])})
-    full.close()
+    try:
+        for fraction in fractions:
+            part = Engine.load(path, capacity=fraction, **MODES["exact-cached"])
+            try:
+                speeds = prefill_rounds([("full", full, None), ("part", part, None)], prompt, rounds)
+                configs.append({"capacity_fraction": part.capacity / part.layout.num_experts,
+                                "capacity": part.capacity,
+                                "prefill_tps": statistics.median(speeds["part"]),
+                                "full_prefill_tps": statistics.median(speeds["full"]),
+                                "vs_full": ratios(speeds["part"], speeds["full"])})
+            finally:
+                part.close()
+                del part  # its slots go before the next capacity's are made
+                gc.collect()
+    finally:
+        full.close()
     return {"rounds": rounds, "prompt_tokens": len(prompt), "configs": configs}
 
 
@@ -697,7 +709,8 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
         if "error" in compute:
             raise RuntimeError(f"the compute-limit run failed: {compute['error']}")
         # Prefill below 100% against 100%, files still warm, no memory limit: the two take turns in one child.
-        below = [f for f in fractions if f < 1.0]
+        experts, top_k = layout["num_experts"], layout["top_k"]
+        below = [f for f in fractions if max(top_k, round(f * experts)) < experts]  # capacities that can miss
         if below:
             print("moe bench: prefill with the files warm, " + ", ".join(f"{f:.1%}" for f in below) + " against 100%, "
                   "taking turns", file=sys.stderr)
@@ -828,9 +841,10 @@ def format_table(report: dict) -> str:
     if warm and "error" in warm:
         lines.append(f"prefill with files warm: error: {warm['error']}")
     elif warm:
-        lines.append(f"prefill with files warm, against 100% in the same rounds ({warm['rounds']} rounds, median): "
+        lines.append(f"prefill with files warm, taking turns with 100% ({warm['rounds']} rounds; median tok/s, "
+                     "geometric mean of the rounds' ratios): "
                      + ", ".join(f"{c['capacity_fraction']:.1%}".replace(".0%", "%") + f" {c['prefill_tps']:.1f} "
-                                 f"vs {c['full_prefill_tps']:.1f} tok/s ({c['vs_full']['median']:.2f}x)"
+                                 f"vs {c['full_prefill_tps']:.1f} tok/s ({c['vs_full']['geometric_mean']:.2f}x)"
                                  for c in warm["configs"]))
     rt = report["routing"]
     lines.append("LRU hit rate, per-token trace: " + "  ".join(

@@ -54,5 +54,6 @@ def run(model: Path, capacity: float, prompt_tokens: int, rounds: int) -> None:
             line += f"   vs 100%: median {r['median']:.3f}  geometric mean {r['geometric_mean']:.3f}"
         print(line)
 
+
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """What work on the other CPU costs MLX's compute thread: decoding with every expert resident, the process
 held to one CPU, passes taking turns with the other CPU idle and busy (Linux: CPU affinity, /proc per thread).
 
-    python scripts/sibling_cost.py --model DIR [--tokens 64] [--rounds 4] [--load spin|copy]
+    python scripts/sibling_cost.py --model DIR [--tokens 64] [--rounds 4] [--load spin|copy]  (Linux)
 
 MLX's CPU backend computes on one thread. The engine's reader threads and its host bookkeeping run beside it,
 and on a machine whose CPUs share a physical core (or a power budget) they slow that thread down even when
@@ -14,17 +14,43 @@ and decode tok/s with the other CPU idle and busy, medians over the rounds, and 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+# Each load holds itself to the CPU given as argv[1] before anything else (numpy starts no thread on another
+# CPU first) and is killed with its parent (PR_SET_PDEATHSIG, set in `start_load`).
+_PIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
 LOADS = {
-    "spin": "while True: pass",
-    "copy": "import numpy as np\na = np.ones(64 << 20, np.uint8); b = np.empty_like(a)\nwhile True: np.copyto(b, a)",
+    "spin": _PIN + "while True: pass",
+    "copy": _PIN + "import numpy as np\na = np.ones(64 << 20, np.uint8)\nb = np.empty_like(a)\n"
+                   "while True: np.copyto(b, a)",
 }
+
+
+def start_load(kind: str, cpu: int) -> subprocess.Popen:
+    """The load process on `cpu`; it dies with this process, however this one ends."""
+    def die_with_parent() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    load = subprocess.Popen([sys.executable, "-c", LOADS[kind], str(cpu)], preexec_fn=die_with_parent)
+    time.sleep(0.5)
+    if load.poll() is not None:
+        sys.exit(f"sibling_cost: the {kind} load ended at once (exit status {load.returncode})")
+    return load
+
+
+def siblings(cpu: int) -> str:
+    """The CPUs sharing `cpu`'s core, as the kernel lists them ("?" where it does not say)."""
+    try:
+        return Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def thread_cpu() -> dict[int, float]:
@@ -47,10 +73,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--load", choices=sorted(LOADS), default="spin")
     args = parser.parse_args()
+    if args.rounds < 2 or args.rounds % 2:
+        sys.exit("sibling_cost: --rounds must be even (each order of idle and busy counted equally often)")
+    if not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir():
+        sys.exit("sibling_cost: Linux only (CPU affinity and /proc per thread)")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         sys.exit("sibling_cost: needs two CPUs (one for the engine, one for the load)")
-    mine, other = cpus[0], cpus[1]
+    mine = cpus[0]
+    # The other CPU: a hyperthread of the engine's core where the kernel says there is one, else the next.
+    listed = siblings(mine).replace("-", ",").split(",")
+    other = next((c for c in cpus[1:] if str(c) in listed), cpus[1])
+    print(f"engine on CPU {mine} (core shared with: {siblings(mine)}), load on CPU {other}")
     os.sched_setaffinity(0, {mine})  # before MLX starts its threads: they inherit it
 
     from moe_tui.inference import Engine
@@ -64,20 +98,24 @@ def main() -> None:
     for r in range(args.rounds):
         for which in ("idle", "busy") if r % 2 == 0 else ("busy", "idle"):
             load = None
-            if which == "busy":
-                load = subprocess.Popen([sys.executable, "-c", LOADS[args.load]])
-                os.sched_setaffinity(load.pid, {other})
-                time.sleep(0.5)
             try:
-                before = thread_cpu()
+                if which == "busy":
+                    load = start_load(args.load, other)
+                before, started = thread_cpu(), time.perf_counter()
                 *_, done = engine.stream(prompt, max_tokens=args.tokens + 1)
-                after = thread_cpu()
+                after, wall = thread_cpu(), time.perf_counter() - started
+                if load is not None and load.poll() is not None:
+                    sys.exit(f"sibling_cost: the {args.load} load ended during the pass")
             finally:
                 if load is not None:
                     load.kill()
                     load.wait()
             used = {t: after[t] - before.get(t, 0.0) for t in after if t != main_tid}
-            mlx_ms = max(used.values()) / args.tokens * 1e3  # the busiest thread besides the main one: MLX's
+            mlx_tid = max(used, key=used.get, default=None)  # the busiest thread besides the main one: MLX's
+            if mlx_tid is None or used[mlx_tid] < 0.5 * wall:
+                sys.exit("sibling_cost: no thread besides the main one computed most of the pass; this MLX "
+                         "does not compute on a thread of its own, which this script measures")
+            mlx_ms = used[mlx_tid] / args.tokens * 1e3
             results[which].append((mlx_ms, done.decode_tps))
             print(f"round {r} {which:<4} MLX thread {mlx_ms:6.1f} ms CPU per token  "
                   f"decode {done.decode_tps:5.2f} tok/s", flush=True)
