@@ -516,9 +516,9 @@ def measure(path: str, capacity: float, mode: str, prompt_tokens: int, decode_to
     return result
 
 
-# Rounds of prefills taken in turns with the files warm (plus a first one, not counted). Even: the order
-# alternates, and an engine prefilling right after the other one ran slower here (the other's weights had
-# pushed its own out of the CPU's caches), 0.10-0.15 on a ratio near 0.8, so each order counts as often.
+# Rounds of prefills taken in turns with the files warm (plus a first one, not counted). Even, so that each
+# order of the two engines counts as often and whatever the order adds cancels in the geometric mean: in one
+# 5-round run the rounds split by order (0.77-0.84 against 0.90-0.93), in the next 6-round runs they did not.
 WARM_PREFILL_ROUNDS = 6
 
 
