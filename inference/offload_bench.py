@@ -708,9 +708,11 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
             "decode_tokens": decode_tokens, "calibration": True, "passes": 3}}, workdir)
         if "error" in compute:
             raise RuntimeError(f"the compute-limit run failed: {compute['error']}")
+        def slots(fraction: float) -> int:  # experts per layer at `fraction`, as the children's engines hold them
+            return max(layout["top_k"], round(fraction * layout["num_experts"]))
+
         # Prefill below 100% against 100%, files still warm, no memory limit: the two take turns in one child.
-        experts, top_k = layout["num_experts"], layout["top_k"]
-        below = [f for f in fractions if max(top_k, round(f * experts)) < experts]  # capacities that can miss
+        below = [f for f in fractions if slots(f) < layout["num_experts"]]  # capacities that can miss
         if below:
             print("moe bench: prefill with the files warm, " + ", ".join(f"{f:.1%}" for f in below) + " against 100%, "
                   "taking turns", file=sys.stderr)
@@ -720,8 +722,7 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
         configs = []
         for mode in modes:
             for fraction in fractions:
-                capacity = max(layout["top_k"], round(fraction * layout["num_experts"]))
-                limit = layout["dense_bytes"] + capacity * per_slot + headroom
+                limit = layout["dense_bytes"] + slots(fraction) * per_slot + headroom
                 print(f"moe bench: {mode} @ {fraction:.1%}" + (f", memory limit {limit / 2**20:.0f} MiB" if cgroup
                                                             else ""), file=sys.stderr)
                 drop_page_cache(files)

@@ -16,28 +16,21 @@ per pass, the MLX thread's CPU per token, and the geometric mean of the paired r
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import statistics
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import psutil
+from moe_tui.inference.offload_bench import ratios
 
 PARAM_BYTES = 3 << 19  # 1.5 MiB of bf16 per conversion: one parameter of the offload checkpoint's experts
 POOL_BYTES = 1 << 30  # bf16 source; the float32 destination is twice that, far beyond any cache
 
 
-def thread_cpu() -> dict[str, float]:
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process."""
+    return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
 
 
 def main() -> None:
@@ -57,9 +50,9 @@ def main() -> None:
     dst = np.empty((count, PARAM_BYTES // 2), dtype=np.float32)
     dst.fill(0.0)  # every page touched now: the slots' memory is never freshly mapped either
     per_token = max(1, round(args.mib_per_token * (1 << 20) / PARAM_BYTES))
-    converters: set[str] = set()
+    converters: set[int] = set()
     pool = ThreadPoolExecutor(4, thread_name_prefix="convert",
-                              initializer=lambda: converters.add(str(threading.get_native_id())))
+                              initializer=lambda: converters.add(threading.get_native_id()))
     rng = np.random.default_rng(1)
 
     def convert(i: int, j: int) -> None:
@@ -76,7 +69,7 @@ def main() -> None:
         for f in pending:
             f.result()
         after = thread_cpu()
-        others = {str(threading.get_native_id()), *converters}
+        others = {threading.get_native_id(), *converters}
         mlx = max((after[t] - before.get(t, 0.0) for t in after if t not in others), default=0.0)  # MLX's thread
         return done.decode_tps, mlx / done.generated_tokens * 1e3
 
@@ -86,13 +79,13 @@ def main() -> None:
         for load in ((False, True) if r % 2 == 0 else (True, False)):
             rows[load].append(decode(load))
     pool.shutdown()
-    ratios = [w[0] / wo[0] for w, wo in zip(rows[True], rows[False], strict=True)]
+    paired = ratios([t for t, _ in rows[True]], [t for t, _ in rows[False]])
     for load, name in ((False, "no conversions"), (True, f"{per_token * PARAM_BYTES / 2**20:.0f} MiB/token converted")):
         tps = [round(t, 2) for t, _ in rows[load]]
         cpu = statistics.median(c for _, c in rows[load])
         print(f"{name:<28} decode tok/s {tps}  MLX thread {cpu:.1f} ms CPU per token")
-    print(f"with / without: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f} (per round "
-          + " / ".join(f"{x:.2f}" for x in ratios) + ")")
+    print(f"with / without: {paired['geometric_mean']:.3f} (per round "
+          + " / ".join(f"{x:.2f}" for x in paired["per_round"]) + ")")
 
 
 if __name__ == "__main__":

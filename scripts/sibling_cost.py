@@ -1,5 +1,5 @@
 """What work on the other CPU costs MLX's compute thread: decoding with every expert resident, the process
-held to one CPU, passes taking turns with the other CPU idle and busy (Linux: CPU affinity, /proc per thread).
+held to one CPU, passes taking turns with the other CPU idle and busy (Linux: CPU affinity).
 
     python scripts/sibling_cost.py --model DIR [--tokens 64] [--rounds 4] [--load spin|copy]  (Linux)
 
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 # Each load holds itself to the CPU given as argv[1] before anything else (numpy starts no thread on another
 # CPU first) and is killed with its parent (PR_SET_PDEATHSIG, set in `start_load`).
@@ -55,15 +57,7 @@ def siblings(cpu: int) -> str:
 
 def thread_cpu() -> dict[int, float]:
     """CPU seconds (user + system) of each thread of this process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended
-            continue
-        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+    return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
 
 
 def main() -> None:
@@ -75,8 +69,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2 or args.rounds % 2:
         sys.exit("sibling_cost: --rounds must be even (each order of idle and busy counted equally often)")
-    if not hasattr(os, "sched_setaffinity") or not Path("/proc/self/task").is_dir():
-        sys.exit("sibling_cost: Linux only (CPU affinity and /proc per thread)")
+    if not hasattr(os, "sched_setaffinity"):
+        sys.exit("sibling_cost: Linux only (CPU affinity per process)")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         sys.exit("sibling_cost: needs two CPUs (one for the engine, one for the load)")
