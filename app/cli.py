@@ -140,7 +140,10 @@ def cmd_info(args) -> int:
     engine = _load(args)
     layout = engine.layout
     info = {**layout.__dict__, "moe_layers": list(layout.moe_layers), "capacity": engine.capacity,
-            "cache_bytes": engine.cache_bytes(), "all_experts_bytes": layout.all_experts_bytes}
+            "cache_bytes": engine.cache_bytes(), "all_experts_bytes": layout.all_experts_bytes,
+            # `moe pack`: the expert records misses are read from, or why records there are not used
+            "expert_records": str(engine.experts.pack) if engine.experts.pack else None,
+            "expert_records_note": engine.experts.pack_note or None}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -391,6 +394,31 @@ def cmd_plan(args) -> int:
     return 0 if plan.fits else 1
 
 
+def cmd_pack(args) -> int:
+    """Write a model's expert records (one contiguous record per expert: a miss is one read) where the engine
+    finds them."""
+    import time
+
+    from moe_tui.inference.errors import ModelLoadError
+    from moe_tui.inference.packed import pack_model
+
+    model = ensure_local(args.model)
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rmoe pack: layer {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    try:
+        out, nbytes = pack_model(model, progress=progress, force=args.force)
+    except ModelLoadError as e:
+        print(f"moe pack: {e}", file=sys.stderr)
+        return 1
+    print(f"moe pack: {nbytes / 2**30:.2f} GiB of expert records in {out} ({time.perf_counter() - started:.0f} s). "
+          "The engine reads this model's misses from them from now on, while the checkpoint is unchanged; "
+          "delete the folder to stop.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe", description="Run and watch Mixture-of-Experts models. `moe` alone opens the chat on the "
@@ -488,6 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-measure", action="store_true", help="do not read the disk to measure its speed")
     p.add_argument("--json", action="store_true", help="the plan as JSON")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("pack", help="copy a model's experts into one contiguous record each (in the user cache "
+                                    "folder), so that a miss is one read instead of one per parameter")
+    p.add_argument("model", help="model folder or Hugging Face repo id")
+    p.add_argument("--force", action="store_true",
+                   help="write them even where every expert parameter is already a large read (no faster there)")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")
     p.add_argument("model", nargs="?", default=None)

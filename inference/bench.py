@@ -32,6 +32,7 @@ MODES: dict[str, dict] = {
     "exact-prefetch": {"mode": "exact", "prefetch": True},
     "exact-noprefetch": {"mode": "exact", "prefetch": False},
     "exact-cached": {"mode": "exact", "uncached_reads": False},
+    "exact-unpacked": {"mode": "exact", "pack": False},  # misses read from the checkpoint, not its expert records
 }
 
 BENCH_PROMPT = (

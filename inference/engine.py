@@ -36,7 +36,7 @@ class Engine:
              policy: str = DEFAULT_POLICY, profile: str | Path | dict | None = None, kv_bits: int | None = None,
              record_trace: bool = True, pin: bool = True,
              prefetch: bool | None = None, uncached_reads: bool | None = None, direct_writes: bool = True,
-             context: int | None = None, slot_budget: bool = False) -> Engine:
+             context: int | None = None, slot_budget: bool = False, pack: str | Path | bool | None = None) -> Engine:
         """Open a model with its experts left on disk and make its expert cache.
 
         Args:
@@ -63,6 +63,10 @@ class Engine:
             slot_budget: while reading ahead, move expert slots between layers to where they make more experts
                 ready (`inference/budget.py`). Off by default: its shadow replays cost the host CPU, and with the
                 first layer guessed from the token it no longer made more experts ready (docs/performance.md).
+            pack: the model's expert records (`moe pack`: each expert's parameters in one contiguous record, so a
+                miss is one read instead of one per parameter). None: used where they are in their default
+                place and up to date (`engine.experts.pack_note` says why records there were not); True:
+                required there; a folder: required there; False: never.
 
         Raises:
             ModelLoadError: the model cannot be used as it is (the message names the file and the fix).
@@ -87,7 +91,7 @@ class Engine:
         self.experts = ExpertCache(self.model, self.config, checkpoint.tensors, self.name, capacity, mode,
                                    policy, record_trace, prefetch=prefetch,
                                    uncached_reads=uncached_reads, direct_writes=direct_writes,
-                                   reserve_bytes=reserve, slot_budget=slot_budget)
+                                   reserve_bytes=reserve, slot_budget=slot_budget, pack=pack)
         self.prompt_cache = PromptCache(self.model)
         self._control_strings = control_strings(self.tokenizer)
         self.max_token_bytes = max_token_bytes(self.tokenizer)

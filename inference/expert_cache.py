@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import packed as packs
 from .budget import SlotBudget
 from .cache import POLICIES, LayerCache, LayerCounters
 from .errors import ModelLoadError
@@ -76,6 +77,7 @@ class _Layer:
     identity: bool = False  # every expert resident in the slot of its own id: no lookup needed
     pending: list[tuple[int, mx.array]] = field(default_factory=list)  # (step, expert ids) not yet counted
     views: dict[tuple[str, str], np.ndarray] | None = None  # numpy views of the slots: direct writes
+    packed: packs.PackedLayer | None = None  # this layer's expert records (`moe pack`): a miss is one read
     last_out: mx.array | None = None  # the latest output computed from the slots (maybe still lazy)
     inflight: tuple[SlotWrites, list[tuple[int, int, int]]] | None = None  # prefetch writes, placements
     guess: np.ndarray | None = None  # experts predicted for this layer's next call
@@ -94,7 +96,7 @@ class ExpertCache:
     def __init__(self, model: Any, config: dict, tensors: dict[str, TensorInfo], name: str,
                  capacity: int | float | None, mode: str, policy: str, record_trace: bool,
                  prefetch: bool | None = None, direct_writes: bool = True, uncached_reads: bool | None = None,
-                 reserve_bytes: int = 0, slot_budget: bool = False) -> None:
+                 reserve_bytes: int = 0, slot_budget: bool = False, pack: str | Path | bool | None = None) -> None:
         _check_mode(mode)
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -120,9 +122,31 @@ class ExpertCache:
                 uncached_reads = self.expert_disk_bytes() > available_memory()
             self.reader.uncached = uncached_reads
             self.read_ahead = self._new_switch()
+            self._open_pack(pack)
         except BaseException:
             self.reader.close()
             raise
+
+    def _open_pack(self, pack: str | Path | bool | None) -> None:
+        """Read misses from the model's expert records (`moe pack`, `inference/packed.py`) where they are there
+        and up to date: `pack` None looks in the default place, True insists on it, a path names the folder,
+        False never uses them."""
+        self.pack: Path | None = None  # the records in use
+        self.pack_note = ""  # why records that are there are not used (the checkpoint changed since, ...)
+        if pack is False or not self._layers:
+            return
+        sources = [layer.sources for layer in self._layers]
+        directory = packs.default_pack_dir(packs.model_dir_of(sources)) if pack in (None, True) else Path(pack)
+        packed, why = packs.open_pack(directory, sources, self.layout.num_experts)
+        if packed is None:
+            if pack is not None:
+                raise ModelLoadError(why)
+            if (directory / packs.MANIFEST).exists():
+                self.pack_note = why
+            return
+        for layer, records in zip(self._layers, packed, strict=True):
+            layer.packed = records
+        self.pack = directory
 
     def _attach(self, tensors, capacity, policy) -> None:
         blocks = find_moe_blocks(self.model)
@@ -340,7 +364,8 @@ class ExpertCache:
             if layer.views is not None:
                 self._settle(layer)
                 # Its own byte count: reads ahead for another layer may be in flight on the same reader.
-                nbytes = self.expert_reader.write_slots(layer.sources, placements, layer.views).nbytes
+                nbytes = self.expert_reader.write_slots(layer.sources, placements, layer.views,
+                                                         packed=layer.packed).nbytes
             else:
                 self._load_through_mlx(layer, placements)
                 nbytes = self.reader.bytes_read - bytes_before
@@ -676,7 +701,8 @@ class ExpertCache:
             return
         self._settle(target)
         placements = cache.admit(missing, guessed, self._step)
-        target.inflight = (self.expert_reader.write_slots(target.sources, placements, target.views, wait=False),
+        target.inflight = (self.expert_reader.write_slots(target.sources, placements, target.views, wait=False,
+                                                          packed=target.packed),
                            placements)
 
     # ------------------------------------------------------------------ the first layer, guessed from the token

@@ -9,10 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +22,9 @@ import numpy as np
 from .errors import ModelLoadError
 from .moe import MoEBlock
 from .safetensors_io import DTYPES, AlignedScratch, RangeReader, TensorInfo
+
+if TYPE_CHECKING:
+    from .packed import PackedLayer
 
 # Names the per-expert HF layout uses for each stacked projection.
 ALIASES = {
@@ -152,12 +157,14 @@ class ExpertReader:
                     future.exception()  # wait: no reader may still be writing into a buffer being dropped
 
     def write_slots(self, sources: list[ParamSource], placements: list[tuple[int, int, int]],
-                    views: dict[tuple[str, str], np.ndarray], wait: bool = True) -> SlotWrites:
+                    views: dict[tuple[str, str], np.ndarray], wait: bool = True,
+                    packed: PackedLayer | None = None) -> SlotWrites:
         """Read each placed (expert, slot, _) straight into its slot through `views` (numpy views of the
         slot tensors' memory, see `slot_views`), converting on the reader threads: no MLX work, and the
         GIL is released while reading and converting. Consecutive experts of a stacked parameter are one
-        read (up to RUN_BYTES). With `wait=False` the writes run in the background; the caller must
-        `wait()` before anything reads those slots.
+        read (up to RUN_BYTES); with `packed` (the layer's expert records, `moe pack`), consecutive experts'
+        whole records are. With `wait=False` the writes run in the background; the caller must `wait()`
+        before anything reads those slots.
 
         A small load (under INLINE_READ_BYTES) runs on the calling thread when its bytes are in the page
         cache (a memory copy: a hand-off would cost more); what must come from the disk goes to the reader
@@ -167,15 +174,23 @@ class ExpertReader:
             ModelLoadError: a read came up short, or an expert holds NaN/Inf.
         """
         placements = sorted(placements)
-        jobs = []
-        for src in sources:
-            view = views[(src.projection, src.param)]
-            most = max(1, RUN_BYTES // src.expert_nbytes) if src.stacked is not None else 1
-            for run in _runs([e for e, _, _ in placements], most):
-                jobs.append((src, [placements[i][0] for i in run], [view[placements[i][1]] for i in run]))
+        experts = [e for e, _, _ in placements]
+        jobs: list[Callable[..., bool]] = []
+        if packed is not None:
+            outs = [[views[(src.projection, src.param)][slot] for src in sources] for _, slot, _ in placements]
+            for run in _runs(experts, max(1, RUN_BYTES // packed.stride)):
+                jobs.append(partial(self._write_records, packed, sources, experts[run.start : run.stop],
+                                    outs[run.start : run.stop]))
+        else:
+            for src in sources:
+                view = views[(src.projection, src.param)]
+                most = max(1, RUN_BYTES // src.expert_nbytes) if src.stacked is not None else 1
+                for run in _runs(experts, most):
+                    jobs.append(partial(self._write_run, src, experts[run.start : run.stop],
+                                        [view[placements[i][1]] for i in run]))
         nbytes = sum(src.expert_nbytes for src in sources) * len(placements)
         if wait and self.may_copy_inline(nbytes):
-            jobs = [job for job in jobs if not self._write_run(*job, nowait=True)]
+            jobs = [job for job in jobs if not job(nowait=True)]
             if not jobs:
                 return SlotWrites([], nbytes)
         if self._pool is None:
@@ -190,13 +205,13 @@ class ExpertReader:
         return writes
 
     def _write_runs(self, queue: deque) -> None:
-        """`_write_run` for each job taken from `queue` (shared by the reader threads) until it is empty."""
+        """Each job taken from `queue` (shared by the reader threads) until it is empty."""
         while True:
             try:
                 job = queue.popleft()  # atomic: each job is taken by one thread
             except IndexError:
                 return
-            self._write_run(*job)
+            job()
 
     def may_copy_inline(self, nbytes: int) -> bool:
         """Whether a load of `nbytes` may run on the calling thread (`write_slots`): small, and read through the
@@ -208,32 +223,47 @@ class ExpertReader:
         nothing counted as written, when a byte would have to come from the disk."""
         path, offset = src.location(experts[0])
         raw_dtype = np.dtype(DTYPES[src.file_dtype][0])
-        shape = outs[0].shape
         if not self.reader.uncached and outs[0].dtype == raw_dtype:  # no conversion: straight into the slots
             if not self.reader.read_into(path, offset, outs, nowait=nowait):
                 return False
             for expert, out in zip(experts, outs, strict=True):
                 self._check(src, [expert], out[None])
             return True
-        if not hasattr(self._scratch, "buf"):
-            self._scratch.buf = AlignedScratch()
-        nbytes = len(experts) * outs[0].size * raw_dtype.itemsize
-        if self.reader.uncached:
-            if nowait:  # every uncached read waits for the disk
-                return False
-            raw = self.reader.read_uncached(path, offset, nbytes, self._scratch.buf)
-        else:
-            raw = self._scratch.buf.get(nbytes)
-            if not self.reader.read_into(path, offset, raw, nowait=nowait):
-                return False
-        raw = raw.view(raw_dtype).reshape(len(experts), *shape)
+        raw = self._fetch(path, offset, len(experts) * outs[0].size * raw_dtype.itemsize, nowait)
+        if raw is None:
+            return False
+        raw = raw.view(raw_dtype).reshape(len(experts), *outs[0].shape)
         self._check(src, experts, raw)
         for row, out in zip(raw, outs, strict=True):
-            if src.file_dtype == "BF16" and out.dtype == np.float32:
-                np.left_shift(row, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits are f32's top half
-            else:
-                np.copyto(out, row)
+            _store(src, row, out)
         return True
+
+    def _write_records(self, packed: PackedLayer, sources: list[ParamSource], experts: list[int],
+                       outs: list[list[np.ndarray]], nowait: bool = False) -> bool:
+        """Consecutive `experts`' records (one read) into their slot rows: `outs[j][i]` is expert j's row of
+        parameter i. With `nowait` as in `_write_run`."""
+        raw = self._fetch(packed.path, packed.location(experts[0]), packed.run_nbytes(len(experts)), nowait)
+        if raw is None:
+            return False
+        for j, expert in enumerate(experts):
+            base = j * packed.stride
+            for src, (at, nbytes), out in zip(sources, packed.params, outs[j], strict=True):
+                values = raw[base + at : base + at + nbytes].view(DTYPES[src.file_dtype][0]).reshape(out.shape)
+                self._check(src, [expert], values[None])
+                _store(src, values, out)
+        return True
+
+    def _fetch(self, path: Path, offset: int, nbytes: int, nowait: bool) -> np.ndarray | None:
+        """`nbytes` at `offset` as uint8 in this thread's scratch buffer (valid until its next call); None with
+        `nowait` where they would have to come from the disk."""
+        if not hasattr(self._scratch, "buf"):
+            self._scratch.buf = AlignedScratch()
+        if self.reader.uncached:
+            if nowait:  # every uncached read waits for the disk
+                return None
+            return self.reader.read_uncached(path, offset, nbytes, self._scratch.buf)
+        raw = self._scratch.buf.get(nbytes)
+        return raw if self.reader.read_into(path, offset, raw, nowait=nowait) else None
 
     def _read_checked(self, src: ParamSource, experts: list[int]) -> np.ndarray:
         raw = self._read_raw(src, experts)
@@ -266,6 +296,14 @@ class ExpertReader:
         for run in _runs(experts):
             self.reader.read_into(*src.location(experts[run.start]), out[run.start : run.stop])
         return out
+
+
+def _store(src: ParamSource, values: np.ndarray, out: np.ndarray) -> None:
+    """One expert's values of `src` (file dtype) into its slot row, converted to the slot's dtype."""
+    if src.file_dtype == "BF16" and out.dtype == np.float32:
+        np.left_shift(values, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits are f32's top half
+    else:
+        np.copyto(out, values)
 
 
 def _runs(experts: list[int], most: int | None = None) -> Iterator[range]:

@@ -484,15 +484,16 @@ def _pass(engine, prompt: list[int], decode_tokens: int) -> dict:
 
 
 def measure(path: str, capacity: float, mode: str, prompt_tokens: int, decode_tokens: int,
-            calibration: bool = False, passes: int = 1) -> dict:
+            calibration: bool = False, passes: int = 1, pack: str | bool = False) -> dict:
     """One configuration: load, a first pass (cache cold, as after loading), then the measured pass (the
-    fastest decode of `passes`)."""
+    fastest decode of `passes`). `pack`: the expert records to read misses from (`Engine.load`), unless the
+    mode says otherwise."""
     from .engine import Engine
 
     started = time.perf_counter()
     from .bench import MODES
 
-    engine = Engine.load(path, capacity=capacity, **MODES[mode])
+    engine = Engine.load(path, capacity=capacity, **{"pack": pack, **MODES[mode]})
     load = {"seconds": time.perf_counter() - started, "bytes_read": int(engine.counters.bytes_read.sum()),
             "load_seconds": float(engine.counters.load_seconds.sum())}
     engine.tokenizer.eos_token_ids = set()  # every pass decodes exactly decode_tokens
@@ -548,7 +549,8 @@ def ratios(values: list[float], base: list[float]) -> dict:
             "per_round": each}
 
 
-def warm_prefill(path: str, fractions: list[float], prompt_tokens: int, rounds: int = WARM_PREFILL_ROUNDS) -> dict:
+def warm_prefill(path: str, fractions: list[float], prompt_tokens: int, rounds: int = WARM_PREFILL_ROUNDS,
+                 pack: str | bool = False) -> dict:
     """Prefill at each capacity in `fractions` against every expert resident, files in the page cache (no
     memory limit; loading at 100% reads them all, and reads go through the page cache even where the engine
     would bypass it), the two taking turns in one process. One smaller engine at a time beside the 100% one."""
@@ -557,12 +559,12 @@ def warm_prefill(path: str, fractions: list[float], prompt_tokens: int, rounds: 
     from .bench import MODES
     from .engine import Engine
 
-    full = Engine.load(path, capacity=1.0, **MODES["exact-cached"])
+    full = Engine.load(path, capacity=1.0, pack=pack, **MODES["exact-cached"])
     prompt = text_tokens(full.tokenizer, prompt_tokens)
     configs = []
     try:
         for fraction in fractions:
-            part = Engine.load(path, capacity=fraction, **MODES["exact-cached"])
+            part = Engine.load(path, capacity=fraction, pack=pack, **MODES["exact-cached"])
             try:
                 speeds = prefill_rounds([("full", full, None), ("part", part, None)], prompt, rounds)
                 configs.append({"capacity_fraction": part.capacity / part.layout.num_experts,
@@ -589,8 +591,21 @@ def calibration_point(path: str, embed_std: float, tokens: int) -> dict:
     return {"embed_std": embed_std, "lru": {f: r["lru"] for f, r in rates.items()}}
 
 
+def pack_records(path: str, out: str) -> dict:
+    """The checkpoint's expert records (`moe pack`) in `out`, where they make misses faster to read."""
+    from .errors import ModelLoadError
+    from .packed import pack_model
+
+    started = time.perf_counter()
+    try:
+        folder, nbytes = pack_model(path, Path(out))
+    except ModelLoadError as e:
+        return {"path": None, "skipped": str(e)}
+    return {"path": str(folder), "bytes": nbytes, "seconds": time.perf_counter() - started}
+
+
 TASKS = {"make": make_offload_checkpoint, "probe": probe, "measure": measure, "calibrate": calibration_point,
-         "warm_prefill": warm_prefill}
+         "warm_prefill": warm_prefill, "pack": pack_records}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -665,6 +680,7 @@ def _terminate_as_exit():
 
 def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, use_cgroup, workdir,
          quantized=False) -> dict:
+    from . import packed
     from .bench import drop_page_cache, sequential_read_bandwidth
     from .safetensors_io import weight_files
 
@@ -700,12 +716,19 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
             "quantization": _quantization(path),
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         }
+        # The expert records misses are read from (`moe pack`), where they make reads faster; the modes ending
+        # in -unpacked read the checkpoint itself.
+        print("moe bench: expert records (moe pack)", file=sys.stderr)
+        report["records"] = run_child({"task": "pack", "args": {"path": str(path), "out": str(workdir / "records")}},
+                                      workdir)
+        pack = report["records"].get("path") or False
+        dropped = files + ([Path(pack) / packed.RECORDS] if pack else [])
         sequential = sequential_read_bandwidth(files)
         # The compute limit: every expert in memory, files warm (just read), no memory limit; best of 3.
         print("moe bench: compute limit (100% capacity, files warm)", file=sys.stderr)
         compute = run_child({"task": "measure", "args": {
             "path": str(path), "capacity": 1.0, "mode": "exact", "prompt_tokens": prompt_tokens,
-            "decode_tokens": decode_tokens, "calibration": True, "passes": 3}}, workdir)
+            "decode_tokens": decode_tokens, "calibration": True, "passes": 3, "pack": pack}}, workdir)
         if "error" in compute:
             raise RuntimeError(f"the compute-limit run failed: {compute['error']}")
         def slots(fraction: float) -> int:  # experts per layer at `fraction`, as the children's engines hold them
@@ -717,7 +740,7 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
             print("moe bench: prefill with the files warm, " + ", ".join(f"{f:.1%}" for f in below) + " against 100%, "
                   "taking turns", file=sys.stderr)
             report["warm_prefill"] = run_child({"task": "warm_prefill", "args": {
-                "path": str(path), "fractions": below, "prompt_tokens": prompt_tokens}}, workdir)
+                "path": str(path), "fractions": below, "prompt_tokens": prompt_tokens, "pack": pack}}, workdir)
         per_slot = layout["expert_bytes"] * len(layout["moe_layers"])
         configs = []
         for mode in modes:
@@ -725,10 +748,10 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
                 limit = layout["dense_bytes"] + slots(fraction) * per_slot + headroom
                 print(f"moe bench: {mode} @ {fraction:.1%}" + (f", memory limit {limit / 2**20:.0f} MiB" if cgroup
                                                             else ""), file=sys.stderr)
-                drop_page_cache(files)
+                drop_page_cache(dropped)
                 r = run_child({"task": "measure", "args": {
                     "path": str(path), "capacity": fraction, "mode": mode, "prompt_tokens": prompt_tokens,
-                    "decode_tokens": decode_tokens}}, workdir, cgroup, limit)
+                    "decode_tokens": decode_tokens, "pack": pack}}, workdir, cgroup, limit)
                 r.setdefault("mode", mode)
                 r.setdefault("capacity_fraction", fraction)
                 configs.append(_derive(r, sequential, compute["decode_tps"]))
@@ -838,6 +861,12 @@ def format_table(report: dict) -> str:
         f"compute limit (100%, files warm): decode {lim['compute_decode_tps']:.1f} tok/s, "
         f"prefill {lim['compute_prefill_tps']:.1f} tok/s",
     ]
+    rec = report.get("records") or {}
+    if rec.get("path"):
+        lines.append(f"expert records (moe pack): {rec['bytes'] / 2**30:.2f} GiB written in {rec['seconds']:.0f} s; "
+                     "misses read from them (modes ending in -unpacked: from the checkpoint)")
+    elif rec:
+        lines.append(f"expert records (moe pack): none: {rec.get('skipped') or rec.get('error')}")
     warm = report.get("warm_prefill")
     if warm and "error" in warm:
         lines.append(f"prefill with files warm: error: {warm['error']}")

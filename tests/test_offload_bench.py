@@ -57,6 +57,9 @@ def test_offload_bench_tiny(tmp_path, capsys):
     assert _positive(report["limits"]["compute_decode_tps"])
     assert _positive(report["limits"]["compute_prefill_tps"])
 
+    records = report["records"]  # the tiny model's expert parameters are small reads: records pay
+    assert records["path"] and _positive(records["bytes"]) and "expert records (moe pack): " in err
+
     warm = report["warm_prefill"]  # prefill at 25% against 100%, files warm, taking turns
     assert "error" not in warm, warm
     assert warm["rounds"] == WARM_PREFILL_ROUNDS and warm["prompt_tokens"] == 12

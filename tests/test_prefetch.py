@@ -145,9 +145,9 @@ def test_a_failed_read_ahead_surfaces_and_leaves_the_engine_correct(checkpoint, 
     real = reader.write_slots
     failed: list[tuple[dict, list]] = []
 
-    def failing(sources, placements, views, wait=True):
+    def failing(sources, placements, views, wait=True, packed=None):
         if wait or failed:
-            return real(sources, placements, views, wait)
+            return real(sources, placements, views, wait, packed)
         # The read ahead claimed its slots, wrote part of them, then failed (in the background).
         failed.append((views, placements))
         for _, slot, _ in placements:

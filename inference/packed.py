@@ -1,0 +1,238 @@
+"""Expert records: a copy of a checkpoint's expert weights with each (layer, expert) in one contiguous record.
+
+A checkpoint stores each expert parameter in its own tensor (stacked `[experts, ...]` or one per expert), so
+one expert of a 4-bit layer is nine reads: three weights and six small scales and biases. Small reads are slow
+on a disk (each costs the disk's latency), so a miss spends most of its time on the few bytes of its scales.
+`moe pack MODEL` writes every expert's parameters side by side, each record starting on a 4 KiB boundary (what
+direct I/O needs), and the engine then reads a miss with one request. The records hold the checkpoint's bytes
+unchanged (no conversion), in the order of the layer's `ParamSource`s.
+
+A pack is a folder: `experts.bin` (the records) and `manifest.json` (where each layer's records start, their
+stride, each parameter's place in a record, and a fingerprint of the checkpoint it was made from). The
+manifest is written last, so a pack cut short is never used, and a pack whose checkpoint changed since
+(another size, modification time or tensor layout) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+from .experts import ParamSource
+from .safetensors_io import DIRECT_ALIGN, RangeReader, read_json
+
+FORMAT = "moe-tui expert records"
+VERSION = 1
+RECORDS = "experts.bin"
+MANIFEST = "manifest.json"
+CHUNK_BYTES = 64 << 20  # records assembled in memory before each write while packing
+# A read under this many bytes spends much of its time on the disk's latency: records pay where an expert has
+# such parameters (a 4-bit expert's scales and biases). Where every parameter is larger (bf16 experts of 1.5 MiB
+# each) one read per parameter runs as fast and spreads the conversion over the reader threads: measured on
+# this project's VM, records made 4-bit misses 1.45x faster to read and bf16 ones no faster (docs/performance.md).
+SMALL_READ_BYTES = 1 << 20
+PARAM_ALIGN = 64  # where each parameter starts in a record (any dtype's alignment, a cache line)
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    """One MoE layer's records: expert e's record starts at `offset + e * stride`; parameter i of the layer's
+    sources lies at `params[i] = (offset in the record, bytes)`."""
+
+    path: Path
+    offset: int
+    stride: int
+    params: tuple[tuple[int, int], ...]
+
+    @property
+    def record_nbytes(self) -> int:
+        """Bytes of one record without its padding."""
+        return self.params[-1][0] + self.params[-1][1]
+
+    def location(self, expert: int) -> int:
+        return self.offset + expert * self.stride
+
+    def run_nbytes(self, count: int) -> int:
+        """Bytes of `count` consecutive records, the last without its padding."""
+        return (count - 1) * self.stride + self.record_nbytes
+
+
+def default_pack_dir(model_dir: Path) -> Path:
+    """Where `moe pack` puts a model's records unless told otherwise: the user's cache folder, one folder per
+    model folder (its resolved path hashed), so a read-only model folder (the Hugging Face cache) needs no
+    write access."""
+    import platformdirs
+
+    model_dir = Path(model_dir).resolve()
+    key = hashlib.sha256(str(model_dir).encode()).hexdigest()[:16]
+    return Path(platformdirs.user_cache_dir("moe-tui")) / "packs" / f"{model_dir.name}-{key}"
+
+
+def model_dir_of(layers: list[list[ParamSource]]) -> Path:
+    """The folder of the checkpoint files the sources read."""
+    first = layers[0][0]
+    return (first.stacked or first.per_expert[0]).path.parent
+
+
+def fingerprint(layers: list[list[ParamSource]]) -> dict:
+    """What a pack must match to be used: every file's size and modification time, and a hash of where each
+    expert parameter lies in them."""
+    files = sorted({info.path for sources in layers for s in sources for info in _infos(s)})
+    layout = hashlib.sha256()
+    for i, sources in enumerate(layers):
+        for s in sources:
+            num = len(s.per_expert) if s.stacked is None else s.stacked.shape[0]
+            where = [(s.location(e)[0].name, s.location(e)[1]) for e in range(num)]
+            layout.update(json.dumps([i, s.projection, s.param, s.file_dtype, list(s.expert_shape), s.expert_nbytes,
+                                      where]).encode())
+    return {"files": [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
+            "layout": layout.hexdigest()}
+
+
+def _infos(src: ParamSource):
+    return [src.stacked] if src.stacked is not None else list(src.per_expert)
+
+
+def _plan(layers: list[list[ParamSource]], num_experts: int) -> list[dict]:
+    """Each layer's first record, stride and parameter places, records laid out layer after layer."""
+    plan, offset = [], 0
+    for sources in layers:
+        params, at = [], 0
+        for s in sources:
+            at = -(-at // PARAM_ALIGN) * PARAM_ALIGN  # each parameter aligned for its dtype's numpy view
+            params.append([at, s.expert_nbytes])
+            at += s.expert_nbytes
+        stride = -(-at // DIRECT_ALIGN) * DIRECT_ALIGN
+        plan.append({"offset": offset, "stride": stride, "params": params})
+        offset += stride * num_experts
+    return plan
+
+
+def write_pack(layers: list[list[ParamSource]], num_experts: int, out: Path,
+               progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write the records of every expert of `layers` (each layer's `ParamSource`s, in the order the engine
+    keeps them) into the folder `out`, replacing a pack there. `progress(done, total)` after each layer.
+
+    Raises:
+        ModelLoadError: too little disk space (nothing written), or a checkpoint read came up short.
+    """
+    out = Path(out)
+    plan = _plan(layers, num_experts)
+    total = plan[-1]["offset"] + plan[-1]["stride"] * num_experts if plan else 0
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / MANIFEST, out / RECORDS):  # the old pack stops being valid before anything is written
+        stale.unlink(missing_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < total + (256 << 20):
+        raise ModelLoadError(f"{out}: packing needs {total / 2**30:.2f} GiB and the disk has {free / 2**30:.2f} GiB "
+                             "free; free some space or pass another folder (--out)")
+    reader = RangeReader()
+    partial = out / (RECORDS + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            for i, (sources, layer) in enumerate(zip(layers, plan, strict=True)):
+                stride = layer["stride"]
+                per_chunk = max(1, CHUNK_BYTES // stride)
+                for first in range(0, num_experts, per_chunk):
+                    count = min(per_chunk, num_experts - first)
+                    buf = np.zeros((count, stride), dtype=np.uint8)
+                    for s, (at, nbytes) in zip(sources, layer["params"], strict=True):
+                        rows = buf[:, at : at + nbytes]
+                        if s.stacked is not None:
+                            raw = np.empty((count, nbytes), dtype=np.uint8)
+                            reader.read_into(*s.location(first), raw)
+                            rows[:] = raw
+                        else:
+                            for j in range(count):
+                                reader.read_into(*s.location(first + j), rows[j])
+                    f.write(memoryview(buf).cast("B"))
+                reader.drop_page_cache()  # a pack of a model bigger than memory should not evict everything else
+                if progress is not None:
+                    progress(i + 1, len(layers))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, out / RECORDS)
+        manifest = {"format": FORMAT, "version": VERSION, "model": str(model_dir_of(layers)) if layers else "",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "num_experts": num_experts,
+                    "records_bytes": total, "source": fingerprint(layers) if layers else {}, "layers": plan}
+        tmp = out / (MANIFEST + ".partial")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, out / MANIFEST)
+    finally:
+        reader.close()
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def open_pack(directory: Path, layers: list[list[ParamSource]],
+              num_experts: int) -> tuple[list[PackedLayer] | None, str]:
+    """The layers' records in `directory`, or None and why not (no pack there, or one made from another
+    checkpoint or an older version of this one, or cut short)."""
+    directory = Path(directory)
+    manifest_path, records = directory / MANIFEST, directory / RECORDS
+    if not manifest_path.is_file():
+        return None, f"no expert records in {directory} (make them with `moe pack`)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        ok = manifest.get("format") == FORMAT and manifest.get("version") == VERSION
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        return None, f"{manifest_path}: not a manifest this version reads; run `moe pack` again"
+    plan = _plan(layers, num_experts)
+    if manifest.get("num_experts") != num_experts or manifest.get("layers") != plan:
+        return None, f"{directory}: records of another model; run `moe pack` again"
+    if manifest.get("source") != fingerprint(layers):
+        return None, f"{directory}: the checkpoint changed since it was packed; run `moe pack` again"
+    size = records.stat().st_size if records.is_file() else -1
+    if size != manifest.get("records_bytes"):
+        return None, (f"{records}: {size} bytes where the manifest says {manifest.get('records_bytes')}; "
+                      "run `moe pack` again")
+    return [PackedLayer(records, p["offset"], p["stride"], tuple(tuple(x) for x in p["params"])) for p in plan], ""
+
+
+def records_help(layers: list[list[ParamSource]]) -> bool:
+    """Whether some expert parameter is a small read (see SMALL_READ_BYTES)."""
+    return any(s.expert_nbytes < SMALL_READ_BYTES for sources in layers for s in sources)
+
+
+def pack_model(model: str | Path, out: Path | None = None, progress: Callable[[int, int], None] | None = None,
+               force: bool = False) -> tuple[Path, int]:
+    """Write `model`'s expert records (`out`, default `default_pack_dir`): (the folder, its bytes). The model is
+    opened without its experts and with the fewest slots; nothing is computed.
+
+    Raises:
+        ModelLoadError: the model cannot be opened, has no MoE layers, records would not make its misses
+            faster to read (unless `force`), or there is no room on the disk.
+    """
+    from .engine import Engine
+    from .loading import _top_k, check_model_folder
+
+    folder = check_model_folder(model)
+    _, top_k = _top_k(read_json(folder / "config.json", "config"))
+    engine = Engine.load(folder, capacity=top_k if isinstance(top_k, int) else None, prefetch=False,
+                         record_trace=False, pack=False)
+    try:
+        sources = [layer.sources for layer in engine.experts._layers]
+        if not sources:
+            raise ModelLoadError(f"{engine.path}: no MoE layers, so no expert records to write")
+        if not force and not records_help(sources):
+            smallest = min(s.expert_nbytes for layer in sources for s in layer)
+            raise ModelLoadError(
+                f"{engine.path}: every expert parameter is already a large read (the smallest is "
+                f"{smallest / 2**20:.1f} MiB), which the disk serves as fast as one record; records would take "
+                f"{engine.experts.expert_disk_bytes() / 2**30:.2f} GiB of disk for nothing (--force writes them)")
+        out = Path(out) if out is not None else default_pack_dir(model_dir_of(sources))
+        write_pack(sources, engine.layout.num_experts, out, progress)
+        return out, (out / RECORDS).stat().st_size
+    finally:
+        engine.close()
