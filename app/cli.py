@@ -405,16 +405,20 @@ def cmd_pack(args) -> int:
     model = ensure_local(args.model)
     started = time.perf_counter()
 
+    shown = []  # a progress line is on the terminal, unfinished
+
     def progress(done: int, total: int) -> None:
+        shown[:] = [done < total]
         print(f"\rmoe pack: layer {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     try:
-        out, nbytes = pack_model(model, progress=progress, force=args.force)
+        out, nbytes, written = pack_model(model, progress=progress, force=args.force)
     except ModelLoadError as e:
-        print(f"moe pack: {e}", file=sys.stderr)
+        print(("\n" if any(shown) else "") + f"moe pack: {e}", file=sys.stderr)
         return 1
-    print(f"moe pack: {nbytes / 2**30:.2f} GiB of expert records in {out} ({time.perf_counter() - started:.0f} s). "
-          "The engine reads this model's misses from them from now on, while the checkpoint is unchanged; "
+    done = (f"{nbytes / 2**30:.2f} GiB of expert records in {out} ({time.perf_counter() - started:.0f} s)" if written
+            else f"the expert records in {out} are up to date ({nbytes / 2**30:.2f} GiB; --force writes them again)")
+    print(f"moe pack: {done}. The engine reads this model's misses from them whenever it loads it unchanged; "
           "delete the folder to stop.")
     return 0
 
@@ -521,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "folder), so that a miss is one read instead of one per parameter")
     p.add_argument("model", help="model folder or Hugging Face repo id")
     p.add_argument("--force", action="store_true",
-                   help="write them even where every expert parameter is already a large read (no faster there)")
+                   help="write them again even when up to date, or where every expert parameter is already a large "
+                        "read (no faster there)")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")

@@ -136,6 +136,7 @@ def _run_engine(path: Path, prompt: list[int], decode_tokens: int, capacity, mod
         "cold": {"prefill_tps": cold.prefill_tps, "decode_tps": cold.decode_tps, "ttft_s": cold.ttft_s,
                  "hit_rate": cold_snap.hit_rate, "bytes_read": cold_snap.bytes_read},
         "tokens": list(done.tokens),
+        "expert_records": str(engine.experts.pack) if engine.experts.pack else None,  # `moe pack`
     }
     return result, engine, trace
 

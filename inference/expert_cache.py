@@ -137,7 +137,7 @@ class ExpertCache:
             return
         sources = [layer.sources for layer in self._layers]
         directory = packs.default_pack_dir(packs.model_dir_of(sources)) if pack in (None, True) else Path(pack)
-        packed, why = packs.open_pack(directory, sources, self.layout.num_experts)
+        packed, why = packs.open_pack(directory, sources, self.layout.num_experts, self.reader)
         if packed is None:
             if pack is not None:
                 raise ModelLoadError(why)

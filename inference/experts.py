@@ -110,6 +110,7 @@ def locate(block: MoEBlock, params: dict[str, list[str]], model_shapes: dict[str
 READ_THREADS = 4  # positional reads in flight at once: they release the GIL, and disks serve several faster
 INLINE_READ_BYTES = 1 << 20  # smaller loads from the page cache run on the calling thread: a hand-off costs more
 RUN_BYTES = 8 << 20  # the most bytes of consecutive experts one read job takes: bigger runs split between threads
+MAX_BUFFERS = 256  # buffers one read fills at most (POSIX guarantees 16; Linux and macOS allow 1024)
 
 
 class ExpertReader:
@@ -178,7 +179,9 @@ class ExpertReader:
         jobs: list[Callable[..., bool]] = []
         if packed is not None:
             outs = [[views[(src.projection, src.param)][slot] for src in sources] for _, slot, _ in placements]
-            for run in _runs(experts, max(1, RUN_BYTES // packed.stride)):
+            # One buffer per parameter and per gap between them in a direct read: well under the system's IOV_MAX.
+            most = max(1, min(RUN_BYTES // packed.stride, MAX_BUFFERS // (2 * len(sources))))
+            for run in _runs(experts, most):
                 jobs.append(partial(self._write_records, packed, sources, experts[run.start : run.stop],
                                     outs[run.start : run.stop]))
         else:
@@ -242,7 +245,25 @@ class ExpertReader:
                        outs: list[list[np.ndarray]], nowait: bool = False) -> bool:
         """Consecutive `experts`' records (one read) into their slot rows: `outs[j][i]` is expert j's row of
         parameter i. With `nowait` as in `_write_run`."""
-        raw = self._fetch(packed.path, packed.location(experts[0]), packed.run_nbytes(len(experts)), nowait)
+        offset = packed.location(experts[0])
+        if not self.reader.uncached and all(out.dtype == DTYPES[src.file_dtype][0]
+                                            for src, out in zip(sources, outs[0], strict=True)):
+            # Straight into the slots (no conversion): one read fills every row, the padding into throwaway bytes.
+            buffers, at_byte = [], 0
+            for j, rows in enumerate(outs):
+                for (at, nbytes), out in zip(packed.params, rows, strict=True):
+                    start = j * packed.stride + at
+                    if start > at_byte:
+                        buffers.append(np.empty(start - at_byte, dtype=np.uint8))
+                    buffers.append(out)
+                    at_byte = start + nbytes
+            if not self.reader.read_into(packed.path, offset, buffers, nowait=nowait):
+                return False
+            for expert, rows in zip(experts, outs, strict=True):
+                for src, out in zip(sources, rows, strict=True):
+                    self._check(src, [expert], out[None])
+            return True
+        raw = self._fetch(packed.path, offset, packed.run_nbytes(len(experts)), nowait)
         if raw is None:
             return False
         for j, expert in enumerate(experts):

@@ -598,7 +598,7 @@ def pack_records(path: str, out: str) -> dict:
 
     started = time.perf_counter()
     try:
-        folder, nbytes = pack_model(path, Path(out))
+        folder, nbytes, _ = pack_model(path, Path(out))
     except ModelLoadError as e:
         return {"path": None, "skipped": str(e)}
     return {"path": str(folder), "bytes": nbytes, "seconds": time.perf_counter() - started}

@@ -15,6 +15,7 @@ manifest is written last, so a pack cut short is never used, and a pack whose ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +41,7 @@ CHUNK_BYTES = 64 << 20  # records assembled in memory before each write while pa
 # each) one read per parameter runs as fast and spreads the conversion over the reader threads: measured on
 # this project's VM, records made 4-bit misses 1.45x faster to read and bf16 ones no faster (docs/performance.md).
 SMALL_READ_BYTES = 1 << 20
+SAMPLE_BYTES = 4096  # of each layer's checkpoint bytes, hashed into the fingerprint
 PARAM_ALIGN = 64  # where each parameter starts in a record (any dtype's alignment, a cache line)
 
 
@@ -84,18 +86,28 @@ def model_dir_of(layers: list[list[ParamSource]]) -> Path:
 
 
 def fingerprint(layers: list[list[ParamSource]]) -> dict:
-    """What a pack must match to be used: every file's size and modification time, and a hash of where each
-    expert parameter lies in them."""
+    """What a pack must match to be used: every file's size and modification time, a hash of where each expert
+    parameter lies in them, and a hash of a few of their bytes (SAMPLE_BYTES of each layer's last expert's first
+    parameter: a copy that kept modification times, or another revision of the same shapes, differs there)."""
     files = sorted({info.path for sources in layers for s in sources for info in _infos(s)})
-    layout = hashlib.sha256()
-    for i, sources in enumerate(layers):
-        for s in sources:
-            num = len(s.per_expert) if s.stacked is None else s.stacked.shape[0]
-            where = [(s.location(e)[0].name, s.location(e)[1]) for e in range(num)]
-            layout.update(json.dumps([i, s.projection, s.param, s.file_dtype, list(s.expert_shape), s.expert_nbytes,
-                                      where]).encode())
+    layout, sample = hashlib.sha256(), hashlib.sha256()
+    reader = RangeReader()
+    try:
+        for i, sources in enumerate(layers):
+            for s in sources:
+                num = len(s.per_expert) if s.stacked is None else s.stacked.shape[0]
+                where = [(s.location(e)[0].name, s.location(e)[1]) for e in range(num)]
+                layout.update(json.dumps([i, s.projection, s.param, s.file_dtype, list(s.expert_shape),
+                                          s.expert_nbytes, where]).encode())
+            first = sources[0]
+            num = len(first.per_expert) if first.stacked is None else first.stacked.shape[0]
+            raw = np.empty(min(SAMPLE_BYTES, first.expert_nbytes), dtype=np.uint8)
+            reader.read_into(*first.location(num - 1), raw)
+            sample.update(raw.tobytes())
+    finally:
+        reader.close()
     return {"files": [{"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
-            "layout": layout.hexdigest()}
+            "layout": layout.hexdigest(), "sample": sample.hexdigest()}
 
 
 def _infos(src: ParamSource):
@@ -120,45 +132,38 @@ def _plan(layers: list[list[ParamSource]], num_experts: int) -> list[dict]:
 def write_pack(layers: list[list[ParamSource]], num_experts: int, out: Path,
                progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the records of every expert of `layers` (each layer's `ParamSource`s, in the order the engine
-    keeps them) into the folder `out`, replacing a pack there. `progress(done, total)` after each layer.
+    keeps them) into the folder `out`, replacing a pack there. `progress(done, total)` after each layer. An
+    engine that opened the old records keeps reading them (its files stay open) until it closes.
 
     Raises:
-        ModelLoadError: too little disk space (nothing written), or a checkpoint read came up short.
+        ModelLoadError: the folder cannot be written, too little disk space (nothing written), or a
+            checkpoint read came up short.
     """
     out = Path(out)
     plan = _plan(layers, num_experts)
     total = plan[-1]["offset"] + plan[-1]["stride"] * num_experts if plan else 0
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / MANIFEST, out / RECORDS):  # the old pack stops being valid before anything is written
-        stale.unlink(missing_ok=True)
-    free = shutil.disk_usage(out).free
-    if free < total + (256 << 20):
-        raise ModelLoadError(f"{out}: packing needs {total / 2**30:.2f} GiB and the disk has {free / 2**30:.2f} GiB "
-                             "free; free some space or pass another folder (--out)")
-    reader = RangeReader()
     partial = out / (RECORDS + ".partial")
+    reader = RangeReader()
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        # The old pack stops being valid before anything is written, and what a killed pack left goes too.
+        for stale in (out / MANIFEST, out / RECORDS, partial, out / (MANIFEST + ".partial")):
+            stale.unlink(missing_ok=True)
+        free = shutil.disk_usage(out).free
+        if free < total + (256 << 20):
+            raise ModelLoadError(f"{out}: packing needs {total / 2**30:.2f} GiB and the disk has "
+                                 f"{free / 2**30:.2f} GiB free; free some space (or point XDG_CACHE_HOME elsewhere)")
         with open(partial, "wb") as f:
             for i, (sources, layer) in enumerate(zip(layers, plan, strict=True)):
-                stride = layer["stride"]
-                per_chunk = max(1, CHUNK_BYTES // stride)
-                for first in range(0, num_experts, per_chunk):
-                    count = min(per_chunk, num_experts - first)
-                    buf = np.zeros((count, stride), dtype=np.uint8)
-                    for s, (at, nbytes) in zip(sources, layer["params"], strict=True):
-                        rows = buf[:, at : at + nbytes]
-                        if s.stacked is not None:
-                            raw = np.empty((count, nbytes), dtype=np.uint8)
-                            reader.read_into(*s.location(first), raw)
-                            rows[:] = raw
-                        else:
-                            for j in range(count):
-                                reader.read_into(*s.location(first + j), rows[j])
-                    f.write(memoryview(buf).cast("B"))
-                reader.drop_page_cache()  # a pack of a model bigger than memory should not evict everything else
+                _write_layer(f, reader, sources, layer, num_experts)
+                # A pack of a model bigger than memory should not evict everything else from the page cache.
+                f.flush()
+                getattr(os, "fdatasync", os.fsync)(f.fileno())  # written out: clean pages can be dropped
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                reader.drop_page_cache()
                 if progress is not None:
                     progress(i + 1, len(layers))
-            f.flush()
             os.fsync(f.fileno())
         os.replace(partial, out / RECORDS)
         manifest = {"format": FORMAT, "version": VERSION, "model": str(model_dir_of(layers)) if layers else "",
@@ -167,16 +172,39 @@ def write_pack(layers: list[list[ParamSource]], num_experts: int, out: Path,
         tmp = out / (MANIFEST + ".partial")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out / MANIFEST)
+    except OSError as e:  # a read-only or full disk, a folder that cannot be made
+        raise ModelLoadError(f"{out}: cannot write expert records: {e.strerror or e}") from e
     finally:
         reader.close()
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return out
 
 
-def open_pack(directory: Path, layers: list[list[ParamSource]],
-              num_experts: int) -> tuple[list[PackedLayer] | None, str]:
+def _write_layer(f, reader: RangeReader, sources: list[ParamSource], layer: dict, num_experts: int) -> None:
+    """One layer's records, assembled CHUNK_BYTES at a time, appended to `f`."""
+    stride = layer["stride"]
+    per_chunk = max(1, CHUNK_BYTES // stride)
+    for first in range(0, num_experts, per_chunk):
+        count = min(per_chunk, num_experts - first)
+        buf = np.zeros((count, stride), dtype=np.uint8)
+        for s, (at, nbytes) in zip(sources, layer["params"], strict=True):
+            rows = buf[:, at : at + nbytes]
+            if s.stacked is not None:
+                raw = np.empty((count, nbytes), dtype=np.uint8)
+                reader.read_into(*s.location(first), raw)
+                rows[:] = raw
+            else:
+                for j in range(count):
+                    reader.read_into(*s.location(first + j), rows[j])
+        f.write(memoryview(buf).cast("B"))
+
+
+def open_pack(directory: Path, layers: list[list[ParamSource]], num_experts: int,
+              reader: RangeReader | None = None) -> tuple[list[PackedLayer] | None, str]:
     """The layers' records in `directory`, or None and why not (no pack there, or one made from another
-    checkpoint or an older version of this one, or cut short)."""
+    checkpoint or an older version of this one, or cut short). With `reader`, the records are opened in it
+    (`RangeReader.hold`): deleted or packed again later, they stay readable for it."""
     directory = Path(directory)
     manifest_path, records = directory / MANIFEST, directory / RECORDS
     if not manifest_path.is_file():
@@ -193,7 +221,10 @@ def open_pack(directory: Path, layers: list[list[ParamSource]],
         return None, f"{directory}: records of another model; run `moe pack` again"
     if manifest.get("source") != fingerprint(layers):
         return None, f"{directory}: the checkpoint changed since it was packed; run `moe pack` again"
-    size = records.stat().st_size if records.is_file() else -1
+    try:
+        size = reader.hold(records) if reader is not None else records.stat().st_size
+    except OSError:
+        size = -1
     if size != manifest.get("records_bytes"):
         return None, (f"{records}: {size} bytes where the manifest says {manifest.get('records_bytes')}; "
                       "run `moe pack` again")
@@ -206,9 +237,10 @@ def records_help(layers: list[list[ParamSource]]) -> bool:
 
 
 def pack_model(model: str | Path, out: Path | None = None, progress: Callable[[int, int], None] | None = None,
-               force: bool = False) -> tuple[Path, int]:
-    """Write `model`'s expert records (`out`, default `default_pack_dir`): (the folder, its bytes). The model is
-    opened without its experts and with the fewest slots; nothing is computed.
+               force: bool = False) -> tuple[Path, int, bool]:
+    """Write `model`'s expert records (`out`, default `default_pack_dir`): (the folder, its bytes, whether they
+    were written: up-to-date records are kept unless `force`). The model is opened without its experts and with
+    the fewest slots; nothing is computed.
 
     Raises:
         ModelLoadError: the model cannot be opened, has no MoE layers, records would not make its misses
@@ -232,7 +264,9 @@ def pack_model(model: str | Path, out: Path | None = None, progress: Callable[[i
                 f"{smallest / 2**20:.1f} MiB), which the disk serves as fast as one record; records would take "
                 f"{engine.experts.expert_disk_bytes() / 2**30:.2f} GiB of disk for nothing (--force writes them)")
         out = Path(out) if out is not None else default_pack_dir(model_dir_of(sources))
-        write_pack(sources, engine.layout.num_experts, out, progress)
-        return out, (out / RECORDS).stat().st_size
+        fresh, _ = open_pack(out, sources, engine.layout.num_experts)
+        if fresh is None or force:
+            write_pack(sources, engine.layout.num_experts, out, progress)
+        return out, (out / RECORDS).stat().st_size, fresh is None or force
     finally:
         engine.close()

@@ -313,6 +313,13 @@ class RangeReader:
                         self._direct_fds[path] = None
         return self._direct_fds[path]
 
+    def hold(self, path: Path) -> int:
+        """Open `path` now (for direct reads too, where they are on), so that later reads read this file even if
+        it is deleted or replaced meanwhile; its size in bytes."""
+        fd = self._fd(path)
+        self._direct_fd(path)
+        return os.fstat(fd).st_size
+
     def read_into(self, path: Path, offset: int, out: np.ndarray | list[np.ndarray], nowait: bool = False) -> bool:
         """Fill `out` (C-contiguous; or several, filled in turn from consecutive bytes, one call each time)
         with the bytes at `offset`.

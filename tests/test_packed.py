@@ -47,11 +47,13 @@ def test_misses_read_from_records_keep_outputs_equal_to_stock(checkpoint, tmp_pa
     records = pack(path, tmp_path / "pack")
     engine = Engine.load(path, capacity=3, pack=records, uncached_reads=uncached)  # top-2 of 8: misses
     reads = []
-    real = engine.experts.expert_reader._fetch
-    engine.experts.expert_reader._fetch = lambda p, *a: reads.append(p) or real(p, *a)
+    reader = engine.experts.reader
+    for name in ("read_into", "read_uncached"):
+        real = getattr(reader, name)
+        setattr(reader, name, lambda p, *a, real=real, **k: reads.append(p) or real(p, *a, **k))
     assert greedy(engine.model) == stock
     assert engine.experts.pack == records
-    assert reads and set(reads) == {records / packs.RECORDS}  # every load one read of records
+    assert reads and set(reads) == {records / packs.RECORDS}  # every load reads records, nothing else
     assert engine.counters.misses.sum() > 0
 
 
@@ -93,6 +95,49 @@ def test_records_in_the_default_place_are_used_until_the_checkpoint_changes(chec
         Engine.load(path, capacity=3, pack=records)
 
 
+def test_a_copy_that_kept_sizes_and_times_but_not_the_bytes_is_noticed(checkpoint, tmp_path):
+    path = checkpoint("qwen3_moe", quant_bits=4, seed=3)  # its own copy: its bytes are changed below
+    records = pack(path, tmp_path / "pack")
+    engine = Engine.load(path, capacity=3, pack=False)
+    src = engine.experts._layers[-1].sources[0]
+    engine.close()
+    file, offset = src.location(7)
+    stat = file.stat()
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        data = f.read(16)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file.stat().st_size == stat.st_size and file.stat().st_mtime_ns == stat.st_mtime_ns
+    with pytest.raises(ModelLoadError, match="changed since it was packed"):
+        Engine.load(path, capacity=3, pack=records)
+
+
+def test_an_engine_keeps_reading_its_records_when_they_are_deleted_or_packed_again(checkpoint, tmp_path):
+    path = checkpoint("qwen3_moe", quant_bits=4)
+    stock = greedy(load(str(path))[0])
+    records = pack(path, tmp_path / "pack")
+    for uncached in (True, False):
+        engine = Engine.load(path, capacity=3, pack=records, uncached_reads=uncached)
+        for entry in records.iterdir():
+            entry.unlink()
+        assert greedy(engine.model) == stock  # misses still read from the records it opened
+        pack(path, records)  # packed again while it runs
+        engine.reset_prompt_cache()
+        assert greedy(engine.model) == stock
+
+
+def test_records_split_into_runs_keep_outputs(checkpoint, tmp_path, monkeypatch):
+    from moe_tui.inference import experts
+
+    path = checkpoint("qwen3_moe", quant_bits=4)
+    records = pack(path, tmp_path / "pack")
+    monkeypatch.setattr(experts, "RUN_BYTES", 1)  # every record its own read
+    engine = Engine.load(path, capacity=6, pack=records, uncached_reads=True, prefetch=False)
+    assert greedy(engine.model) == greedy(load(str(path))[0])
+
+
 def test_records_cut_short_or_of_another_model_are_not_used(checkpoint, tmp_path):
     path = checkpoint("qwen3_moe", quant_bits=4)
     records = pack(path, tmp_path / "pack")
@@ -121,10 +166,14 @@ def test_a_pack_interrupted_or_without_room_leaves_no_usable_records(checkpoint,
     with pytest.raises(KeyboardInterrupt):  # packed again over the old one, stopped after the first layer
         packs.write_pack(layers, 8, records, progress=fail)
     assert sorted(p.name for p in records.iterdir()) == []  # the old pack was dropped first, the new one unfinished
+    (records / (packs.RECORDS + ".partial")).write_bytes(b"left by a pack that was killed")
     monkeypatch.setattr(packs.shutil, "disk_usage", lambda p: type("U", (), {"free": 1 << 20})())
     with pytest.raises(ModelLoadError, match="free some space"):
-        packs.write_pack(layers, 8, tmp_path / "full")
-    assert not (tmp_path / "full" / packs.RECORDS).exists()
+        packs.write_pack(layers, 8, records)
+    assert sorted(p.name for p in records.iterdir()) == []  # the leftover went too
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ModelLoadError, match="cannot write expert records"):
+        packs.write_pack(layers, 8, tmp_path / "a-file" / "pack")
 
 
 def test_moe_pack_writes_records_the_engine_then_uses(checkpoint, default_packs, capsys, monkeypatch):
@@ -135,6 +184,8 @@ def test_moe_pack_writes_records_the_engine_then_uses(checkpoint, default_packs,
     assert Engine.load(path, capacity=3).experts.pack == default_packs(path)
     assert main(["info", str(path), "--capacity", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["expert_records"] == str(default_packs(path))
+    assert main(["pack", str(path)]) == 0
+    assert "are up to date" in capsys.readouterr().out
     # Where every expert parameter is already a large read, records would only take disk space.
     monkeypatch.setattr(packs, "SMALL_READ_BYTES", 1)
     unquantized = checkpoint("qwen3_moe")
