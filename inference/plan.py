@@ -45,6 +45,8 @@ class Plan:
     read_bandwidth: float | None  # bytes/s (measured or given)
     bytes_per_token: float | None
     io_limit_tps: float | None  # tokens/s the reads alone allow
+    reads_per_miss: int = 0  # one per expert parameter in the checkpoint (one with `moe pack`'s records)
+    smallest_read_bytes: int = 0  # the smallest of them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,11 +178,16 @@ def make_plan(source: Path | str, memory: int | None = None, context: int | None
         float32_compute = mx.default_device() == mx.cpu
     dense = expert_mem = expert_disk = 0
     expert_layers: set[str] = set()
+    reads: list[int] = []  # bytes of one expert's part of each expert tensor
+    tensors_per_miss = 0.0  # expert tensors read for one expert (a per-expert tensor counts 1 / num_experts)
     for name, dtype, shape, nbytes in tensors:
         in_memory = nbytes * (2 if float32_compute and dtype in HALF else 1)
         if _is_expert(name, shape, num_experts):
             expert_mem += in_memory
             expert_disk += nbytes
+            per_expert = bool(re.search(r"\.experts\.\d+\.", name))
+            reads.append(nbytes if per_expert else nbytes // num_experts)
+            tensors_per_miss += 1 / num_experts if per_expert else 1
             expert_layers.add(re.sub(r"\.experts\.\d+\..*|\.(switch_mlp|experts)\..*", "", name))
         else:
             dense += in_memory
@@ -220,7 +227,8 @@ def make_plan(source: Path | str, memory: int | None = None, context: int | None
                 expert_bytes=per_expert_mem, expert_disk_bytes=per_expert_disk, moe_layers=moe_layers,
                 num_experts=num_experts, top_k=top_k, kv_bytes_per_token=kv_token, kv_bytes=kv, budget_bytes=budget,
                 capacity=capacity, fits=fits, all_experts_fit=capacity == num_experts, hit_rate=hit_rate,
-                hit_rate_source=hit_source, read_bandwidth=bandwidth, bytes_per_token=per_token, io_limit_tps=io_limit)
+                hit_rate_source=hit_source, read_bandwidth=bandwidth, bytes_per_token=per_token, io_limit_tps=io_limit,
+                reads_per_miss=round(tensors_per_miss / moe_layers), smallest_read_bytes=min(reads))
 
 
 def _gib(n: float) -> str:
@@ -260,6 +268,11 @@ def format_plan(p: Plan) -> str:
         worst = p.moe_layers * p.top_k * p.expert_disk_bytes
         lines.append(f"  reads per token      up to {worst / 2**20:.1f} MiB (no hits): at least "
                      f"{p.read_bandwidth / worst:.1f} tok/s from the disk")
+    from .packed import SMALL_READ_BYTES  # here: `moe plan` needs no MLX until it must
+
+    if not p.all_experts_fit and p.smallest_read_bytes < SMALL_READ_BYTES:
+        lines.append(f"  reads per miss       {p.reads_per_miss}, the smallest {p.smallest_read_bytes / 2**10:.0f} "
+                     "KiB: `moe pack` makes each miss one read (small reads cost the disk's latency each)")
     return "\n".join(lines)
 
 

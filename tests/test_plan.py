@@ -28,6 +28,14 @@ def test_plan_from_headers_matches_the_loaded_engine(checkpoint, arch, quant, la
     assert plan.dense_bytes == engine.layout.dense_bytes
     assert (plan.moe_layers, plan.num_experts, plan.top_k) == (len(engine.layout.moe_layers), 8, 2)
     assert plan.expert_disk_bytes * plan.num_experts * plan.moe_layers == engine.experts.expert_disk_bytes()
+    sources = engine.experts._layers[0].sources  # what the engine reads for one miss: one read per parameter
+    assert plan.reads_per_miss == len(sources)
+    assert plan.smallest_read_bytes == min(s.expert_nbytes for s in sources)
+    per_slot = plan.expert_bytes * plan.moe_layers
+    some = make_plan(path, memory=plan.dense_bytes + int((4.5 * per_slot + plan.kv_bytes) / MEMORY_FRACTION),
+                     measure=False, float32_compute=True)
+    assert some.fits and not some.all_experts_fit
+    assert "`moe pack` makes each miss one read" in format_plan(some)  # a tiny model's reads are all small
 
 
 def test_plan_sizes_the_cache_from_memory_less_dense_and_kv(checkpoint):

@@ -3,6 +3,8 @@ dropped) cleanly, and the app keeps working."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.helpers import dialog_open, finished, replies, reply_shown, send, wait_until
@@ -21,11 +23,22 @@ def demo_app(tmp_path, monkeypatch):
     from moe_tui.app.main import MoeApp
     from moe_tui.app.settings import Settings
     from moe_tui.app.worker import EngineSpec
+    from moe_tui.inference import Engine
     from moe_tui.inference.demo_paths import DEMO_CAPACITY, DEMO_MODEL
 
     from tests.helpers import watched
 
     monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    # Paced: on a fast machine the demo's reply (about 200 tokens at 200 tok/s) ended before the test could act
+    # mid-reply, and its wait for the streaming text timed out.
+    stream = Engine.stream
+
+    def paced(self, *args, **kwargs):
+        for event in stream(self, *args, **kwargs):
+            time.sleep(0.02)
+            yield event
+
+    monkeypatch.setattr(Engine, "stream", paced)
     return watched(MoeApp(EngineSpec(model=str(DEMO_MODEL), capacity=DEMO_CAPACITY),
                           Settings(data_dir=str(tmp_path / "data"), max_tokens=4000, inference_process=False)))
 
