@@ -552,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-modes", default="exact,exact-prefetch,exact-noprefetch",
                    help="--offload: configurations to run: exact (reads ahead while they pay, the default), "
                         "exact-prefetch (always), exact-noprefetch (never), exact-cached (reads through the page "
-                        "cache) (default exact,exact-prefetch,exact-noprefetch)")
+                        "cache), exact-unpacked (misses read from the checkpoint, not the expert records the "
+                        "benchmark makes where they pay) (default exact,exact-prefetch,exact-noprefetch)")
     p.add_argument("--offload-headroom", type=int, default=512, metavar="MIB",
                    help="--offload: memory cgroup limit above dense weights + expert cache (default 512)")
     p.add_argument("--offload-no-cgroup", action="store_true",
