@@ -906,6 +906,21 @@ class ExpertCache:
             capacities=self.capacities if self._uneven() else (),
         )
 
+    def load_notes(self) -> list[tuple[str, str]]:
+        """(text, severity) for the user once the model is loaded: expert records there but not used, or, for a
+        model read from the disk (bigger than memory) whose misses are several small reads, that `moe pack`
+        would make each one read. A model that fits in memory gets neither: its reads are memory copies."""
+        if self.pack_note:
+            return [(f"expert records not used: {self.pack_note}", "warning")]
+        sources = [layer.sources for layer in self._layers]
+        if (self.pack is None and self.reader.uncached and self._capacity < self.layout.num_experts
+                and packs.records_help(sources)):
+            smallest = min(s.expert_nbytes for layer in sources for s in layer)
+            return [(f"each expert read from disk takes {len(sources[0])} reads, the smallest "
+                     f"{smallest / 2**10:.0f} KiB: `moe pack {packs.model_dir_of(sources)}` makes it one "
+                     "(faster misses)", "information")]
+        return []
+
     def expert_disk_bytes(self) -> int:
         """Bytes of every expert of every layer in the checkpoint files."""
         return sum(src.expert_nbytes for layer in self._layers for src in layer.sources) * self.layout.num_experts

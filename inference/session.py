@@ -229,6 +229,8 @@ class Session:
         self.info = ModelInfo.of(self.engine, *((fmt.name, "") if isinstance(fmt, ToolFormat) else ("", fmt)))
         self.ready.set()
         self._emit(SessionReady(self.info))
+        for text, severity in self.engine.experts.load_notes():  # e.g. `moe pack` would make misses faster
+            self._emit(Notice(text, severity))
         self._publish(force=True)
         while True:
             try:

@@ -193,3 +193,36 @@ def test_moe_pack_writes_records_the_engine_then_uses(checkpoint, default_packs,
     assert "already a large read" in capsys.readouterr().err
     assert not default_packs(unquantized).exists()
     assert main(["pack", str(unquantized), "--force"]) == 0
+
+
+def test_the_user_hears_of_records_where_they_would_help_and_of_records_not_used(checkpoint, tmp_path, default_packs):
+    from moe_tui.inference.events import Notice, SessionReady
+    from moe_tui.inference.session import Session
+
+    path = checkpoint("qwen3_moe", quant_bits=4)
+    [(hint, severity)] = Engine.load(path, capacity=3, uncached_reads=True).experts.load_notes()
+    assert "moe pack" in hint and "9 reads" in hint and severity == "information"
+    assert Engine.load(path, capacity=3).experts.load_notes() == []  # fits in memory: misses are memory copies
+    assert Engine.load(path, capacity=1.0, uncached_reads=True).experts.load_notes() == []  # nothing to miss
+    records = pack(path, default_packs(path))
+    assert Engine.load(path, capacity=3, uncached_reads=True).experts.load_notes() == []
+    manifest = json.loads((records / packs.MANIFEST).read_text())
+    (records / packs.MANIFEST).write_text(json.dumps({**manifest, "layers": []}))
+    [(note, severity)] = Engine.load(path, capacity=3).experts.load_notes()
+    assert "expert records not used" in note and "moe pack" in note and severity == "warning"
+
+    events = []
+    session = Session(lambda: Engine.load(path, capacity=3), events.append)  # the app and `moe serve` hear it
+    session.start()
+    try:
+        session.ready.wait(60)
+        for _ in range(100):
+            if any(isinstance(e, Notice) for e in events):
+                break
+            session.join(0.05)
+    finally:
+        session.stop()
+        session.join(10)
+    kinds = [type(e) for e in events]
+    assert SessionReady in kinds
+    assert any(isinstance(e, Notice) and "expert records not used" in e.text for e in events)

@@ -7,11 +7,12 @@ routes every event of a job to that job's queue, thread-safely.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import Event, Generate, Tokenize
+from ..events import Event, Generate, Notice, Tokenize
 from ..session import QueueFull, Session, SessionClosed
 from ..telemetry import CacheSnapshot
 from ..tools import ToolFormat
@@ -45,7 +46,10 @@ class EngineRunner:
 
     def _on_event(self, event: Event) -> None:
         """Events that belong to no job (readiness, snapshots, notices): the stats endpoints read the session;
-        miss-curve answers go to the requests waiting for them."""
+        miss-curve answers go to the requests waiting for them; notices go to the server's log."""
+        if isinstance(event, Notice):
+            level = {"error": logging.ERROR, "warning": logging.WARNING}.get(event.severity, logging.INFO)
+            logging.getLogger("uvicorn.error").log(level, "%s", event.text)
         self.miss_curves.on_event(event)
 
     # ---- state, read by the endpoints
