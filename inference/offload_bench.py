@@ -678,6 +678,24 @@ def _terminate_as_exit():
         signal.signal(signal.SIGTERM, previous)
 
 
+def slots_at(layout: dict, fraction: float) -> int:
+    """Experts per layer at `fraction` of them, as the children's engines hold them."""
+    return max(layout["top_k"], round(fraction * layout["num_experts"]))
+
+
+def memory_limit(layout: dict, fraction: float, headroom: int) -> int:
+    """The memory cgroup limit of a run at `fraction`: dense weights + the expert cache there + `headroom` bytes."""
+    cache = slots_at(layout, fraction) * layout["expert_bytes"] * len(layout["moe_layers"])
+    return layout["dense_bytes"] + cache + headroom
+
+
+def probe_limit(path: str, fraction: float, headroom: int) -> int:
+    """`memory_limit` for the checkpoint at `path` (its layout read by a child, which loads no expert)."""
+    layout = run_child({"task": "probe", "args": {"path": str(path), "capacity": fraction}},
+                       Path(tempfile.mkdtemp(prefix="moe-probe-")))["layout"]
+    return memory_limit(layout, fraction, headroom)
+
+
 def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, use_cgroup, workdir,
          quantized=False) -> dict:
     from . import packed
@@ -731,21 +749,17 @@ def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, 
             "decode_tokens": decode_tokens, "calibration": True, "passes": 3, "pack": pack}}, workdir)
         if "error" in compute:
             raise RuntimeError(f"the compute-limit run failed: {compute['error']}")
-        def slots(fraction: float) -> int:  # experts per layer at `fraction`, as the children's engines hold them
-            return max(layout["top_k"], round(fraction * layout["num_experts"]))
-
         # Prefill below 100% against 100%, files still warm, no memory limit: the two take turns in one child.
-        below = [f for f in fractions if slots(f) < layout["num_experts"]]  # capacities that can miss
+        below = [f for f in fractions if slots_at(layout, f) < layout["num_experts"]]  # capacities that can miss
         if below:
             print("moe bench: prefill with the files warm, " + ", ".join(f"{f:.1%}" for f in below) + " against 100%, "
                   "taking turns", file=sys.stderr)
             report["warm_prefill"] = run_child({"task": "warm_prefill", "args": {
                 "path": str(path), "fractions": below, "prompt_tokens": prompt_tokens, "pack": pack}}, workdir)
-        per_slot = layout["expert_bytes"] * len(layout["moe_layers"])
         configs = []
         for mode in modes:
             for fraction in fractions:
-                limit = layout["dense_bytes"] + slots(fraction) * per_slot + headroom
+                limit = memory_limit(layout, fraction, headroom)
                 print(f"moe bench: {mode} @ {fraction:.1%}" + (f", memory limit {limit / 2**20:.0f} MiB" if cgroup
                                                             else ""), file=sys.stderr)
                 drop_page_cache(dropped)

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -84,11 +83,7 @@ def main() -> None:
     command = [sys.executable, __file__, "--child", *sys.argv[1:]]
     try:
         if cgroup is not None:
-            layout = ob.run_child({"task": "probe", "args": {"path": args.model, "capacity": args.capacity}},
-                                  Path(tempfile.mkdtemp()))["layout"]
-            slots = max(layout["top_k"], round(args.capacity * layout["num_experts"]))
-            limit = (layout["dense_bytes"] + slots * layout["expert_bytes"] * len(layout["moe_layers"])
-                     + (args.headroom << 20))
+            limit = ob.probe_limit(args.model, args.capacity, args.headroom << 20)
             cgroup.set_limit(limit)
             command += ["--procs", str(cgroup.procs)]
         subprocess.run(command, check=True)

@@ -57,9 +57,7 @@ def main() -> None:
         print(json.dumps({"sequential_read_bandwidth": sequential_read_bandwidth(files)}), flush=True)
         for r in range(args.rounds):
             for fraction in ob.parse_percents(args.capacities):
-                capacity = max(layout["top_k"], round(fraction * layout["num_experts"]))
-                limit = (layout["dense_bytes"] + capacity * layout["expert_bytes"] * len(layout["moe_layers"])
-                         + (args.headroom << 20))
+                limit = ob.memory_limit(layout, fraction, args.headroom << 20)
                 for name, pythonpath, mode in variants:
                     os.environ.pop("PYTHONPATH", None)
                     if pythonpath:

@@ -134,11 +134,7 @@ def main() -> None:
     command = [sys.executable, __file__, "--child", "--log", str(log), *sys.argv[1:]]
     try:
         if cgroup is not None:
-            layout = ob.run_child({"task": "probe", "args": {"path": args.model, "capacity": args.capacity}},
-                                  workdir)["layout"]
-            slots = max(layout["top_k"], round(args.capacity * layout["num_experts"]))
-            cgroup.set_limit(layout["dense_bytes"] + slots * layout["expert_bytes"] * len(layout["moe_layers"])
-                             + (args.headroom << 20))
+            cgroup.set_limit(ob.probe_limit(args.model, args.capacity, args.headroom << 20))
             command += ["--procs", str(cgroup.procs)]
         subprocess.run(command, check=True)
     finally:
