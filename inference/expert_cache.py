@@ -915,10 +915,9 @@ class ExpertCache:
         sources = [layer.sources for layer in self._layers]
         if (self.pack is None and self.reader.uncached and self._capacity < self.layout.num_experts
                 and packs.records_help(sources)):
-            smallest = min(s.expert_nbytes for layer in sources for s in layer)
             return [(f"each expert read from disk takes {len(sources[0])} reads, the smallest "
-                     f"{smallest / 2**10:.0f} KiB: `moe pack {packs.model_dir_of(sources)}` makes it one "
-                     "(faster misses)", "information")]
+                     f"{packs.smallest_read(sources) / 2**10:.0f} KiB: `moe pack {packs.model_dir_of(sources)}` "
+                     "makes it one (faster misses)", "information")]
         return []
 
     def expert_disk_bytes(self) -> int:

@@ -287,7 +287,7 @@ class ExpertReader:
         return raw if self.reader.read_into(path, offset, raw, nowait=nowait) else None
 
     def _read_checked(self, src: ParamSource, experts: list[int]) -> np.ndarray:
-        raw = self._read_raw(src, experts)
+        raw = self.read_raw(src, experts)
         self._check(src, experts, raw)
         return raw
 
@@ -306,7 +306,7 @@ class ExpertReader:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def _read_raw(self, src: ParamSource, experts: list[int]) -> np.ndarray:
+    def read_raw(self, src: ParamSource, experts: list[int]) -> np.ndarray:
         """Rows for `experts` in the order given; runs of consecutive ids are read with one call each."""
         info = src.stacked or src.per_expert[0]
         out = np.empty((len(experts), *src.expert_shape), dtype=DTYPES[info.dtype][0])

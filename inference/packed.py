@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError
-from .experts import ParamSource
+from .experts import ExpertReader, ParamSource
 from .safetensors_io import DIRECT_ALIGN, RangeReader, read_json
 
 FORMAT = "moe-tui expert records"
@@ -37,9 +37,9 @@ RECORDS = "experts.bin"
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 64 << 20  # records assembled in memory before each write while packing
 # A read under this many bytes spends much of its time on the disk's latency: records pay where an expert has
-# such parameters (a 4-bit expert's scales and biases). Where every parameter is larger (bf16 experts of 1.5 MiB
-# each) one read per parameter runs as fast and spreads the conversion over the reader threads: measured on
-# this project's VM, records made 4-bit misses 1.45x faster to read and bf16 ones no faster (docs/performance.md).
+# such parameters (a 4-bit expert's scales and biases). Where every parameter is larger (bf16 experts) one read
+# per parameter runs as fast and spreads the conversion over the reader threads (measured: docs/performance.md,
+# "Expert records").
 SMALL_READ_BYTES = 1 << 20
 SAMPLE_BYTES = 4096  # of each layer's checkpoint bytes, hashed into the fingerprint
 PARAM_ALIGN = 64  # where each parameter starts in a record (any dtype's alignment, a cache line)
@@ -85,7 +85,7 @@ def model_dir_of(layers: list[list[ParamSource]]) -> Path:
     return (first.stacked or first.per_expert[0]).path.parent
 
 
-def fingerprint(layers: list[list[ParamSource]]) -> dict:
+def fingerprint(layers: list[list[ParamSource]], num_experts: int) -> dict:
     """What a pack must match to be used: every file's size and modification time, a hash of where each expert
     parameter lies in them, and a hash of a few of their bytes (SAMPLE_BYTES of each layer's last expert's first
     parameter: a copy that kept modification times, or another revision of the same shapes, differs there)."""
@@ -95,14 +95,11 @@ def fingerprint(layers: list[list[ParamSource]]) -> dict:
     try:
         for i, sources in enumerate(layers):
             for s in sources:
-                num = len(s.per_expert) if s.stacked is None else s.stacked.shape[0]
-                where = [(s.location(e)[0].name, s.location(e)[1]) for e in range(num)]
+                where = [(s.location(e)[0].name, s.location(e)[1]) for e in range(num_experts)]
                 layout.update(json.dumps([i, s.projection, s.param, s.file_dtype, list(s.expert_shape),
                                           s.expert_nbytes, where]).encode())
-            first = sources[0]
-            num = len(first.per_expert) if first.stacked is None else first.stacked.shape[0]
-            raw = np.empty(min(SAMPLE_BYTES, first.expert_nbytes), dtype=np.uint8)
-            reader.read_into(*first.location(num - 1), raw)
+            raw = np.empty(min(SAMPLE_BYTES, sources[0].expert_nbytes), dtype=np.uint8)
+            reader.read_into(*sources[0].location(num_experts - 1), raw)
             sample.update(raw.tobytes())
     finally:
         reader.close()
@@ -144,6 +141,7 @@ def write_pack(layers: list[list[ParamSource]], num_experts: int, out: Path,
     total = plan[-1]["offset"] + plan[-1]["stride"] * num_experts if plan else 0
     partial = out / (RECORDS + ".partial")
     reader = RangeReader()
+    experts = ExpertReader(reader)  # reads the checkpoint's rows of each parameter, as the engine does
     try:
         out.mkdir(parents=True, exist_ok=True)
         # The old pack stops being valid before anything is written, and what a killed pack left goes too.
@@ -155,7 +153,7 @@ def write_pack(layers: list[list[ParamSource]], num_experts: int, out: Path,
                                  f"{free / 2**30:.2f} GiB free; free some space (or point XDG_CACHE_HOME elsewhere)")
         with open(partial, "wb") as f:
             for i, (sources, layer) in enumerate(zip(layers, plan, strict=True)):
-                _write_layer(f, reader, sources, layer, num_experts)
+                _write_layer(f, experts, sources, layer, num_experts)
                 # A pack of a model bigger than memory should not evict everything else from the page cache.
                 f.flush()
                 getattr(os, "fdatasync", os.fsync)(f.fileno())  # written out: clean pages can be dropped
@@ -168,7 +166,8 @@ def write_pack(layers: list[list[ParamSource]], num_experts: int, out: Path,
         os.replace(partial, out / RECORDS)
         manifest = {"format": FORMAT, "version": VERSION, "model": str(model_dir_of(layers)) if layers else "",
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "num_experts": num_experts,
-                    "records_bytes": total, "source": fingerprint(layers) if layers else {}, "layers": plan}
+                    "records_bytes": total, "source": fingerprint(layers, num_experts) if layers else {},
+                    "layers": plan}
         tmp = out / (MANIFEST + ".partial")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, out / MANIFEST)
@@ -181,22 +180,15 @@ def write_pack(layers: list[list[ParamSource]], num_experts: int, out: Path,
     return out
 
 
-def _write_layer(f, reader: RangeReader, sources: list[ParamSource], layer: dict, num_experts: int) -> None:
+def _write_layer(f, reader: ExpertReader, sources: list[ParamSource], layer: dict, num_experts: int) -> None:
     """One layer's records, assembled CHUNK_BYTES at a time, appended to `f`."""
     stride = layer["stride"]
     per_chunk = max(1, CHUNK_BYTES // stride)
     for first in range(0, num_experts, per_chunk):
-        count = min(per_chunk, num_experts - first)
-        buf = np.zeros((count, stride), dtype=np.uint8)
+        experts = list(range(first, min(first + per_chunk, num_experts)))
+        buf = np.zeros((len(experts), stride), dtype=np.uint8)
         for s, (at, nbytes) in zip(sources, layer["params"], strict=True):
-            rows = buf[:, at : at + nbytes]
-            if s.stacked is not None:
-                raw = np.empty((count, nbytes), dtype=np.uint8)
-                reader.read_into(*s.location(first), raw)
-                rows[:] = raw
-            else:
-                for j in range(count):
-                    reader.read_into(*s.location(first + j), rows[j])
+            buf[:, at : at + nbytes] = reader.read_raw(s, experts).reshape(len(experts), -1).view(np.uint8)
         f.write(memoryview(buf).cast("B"))
 
 
@@ -219,7 +211,7 @@ def open_pack(directory: Path, layers: list[list[ParamSource]], num_experts: int
     plan = _plan(layers, num_experts)
     if manifest.get("num_experts") != num_experts or manifest.get("layers") != plan:
         return None, f"{directory}: records of another model; run `moe pack` again"
-    if manifest.get("source") != fingerprint(layers):
+    if manifest.get("source") != fingerprint(layers, num_experts):
         return None, f"{directory}: the checkpoint changed since it was packed; run `moe pack` again"
     try:
         size = reader.hold(records) if reader is not None else records.stat().st_size
@@ -231,9 +223,14 @@ def open_pack(directory: Path, layers: list[list[ParamSource]], num_experts: int
     return [PackedLayer(records, p["offset"], p["stride"], tuple(tuple(x) for x in p["params"])) for p in plan], ""
 
 
+def smallest_read(layers: list[list[ParamSource]]) -> int:
+    """Bytes of the smallest read of a miss from the checkpoint (one expert's part of one parameter)."""
+    return min(s.expert_nbytes for sources in layers for s in sources)
+
+
 def records_help(layers: list[list[ParamSource]]) -> bool:
     """Whether some expert parameter is a small read (see SMALL_READ_BYTES)."""
-    return any(s.expert_nbytes < SMALL_READ_BYTES for sources in layers for s in sources)
+    return smallest_read(layers) < SMALL_READ_BYTES
 
 
 def pack_model(model: str | Path, out: Path | None = None, progress: Callable[[int, int], None] | None = None,
@@ -258,11 +255,11 @@ def pack_model(model: str | Path, out: Path | None = None, progress: Callable[[i
         if not sources:
             raise ModelLoadError(f"{engine.path}: no MoE layers, so no expert records to write")
         if not force and not records_help(sources):
-            smallest = min(s.expert_nbytes for layer in sources for s in layer)
             raise ModelLoadError(
                 f"{engine.path}: every expert parameter is already a large read (the smallest is "
-                f"{smallest / 2**20:.1f} MiB), which the disk serves as fast as one record; records would take "
-                f"{engine.experts.expert_disk_bytes() / 2**30:.2f} GiB of disk for nothing (--force writes them)")
+                f"{smallest_read(sources) / 2**20:.1f} MiB), which the disk serves as fast as one record; records "
+                f"would take {engine.experts.expert_disk_bytes() / 2**30:.2f} GiB of disk for nothing (--force "
+                "writes them)")
         out = Path(out) if out is not None else default_pack_dir(model_dir_of(sources))
         fresh, _ = open_pack(out, sources, engine.layout.num_experts)
         if fresh is None or force:
