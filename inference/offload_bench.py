@@ -696,6 +696,27 @@ def probe_limit(path: str, fraction: float, headroom: int) -> int:
     return memory_limit(layout, fraction, headroom)
 
 
+def run_limited(command: list[str], cgroup: MemoryCgroup | None, path: str, fraction: float,
+                headroom: int) -> dict | None:
+    """Run `command` (a script re-running itself as a child, which writes its pid into the file named after
+    `--procs` before MLX allocates anything) in `cgroup`, limited as a run at `fraction` (`probe_limit`), and
+    remove the cgroup afterwards: {"limit_bytes", "peak_bytes"}. Without a cgroup it runs unlimited: None.
+
+    Raises:
+        subprocess.CalledProcessError: the child failed.
+    """
+    if cgroup is None:
+        subprocess.run(command, check=True)
+        return None
+    try:
+        limit = probe_limit(path, fraction, headroom)
+        cgroup.set_limit(limit)
+        subprocess.run([*command, "--procs", str(cgroup.procs)], check=True)
+        return {"limit_bytes": limit, "peak_bytes": cgroup.stats().get("peak_bytes") or 0}
+    finally:
+        cgroup.remove()
+
+
 def _run(model, size, fractions, modes, prompt_tokens, decode_tokens, headroom, use_cgroup, workdir,
          quantized=False) -> dict:
     from . import packed

@@ -16,7 +16,6 @@ import argparse
 import importlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -80,20 +79,10 @@ def main() -> None:
     cgroup = ob.MemoryCgroup.detect() if args.capacity < 1.0 else None
     if args.capacity < 1.0 and cgroup is None:
         print("constant_ab: no memory cgroup (root on Linux): the page cache may hold the experts", file=sys.stderr)
-    command = [sys.executable, __file__, "--child", *sys.argv[1:]]
-    try:
-        if cgroup is not None:
-            limit = ob.probe_limit(args.model, args.capacity, args.headroom << 20)
-            cgroup.set_limit(limit)
-            command += ["--procs", str(cgroup.procs)]
-        subprocess.run(command, check=True)
-        if cgroup is not None:
-            stats = cgroup.stats()
-            print(f"memory cgroup: limit {limit / 2**20:.0f} MiB, peak "
-                  f"{(stats.get('peak_bytes') or 0) / 2**20:.0f} MiB")
-    finally:
-        if cgroup is not None:
-            cgroup.remove()
+    used = ob.run_limited([sys.executable, __file__, "--child", *sys.argv[1:]], cgroup, args.model, args.capacity,
+                          args.headroom << 20)
+    if used is not None:
+        print(f"memory cgroup: limit {used['limit_bytes'] / 2**20:.0f} MiB, peak {used['peak_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import collections
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -131,15 +130,8 @@ def main() -> None:
     if cgroup is None:
         print("read_replay: no memory cgroup (root on Linux): the engine's reads bypass the page cache anyway",
               file=sys.stderr)
-    command = [sys.executable, __file__, "--child", "--log", str(log), *sys.argv[1:]]
-    try:
-        if cgroup is not None:
-            cgroup.set_limit(ob.probe_limit(args.model, args.capacity, args.headroom << 20))
-            command += ["--procs", str(cgroup.procs)]
-        subprocess.run(command, check=True)
-    finally:
-        if cgroup is not None:
-            cgroup.remove()
+    ob.run_limited([sys.executable, __file__, "--child", "--log", str(log), *sys.argv[1:]], cgroup, args.model,
+                   args.capacity, args.headroom << 20)
     logged = json.loads(log.read_text())
     reads = logged["reads"]
     if not reads:
