@@ -29,8 +29,8 @@ def demo_app(tmp_path, monkeypatch):
     from tests.helpers import watched
 
     monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
-    # Paced: on a fast machine the demo's reply (about 200 tokens at 200 tok/s) ended before the test could act
-    # mid-reply, and its wait for the streaming text timed out.
+    # Paced: on a fast machine the demo's whole reply could end before the test acted mid-reply, and the wait for
+    # its streaming text timed out.
     stream = Engine.stream
 
     def paced(self, *args, **kwargs):
