@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true",
                    help="the engine on a checkpoint the page cache cannot hold (memory cgroup per run where "
                         "possible): per capacity and mode, decode speed, bytes read and read stall per token, "
-                        "the compute and I/O limits, and prefill below 100% against 100% with the files warm")
+                        "the compute and I/O limits, and prefill below 100%% against 100%% with the files warm")
     p.add_argument("--offload-model", default=None, metavar="PATH",
                    help="--offload: this checkpoint (made there if PATH does not exist; default: a synthetic one "
                         "in a temporary folder, removed afterwards)")

@@ -142,3 +142,13 @@ def test_an_empty_folder_is_not_a_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "moe_tui.app.cli", str(tmp_path)], capture_output=True,
                             text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and "no config.json" in result.stderr and "\x1b[?1049h" not in result.stdout
+
+
+def test_every_command_has_help():
+    from moe_tui.app.cli import build_parser
+
+    parser = build_parser()
+    assert parser.format_help()
+    for name, sub in parser.subcommands.items():
+        text = sub.format_help()  # argparse %-formats each option's help: a bare "%" raises here
+        assert f"moe {name}" in text, name
