@@ -32,6 +32,51 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def _number(low: float, high: float | None = None, above: bool = False):
+    """An argparse type: a finite number at least `low` (above it with `above`), at most `high`."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+        if not math.isfinite(value) or value < low or (above and value == low) or (high is not None and value > high):
+            bound = f"above {low:g}" if above else f"from {low:g}" + (f" to {high:g}" if high is not None else " up")
+            raise argparse.ArgumentTypeError(f"{text} must be a number {bound}")
+        return value
+
+    return parse
+
+
+def _input_file(text: str) -> Path:
+    """An argparse type: a file that exists (a folder or a missing path is a usage error, not a traceback)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file")
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+def _output_file(text: str) -> Path:
+    """An argparse type: where a file may be written (not a folder)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return path
+
+
 def _mode(text: str) -> str:
     from moe_tui.inference.expert_cache import FAST_REMOVED
 
@@ -55,7 +100,7 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
                         f"with a half-life of {DECAY_HALF_LIFE:g} (decay) or {LRFU_HALF_LIFE:g} steps (lrfu), or "
                         "lrfu plus how often each expert followed the latest step's experts so far (markov) "
                         f"(default: {DEFAULT_POLICY})")
-    p.add_argument("--profile", type=Path, default=None, help="expert profile JSON to warm and pin from")
+    p.add_argument("--profile", type=_input_file, default=None, help="expert profile JSON to warm and pin from")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="pin the profile's universal experts (default: yes for --profile, no for the demo's own)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
@@ -240,6 +285,9 @@ def _read_prompts(path: Path) -> list[str]:
         prompts = json.loads(text)
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise SystemExit(f"{path}: expected a JSON list of prompt strings")
+        prompts = [p for p in prompts if p.strip()]
+        if not prompts:
+            raise SystemExit(f"{path}: no prompts (a JSON list of prompt strings)")
         return prompts
     prompts = [block.strip() for block in text.split("\n\n") if block.strip()]
     if not prompts:
@@ -456,8 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p, model_optional=True)
     p.add_argument("--prompt", required=True, help="the user message (or the raw prompt with --raw)")
     p.add_argument("--raw", action="store_true", help="no chat template")
-    p.add_argument("--max-tokens", type=int, default=128, help="longest reply in tokens (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: 0)")
+    p.add_argument("--max-tokens", type=_positive, default=128, help="longest reply in tokens (default: 128)")
+    p.add_argument("--temperature", type=_number(0.0, 2.0), default=0.0,
+                   help="sampling temperature, 0 to 2; 0 is greedy (default: 0)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="model layout and cache size as JSON")
@@ -467,13 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="record expert routing on prompts into a profile JSON")
     _add_engine_args(p, model_optional=True)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", type=Path, help="text file (blank-line separated) or JSON list")
-    source.add_argument("--text", type=Path,
+    source.add_argument("--prompts", type=_input_file, help="text file (blank-line separated) or JSON list")
+    source.add_argument("--text", type=_input_file,
                         help="a text file read token by token, as if generated (no chat template, no generation)")
-    p.add_argument("--out", type=Path, default=None, help="where to write the profile JSON")
-    p.add_argument("--trace", type=Path, default=None, metavar="OUT.npz",
+    p.add_argument("--out", type=_output_file, default=None, help="where to write the profile JSON")
+    p.add_argument("--trace", type=_output_file, default=None, metavar="OUT.npz",
                    help="also (or only) write the routing trace, for `moe bench --replay` (docs/traces.md)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default: 64)")
+    p.add_argument("--max-tokens", type=_positive, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--tokens", type=_positive, default=None, help="--text: read at most this many tokens of it")
     p.add_argument("--window", type=_positive, default=1024,
                    help="--text: tokens per KV cache; a new window starts from an empty context (default: 1024)")
@@ -482,10 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with cache telemetry")
     _add_engine_args(p, model_optional=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs an API key)")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+    p.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
     p.add_argument("--api-key", default=None, help="require this key (or set MOE_API_KEY)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting before 429")
-    p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
+    p.add_argument("--max-queue", type=_non_negative, default=16,
+                   help="requests waiting before 429 (0: no bound; default: 16)")
+    p.add_argument("--max-tokens-cap", type=_positive, default=4096,
+                   help="largest max_tokens a request may ask (default: 4096, at most the context)")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
                    help="also answer requests whose Host header names HOST (any port; repeatable; '*' for any). "
                         "On loopback only localhost, 127.0.0.1 and [::1] are answered, against DNS rebinding")
@@ -511,10 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
                    help="tokens of KV cache to reserve (default: 8192, at most the model's context)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="a quantized KV cache")
-    p.add_argument("--profile", type=Path, default=None,
+    p.add_argument("--profile", type=_input_file, default=None,
                    help="an expert profile of this model, for the expected hit rate (default: the demo's own)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--bandwidth", type=float, default=None, metavar="MIB_S",
+    p.add_argument("--bandwidth", type=_number(0.0, above=True), default=None, metavar="MIB_S",
                    help="the disk's read speed in MiB/s (default: measured by reading 256 MiB of the model "
                         "bypassing the page cache)")
     p.add_argument("--no-measure", action="store_true", help="do not read the disk to measure its speed")
@@ -530,14 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("bench", help="stock mlx-lm vs the engine: JSON to stdout, table to stderr")
-    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("model", nargs="?", default=None, help="model folder or Hugging Face repo id")
     p.add_argument("--synthetic", action="store_true", help="benchmark a generated model (experts ~95%% of weights)")
     p.add_argument("--quantized", action="store_true",
                    help="--synthetic, --offload: the synthetic checkpoint in 4 bits with bf16 scales and biases (the "
                         "format of mlx-community's 4-bit models)")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=_positive, default=64, help="prompt length (default: 64)")
+    p.add_argument("--decode-tokens", type=_positive, default=64, help="tokens decoded per run (default: 64)")
+    p.add_argument("--repeats", type=_positive, default=2, help="runs per configuration (default: 2)")
     p.add_argument("--offload", action="store_true",
                    help="the engine on a checkpoint the page cache cannot hold (memory cgroup per run where "
                         "possible): per capacity and mode, decode speed, bytes read and read stall per token, "

@@ -158,4 +158,7 @@ def parse_capacity(value: str) -> int | float:
         raise ValueError(f"capacity must be a count (12), fraction (0.5) or percent (50%), not {value!r}") from None
     if number <= 0:
         raise ValueError(f"capacity must be positive, not {value!r}")
+    if isinstance(number, float) and number > 1:
+        raise ValueError(f"capacity {value!r} is over 100% of the experts (a fraction is at most 1; a count has "
+                         "no decimal point)")
     return number

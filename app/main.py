@@ -638,6 +638,7 @@ class MoeApp(CodingCommands, App):
         self.engine_down = "the model did not load" if self.last_snapshot is None else "the inference engine stopped"
         if self.last_snapshot is None:
             self.sub_title = "model failed to load"
+            self.query_one(HeatmapView).placeholder = "the model did not load (see the chat)"
             self.add_view(MessageView("notice", f"**Could not load the model.** {event.error}"))
             return
         self.sub_title = "inference stopped"

@@ -50,6 +50,8 @@ def load_profile(path: str | Path) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ModelLoadError(f"{path}: profile not found") from exc
+    except OSError as exc:  # a folder, no permission
+        raise ModelLoadError(f"{path}: cannot read the profile ({exc.strerror or exc})") from exc
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path}: not valid JSON ({exc}); re-create it with `moe profile`") from exc
     for key in ("num_experts", "moe_layers", "counts", "universal"):

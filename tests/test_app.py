@@ -288,6 +288,7 @@ async def test_a_model_that_fails_to_load_is_reported_once(tmp_path, monkeypatch
         await pilot.pause()  # what the reader posted before the answer is handled
         notices = [v.text for v in app.query(MessageView) if v.role == "notice"]
         assert len(notices) == 1 and "missing" in notices[0]
+        assert "did not load" in app.query_one(HeatmapView).placeholder  # not "loading the model..." for good
     assert (tmp_path / "data" / "inference.log").exists()  # the child's output went there, not to the screen
 
 

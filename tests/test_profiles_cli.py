@@ -152,3 +152,61 @@ def test_every_command_has_help():
     for name, sub in parser.subcommands.items():
         text = sub.format_help()  # argparse %-formats each option's help: a bare "%" raises here
         assert f"moe {name}" in text, name
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["generate", "--prompt", "hi", "--profile", "{dir}"], "is a folder"),
+    (["plan", "--profile", "{dir}"], "is a folder"),
+    (["profile", "--prompts", "{dir}/nonexistent.txt", "--out", "{dir}/p.json"], "no such file"),
+    (["profile", "--prompts", "{dir}", "--out", "{dir}/p.json"], "is a folder"),
+    (["profile", "--prompts", "{file}", "--out", "{dir}"], "is a folder"),
+    (["profile", "--prompts", "{file}", "--trace", "{dir}"], "is a folder"),
+    (["profile", "--prompts", "{file}", "--out", "{dir}/p.json", "--max-tokens", "-3"], "must be at least 1"),
+    (["generate", "--prompt", "hi", "--max-tokens", "-5"], "must be at least 1"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "must be a number from 0 to 2"),
+    (["generate", "--prompt", "hi", "--temperature", "inf"], "must be a number from 0 to 2"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "must be a number from 0 to 2"),
+    (["generate", "--prompt", "hi", "--capacity", "1.5"], "over 100%"),
+    (["chat", "--capacity", "200%"], "over 100%"),
+    (["web", "--capacity", "200%"], "over 100%"),
+    (["serve", "--max-tokens-cap", "0"], "must be at least 1"),
+    (["serve", "--max-queue", "-1"], "must be 0 or more"),
+    (["serve", "--port", "70000"], "not a port"),
+    (["plan", "--bandwidth", "-3"], "must be a number above 0"),
+    (["plan", "--bandwidth", "0"], "must be a number above 0"),
+    (["plan", "--bandwidth", "nan"], "must be a number above 0"),
+    (["bench", "--decode-tokens", "0"], "must be at least 1"),
+])
+def test_bad_option_values_are_usage_errors(argv, expected, tmp_path, capsys):
+    from moe_tui.app.cli import build_parser
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n")
+    argv = [a.format(dir=tmp_path, file=prompts) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_capacity_text():
+    from moe_tui.app.commands import parse_capacity
+
+    assert parse_capacity("12") == 12 and parse_capacity("0.5") == 0.5 and parse_capacity("100%") == 1.0
+    assert parse_capacity("1.0") == 1.0
+    for bad in ("1.5", "200%", "0", "-3", "abc"):
+        with pytest.raises(ValueError):
+            parse_capacity(bad)
+
+
+def test_unreadable_prompts_and_profiles_are_messages(tmp_path):
+    from moe_tui.app.cli import _read_prompts
+    from moe_tui.inference.profiles import load_profile
+
+    empty = tmp_path / "empty.json"
+    for text in ("[]", '["", "  "]'):
+        empty.write_text(text)
+        with pytest.raises(SystemExit, match="no prompts"):
+            _read_prompts(empty)
+    with pytest.raises(ModelLoadError, match="cannot read the profile"):
+        load_profile(tmp_path)
