@@ -197,9 +197,12 @@ def cmd_generate(args) -> int:
     from moe_tui.inference.telemetry import GenerationDone
 
     engine = _load(args)
-    messages = [{"role": "user", "content": args.prompt}]
-    for event in engine.stream(messages if not args.raw else args.prompt, max_tokens=args.max_tokens,
-                               temperature=args.temperature):
+    prompt = engine.encode([{"role": "user", "content": args.prompt}] if not args.raw else args.prompt)
+    room = engine.context_length - len(prompt)  # the reply stops at the context (--context, else the model's)
+    if room < 1:
+        raise ModelLoadError(f"the prompt takes {len(prompt)} tokens, over the context of {engine.context_length} "
+                             "tokens; give a shorter prompt" + (" or a larger --context" if args.context else ""))
+    for event in engine.stream(prompt, max_tokens=min(args.max_tokens, room), temperature=args.temperature):
         if isinstance(event, GenerationDone):
             snap = engine.snapshot()
             print(f"\n[{event.generated_tokens} tokens, prefill {event.prefill_tps:.1f} tok/s, decode "

@@ -84,6 +84,21 @@ def test_cli_generate_and_info(checkpoint, capsys):
     assert "tokens" in err and "hit rate" in err
 
 
+def test_cli_generate_keeps_to_the_context(checkpoint, capsys):
+    path = str(checkpoint("olmoe"))
+    assert main(["generate", path, "--raw", "--prompt", "x " * 40, "--context", "16"]) == 2
+    assert "over the context of 16 tokens" in capsys.readouterr().err
+    # A prompt that fits: the reply stops where the context ends, not at --max-tokens.
+    assert main(["generate", path, "--raw", "--prompt", "def f():", "--context", "12", "--max-tokens", "50",
+                 "--temperature", "1"]) == 0
+    generated = int(capsys.readouterr().err.split("[")[1].split()[0])
+    from moe_tui.inference import Engine
+
+    engine = Engine.load(path, capacity=8)
+    assert 1 <= generated <= 12 - len(engine.encode("def f():"))
+    engine.close()
+
+
 def test_repo_id_resolves_from_the_local_hub_cache(checkpoint, tmp_path, monkeypatch):
     import shutil
 

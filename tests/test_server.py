@@ -247,6 +247,20 @@ def test_prompt_longer_than_context_and_oversized_body(server):
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
 
 
+def test_max_tokens_over_the_context_names_the_context(tmp_path):
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    live = LiveServer(make_checkpoint(tmp_path / "m", "qwen3_moe", max_position_embeddings=512), max_tokens_cap=4000)
+    try:
+        for path, extra in (("/v1/chat/completions", {}), ("/v1/messages", {"model": "x"})):
+            r = httpx.post(live.url + path, json={"messages": MSG, "max_tokens": 4000, **extra})
+            assert r.status_code == 400
+            # The bound is the context (512 tokens, one left for the prompt), not only --max-tokens-cap.
+            assert "between 1 and 511" in r.json()["error"]["message"]
+    finally:
+        live.close()
+
+
 def test_api_key_required_off_loopback_and_enforced(tmp_path):
     from moe_tui.inference.synthetic import make_checkpoint
 

@@ -114,11 +114,13 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         if (problem := engine_or_error(request)) is not None:
             return problem
         try:
-            chat = parse(await read_json(request), config.max_tokens_cap)
+            context = runner.context_length
+            # A reply leaves at least one token of the context to its prompt.
+            cap = min(config.max_tokens_cap, context - 1) if context else config.max_tokens_cap
+            chat = parse(await read_json(request), cap)
             if chat.uses_tools and isinstance(runner.tool_format, str):
                 return error_for(request, f"model {config.model_name!r} does not support tool calling: "
                                  f"{runner.tool_format}", 400, "tools")
-            context = runner.context_length
             size = sum(len(m["content"].encode()) for m in chat.messages)
             if context and size > (context - chat.max_tokens) * runner.max_token_bytes:
                 # Certainly over the context: refused without spending the inference thread on tokenizing it.
