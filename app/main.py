@@ -136,6 +136,9 @@ class MoeApp(CodingCommands, App):
     #main.narrow > #side { display: none; }
     #main.narrow.panel-only > #side { display: block; width: 1fr; min-width: 0; border-left: none; }
     #main.narrow.panel-only > #chat { display: none; }
+    /* F1: Textual gives a pane's help text half the panel and clips the rest; the key list below scrolls. */
+    HelpPanel #widget-help { max-height: 75%; }
+    HelpPanel KeyPanel#keys-help { min-height: 6; }
     """
     BINDINGS = [
         Binding("escape", "cancel", "cancel", id="app.cancel"),

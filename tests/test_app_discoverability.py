@@ -235,3 +235,24 @@ async def test_help_opens_at_its_start(fake_app):
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.run_command("/help")
         await wait_until(pilot, lambda: any("Keys:" in row for row in screen_rows(app)), timeout=5)
+
+
+async def test_tab_goes_from_the_prompt_to_the_heatmap_and_every_stop_shows(fake_app):
+    """/help says Tab focuses the heatmap; the first Tab landed on the dashboard's scroll container, which shows
+    no focus, and keys typed there went nowhere visible."""
+    from moe_tui.app.widgets.chat import ChatScroll
+    from moe_tui.app.widgets.heatmap import HeatmapView
+
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.query_one(PromptInput).focus()
+        await pilot.press("tab")
+        assert isinstance(app.focused, HeatmapView)
+        stops = [type(w).__name__ for w in app.screen.focus_chain]
+        assert stops == ["ChatScroll", "PromptInput", "HeatmapView", "MissCurveChart"]
+        chat = app.query_one(ChatScroll)
+        before = chat.styles.background
+        chat.focus()
+        await pilot.pause()
+        assert chat.styles.background != before  # the chat shows it has the focus

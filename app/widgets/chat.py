@@ -48,6 +48,7 @@ class ChatScroll(OnePassResize, VerticalScroll):
 
     DEFAULT_CSS = """
     ChatScroll { overflow-y: scroll; }
+    ChatScroll:focus { background: $accent 7%; scrollbar-color: $accent; }
     """
     BINDINGS = [Binding("question_mark", "app.toggle_keys", "keys", show=False)]
     HELP = """

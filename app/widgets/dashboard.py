@@ -40,8 +40,10 @@ class Box(Vertical):
         self.border_title = title
 
 
-class Dashboard(VerticalScroll):
-    """The right-hand column: the expert heatmap and the cache's numbers and plots; it scrolls when short."""
+class Dashboard(VerticalScroll, can_focus=False):
+    """The right-hand column: the expert heatmap and the cache's numbers and plots; it scrolls when short. Not a
+    focus stop of its own (Tab goes from the prompt to the heatmap): it scrolls with the wheel and follows the
+    focused heatmap or miss curve."""
 
     DEFAULT_CSS = """
     Dashboard { scrollbar-size-vertical: 1; }
@@ -61,7 +63,7 @@ Belady's optimum replayed at this capacity, over time. **Speed**: decode tok/s o
 expert cache against its budget, its slots, the process against the machine's RAM. **I/O**: the decoder's
 wait on expert reads, bytes per token and the tok/s the reads alone allow. **Miss curve**: hit rate against
 capacity for every policy and Belady; Left/Right move its cursor, Enter sets `/capacity` there.
-`/help cache` explains every number. Up/Down and the mouse wheel scroll the panel.
+`/help cache` explains every number. The mouse wheel scrolls the panel.
 """
 
     def __init__(self, style: HeatmapStyle | None = None, unicode: bool = True, **kwargs) -> None:
