@@ -425,6 +425,8 @@ def test_the_miss_curve_is_the_engines_replay_and_a_reply_goes_first(tmp_path):
         assert httpx.post(live.url + "/v1/chat/completions", json=reply, timeout=60).status_code == 200
         data = httpx.get(url, params={"capacities": "1,2,4,8"}, timeout=60).json()
         assert data["capacities"] == [1, 2, 4, 8] and data["last_steps"] == OPTIMUM_WINDOW
+        assert data["layers"] is None  # all of this model's 2 layers were replayed, not "8"
+        assert httpx.get(url, params={"layers": "1"}, timeout=60).json()["layers"] == 1
         engine = live.runner.engine  # idle: its trace stands still while this thread replays it
         for i, capacity in enumerate(data["capacities"]):
             expected = engine.hit_rates_vs_optimum(capacity, OPTIMUM_WINDOW)

@@ -162,4 +162,5 @@ async def respond(curves: MissCurves, params, snap: CacheSnapshot) -> JSONRespon
                                         "server_error"), status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"capacities": list(done.capacities),
                          "rates": {name: list(rates) for name, rates in done.rates.items()},
-                         "steps": done.steps, "last_steps": request.last_steps, "layers": request.layers})
+                         "steps": done.steps, "last_steps": request.last_steps,
+                         "layers": request.layers if (request.layers or 0) < snap.num_moe_layers else None})
