@@ -449,6 +449,10 @@ class Session:
                     last_chunk = now
             if splitter is not None:
                 take(splitter.finish())
+        except ContextOverflow as exc:  # the user's message does not fit: said as it is, not logged as a bug
+            log.info("job %d refused: %s", job.id, exc)
+            self._send(job, JobFailed(job.id, request.tag, sent + pending, str(exc)))
+            return
         except Exception as exc:  # noqa: BLE001 - the job fails; the thread goes on serving
             log.error("job %d failed:\n%s", job.id, traceback.format_exc())
             self._send(job, JobFailed(job.id, request.tag, sent + pending, f"{type(exc).__name__}: {exc}"))

@@ -160,13 +160,16 @@ def test_configure_reports_and_a_failed_load_is_an_event(started, tmp_path):
     assert broken.state == "failed"
 
 
-def test_a_message_too_long_for_the_context_fails_with_the_numbers(started):
+def test_a_message_too_long_for_the_context_fails_with_the_numbers(started, caplog):
     session, sink = started()
     session.engine.config["max_position_embeddings"] = 64
     huge = [{"role": "user", "content": "word " * 200}]
     job = session.submit(Generate(huge, max_tokens=16, fit_context=True))
     failed = sink.until(JobFailed)[-1]
     assert failed.job_id == job.id and "of the context window's 64 for the reply" in failed.error
+    # The user's message, not a bug: no exception class name for the app to show, no traceback in the log.
+    assert failed.error.startswith("the prompt takes")
+    assert "Traceback" not in caplog.text
 
 
 def test_a_long_prompt_reports_progress(started):
