@@ -931,6 +931,9 @@ class MoeApp(CodingCommands, App):
         except coding.PathError as exc:
             self.notice(str(exc), "error")
             return
+        if not path.exists():  # said before any question about where it is
+            self.notice(f"{coding.shorten(str(path))}: no such file", "error")
+            return
         if outside:
             self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Attach it?"),
                              lambda ok: ok and self.attach(arg))

@@ -308,3 +308,16 @@ def test_the_context_gauge_fits_its_row_and_keeps_the_numbers(width):
     assert "711/2,048" in line.plain
     if width >= 50:
         assert all(f"{n:,}" in line.plain for n in (183, 528, 512)), line.plain
+
+
+async def test_adding_a_missing_file_outside_the_project_says_so_without_asking(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    app = scripted_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command(f"/add {tmp_path / 'nowhere.txt'}")
+        await wait_until(pilot, lambda: notified(app, "no such file"))
+        assert not dialog_open(app) and not app.attachments  # no "is outside ... Attach it?" first
