@@ -185,7 +185,7 @@ def test_every_command_has_help():
     (["chat", "--capacity", "200%"], "over 100%"),
     (["web", "--capacity", "200%"], "over 100%"),
     (["serve", "--max-tokens-cap", "0"], "must be at least 1"),
-    (["serve", "--max-queue", "-1"], "must be 0 or more"),
+    (["serve", "--max-queue", "-1"], "must be at least 0"),
     (["serve", "--port", "70000"], "not a port"),
     (["plan", "--bandwidth", "-3"], "must be a number above 0"),
     (["plan", "--bandwidth", "0"], "must be a number above 0"),
