@@ -58,12 +58,11 @@ def _number(low: float, high: float | None = None, above: bool = False):
 
 
 def _input_file(text: str) -> Path:
-    """An argparse type: a file that exists (a folder or a missing path is a usage error, not a traceback)."""
+    """An argparse type: a file to read, not a folder (a usage error, not a traceback). A missing one is said
+    where it is read: `moe web` passes the path on to each session's `moe chat`."""
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file")
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
     return path
 
 
@@ -219,6 +218,7 @@ def cmd_profile(args) -> int:
         raise SystemExit("moe profile: nothing to write; give --out PROFILE.json and/or --trace TRACE.npz")
     if args.trace is not None and args.prefetch is None:
         args.prefetch = True  # predict at every decode step (not only while reading ahead pays): all guesses kept
+    prompts = None if args.text else _read_prompts(args.prompts)  # a bad file is said before the model loads
     engine = _load(args)
     if args.capacity is None:
         engine.set_capacity(1.0)  # exact routing is the same at every capacity; below full it records guesses
@@ -227,7 +227,7 @@ def cmd_profile(args) -> int:
         from moe_tui.inference.traces import TraceRecorder
 
         recorder = TraceRecorder(engine, source="moe " + " ".join(sys.argv[1:]))
-    runs = _text_windows(engine, args) if args.text else _read_prompts(args.prompts)
+    runs = _text_windows(engine, args) if args.text else prompts
     per_prompt, tokens = [], 0
     for run in runs:
         if recorder is not None:
@@ -281,7 +281,12 @@ def _text_windows(engine, args) -> list[list[int]]:
 
 
 def _read_prompts(path: Path) -> list[str]:
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such file") from None
+    except OSError as exc:
+        raise SystemExit(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if path.suffix == ".json":
         prompts = json.loads(text)
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -532,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI- and Anthropic-compatible HTTP server with cache telemetry")
     _add_engine_args(p, model_optional=True)
     p.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs an API key)")
-    p.add_argument("--port", type=_port, default=8080, help="port to listen on (default: 8080)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")  # serve() checks
     p.add_argument("--api-key", default=None, help="require this key (or set MOE_API_KEY)")
     p.add_argument("--max-queue", type=_non_negative, default=16,
                    help="requests waiting before 429 (0: no bound; default: 16)")

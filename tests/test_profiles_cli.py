@@ -172,7 +172,6 @@ def test_every_command_has_help():
 @pytest.mark.parametrize("argv,expected", [
     (["generate", "--prompt", "hi", "--profile", "{dir}"], "is a folder"),
     (["plan", "--profile", "{dir}"], "is a folder"),
-    (["profile", "--prompts", "{dir}/nonexistent.txt", "--out", "{dir}/p.json"], "no such file"),
     (["profile", "--prompts", "{dir}", "--out", "{dir}/p.json"], "is a folder"),
     (["profile", "--prompts", "{file}", "--out", "{dir}"], "is a folder"),
     (["profile", "--prompts", "{file}", "--trace", "{dir}"], "is a folder"),
@@ -186,7 +185,6 @@ def test_every_command_has_help():
     (["web", "--capacity", "200%"], "over 100%"),
     (["serve", "--max-tokens-cap", "0"], "must be at least 1"),
     (["serve", "--max-queue", "-1"], "must be at least 0"),
-    (["serve", "--port", "70000"], "not a port"),
     (["plan", "--bandwidth", "-3"], "must be a number above 0"),
     (["plan", "--bandwidth", "0"], "must be a number above 0"),
     (["plan", "--bandwidth", "nan"], "must be a number above 0"),
@@ -225,3 +223,5 @@ def test_unreadable_prompts_and_profiles_are_messages(tmp_path):
             _read_prompts(empty)
     with pytest.raises(ModelLoadError, match="cannot read the profile"):
         load_profile(tmp_path)
+    with pytest.raises(SystemExit, match="no such file"):
+        _read_prompts(tmp_path / "missing.txt")
