@@ -60,7 +60,10 @@ def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Te
              total + " " + " ".join(f"{name[0]}{n:,}" for name, n in parts), total]
     warning = ""
     if budget.over:
-        dropped = "the oldest turns will be dropped" if budget.history else "the reply will be cut short"
+        if budget.system + budget.files >= budget.context:  # no turn dropped makes room for these
+            dropped = "the files alone fill it: /drop one"
+        else:
+            dropped = "the oldest turns will be dropped" if budget.history else "the reply will be cut short"
         warning = f"{dot}{budget.over:,} over: {dropped}"
     room = width - len("context ") - len(warning)
     numbers = next((f for f in forms if len(f) + MIN_BAR <= room), forms[-1])

@@ -321,3 +321,13 @@ async def test_adding_a_missing_file_outside_the_project_says_so_without_asking(
         app.run_command(f"/add {tmp_path / 'nowhere.txt'}")
         await wait_until(pilot, lambda: notified(app, "no such file"))
         assert not dialog_open(app) and not app.attachments  # no "is outside ... Attach it?" first
+
+
+def test_the_context_gauge_says_when_dropping_turns_cannot_help():
+    """A file bigger than the window: 'the oldest turns will be dropped' promised what could not help."""
+    from moe_tui.app.context_gauge import ContextBudget, render
+
+    line = render(ContextBudget(system=183, files=11_479, history=300, reply=512, context=2048), 160).plain
+    assert "/drop" in line and "oldest turns" not in line
+    line = render(ContextBudget(system=183, files=400, history=1_600, reply=512, context=2048), 160).plain
+    assert "oldest turns will be dropped" in line
