@@ -139,6 +139,9 @@ class MoeApp(CodingCommands, App):
     /* F1: Textual gives a pane's help text half the panel and clips the rest; the key list below scrolls. */
     HelpPanel #widget-help { max-height: 75%; }
     HelpPanel KeyPanel#keys-help { min-height: 6; }
+    /* The compact footer's right margin after every key left the docked palette key a cell short of the edge:
+       the keys scrolled beneath showed through in the last column ("^p palettec"). */
+    Footer.-compact FooterKey.-command-palette { margin-right: 0; padding-right: 1; }
     """
     BINDINGS = [
         Binding("escape", "cancel", "cancel", id="app.cancel"),

@@ -256,3 +256,17 @@ async def test_tab_goes_from_the_prompt_to_the_heatmap_and_every_stop_shows(fake
         chat.focus()
         await pilot.pause()
         assert chat.styles.background != before  # the chat shows it has the focus
+
+
+async def test_the_palette_key_reaches_the_footers_right_edge(fake_app):
+    """The compact footer gave every key a right margin, the docked palette key too: the last column showed the
+    keys scrolled beneath it ("^p palettec" in tmux)."""
+    from textual.widgets import Footer
+
+    app = fake_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        footer = app.query_one(Footer)
+        await wait_until(pilot, lambda: bool(footer.query(".-command-palette")))
+        await pilot.pause()
+        assert footer.query_one(".-command-palette").region.right == footer.region.right
