@@ -696,6 +696,18 @@ def probe_limit(path: str, fraction: float, headroom: int) -> int:
     return memory_limit(layout, fraction, headroom)
 
 
+def add_limited_args(parser) -> None:
+    """The arguments of a script that re-runs itself through `run_limited`: the model, the capacity its memory
+    limit is sized for, the headroom, and the child's own (--child, and --procs: where it writes its pid)."""
+    import argparse
+
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--capacity", type=float, default=0.25, help="fraction of each layer's experts")
+    parser.add_argument("--headroom", type=int, default=512, help="MiB above dense + cache in the cgroup")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--procs", default="", help=argparse.SUPPRESS)
+
+
 def run_limited(command: list[str], cgroup: MemoryCgroup | None, path: str, fraction: float,
                 headroom: int) -> dict | None:
     """Run `command` (a script re-running itself as a child, which writes its pid into the file named after

@@ -59,22 +59,19 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    from moe_tui.inference import offload_bench as ob  # no MLX: the child writes its pid before MLX loads
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--capacity", type=float, default=0.25, help="fraction of each layer's experts")
+    ob.add_limited_args(parser)
     parser.add_argument("--mode", default="exact-prefetch", help="a `moe bench` mode (default: reads ahead on)")
     parser.add_argument("--constant", nargs=3, required=True, metavar=("MODULE.NAME", "A", "B"),
                         help="the constant and its two values (JSON)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64, help="decoded per pass")
-    parser.add_argument("--headroom", type=int, default=512, help="MiB above dense + cache in the cgroup")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--procs", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from moe_tui.inference import offload_bench as ob
 
     cgroup = ob.MemoryCgroup.detect() if args.capacity < 1.0 else None
     if args.capacity < 1.0 and cgroup is None:

@@ -105,14 +105,12 @@ def replay(reads: list) -> list[tuple[float, float, int]]:
 
 
 def main() -> None:
+    from moe_tui.inference import offload_bench as ob  # no MLX: the child writes its pid before MLX loads
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--capacity", type=float, default=0.25, help="fraction of each layer's experts")
+    ob.add_limited_args(parser)
     parser.add_argument("--tokens", type=int, default=64, help="decoded in the logged pass")
     parser.add_argument("--replays", type=int, default=2)
-    parser.add_argument("--headroom", type=int, default=512, help="MiB above dense + cache in the cgroup")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--procs", default="", help=argparse.SUPPRESS)
     parser.add_argument("--log", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -120,7 +118,6 @@ def main() -> None:
         return
     if not hasattr(os, "O_DIRECT"):
         sys.exit("read_replay: needs O_DIRECT (Linux)")
-    from moe_tui.inference import offload_bench as ob
     from moe_tui.inference.bench import sequential_read_bandwidth
     from moe_tui.inference.safetensors_io import weight_files
 
