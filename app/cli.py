@@ -57,20 +57,12 @@ def _number(low: float, high: float | None = None, above: bool = False):
     return parse
 
 
-def _input_file(text: str) -> Path:
-    """An argparse type: a file to read, not a folder (a usage error, not a traceback). A missing one is said
-    where it is read: `moe web` passes the path on to each session's `moe chat`."""
+def _file(text: str) -> Path:
+    """An argparse type: a file to read or write, not a folder (a usage error, not a traceback). A missing one
+    is said where it is read: `moe web` passes the path on to each session's `moe chat`."""
     path = Path(text).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file")
-    return path
-
-
-def _output_file(text: str) -> Path:
-    """An argparse type: where a file may be written (not a folder)."""
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
     return path
 
 
@@ -97,7 +89,7 @@ def _add_engine_args(p: argparse.ArgumentParser, model_optional: bool = False) -
                         f"with a half-life of {DECAY_HALF_LIFE:g} (decay) or {LRFU_HALF_LIFE:g} steps (lrfu), or "
                         "lrfu plus how often each expert followed the latest step's experts so far (markov) "
                         f"(default: {DEFAULT_POLICY})")
-    p.add_argument("--profile", type=_input_file, default=None, help="expert profile JSON to warm and pin from")
+    p.add_argument("--profile", type=_file, default=None, help="expert profile JSON to warm and pin from")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None,
                    help="pin the profile's universal experts (default: yes for --profile, no for the demo's own)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache")
@@ -267,10 +259,7 @@ def cmd_profile(args) -> int:
 
 def _text_windows(engine, args) -> list[list[int]]:
     """The text's tokens (at most --tokens), cut into windows of --window tokens."""
-    try:
-        text = args.text.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise SystemExit(f"{args.text}: cannot read ({exc.strerror or exc})") from exc
+    text = _read_text(args.text)
     if args.tokens:
         text = text[: args.tokens * 8]  # ample: the demo's tokenizer averages ~3.8 bytes a token on Python text
     ids = list(engine.tokenizer.encode(text))[: args.tokens]
@@ -280,13 +269,18 @@ def _text_windows(engine, args) -> list[list[int]]:
     return [ids[i : i + window] for i in range(0, len(ids), window)]
 
 
-def _read_prompts(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
+    """A text file given on the command line (undecodable bytes replaced), or SystemExit saying why not."""
     try:
-        text = path.read_text()
+        return path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise SystemExit(f"{path}: no such file") from None
     except OSError as exc:
         raise SystemExit(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _read_prompts(path: Path) -> list[str]:
+    text = _read_text(path)
     if path.suffix == ".json":
         prompts = json.loads(text)
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -453,7 +447,6 @@ def cmd_pack(args) -> int:
     finds them."""
     import time
 
-    from moe_tui.inference.errors import ModelLoadError
     from moe_tui.inference.packed import pack_model
 
     model = ensure_local(args.model)
@@ -522,11 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="record expert routing on prompts into a profile JSON")
     _add_engine_args(p, model_optional=True)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", type=_input_file, help="text file (blank-line separated) or JSON list")
-    source.add_argument("--text", type=_input_file,
+    source.add_argument("--prompts", type=_file, help="text file (blank-line separated) or JSON list")
+    source.add_argument("--text", type=_file,
                         help="a text file read token by token, as if generated (no chat template, no generation)")
-    p.add_argument("--out", type=_output_file, default=None, help="where to write the profile JSON")
-    p.add_argument("--trace", type=_output_file, default=None, metavar="OUT.npz",
+    p.add_argument("--out", type=_file, default=None, help="where to write the profile JSON")
+    p.add_argument("--trace", type=_file, default=None, metavar="OUT.npz",
                    help="also (or only) write the routing trace, for `moe bench --replay` (docs/traces.md)")
     p.add_argument("--max-tokens", type=_positive, default=64, help="tokens generated per prompt (default: 64)")
     p.add_argument("--tokens", type=_positive, default=None, help="--text: read at most this many tokens of it")
@@ -568,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=_positive, default=None, metavar="TOKENS",
                    help="tokens of KV cache to reserve (default: 8192, at most the model's context)")
     p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="a quantized KV cache")
-    p.add_argument("--profile", type=_input_file, default=None,
+    p.add_argument("--profile", type=_file, default=None,
                    help="an expert profile of this model, for the expected hit rate (default: the demo's own)")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     p.add_argument("--bandwidth", type=_number(0.0, above=True), default=None, metavar="MIB_S",
