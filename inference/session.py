@@ -110,7 +110,8 @@ class Session:
         self.info: ModelInfo | None = None
         self.error: str | None = None
         self.current: Job | None = None
-        self.completed = 0
+        # Jobs the thread has finished, by outcome: "completed" (stop, length or tool call), "cancelled", "failed".
+        self.outcomes = {"completed": 0, "cancelled": 0, "failed": 0}
         self.snapshot: CacheSnapshot | None = None  # the latest, for readers on other threads
         self._optimum: dict[str, float] | None = None
         self._optimum_for: tuple[int, int] | None = None  # (traced steps, capacity) the optimum replayed
@@ -275,11 +276,12 @@ class Session:
         else:
             self._dequeued(item)
             self.current = item
+            outcome = "failed"
             try:
-                self._generate(item)
+                outcome = self._generate(item)
             finally:
                 self.current = None
-                self.completed += 1
+                self.outcomes[outcome] += 1
         self._publish(force=True)
         return True
 
@@ -398,11 +400,12 @@ class Session:
         splitter.feed(opening)  # inside a call: nothing comes out until the model ends it
         return splitter, opening
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> str:
+        """Run one job to its final event; its outcome ("completed", "cancelled" or "failed")."""
         request = job.request
         if job.cancel.is_set() or self._stopping.is_set():
             self._send(job, JobDone(job.id, request.tag, _cancelled()))
-            return
+            return "cancelled"
         pending, sent, last_chunk = "", "", time.monotonic()
         calls: list[ToolCall] = []
 
@@ -452,17 +455,18 @@ class Session:
         except ContextOverflow as exc:  # the user's message does not fit: said as it is, not logged as a bug
             log.info("job %d refused: %s", job.id, exc)
             self._send(job, JobFailed(job.id, request.tag, sent + pending, str(exc)))
-            return
+            return "failed"
         except Exception as exc:  # noqa: BLE001 - the job fails; the thread goes on serving
             log.error("job %d failed:\n%s", job.id, traceback.format_exc())
             self._send(job, JobFailed(job.id, request.tag, sent + pending, f"{type(exc).__name__}: {exc}"))
-            return
+            return "failed"
         if pending:
             self._send(job, Delta(job.id, request.tag, pending, None))
         done = done or _cancelled()
         if splitter is not None:
             done = dataclasses.replace(done, text=sent + pending)
         self._send(job, JobDone(job.id, request.tag, done, tuple(calls)))
+        return "cancelled" if done.finish_reason == "cancelled" else "completed"
 
     def _due_snapshot(self, now: float, force: bool = False) -> CacheSnapshot | None:
         """A fresh snapshot (kept for readers on other threads) when one is due, else None."""

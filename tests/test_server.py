@@ -201,19 +201,29 @@ def test_full_queue_answers_429_with_retry_after(tmp_path):
 
 
 def test_disconnect_mid_stream_cancels_and_server_keeps_serving(server, oai):
-    done_before = server.runner.completed
+    health_before = httpx.get(server.url + "/health").json()
+    done_before = server.runner.finished
     body = {"messages": MSG, "max_tokens": 250, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 4:
                 break
     deadline = time.monotonic() + 20
-    while server.runner.completed == done_before:
+    while server.runner.finished == done_before:
         assert time.monotonic() < deadline, "generation was not cancelled"
         time.sleep(0.05)
     assert server.runner.snapshot.tokens_generated >= 0
+    # The cancelled generation is counted as cancelled, not as completed.
+    health = httpx.get(server.url + "/health").json()
+    assert health["cancelled"] == health_before["cancelled"] + 1
+    assert health["completed"] == health_before["completed"]
     reply = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=0)
     assert reply.usage.completion_tokens == 4
+    health = httpx.get(server.url + "/health").json()
+    assert health["completed"] == health_before["completed"] + 1
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f'moe_requests_total{{outcome="cancelled"}} {health["cancelled"]}' in metrics
+    assert f'moe_requests_total{{outcome="completed"}} {health["completed"]}' in metrics
 
 
 @pytest.mark.parametrize("path,body,status,field", [
@@ -222,6 +232,9 @@ def test_disconnect_mid_stream_cancels_and_server_keeps_serving(server, oai):
     ("/v1/chat/completions", {"messages": MSG, "max_tokens": "ten"}, 400, "error"),
     ("/v1/chat/completions", {"messages": MSG, "max_tokens": 100000}, 400, "error"),
     ("/v1/chat/completions", {"messages": MSG, "temperature": 3}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "n": 2}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": True}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 3}, 400, "error"),
     ("/v1/messages", b"[1, 2", 400, "type"),
     ("/v1/messages", {"model": "x", "messages": MSG}, 400, "type"),
     ("/v1/messages", {"model": "x", "messages": MSG, "max_tokens": 5, "bogus": 1}, 400, "type"),
@@ -236,6 +249,16 @@ def test_bad_input_gets_each_apis_error_format(server, path, body, status, field
         assert data["error"]["type"] == "invalid_request_error" and data["error"]["message"]
     else:
         assert data["type"] == "error" and data["error"]["type"] == "invalid_request_error"
+
+
+def test_one_choice_and_no_logprobs_are_refused_only_when_asked_otherwise(server):
+    ok = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": MSG, "max_tokens": 2, "n": 1, "logprobs": False, "top_logprobs": None})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+    two = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, "n": 2})
+    assert two.json()["error"]["param"] == "n" and "one choice" in two.json()["error"]["message"]
+    logprobs = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "logprobs": True})
+    assert logprobs.json()["error"]["param"] == "logprobs" and "not supported" in logprobs.json()["error"]["message"]
 
 
 def test_prompt_longer_than_context_and_oversized_body(server):
@@ -350,9 +373,10 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(tmp_path):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(live.url + "/v1/chat/completions", json=body, timeout=0.5)
         deadline = time.monotonic() + 60
-        while live.runner.busy or live.runner.completed == 0:
+        while live.runner.busy or live.runner.finished == 0:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        assert live.runner.outcomes == {"completed": 0, "cancelled": 1, "failed": 0}
         generated = live.runner.snapshot.tokens_generated - before
         assert 0 < generated < 2000, generated
     finally:

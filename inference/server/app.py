@@ -455,7 +455,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         state = runner.state
         status = {"ready": "ok", "loading": "loading", "failed": "error"}.get(state, state)
         return JSONResponse({"status": status, "model": config.model_name, "queued": runner.waiting(),
-                             "busy": runner.busy, "completed": runner.completed},
+                             "busy": runner.busy, **runner.outcomes},
                             status_code=200 if state in ("ready", "loading") else 503)
 
     def snapshot_json() -> dict | None:

@@ -14,7 +14,8 @@ def prometheus_text(snap: CacheSnapshot | None, runner) -> str:
         lines.extend(f"moe_{name}{labels} {value}" for labels, value in samples)
 
     metric("queue_waiting", "gauge", "Requests waiting for the inference thread.", [("", runner.waiting())])
-    metric("requests_completed_total", "counter", "Generations finished.", [("", runner.completed)])
+    metric("requests_total", "counter", "Generations finished, by outcome.",
+           [(f'{{outcome="{outcome}"}}', count) for outcome, count in runner.outcomes.items()])
     if snap is None:
         return "\n".join(lines) + "\n"
     for name, values, help_text in (

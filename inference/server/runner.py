@@ -79,8 +79,14 @@ class EngineRunner:
         return self.session.current is not None
 
     @property
-    def completed(self) -> int:
-        return self.session.completed
+    def outcomes(self) -> dict[str, int]:
+        """Generations finished, by outcome: completed, cancelled, failed."""
+        return dict(self.session.outcomes)
+
+    @property
+    def finished(self) -> int:
+        """Generations finished, whatever their outcome."""
+        return sum(self.session.outcomes.values())
 
     @property
     def context_length(self) -> int:

@@ -97,6 +97,16 @@ def _text(content: Any, where: str) -> str:
     raise BadRequest(f"{where}: content must be a string or a list of text parts", where)
 
 
+def _one_choice_no_logprobs(body: dict) -> None:
+    """Refuse what a client would otherwise silently not get: several choices, or log probabilities."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise BadRequest("'n' must be 1: this server returns one choice per request", "n")
+    for key in ("logprobs", "top_logprobs"):
+        if body.get(key) not in (None, False, 0):
+            raise BadRequest(f"'{key}' is not supported by this server", key)
+
+
 def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
@@ -117,6 +127,7 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
             parsed.append(_openai_tool_message(m, i, names, call_ids))
         else:
             parsed.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
+    _one_choice_no_logprobs(body)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _int({"max_tokens": limit}, "max_tokens", min(512, max_tokens_cap), 1, max_tokens_cap)
     options = body.get("stream_options") or {}
