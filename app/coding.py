@@ -157,6 +157,12 @@ def code_blocks(markdown: str) -> list[tuple[str, str]]:
     return [(m.group(2).strip(), m.group(3).rstrip("\n")) for m in FENCE.finditer(markdown)]
 
 
+def reply_code_blocks(markdown: str) -> tuple[list[tuple[str, str]], bool]:
+    """A reply's code blocks, the one it ended inside (cut short) included as the last, and whether it did."""
+    closed = close_open_fence(markdown)
+    return code_blocks(closed), closed != markdown
+
+
 def number_code_blocks(markdown: str) -> str:
     """`markdown` with a label line "[N] language" above each fenced block: the N that /save and /copy take."""
     parts, last = [], 0

@@ -43,9 +43,13 @@ class CodingCommands:
             except ValueError:
                 self.notice(f"/apply takes a code block number, not {arg!r}", "error")
                 return None
-            blocks = len(coding.code_blocks(reply or ""))
-            if not 1 <= number <= blocks:
-                self.notice(f"the last reply has {blocks} code block(s); give a number from 1", "error")
+            blocks, cut = coding.reply_code_blocks(reply or "")
+            if not 1 <= number <= len(blocks):
+                self.notice(f"the last reply has {len(blocks)} code block(s); give a number from 1", "error")
+                return None
+            if cut and number == len(blocks):
+                self.notice(f"code block {number} was cut short (the reply ended inside it): nothing to apply; "
+                            "/save it to keep what there is", "warning")
                 return None
             found = [e for e in found if e.number == number]
             problems = [p for p in problems if p.startswith(f"[{number}]")]

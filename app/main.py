@@ -955,9 +955,10 @@ class MoeApp(CodingCommands, App):
         replies = [m for m in self.store.messages(self.chat_id) if m.role == "assistant" and m.content]
         return replies[-1].content if replies else None
 
-    def code_block(self, number: str) -> str | None:
-        reply = self.last_reply()
-        blocks = coding.code_blocks(reply or "")
+    def code_block(self, number: str) -> tuple[str, bool] | None:
+        """Code block `number` of the last reply, and whether the reply ended inside it (cut short); None (and
+        a notice) when there is no such block."""
+        blocks, cut = coding.reply_code_blocks(self.last_reply() or "")
         try:
             index = int(number) - 1
         except ValueError:
@@ -965,16 +966,17 @@ class MoeApp(CodingCommands, App):
         if not 0 <= index < len(blocks):
             self.notice(f"the last reply has {len(blocks)} code block(s); give a number from 1", "error")
             return None
-        return blocks[index][1]
+        return blocks[index][1], cut and index == len(blocks) - 1
 
     def cmd_save(self, arg: str) -> None:
         number, _, target = arg.partition(" ")
         if not target.strip():
             self.notice("usage: /save N PATH", "error")
             return
-        code = self.code_block(number)
-        if code is None:
+        block = self.code_block(number)
+        if block is None:
             return
+        code, cut = block
         try:
             path, outside = coding.resolve(target.strip(), self.cwd)
         except coding.PathError as exc:
@@ -1008,10 +1010,19 @@ class MoeApp(CodingCommands, App):
                 self.push_screen(ConfirmScreen(f"Overwrite {path}?", coding.diff(existing[1], code + "\n", path)),
                                  write)
 
-        if outside:
-            self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Write there?"), check_existing)
+        def check_outside(ok: bool | None = True) -> None:
+            if not ok:
+                self.notice("not saved")
+            elif outside:
+                self.push_screen(ConfirmScreen(f"{path} is outside {self.cwd}. Write there?"), check_existing)
+            else:
+                check_existing()
+
+        if cut:
+            self.push_screen(ConfirmScreen(f"Code block {number} was cut short: the reply ended inside it. Save what "
+                                           "there is?"), check_outside)
         else:
-            check_existing()
+            check_outside()
 
     def write_file(self, path: Path, text: str) -> bool:
         """Write `path` (never blocking on a FIFO); a failure is an error notice. True when written."""
@@ -1026,19 +1037,21 @@ class MoeApp(CodingCommands, App):
         return True
 
     def cmd_copy(self, arg: str) -> None:
-        text = self.code_block(arg) if arg else self.last_reply()
+        block = self.code_block(arg) if arg else (self.last_reply(), False)
+        text, cut = block or (None, False)
         if text is None:
             if not arg:
                 self.notice("nothing to copy yet", "warning")
             return
         self.copy_to_clipboard(text)  # OSC 52: works in most terminals, over SSH too
+        copied = f"copied ({len(text)} chars{'; cut short: the reply ended inside this block' if cut else ''})"
         fallback = self.settings.resolved_data_dir() / "clipboard.txt"
         try:
             fallback.parent.mkdir(parents=True, exist_ok=True)
             fallback.write_text(text)
-            self.notice(f"copied ({len(text)} chars); also written to {fallback}")
+            self.notice(f"{copied}; also written to {fallback}", "warning" if cut else "information")
         except OSError:
-            self.notice(f"copied ({len(text)} chars)")
+            self.notice(copied, "warning" if cut else "information")
 
     def cmd_export(self, arg: str) -> None:
         kind, _, target = arg.partition(" ")
@@ -1109,7 +1122,6 @@ MARKS = {"cancelled": "cancelled", "partial": "interrupted", "failed": "failed",
 
 def _shown(content: str, status: str) -> str:
     """A reply's Markdown with its ending's mark, outside any code block it left open."""
+    content = coding.close_open_fence(content)  # numbered like /save and /copy see it
     mark = MARKS.get(status)
-    if mark is None:
-        return content
-    return coding.close_open_fence(content) + f"\n\n*({mark})*"
+    return content if mark is None else content + f"\n\n*({mark})*"

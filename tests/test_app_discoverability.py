@@ -10,7 +10,8 @@ from moe_tui.app.widgets.pickers import ChatPicker
 from textual.command import Command, CommandList
 from textual.widgets import HelpPanel, OptionList
 
-from tests.helpers import notified, palette_offers, palette_open, screen_rows, wait_until
+from tests.helpers import (dialog_closed, dialog_open, notified, palette_offers, palette_open, screen_rows,
+                           wait_until)
 
 
 def palette_titles(app) -> list[str]:
@@ -153,6 +154,39 @@ async def test_code_blocks_in_replies_show_the_number_save_and_copy_take(fake_ap
         app.run_command("/save 2 two.py")
         await wait_until(pilot, lambda: (tmp_path / "two.py").exists())
         assert (tmp_path / "two.py").read_text() == "def two():\n    return 2\n"
+
+
+async def test_a_code_block_the_reply_was_cut_inside_is_numbered_and_saved_only_when_confirmed(fake_app, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    chat = app.store.create_chat(title="cut")
+    app.store.add_message(chat.id, "user", "two functions")
+    app.store.add_message(chat.id, "assistant", "First:\n```python\ndef one():\n    return 1\n```\nThen:\n"
+                          "```python\ndef two():\n    total = 0\n", status="truncated")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None and len(app.query(MessageView)) == 2)
+        await pilot.pause()
+        labels = [row.strip() for row in shown_rows(app.query(MessageView).last()) if row.strip().startswith("[")]
+        assert labels == ["[1] python", "[2] python"]  # the cut block is shown with its number
+        app.run_command("/save 2 two.py")
+        await wait_until(pilot, lambda: dialog_open(app))
+        assert "cut short" in app.screen.question
+        await pilot.press("n")
+        await wait_until(pilot, lambda: dialog_closed(app) and notified(app, "not saved"))
+        assert not (tmp_path / "two.py").exists()
+        app.run_command("/save 2 two.py")
+        await wait_until(pilot, lambda: dialog_open(app))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: (tmp_path / "two.py").exists())
+        assert (tmp_path / "two.py").read_text() == "def two():\n    total = 0\n"
+        app.run_command("/copy 2")
+        assert app.clipboard == "def two():\n    total = 0"
+        await wait_until(pilot, lambda: notified(app, "cut short: the reply ended inside this block"))
+        app.run_command("/apply 2")
+        await wait_until(pilot, lambda: notified(app, "nothing to apply"))
+        app.run_command("/save 1 one.py")  # a whole block: no question
+        await wait_until(pilot, lambda: (tmp_path / "one.py").exists())
 
 
 def picker_open(app) -> bool:
