@@ -207,7 +207,7 @@ def cmd_profile(args) -> int:
     from moe_tui.inference.profiles import build_profile
 
     if args.out is None and args.trace is None:
-        raise SystemExit("moe profile: nothing to write; give --out PROFILE.json and/or --trace TRACE.npz")
+        raise ValueError("profile: nothing to write; give --out PROFILE.json and/or --trace TRACE.npz")
     if args.trace is not None and args.prefetch is None:
         args.prefetch = True  # predict at every decode step (not only while reading ahead pays): all guesses kept
     prompts = None if args.text else _read_prompts(args.prompts)  # a bad file is said before the model loads
@@ -264,34 +264,37 @@ def _text_windows(engine, args) -> list[list[int]]:
         text = text[: args.tokens * 8]  # ample: the demo's tokenizer averages ~3.8 bytes a token on Python text
     ids = list(engine.tokenizer.encode(text))[: args.tokens]
     if not ids:
-        raise SystemExit(f"{args.text}: no text to route")
+        raise ValueError(f"{args.text}: no text to route")
     window = min(args.window, engine.context_length)
     return [ids[i : i + window] for i in range(0, len(ids), window)]
 
 
 def _read_text(path: Path) -> str:
-    """A text file given on the command line (undecodable bytes replaced), or SystemExit saying why not."""
+    """A text file given on the command line (undecodable bytes replaced), or ValueError saying why not."""
     try:
         return path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        raise SystemExit(f"{path}: no such file") from None
+        raise ValueError(f"{path}: no such file") from None
     except OSError as exc:
-        raise SystemExit(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise ValueError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
 def _read_prompts(path: Path) -> list[str]:
     text = _read_text(path)
     if path.suffix == ".json":
-        prompts = json.loads(text)
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise SystemExit(f"{path}: expected a JSON list of prompt strings")
+            raise ValueError(f"{path}: expected a JSON list of prompt strings")
         prompts = [p for p in prompts if p.strip()]
         if not prompts:
-            raise SystemExit(f"{path}: no prompts (a JSON list of prompt strings)")
+            raise ValueError(f"{path}: no prompts (a JSON list of prompt strings)")
         return prompts
     prompts = [block.strip() for block in text.split("\n\n") if block.strip()]
     if not prompts:
-        raise SystemExit(f"{path}: no prompts (one per paragraph, separated by blank lines)")
+        raise ValueError(f"{path}: no prompts (one per paragraph, separated by blank lines)")
     return prompts
 
 

@@ -217,11 +217,29 @@ def test_unreadable_prompts_and_profiles_are_messages(tmp_path):
     from moe_tui.inference.profiles import load_profile
 
     empty = tmp_path / "empty.json"
+    with pytest.raises(ValueError, match="empty.json: not valid JSON"):
+        empty.write_text("[1,")
+        _read_prompts(empty)
     for text in ("[]", '["", "  "]'):
         empty.write_text(text)
-        with pytest.raises(SystemExit, match="no prompts"):
+        with pytest.raises(ValueError, match="no prompts"):
             _read_prompts(empty)
     with pytest.raises(ModelLoadError, match="cannot read the profile"):
         load_profile(tmp_path)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         _read_prompts(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["profile", "--prompts", "{prompts}"], "moe: profile: nothing to write"),
+    (["profile", "--prompts", "{missing}", "--out", "{out}"], "missing.txt: no such file"),
+])
+def test_profile_errors_are_said_like_every_commands(argv, expected, tmp_path, capsys):
+    from moe_tui.app.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n")
+    argv = [a.format(missing=tmp_path / "missing.txt", out=tmp_path / "p.json", prompts=prompts) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe: ") and expected in err
