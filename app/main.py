@@ -136,8 +136,10 @@ class MoeApp(CodingCommands, App):
     #main.narrow > #side { display: none; }
     #main.narrow.panel-only > #side { display: block; width: 1fr; min-width: 0; border-left: none; }
     #main.narrow.panel-only > #chat { display: none; }
-    /* F1: Textual gives a pane's help text half the panel and clips the rest; the key list below scrolls. */
-    HelpPanel #widget-help { max-height: 75%; }
+    /* F1: Textual gives a pane's help text half the panel and clips the rest; the key list below scrolls. The
+       text gets three quarters, less padding (it fits at 80x24), and scrolls if a longer one ever does not. */
+    HelpPanel #widget-help { max-height: 75%; padding: 0; overflow-y: auto; }
+    HelpPanel #widget-help MarkdownBlock { padding-left: 1; padding-right: 1; }
     HelpPanel KeyPanel#keys-help { min-height: 6; }
     /* The compact footer's right margin after every key left the docked palette key a cell short of the edge:
        the keys scrolled beneath showed through in the last column ("^p palettec"). */

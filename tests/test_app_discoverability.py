@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from moe_tui.app.commands import COMMANDS
 from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView, PromptInput
 from moe_tui.app.widgets.completion import CompletionList
@@ -290,6 +291,27 @@ async def test_tab_goes_from_the_prompt_to_the_heatmap_and_every_stop_shows(fake
         chat.focus()
         await pilot.pause()
         assert chat.styles.background != before  # the chat shows it has the focus
+
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)])
+async def test_f1_shows_each_focus_stops_whole_help_text(fake_app, size):
+    """F1's help text for the prompt and the heatmap was cut mid-sentence at 80x24, and the heatmap's lost its
+    keys paragraph at 100x30 (Textual clips the text it does not fit)."""
+    app = fake_app()
+    async with app.run_test(size=size) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.query_one(PromptInput).focus()
+        await pilot.press("f1")
+        help_text = app.screen.query_one("#widget-help")
+        for _ in app.screen.focus_chain:
+            stop = app.focused
+            heading = stop.HELP.strip().splitlines()[0].lstrip("# ")
+            await wait_until(pilot, lambda: help_text.children and heading in str(help_text.children[0].render()))
+            await pilot.pause()
+            shown = sum(child.outer_size.height for child in help_text.children)
+            assert shown <= help_text.scrollable_content_region.height, (type(stop).__name__, size)
+            assert help_text.max_scroll_y == 0, (type(stop).__name__, size, shown)
+            await pilot.press("tab")
 
 
 async def test_the_palette_key_reaches_the_footers_right_edge(fake_app):

@@ -207,10 +207,9 @@ class MissCurveChart(Chart, can_focus=True):
     HELP = """
 ## Miss curve
 
-Hit rate against capacity (experts cached per layer), replayed on the routing recorded so far for every
-eviction policy and for Belady's MIN (the best any cache could do, knowing the future). The solid vertical
-line is the current capacity, the other the cursor. Left/Right move the cursor, Enter (or `c`) sets
-`/capacity` to it.
+Hit rate against capacity (experts per layer) of every policy and Belady's MIN (the best any cache could
+do), replayed on the routing so far. Solid line: the capacity; the other: the cursor, which Left/Right
+move. Enter (or `c`) sets `/capacity` there.
 """
 
     class CursorMoved(Message):

@@ -272,10 +272,9 @@ class PromptInput(TextArea):
     HELP = """
 ## Prompt
 
-**Enter** sends, **Shift+Enter** or **Ctrl+J** starts a new line. **Up**/**Down** on the first/last line
-bring back earlier messages. `/` starts a command (Tab completes it), `@path` attaches a file.
-**Esc** cancels a reply, **Ctrl+R** regenerates, **Ctrl+E** edits your last message, **PageUp**/
-**PageDown** scroll the chat. `/help` lists every command.
+**Enter** sends; **Shift+Enter** or **Ctrl+J**: a new line. **Up**/**Down** at the first/last line: earlier
+messages. `/` starts a command (Tab completes it), `@path` attaches a file, `/help` lists all. **Esc**
+cancels a reply, **Ctrl+R** regenerates, **Ctrl+E** edits your last message.
 """
 
     DEFAULT_CSS = """

@@ -36,13 +36,9 @@ class HeatmapView(StyledRows, ScrollView, can_focus=True):
     HELP = """
 ## Expert-cache heatmap
 
-Rows are MoE layers, columns experts (several per column when they do not fit; wider columns when there
-are few), numbered along the top. Colour: how often the router picked them lately. `•` cached, `◆` pinned,
-`×` just missed; the row ends with the layer's hit rate. The selected cell is framed (`▕•▏`) and its row
-marked `▸`; its numbers show below the map.
-
-Arrows select a cell (its numbers show below the map), `+`/`-` zoom, `[`/`]` scroll, `h` two layers per
-row. Tab goes back to the prompt.
+Rows: MoE layers; columns: experts. Colour: how often the router picked them lately. `•` cached, `◆`
+pinned, `×` just missed; the row ends with the layer's hit rate. Arrows select a cell (`▕•▏`); its numbers
+show below the map. Tab: the miss curve, then the chat.
 """
     DEFAULT_CSS = """
     HeatmapView {
