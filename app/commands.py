@@ -136,16 +136,18 @@ def command_help(name: str) -> str | None:
 
 
 def palette_entries() -> list[tuple[str, str, str, bool]]:
-    """(title, help, command line, prefill) for every palette entry: a command that needs an argument is put
-    into the prompt to finish (prefill); presets and argument-less commands run at once."""
+    """(title, help, command line, prefill) for every palette entry. The title says what it does, the help is
+    the command it runs. A command that needs an argument is put into the prompt to finish (prefill; its
+    title ends in "…"); presets and argument-less commands run at once."""
     entries = []
     for c in COMMANDS:
+        about = c.help[0].upper() + c.help[1:]
         for argument, title in c.presets:
-            entries.append((title, c.help, f"/{c.name} {argument}", False))
+            entries.append((title, f"/{c.name} {argument}", f"/{c.name} {argument}", False))
         if c.needs_argument:
-            entries.append((f"/{c.name} {c.usage}", c.help, f"/{c.name} ", True))
+            entries.append((f"{about}…", c.usage_line, f"/{c.name} ", True))
         elif not c.presets:
-            entries.append((c.help[0].upper() + c.help[1:], f"/{c.name}", f"/{c.name}", False))
+            entries.append((about, f"/{c.name}", f"/{c.name}", False))
     return entries
 
 

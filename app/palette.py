@@ -17,7 +17,7 @@ class MoeCommands(Provider):
         cmds = [(title, about, partial(app.prefill if prefill else app.run_command, line))
                 for title, about, line, prefill in palette_entries()]
         for name in app.theme_gradients:
-            cmds.append((f"Theme: {name}", "switch theme (remembered)", partial(app.run_command, f"/theme {name}")))
+            cmds.append((f"Theme: {name}", f"/theme {name}", partial(app.run_command, f"/theme {name}")))
         return cmds
 
     async def discover(self) -> Hits:
@@ -25,8 +25,10 @@ class MoeCommands(Provider):
             yield DiscoveryHit(name, callback, help=about)
 
     async def search(self, query: str) -> Hits:
+        """Entries whose title or command match: "rename" and "/rename" both find "Rename this chat…"."""
         matcher = self.matcher(query)
         for name, about, callback in self._commands():
-            score = matcher.match(name)
-            if score > 0:
-                yield Hit(score, matcher.highlight(name), callback, help=about)
+            by_title, by_command = matcher.match(name), matcher.match(about)
+            if max(by_title, by_command) > 0:
+                title = matcher.highlight(name) if by_title >= by_command else name
+                yield Hit(max(by_title, by_command), title, callback, help=about)

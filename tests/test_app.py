@@ -232,7 +232,7 @@ async def test_keymap_from_settings_and_palette_prefill(make_app):
         await wait_until(pilot, lambda: palette_open(app))
         for ch in "/rename":
             await pilot.press(ch)
-        await wait_until(pilot, lambda: palette_offers(app, "/rename TITLE"))
+        await wait_until(pilot, lambda: palette_offers(app, "Rename this chat…"))
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.query_one(PromptInput).text == "/rename ")
         await pilot.press(*"sorting", "enter")

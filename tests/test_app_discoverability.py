@@ -20,19 +20,30 @@ def palette_titles(app) -> list[str]:
     return [option.hit.text for option in results._options if isinstance(option, Command)]
 
 
+def test_palette_entries_say_what_they_do_above_the_command_they_run():
+    """The palette mixed three shapes: "/add PATH" over its description, a description over "/files", and
+    "Capacity: 50%" over "experts cached per layer"."""
+    from moe_tui.app.commands import palette_entries
+
+    for title, about, line, prefill in palette_entries():
+        assert title[0].isupper() and not title.startswith("/"), title
+        assert about.startswith("/") and about.split()[0] == line.split()[0], (title, about)
+        assert title.endswith("…") == prefill, title  # "…": the command is finished in the prompt
+
+
 async def test_the_palette_lists_the_apps_commands_on_open_and_offers_only_its_own_themes(fake_app, tmp_path):
     app = fake_app()
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await pilot.press("ctrl+p")
         await wait_until(pilot, lambda: palette_open(app))
-        await wait_until(pilot, lambda: {"Start an empty chat", "/rename TITLE", "Capacity: 50%"}
+        await wait_until(pilot, lambda: {"Start an empty chat", "Rename this chat…", "Capacity: 50%"}
                          <= set(palette_titles(app)))  # before anything is typed
         await pilot.press(*"theme")
         await wait_until(pilot, lambda: {"Theme: moe-dark", "Theme: moe-light", "Theme: moe-colorblind"}
                          <= set(palette_titles(app)))
         await pilot.pause(0.3)  # every provider has answered
-        ours = {"/theme NAME", "Theme: moe-dark", "Theme: moe-light", "Theme: moe-colorblind"}
+        ours = {"Switch theme (remembered)…", "Theme: moe-dark", "Theme: moe-light", "Theme: moe-colorblind"}
         assert {t for t in palette_titles(app) if "theme" in t.lower()} <= ours
         assert "Theme" not in palette_titles(app)  # Textual's picker of its 20 built-in themes
         await pilot.press(*"-light")
