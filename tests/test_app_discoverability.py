@@ -11,8 +11,7 @@ from moe_tui.app.widgets.pickers import ChatPicker
 from textual.command import Command, CommandList
 from textual.widgets import HelpPanel, OptionList
 
-from tests.helpers import (dialog_closed, dialog_open, notified, palette_offers, palette_open, screen_rows,
-                           wait_until)
+from tests.helpers import dialog_closed, dialog_open, notified, palette_offers, palette_open, screen_rows, wait_until
 
 
 def palette_titles(app) -> list[str]:
@@ -317,7 +316,8 @@ async def test_f1_shows_each_focus_stops_whole_help_text(fake_app, size):
         for _ in app.screen.focus_chain:
             stop = app.focused
             heading = stop.HELP.strip().splitlines()[0].lstrip("# ")
-            await wait_until(pilot, lambda: help_text.children and heading in str(help_text.children[0].render()))
+            await wait_until(pilot, lambda heading=heading: help_text.children
+                             and heading in str(help_text.children[0].render()))
             await pilot.pause()
             shown = sum(child.outer_size.height for child in help_text.children)
             assert shown <= help_text.scrollable_content_region.height, (type(stop).__name__, size)
