@@ -199,7 +199,7 @@ class Engine:
         self.prompt_cache.reset()
 
     def stream(self, messages_or_prompt: str | Sequence[dict] | Sequence[int], max_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] = (), cancel: threading.Event | None = None,
                progress: Callable[[int, int], None] | None = None) -> Iterator[TokenDelta | GenerationDone]:
         """Generate a reply, reusing the KV cache of earlier turns for the prompt's common prefix.
@@ -220,7 +220,8 @@ class Engine:
             ValueError: an empty prompt. Errors from reading experts (OSError) propagate.
         """
         return generate(self.model, self.tokenizer, self.prompt_cache, self.encode(messages_or_prompt),
-                        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                        stop=stop,
                         cancel=cancel, speed=self._speed, kv_args=self._kv_args,
                         after_step=self.experts.after_step, finish=self._finish, progress=progress,
                         expect=functools.partial(self.experts.expect_tokens, stop=self.tokenizer.eos_token_ids),

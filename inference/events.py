@@ -23,6 +23,7 @@ class Generate:
     max_tokens: int = 512
     temperature: float = 0.7
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k likeliest tokens; 0: all
     stop: tuple[str, ...] = ()
     seed: int | None = None
     fit_context: bool = False  # drop the oldest turns (never the system prompt or the last message) to fit

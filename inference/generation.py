@@ -113,12 +113,13 @@ class PromptCache:
 GREEDY_BELOW = 1e-5  # a temperature this small samples the argmax anyway: take it without dividing by ~0
 
 
-def sampling(temperature: float, top_p: float) -> dict[str, float]:
-    """mlx-lm sampler settings. Greedy when either leaves one candidate: temperature ~0, or top_p 0 (only
-    the most likely token is inside the nucleus; mlx-lm reads top_p 0 as "no nucleus", i.e. all of them)."""
-    if temperature < GREEDY_BELOW or top_p <= 0.0:
-        return {"temp": 0.0, "top_p": 0.0}
-    return {"temp": temperature, "top_p": top_p if top_p < 1.0 else 0.0}
+def sampling(temperature: float, top_p: float, top_k: int = 0) -> dict[str, float]:
+    """mlx-lm sampler settings. Greedy when any leaves one candidate: temperature ~0, top_p 0 (only the most
+    likely token is inside the nucleus; mlx-lm reads top_p 0 as "no nucleus", i.e. all of them) or top_k 1.
+    top_k 0 (or below): every token."""
+    if temperature < GREEDY_BELOW or top_p <= 0.0 or top_k == 1:
+        return {"temp": 0.0, "top_p": 0.0, "top_k": 0}
+    return {"temp": temperature, "top_p": top_p if top_p < 1.0 else 0.0, "top_k": max(top_k, 0)}
 
 
 class Speed:
@@ -139,7 +140,7 @@ class PrefillCancelled(Exception):
 
 
 def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list[int], *, max_tokens: int,
-             temperature: float, top_p: float, seed: int | None, stop: Sequence[str],
+             temperature: float, top_p: float, top_k: int = 0, seed: int | None, stop: Sequence[str],
              cancel: threading.Event | None, speed: Speed, kv_args: dict,
              after_step: Callable[[], None], finish: Callable[[], None],
              progress: Callable[[int, int], None] | None = None,
@@ -155,7 +156,7 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
     if seed is not None:
         mx.random.seed(seed % (1 << 64))  # OpenAI seeds are signed 64-bit
     reuse = prompt_cache.reuse(tokens)
-    sampler = make_sampler(**sampling(temperature, top_p))
+    sampler = make_sampler(**sampling(temperature, top_p, top_k))
     if sampled is not None:
         choose, count = sampler, itertools.count(1)
 

@@ -113,6 +113,26 @@ def test_openai_max_tokens_and_stop(oai):
     assert seeded[0] == seeded[1]
 
 
+def test_top_k_is_honoured_by_both_apis(server, oai, claude):
+    """Anthropic's top_k (and the OpenAI extension vLLM takes) was accepted and ignored: top_k 1 sampled at
+    temperature 1 anyway."""
+    greedy = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=16, temperature=0)
+    text = greedy.choices[0].message.content
+    for seed in (1, 2, 3):
+        one = oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=16, temperature=1.0, seed=seed,
+                                          extra_body={"top_k": 1})
+        assert one.choices[0].message.content == text
+    sampled = {oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=16, temperature=1.0, seed=seed)
+               .choices[0].message.content for seed in (1, 2, 3)}
+    assert sampled != {text}  # the model is random enough that sampling without top_k differs
+    claude_one = claude.messages.create(model="tiny", max_tokens=16, messages=MSG,
+                                        extra_body={"temperature": 1.0, "top_k": 1})  # SDK 2.x: no argument
+    claude_greedy = claude.messages.create(model="tiny", max_tokens=16, messages=MSG, extra_body=T0)
+    assert claude_one.content[0].text == claude_greedy.content[0].text
+    bad = httpx.post(server.url + "/v1/messages", json={"model": "x", "messages": MSG, "max_tokens": 4, "top_k": -2})
+    assert bad.status_code == 400
+
+
 def test_anthropic_non_stream_and_stream(claude):
     msg = claude.messages.create(model="tiny", max_tokens=12, messages=MSG, system="You write Python.",
                                  extra_body=T0)

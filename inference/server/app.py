@@ -142,7 +142,8 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         if context and len(prompt) + chat.max_tokens > context:
             return error_for(request, f"prompt has {len(prompt)} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
-        generate = Generate(prompt, chat.max_tokens, chat.temperature, chat.top_p, tuple(chat.stop), chat.seed,
+        generate = Generate(prompt, chat.max_tokens, chat.temperature, chat.top_p, chat.top_k, tuple(chat.stop),
+                            chat.seed,
                             tools=tuple(tools_offered) if tools_offered else None, tool_choice=chat.tool_choice,
                             tool_name=chat.tool_name, call_id_prefix=call_id_prefix)
         try:

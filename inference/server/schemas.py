@@ -28,6 +28,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool = False
     tools: tuple[dict, ...] = ()  # OpenAI function-tool form, as chat templates take them
+    top_k: int = 0  # sample among the k likeliest tokens (Anthropic; an OpenAI extension vLLM takes); 0: all
     tool_choice: str = "auto"  # "auto", "none", "required" (Anthropic "any") or "named"
     tool_name: str | None = None  # the named tool
 
@@ -135,7 +136,8 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
         raise BadRequest("'stream_options' must be an object", "stream_options")
     return ChatRequest(
         messages=parsed, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=_stops(body.get("stop"), "stop"),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0), top_k=max(_int(body, "top_k", 0, -1, 2**31 - 1), 0),
+        stop=_stops(body.get("stop"), "stop"),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1), stream=_bool(body, "stream"),
         include_usage=bool(options.get("include_usage")), tools=tools, tool_choice=tool_choice, tool_name=tool_name,
     )
@@ -179,6 +181,7 @@ def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
     return ChatRequest(
         messages=parsed, max_tokens=_int(body, "max_tokens", None, 1, max_tokens_cap),
         temperature=_number(body, "temperature", 1.0, 0.0, 1.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=_int(body, "top_k", 0, 0, 2**31 - 1),
         stop=_stops(body.get("stop_sequences"), "stop_sequences"), seed=None, stream=_bool(body, "stream"),
         tools=tools, tool_choice=tool_choice, tool_name=tool_name,
     )
@@ -419,6 +422,8 @@ def openapi(max_tokens_cap: int) -> dict:
         "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": max_tokens_cap},
         "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
         "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "top_k": {"type": ["integer", "null"], "minimum": -1, "description": "Extension (as vLLM): sample among "
+                  "the k likeliest tokens; 0 or -1: all."},
         "stop": stop, "seed": {"type": ["integer", "null"]}, "stream": {"type": ["boolean", "null"]},
         "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
         "tools": {"type": ["array", "null"], "items": {"type": "object", "required": ["type", "function"],
