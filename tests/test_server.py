@@ -255,6 +255,8 @@ def test_disconnect_mid_stream_cancels_and_server_keeps_serving(server, oai):
     ("/v1/chat/completions", {"messages": MSG, "n": 2}, 400, "error"),
     ("/v1/chat/completions", {"messages": MSG, "logprobs": True}, 400, "error"),
     ("/v1/chat/completions", {"messages": MSG, "top_logprobs": 3}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "error"),
+    ("/v1/chat/completions", {"messages": MSG, "response_format": "json"}, 400, "error"),
     ("/v1/messages", b"[1, 2", 400, "type"),
     ("/v1/messages", {"model": "x", "messages": MSG}, 400, "type"),
     ("/v1/messages", {"model": "x", "messages": MSG, "max_tokens": 5, "bogus": 1}, 400, "type"),
@@ -273,7 +275,8 @@ def test_bad_input_gets_each_apis_error_format(server, path, body, status, field
 
 def test_one_choice_and_no_logprobs_are_refused_only_when_asked_otherwise(server):
     ok = httpx.post(server.url + "/v1/chat/completions", json={
-        "messages": MSG, "max_tokens": 2, "n": 1, "logprobs": False, "top_logprobs": None})
+        "messages": MSG, "max_tokens": 2, "n": 1, "logprobs": False, "top_logprobs": None,
+        "response_format": {"type": "text"}})
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
     two = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, "n": 2})
     assert two.json()["error"]["param"] == "n" and "one choice" in two.json()["error"]["message"]

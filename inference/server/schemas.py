@@ -99,13 +99,17 @@ def _text(content: Any, where: str) -> str:
 
 
 def _one_choice_no_logprobs(body: dict) -> None:
-    """Refuse what a client would otherwise silently not get: several choices, or log probabilities."""
+    """Refuse what a client would otherwise silently not get: several choices, log probabilities, JSON mode."""
     n = body.get("n")
     if n is not None and (isinstance(n, bool) or n != 1):
         raise BadRequest("'n' must be 1: this server returns one choice per request", "n")
     for key in ("logprobs", "top_logprobs"):
         if body.get(key) not in (None, False, 0):
             raise BadRequest(f"'{key}' is not supported by this server", key)
+    form = body.get("response_format")
+    if form is not None and (not isinstance(form, dict) or form.get("type") != "text"):
+        raise BadRequest("'response_format': only {\"type\": \"text\"} is supported by this server (no JSON mode: "
+                         "ask for JSON in the prompt)", "response_format")
 
 
 def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
