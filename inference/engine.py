@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from .cache import DEFAULT_POLICY
 from .expert_cache import MODES, ExpertCache, ModelLayout
-from .generation import PromptCache, Speed, generate
+from .generation import Penalties, PromptCache, Speed, generate
 from .loading import context_length, kv_group_size, open_checkpoint, resolve_model_path
 from .plan import DEFAULT_CONTEXT, kv_bytes_per_token
 from .prompts import control_strings, encode_messages, max_token_bytes
@@ -201,6 +201,8 @@ class Engine:
     def stream(self, messages_or_prompt: str | Sequence[dict] | Sequence[int], max_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                stop: Sequence[str] = (), cancel: threading.Event | None = None,
+               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+               logit_bias: Mapping[int, float] | None = None,
                progress: Callable[[int, int], None] | None = None) -> Iterator[TokenDelta | GenerationDone]:
         """Generate a reply, reusing the KV cache of earlier turns for the prompt's common prefix.
 
@@ -210,6 +212,8 @@ class Engine:
             cancel: set it to end the reply after the current token, or a long prompt between two of its
                 chunks (finish_reason "cancelled").
             progress: called with (prompt tokens processed, prompt tokens to process) between prompt chunks.
+            presence_penalty, frequency_penalty, logit_bias: as OpenAI's. The penalties count the tokens
+                generated so far in this reply (not the prompt): logit - count x frequency - presence if used.
 
         Yields:
             `TokenDelta`s whose texts concatenate to the final text, then one `GenerationDone`.
@@ -221,7 +225,7 @@ class Engine:
         """
         return generate(self.model, self.tokenizer, self.prompt_cache, self.encode(messages_or_prompt),
                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                        stop=stop,
+                        stop=stop, penalties=Penalties(presence_penalty, frequency_penalty, dict(logit_bias or {})),
                         cancel=cancel, speed=self._speed, kv_args=self._kv_args,
                         after_step=self.experts.after_step, finish=self._finish, progress=progress,
                         expect=functools.partial(self.experts.expect_tokens, stop=self.tokenizer.eos_token_ids),

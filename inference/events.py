@@ -32,6 +32,10 @@ class Generate:
     tool_choice: str = "auto"  # "auto", "required" (a call must start the reply) or "named" (a call of tool_name)
     tool_name: str | None = None
     call_id_prefix: str = "call_"  # of the ids given to parsed calls that carry none of their own
+    # OpenAI's penalties on the tokens generated so far (count x frequency + presence once used) and logit bias
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class ModelInfo:
     dense_bytes: int
     context_length: int
     max_token_bytes: int = 64  # no token stands for more UTF-8 bytes than this
+    vocab_size: int = 0  # the model's logits (token ids below it)
     tool_parser: str = ""  # the model's tool-call format (an mlx-lm parser's name); "" when it has none
     no_tool_calling: str = ""  # why it has none (a phrase), when known
 
@@ -90,7 +95,8 @@ class ModelInfo:
                          moe_layers=layout.moe_layers, num_experts=layout.num_experts, top_k=layout.top_k,
                          expert_bytes=layout.expert_bytes, dense_bytes=layout.dense_bytes,
                          context_length=engine.context_length,
-                         max_token_bytes=getattr(engine, "max_token_bytes", 64), tool_parser=tool_parser,
+                         max_token_bytes=getattr(engine, "max_token_bytes", 64),
+                         vocab_size=int(engine.config.get("vocab_size", 0)), tool_parser=tool_parser,
                          no_tool_calling=no_tool_calling)
 
 

@@ -7,6 +7,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -122,6 +123,39 @@ def sampling(temperature: float, top_p: float, top_k: int = 0) -> dict[str, floa
     return {"temp": temperature, "top_p": top_p if top_p < 1.0 else 0.0, "top_k": max(top_k, 0)}
 
 
+@dataclass(frozen=True)
+class Penalties:
+    """OpenAI's presence and frequency penalties and logit bias, as an mlx-lm logits processor.
+
+    The penalties count the tokens generated so far in this reply, not the prompt (OpenAI's definition:
+    logit - count x frequency_penalty - presence_penalty once the token was generated). mlx-lm's own
+    penalties look at the last 20 tokens given to the model, prompt included, so they would change with how
+    much of the prompt the KV cache already held."""
+
+    presence: float = 0.0
+    frequency: float = 0.0
+    bias: dict[int, float] = field(default_factory=dict)
+
+    def processors(self, prompt_tokens: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
+        """The processors for a reply whose prompt hands `prompt_tokens` tokens to mlx-lm (none when there is
+        nothing to do: mlx-lm then keeps no token record)."""
+        if not (self.presence or self.frequency or self.bias):
+            return []
+        bias_ids = mx.array(list(self.bias), dtype=mx.int32) if self.bias else None
+        bias_values = mx.array(list(self.bias.values()), dtype=mx.float32) if self.bias else None
+
+        def process(tokens: mx.array, logits: mx.array) -> mx.array:
+            if bias_ids is not None:
+                logits = logits.at[:, bias_ids].add(bias_values.astype(logits.dtype))
+            generated = tokens[prompt_tokens:]
+            if generated.size and (self.presence or self.frequency):
+                counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[generated].add(1)
+                logits = logits - (self.frequency * counts + self.presence * (counts > 0)).astype(logits.dtype)
+            return logits
+
+        return [process]
+
+
 class Speed:
     """The latest reply's speeds, shown in snapshots."""
 
@@ -141,6 +175,7 @@ class PrefillCancelled(Exception):
 
 def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list[int], *, max_tokens: int,
              temperature: float, top_p: float, top_k: int = 0, seed: int | None, stop: Sequence[str],
+             penalties: Penalties | None = None,
              cancel: threading.Event | None, speed: Speed, kv_args: dict,
              after_step: Callable[[], None], finish: Callable[[], None],
              progress: Callable[[int, int], None] | None = None,
@@ -181,9 +216,10 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
 
     if expect is not None:
         expect(tokens[reuse:])
+    processors = penalties.processors(len(tokens) - reuse) if penalties is not None else []
     steps = stream_generate(model, tokenizer, tokens[reuse:], max_tokens=max_tokens, sampler=sampler,
                             prompt_cache=prompt_cache.kv, prefill_step_size=PREFILL_STEP,
-                            prompt_progress_callback=prefilled, **kv_args)
+                            prompt_progress_callback=prefilled, logits_processors=processors or None, **kv_args)
     broken = False
     try:
         for response in steps:

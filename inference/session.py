@@ -436,7 +436,10 @@ class Session:
                 self._send(job, Progress(job.id, request.tag, done, total, time.monotonic() - started))
 
             for event in self.engine.stream(prompt, max_tokens=max_tokens, temperature=request.temperature,
-                                            top_p=request.top_p, top_k=request.top_k, seed=request.seed, stop=request.stop,
+                                            top_p=request.top_p, top_k=request.top_k, seed=request.seed,
+                                            presence_penalty=request.presence_penalty,
+                                            frequency_penalty=request.frequency_penalty,
+                                            logit_bias=dict(request.logit_bias), stop=request.stop,
                                             cancel=job.cancel, progress=progress):
                 if isinstance(event, GenerationDone):
                     done = event

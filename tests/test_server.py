@@ -133,6 +133,26 @@ def test_top_k_is_honoured_by_both_apis(server, oai, claude):
     assert bad.status_code == 400
 
 
+def test_logit_bias_and_penalties_are_honoured(server, oai):
+    """They were accepted and ignored."""
+    tokenizer = server.runner.engine.tokenizer
+
+    def reply(**extra) -> str:
+        return oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0,
+                                           extra_body=extra).choices[0].message.content
+
+    token = 300
+    assert reply(logit_bias={str(token): 100}) == tokenizer.decode([token] * 8)
+    # Each penalty counts the tokens generated so far: a token pushed up by 3 comes once, then the others do.
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        text = reply(logit_bias={str(token): 3}, **penalty)
+        assert text.startswith(tokenizer.decode([token])) and text != tokenizer.decode([token] * 8), penalty
+    for bad in ({"logit_bias": {"x": 1}}, {"logit_bias": {"5": 101}}, {"logit_bias": {"100000": 1}},
+                {"presence_penalty": 3}, {"frequency_penalty": "a"}):
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] in bad, bad
+
+
 def test_anthropic_non_stream_and_stream(claude):
     msg = claude.messages.create(model="tiny", max_tokens=12, messages=MSG, system="You write Python.",
                                  extra_body=T0)

@@ -142,8 +142,13 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         if context and len(prompt) + chat.max_tokens > context:
             return error_for(request, f"prompt has {len(prompt)} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
+        vocab = runner.vocab_size
+        if vocab and any(token >= vocab for token, _ in chat.logit_bias):
+            return error_for(request, f"logit_bias: token ids must be below {vocab} (the model's vocabulary)", 400,
+                             "logit_bias")
         generate = Generate(prompt, chat.max_tokens, chat.temperature, chat.top_p, chat.top_k, tuple(chat.stop),
-                            chat.seed,
+                            chat.seed, presence_penalty=chat.presence_penalty,
+                            frequency_penalty=chat.frequency_penalty, logit_bias=chat.logit_bias,
                             tools=tuple(tools_offered) if tools_offered else None, tool_choice=chat.tool_choice,
                             tool_name=chat.tool_name, call_id_prefix=call_id_prefix)
         try:

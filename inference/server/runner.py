@@ -93,6 +93,10 @@ class EngineRunner:
         return self.session.info.context_length if self.session.info else 0
 
     @property
+    def vocab_size(self) -> int:
+        return self.session.info.vocab_size if self.session.info else 0
+
+    @property
     def max_token_bytes(self) -> int:
         return self.session.info.max_token_bytes if self.session.info else 64
 

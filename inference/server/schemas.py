@@ -29,6 +29,9 @@ class ChatRequest:
     include_usage: bool = False
     tools: tuple[dict, ...] = ()  # OpenAI function-tool form, as chat templates take them
     top_k: int = 0  # sample among the k likeliest tokens (Anthropic; an OpenAI extension vLLM takes); 0: all
+    presence_penalty: float = 0.0  # OpenAI's, on the tokens generated so far
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias -100..100)
     tool_choice: str = "auto"  # "auto", "none", "required" (Anthropic "any") or "named"
     tool_name: str | None = None  # the named tool
 
@@ -98,6 +101,23 @@ def _text(content: Any, where: str) -> str:
     raise BadRequest(f"{where}: content must be a string or a list of text parts", where)
 
 
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise BadRequest("'logit_bias' must be an object of at most 1024 token ids (as strings) and biases",
+                         "logit_bias")
+    bias = []
+    for key, number in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise BadRequest(f"'logit_bias': {key!r} is not a token id", "logit_bias")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not -100 <= number <= 100:
+            raise BadRequest(f"'logit_bias': the bias of {key} must be a number from -100 to 100", "logit_bias")
+        bias.append((int(key), float(number)))
+    return tuple(bias)
+
+
 def _one_choice_no_logprobs(body: dict) -> None:
     """Refuse what a client would otherwise silently not get: several choices, log probabilities, JSON mode."""
     n = body.get("n")
@@ -141,7 +161,9 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
     return ChatRequest(
         messages=parsed, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0), top_k=max(_int(body, "top_k", 0, -1, 2**31 - 1), 0),
-        stop=_stops(body.get("stop"), "stop"),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=_logit_bias(body.get("logit_bias")), stop=_stops(body.get("stop"), "stop"),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1), stream=_bool(body, "stream"),
         include_usage=bool(options.get("include_usage")), tools=tools, tool_choice=tool_choice, tool_name=tool_name,
     )
@@ -428,6 +450,10 @@ def openapi(max_tokens_cap: int) -> dict:
         "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
         "top_k": {"type": ["integer", "null"], "minimum": -1, "description": "Extension (as vLLM): sample among "
                   "the k likeliest tokens; 0 or -1: all."},
+        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2},
+        "logit_bias": {"type": ["object", "null"], "additionalProperties": {"type": "number", "minimum": -100,
+                                                                           "maximum": 100}},
         "stop": stop, "seed": {"type": ["integer", "null"]}, "stream": {"type": ["boolean", "null"]},
         "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
         "tools": {"type": ["array", "null"], "items": {"type": "object", "required": ["type", "function"],
