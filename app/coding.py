@@ -121,8 +121,9 @@ def read_text_file(path: Path) -> str:
 
 def open_regular(path: Path, flags: int) -> int:
     """A file descriptor for `path`, opened without blocking (O_NONBLOCK: a FIFO's open waits for its other end)
-    and refused unless it is a regular file. OSError or PathError."""
-    fd = os.open(path, flags | os.O_NONBLOCK)
+    and refused unless it is a regular file. A file it creates gets 0o666 less the umask (os.open's default
+    is 0o777: executable). OSError or PathError."""
+    fd = os.open(path, flags | os.O_NONBLOCK, 0o666)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise PathError(f"{shorten(str(path))}: not a regular file (a FIFO, socket or device); refused")

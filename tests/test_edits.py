@@ -142,3 +142,21 @@ def test_applied_edits_survive_a_reopened_store_and_undo_marks_them(tmp_path):
     assert reopened.last_apply().id == first and reopened.last_apply().files[1].before is None
     reopened.mark_undone(first)
     assert reopened.last_apply() is None
+
+
+def test_files_the_app_creates_are_not_executable(tmp_path):
+    """os.open's default mode is 0o777: every file /save, /export and /apply created was 0755 (and went into git
+    as 100755)."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        coding.write_text_file(tmp_path / "new" / "made.py", "x = 1\n")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new" / "made.py").stat().st_mode & 0o777 == 0o644
+    existing = tmp_path / "script.sh"
+    existing.write_text("echo old\n")
+    existing.chmod(0o755)
+    coding.write_text_file(existing, "echo new\n")  # a file that exists keeps its mode
+    assert existing.stat().st_mode & 0o777 == 0o755 and existing.read_text() == "echo new\n"
