@@ -337,3 +337,20 @@ async def test_the_palette_key_reaches_the_footers_right_edge(fake_app):
         await wait_until(pilot, lambda: bool(footer.query(".-command-palette")))
         await pilot.pause()
         assert footer.query_one(".-command-palette").region.right == footer.region.right
+
+
+async def test_a_long_question_wraps_so_all_of_it_shows(fake_app):
+    """The question was one Label line: at 80 columns "Delete the chat '...'" lost its end, a long path's
+    question its "Go on to the diff?"."""
+    from moe_tui.app.widgets.confirm import ConfirmScreen
+
+    app = fake_app()
+    question = ("/tmp/project/src/some/deeply/nested/package/module_with_a_long_name.py changed on disk since it "
+                "was attached to this chat (the edit was written against the old text). Go on to the diff?")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.push_screen(ConfirmScreen(question))
+        await wait_until(pilot, lambda: dialog_open(app))
+        await pilot.pause()
+        dialog = [row.split("█")[1] for row in screen_rows(app) if row.count("█") >= 2]
+        assert "Go on to the diff?" in " ".join(" ".join(dialog).split())

@@ -32,6 +32,7 @@ class ConfirmScreen(ModalScreen[bool]):
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical { width: 90%; height: auto; max-height: 90%; border: thick $warning; padding: 1 2;
                                background: $surface; }
+    ConfirmScreen Label { width: 1fr; }  /* wraps: a long path must not hide the end of the question */
     ConfirmScreen VerticalScroll { height: auto; max-height: 24; }
     ConfirmScreen Horizontal { height: auto; align: right middle; }
     ConfirmScreen Button { margin-left: 2; }
