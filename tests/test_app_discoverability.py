@@ -273,6 +273,30 @@ async def test_slash_commands_and_at_paths_complete_with_tab(fake_app, tmp_path,
         assert prompt.text == "see @alpha.py and @alps/inner.txt"
 
 
+async def test_tab_typed_before_the_list_shows_still_completes(fake_app, tmp_path, monkeypatch):
+    """Typed in one burst ('/add sr' then Tab), the Tab came before the list did (paths are listed off the UI
+    thread): it moved the focus to the heatmap, and the next keys went there."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "app.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        prompt, menu = app.query_one(PromptInput), app.query_one(CompletionList)
+        prompt.focus()
+        for text, completed in (("/add sr", "/add src/"), ("/sa", "/save ")):
+            prompt.text = ""
+            await pilot.pause()
+            prompt.insert(text)  # no pause: the list is not there yet
+            assert not menu.shown
+            await pilot.press("tab")
+            assert app.focused is prompt and prompt.text == completed
+        prompt.text = "/save "  # nothing to complete: Tab moves on, as before
+        await pilot.pause()
+        await pilot.press("tab")
+        assert app.focused is not prompt
+
+
 async def test_help_opens_at_its_start(fake_app):
     """/help is longer than the chat at 80x24: it showed its last commands, the keys scrolled off above."""
     app = fake_app()

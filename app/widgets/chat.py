@@ -306,10 +306,10 @@ cancels a reply, **Ctrl+R** regenerates, **Ctrl+E** edits your last message.
     def _completion_key(self, key: str) -> bool:
         """While completions are listed: Tab takes one, Up/Down move, Esc closes the list. True if handled."""
         menu = self.completions
+        if menu is not None and key == "tab":
+            return menu.catch_up(self) and self.accept_completion()
         if menu is None or not menu.shown:
             return False
-        if key == "tab":
-            return self.accept_completion()
         if key in ("up", "down"):
             menu.move(-1 if key == "up" else 1)
             return True

@@ -21,6 +21,7 @@ class CompletionList(OptionList, can_focus=False):
                      background: $surface; }
     CompletionList.shown { display: block; }
     """
+    cwd: Path | None = None  # paths complete from here (the app's working directory, given with each change)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -33,6 +34,7 @@ class CompletionList(OptionList, can_focus=False):
 
     def update_for(self, prompt: TextArea, cwd: Path) -> None:
         """List what the word at the prompt's cursor can become: a command, or a path after @ or /add."""
+        self.cwd = cwd
         wanted = wanted_at(prompt)
         if wanted is None:
             self.hide()
@@ -46,6 +48,19 @@ class CompletionList(OptionList, can_focus=False):
         """Directory listings off the UI thread (a slow or network file system must not hold the keys)."""
         candidates = path_candidates(wanted.word, cwd)
         self.app.call_from_thread(self.offer, prompt, wanted, candidates)
+
+    def catch_up(self, prompt: TextArea) -> bool:
+        """Before Tab takes a completion: list the word at the cursor now, on this thread, if the list does not
+        show it yet (a Tab typed in the same burst as the word comes before the list: paths are listed off the
+        UI thread, and the prompt's change is handled after the key). True when the list shows it."""
+        wanted = wanted_at(prompt)
+        if wanted is None:
+            return False
+        if not (self.shown and self.completion == wanted):
+            cwd = self.cwd or Path.cwd()
+            found = command_candidates(wanted.word) if wanted.kind == "command" else path_candidates(wanted.word, cwd)
+            self.offer(prompt, wanted, found)
+        return self.shown
 
     def offer(self, prompt: TextArea, wanted: Completion, candidates: list[Candidate]) -> None:
         if wanted != wanted_at(prompt):  # typed on meanwhile
