@@ -667,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(with_command(list(sys.argv[1:] if argv is None else argv), parser.commands))
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl+C: what was under way stops (a server shuts down first); no traceback
+        print(file=sys.stderr)
+        return 130
     except ModelLoadError as exc:
         print(f"moe: {exc}", file=sys.stderr)
         return 2

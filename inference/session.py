@@ -128,6 +128,11 @@ class Session:
             return "ready" if self.ready.is_set() else "loading"
         return "stopped" if self._stopping.is_set() else "dead"
 
+    @property
+    def stopping(self) -> bool:
+        """stop() was called: no job or replay will start any more."""
+        return self._stopping.is_set()
+
     def start(self) -> None:
         self._thread.start()
 

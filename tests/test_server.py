@@ -386,6 +386,70 @@ def test_sigterm_ends_streams_with_a_final_event(tmp_path):
         proc.kill()
 
 
+def test_ctrl_c_with_a_stats_stream_open_exits_at_once_without_a_traceback(tmp_path):
+    """`moe attach` keeps /v1/stats/stream open: Ctrl+C waited 10 s for it (uvicorn's graceful timeout), then
+    printed tracebacks, and even without clients uvicorn's re-raised SIGINT ended in a KeyboardInterrupt one."""
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", "olmoe")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "serve", str(model), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.2)
+        events = 0
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/stats/stream", params={"hz": 5}, timeout=30) as r:
+            for line in r.iter_lines():  # ends cleanly when the server closes it
+                events += line.startswith("data: ")
+                if events == 2:
+                    started = time.monotonic()
+                    proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) in (130, -signal.SIGINT)
+        assert time.monotonic() - started < 5  # not uvicorn's 10 s graceful timeout
+        output = proc.stdout.read().decode()
+        assert "Finished server process" in output and "Traceback" not in output, output[-2000:]
+    finally:
+        proc.kill()
+
+
+def test_a_miss_curve_waiting_when_the_server_stops_is_answered_at_once(tmp_path):
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    live = LiveServer(make_checkpoint(tmp_path / "m", "qwen3_moe", router_scale=4.0, max_position_embeddings=512))
+    try:
+        reply = {"messages": MSG, "max_tokens": 8, "temperature": 0}
+        assert httpx.post(live.url + "/v1/chat/completions", json=reply, timeout=60).status_code == 200
+        engine = live.runner.engine
+        real, replaying = engine.hit_rates_vs_optimum, threading.Event()
+
+        def slow(*args, **kwargs):
+            replaying.set()
+            time.sleep(1.0)
+            return real(*args, **kwargs)
+
+        engine.hit_rates_vs_optimum = slow
+        with ThreadPoolExecutor(1) as pool:
+            curve = pool.submit(httpx.get, live.url + "/v1/stats/miss-curve", params={"capacities": "1,2,3,4,5"},
+                                timeout=60)
+            assert replaying.wait(30)
+            started = time.monotonic()
+            live.runner.stop()  # as on SIGINT: the session stops after the replay under way
+            answer = curve.result()
+        assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+        assert time.monotonic() - started < 5
+    finally:
+        live.close()
+
+
 def stop_strings(text: str) -> list[str]:
     return sorted({text[i : i + n] for n in (1, 2, 4) for i in range(0, len(text) - n, 5)})
 

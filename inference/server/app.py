@@ -26,6 +26,7 @@ from .schemas import BadRequest, ChatRequest, openapi, parse_anthropic, parse_op
 
 MAX_BODY_BYTES = 1 << 20
 DISCONNECT_POLL = 0.25  # seconds: how soon a non-streaming request notices its client has gone
+STOP_POLL = 0.25  # seconds: how soon a stats stream notices the server is shutting down
 
 
 class GenerationFailed(Exception):
@@ -488,14 +489,16 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
 
         async def stream() -> AsyncIterator[str]:
             sent = 0
-            while True:
+            while not runner.stopping:  # shutting down: the stream ends (uvicorn waits for open responses)
                 data = snapshot_json()
                 if data is not None:
                     yield sse(data)
                     sent += 1
                     if limit is not None and sent >= limit:
                         return
-                await asyncio.sleep(1.0 / hz)
+                due = time.monotonic() + 1.0 / hz
+                while not runner.stopping and time.monotonic() < due:
+                    await asyncio.sleep(min(STOP_POLL, due - time.monotonic()))
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -32,9 +32,13 @@ class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
 
-    def settle(self, answer: MissCurveDone | None) -> None:
+    def settle(self, answer: MissCurveDone | SessionClosed | None) -> None:
         def put() -> None:
-            if not self.future.done():  # a request that timed out has cancelled it
+            if self.future.done():  # a request that timed out has cancelled it
+                return
+            if isinstance(answer, SessionClosed):
+                self.future.set_exception(answer)
+            else:
                 self.future.set_result(answer)
 
         try:
@@ -74,6 +78,14 @@ class MissCurves:
         with self._lock:
             while self._waiting and self._waiting[0].after < job_id:
                 self._waiting.popleft().settle(None)
+
+    def close(self) -> None:
+        """The session stopped (any thread): every request still waiting gets SessionClosed now, not after its
+        timeout (the replays queued will not run)."""
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for waiter in waiting:
+            waiter.settle(SessionClosed("the inference session has stopped"))
 
     # ---- the event loop
     def submitted(self, job_id: int) -> None:

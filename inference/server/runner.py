@@ -129,9 +129,16 @@ class EngineRunner:
         self.miss_curves.submitted(job.id)
         return ServerJob(job.id, self.session, events)
 
+    @property
+    def stopping(self) -> bool:
+        """The server is shutting down: long-lived streams end."""
+        return self.session.stopping
+
     def stop(self) -> None:
-        """Cancel the running job and any queued ones (each still gets its final event), then exit."""
+        """Cancel the running job and any queued ones (each still gets its final event), answer the miss-curve
+        requests still waiting (SessionClosed: the replays queued will not run), then exit."""
         self.session.stop()
+        self.miss_curves.close()
 
     def join(self, timeout: float | None = None) -> None:
         self.session.join(timeout)
