@@ -52,7 +52,8 @@ COMMANDS: tuple[Command, ...] = (
             details='Kept in the chat store, so it works after a restart too. A file the apply created is '
                     'removed. Again: the apply before it.'),
     Command("run", "CMD", "run a shell command here (asks first); its output goes with your next message", "Coding",
-            details='Runs in the working directory with your shell, stdin closed, at most 120 s (Esc stops it). '
+            details='Runs in the working directory with your shell, stdin closed, at most 120 s (Esc stops it); '
+                    'it ends with the shell (what it left running in the background on its output is stopped). '
                     'The exit status and the end of the output are shown; the output (its middle cut when over '
                     '32 KiB) is attached to your next message (`/drop CMD` removes it).'),
     Command("agent", "[on|off|reads]", "agent mode: the model reads, edits and runs commands through tools", "Coding",

@@ -14,6 +14,8 @@ RUN_TIMEOUT = 120.0  # seconds before a /run command is stopped
 HEAD_BYTES = 8 * 1024  # output kept from the start (the first error)...
 TAIL_BYTES = 24 * 1024  # ...and from the end (the summary); what lies between is cut
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL
+DRAIN = 0.5  # seconds the output is still read after the shell exits, while what it started in the background runs
+POLL = 0.05  # seconds between looks at the shell's exit
 _ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
 
 
@@ -28,6 +30,8 @@ class RunResult:
     timed_out: bool = False
     cut_bytes: int = 0
     """Bytes of output left out of the middle."""
+    background_stopped: bool = False
+    """The shell exited leaving processes it started in the background (holding its output): they were stopped."""
 
     @property
     def status_text(self) -> str:
@@ -35,9 +39,9 @@ class RunResult:
             return f"stopped after {self.seconds:.0f} s (time limit)"
         if self.exit_status is None:
             return "stopped"
-        if self.exit_status < 0:
-            return f"killed by signal {-self.exit_status}"
-        return f"exit status {self.exit_status}"
+        status = (f"killed by signal {-self.exit_status}" if self.exit_status < 0
+                  else f"exit status {self.exit_status}")
+        return status + ("; what it left running in the background was stopped" if self.background_stopped else "")
 
     @property
     def label(self) -> str:
@@ -72,55 +76,62 @@ class CappedOutput:
 
 
 async def run_shell(command: str, cwd: str, timeout: float = RUN_TIMEOUT) -> RunResult:
-    """Run `command` with the user's shell in `cwd`, stdin closed. Cancelling the task stops the command
-    (its whole process group: a shell's children too) and re-raises."""
+    """Run `command` with the user's shell in `cwd`, stdin closed. It ends when the shell does: what the
+    command started in the background (`server &`) and still holds the output is stopped DRAIN seconds later,
+    its output so far kept (what detached from the output, `nohup x > log &`, runs on). Cancelling the task
+    stops the command (its whole process group: a shell's children too) and re-raises."""
     started = time.monotonic()
     process = await asyncio.create_subprocess_shell(
         command, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     output = CappedOutput()
-    timed_out = False
-    try:
-        while True:
-            remaining = timeout - (time.monotonic() - started)
-            if remaining <= 0:
-                timed_out = True
-                break
-            try:
-                data = await asyncio.wait_for(process.stdout.read(65536), remaining)
-            except TimeoutError:
-                timed_out = True
-                break
-            if not data:
-                break
+
+    async def read() -> None:
+        while data := await process.stdout.read(65536):
             output.add(data)
-        if timed_out:
-            await _stop(process)
-        else:
-            try:
-                await asyncio.wait_for(process.wait(), max(0.1, timeout - (time.monotonic() - started)))
-            except TimeoutError:
+
+    # The shell's exit is seen on returncode, not process.wait(), which on newer Pythons also waits for the
+    # output to close (a background process keeps it open).
+    reading = asyncio.ensure_future(read())
+    timed_out = background = False
+    exited_at = None
+    try:
+        while not (process.returncode is not None and reading.done()):
+            now = time.monotonic()
+            if process.returncode is not None and exited_at is None:
+                exited_at = now
+            if exited_at is not None and now - exited_at >= DRAIN:
+                background = True
+                break
+            if now - started >= timeout:
                 timed_out = True
-                await _stop(process)
+                break
+            await asyncio.wait({reading}, timeout=POLL)
+        seconds = time.monotonic() - started
+        if timed_out or background:
+            await _stop(process, reading)
     except asyncio.CancelledError:
-        await asyncio.shield(_stop(process))
+        await asyncio.shield(_stop(process, reading))
         raise
-    return RunResult(command, output.text(), None if timed_out else process.returncode,
-                     time.monotonic() - started, timed_out, output.cut)
+    finally:
+        reading.cancel()
+    return RunResult(command, output.text(), None if timed_out else process.returncode, seconds, timed_out,
+                     output.cut, background_stopped=background)
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM to the command's process group, SIGKILL if it is still there after KILL_GRACE."""
+async def _stop(process: asyncio.subprocess.Process, reading: asyncio.Future) -> None:
+    """SIGTERM to the command's process group (the shell and what it started), SIGKILL if after KILL_GRACE
+    the shell has not exited or something still holds the output (`reading` not done)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            await asyncio.wait_for(process.wait(), KILL_GRACE)
-            return
-        except TimeoutError:
-            continue
+            return  # the group is gone
+        deadline = time.monotonic() + KILL_GRACE
+        while time.monotonic() < deadline:
+            if process.returncode is not None and reading.done():
+                return
+            await asyncio.wait({reading}, timeout=POLL)
 
 
 async def git_diff(cwd: str) -> tuple[RunResult | None, str]:

@@ -331,3 +331,29 @@ def test_the_context_gauge_says_when_dropping_turns_cannot_help():
     assert "/drop" in line and "oldest turns" not in line
     line = render(ContextBudget(system=183, files=400, history=1_600, reply=512, context=2048), 160).plain
     assert "oldest turns will be dropped" in line
+
+
+async def test_a_command_that_leaves_a_background_process_ends_with_its_shell(tmp_path):
+    """`/run sleep 200 & echo bg started` ran until the time limit (the background process held the output pipe
+    open), and Esc then dropped 'bg started'."""
+    import asyncio
+    import time
+    from pathlib import Path
+
+    def alive(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status")
+        return status.exists() and "State:\tZ" not in status.read_text()
+
+    pidfile = tmp_path / "pid"
+    started = time.monotonic()
+    result = await runner.run_shell(f"sh -c 'echo $$ > {pidfile}; exec sleep 30' & echo bg started", str(tmp_path),
+                                    timeout=20)
+    assert time.monotonic() - started < 5
+    assert result.exit_status == 0 and "bg started" in result.output
+    assert "background" in result.status_text  # it says what became of what the command left running
+    pid = int(pidfile.read_text())
+    for _ in range(50):  # stopped, not left to write into a closed pipe
+        if not alive(pid):
+            break
+        await asyncio.sleep(0.1)
+    assert not alive(pid)
