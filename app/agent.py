@@ -94,6 +94,9 @@ class Tools:
     async def call(self, name: str, arguments: dict) -> Step:
         if name not in {t["function"]["name"] for t in TOOLS}:
             return Step(name, arguments, f"error: no tool named {name!r}")
+        path = arguments.get("path")
+        if name in READS and isinstance(path, str) and self._outside(path):  # refused without asking the user
+            return Step(name, arguments, f"error: {path}: outside the project folder; not allowed")
         if name in READS and not self.reads_allowed:
             question = f"The model wants to {name.replace('_', ' ')}: {json.dumps(arguments)[:200]}. Allow?"
             if not await self.ask(question, ""):
@@ -107,6 +110,14 @@ class Tools:
         if isinstance(result, Step):
             return result
         return Step(name, arguments, result[:MAX_RESULT_CHARS])
+
+    def _outside(self, path: str) -> bool:
+        """Whether `path` (a file or folder) lies outside the working directory; False when it cannot be told
+        (the tool then says what is wrong with it)."""
+        try:
+            return not (self.cwd / Path(path).expanduser()).resolve().is_relative_to(self.cwd.resolve())
+        except (RuntimeError, ValueError, OSError):
+            return False
 
     def _path(self, path: str) -> Path:
         resolved, outside = coding.resolve(path, self.cwd)

@@ -277,3 +277,23 @@ async def test_esc_stops_the_local_models_turn_on_the_session(tmp_path, monkeypa
         assert end.tag[0] == "agent" and end.done.finish_reason == "cancelled"
         assert end.done.generated_tokens < len(script.ids)
         assert not replies(app) and not app.agent_turns
+
+
+async def test_a_read_outside_the_project_is_refused_without_asking(tmp_path):
+    """The user was asked to allow reading ../../etc/passwd, and after yes the tool refused it anyway."""
+    from moe_tui.app.agent import Tools
+
+    (tmp_path / "inside.py").write_text("x = 1\n")
+    asked: list[str] = []
+
+    async def ask(question: str, diff: str) -> bool:
+        asked.append(question)
+        return True
+
+    tools = Tools(tmp_path, ask, reads_allowed=False, record_apply=lambda written: None)
+    for name, arguments in (("read_file", {"path": "../../etc/passwd"}), ("list_files", {"path": ".."}),
+                            ("search_files", {"text": "root", "path": "/etc"})):
+        step = await tools.call(name, arguments)
+        assert "outside the project folder" in step.result and asked == [], name
+    step = await tools.call("read_file", {"path": "inside.py"})
+    assert step.result == "x = 1\n" and len(asked) == 1  # inside: asked, as before
