@@ -383,6 +383,7 @@ class MoeApp(CodingCommands, App):
         if self.editing is not None and not self.replace_edited():
             self.query_one(PromptInput).text = typed
             return
+        self.attachments = [self.as_it_is_now(a) for a in self.attachments]
         text = "\n\n".join([a.as_prompt() for a in self.attachments] + [typed])
         try:
             message_id = self.store.add_message(self.chat_id, "user", text)
@@ -917,6 +918,21 @@ class MoeApp(CodingCommands, App):
         # The count comes from the model's tokenizer on the inference thread (or is estimated for a server).
         deliver(self, self.backend.count_tokens(text), lambda counted: self._attached(path, counted, exact))
         return True
+
+    def as_it_is_now(self, attachment: coding.Attachment) -> coding.Attachment:
+        """An attached file as it is when the message is sent: read again if it changed since it was attached
+        (said); one that is gone or cannot be read any more keeps the text attached (said too)."""
+        if attachment.label:  # a command's output: as it was
+            return attachment
+        try:
+            text = coding.read_text_file(attachment.path)
+        except coding.PathError as exc:
+            self.notice(f"{exc}: the text attached earlier is sent", "warning")
+            return attachment
+        if text == attachment.text:
+            return attachment
+        self.notice(f"{attachment.path} changed since it was attached: its text now is sent")
+        return dataclasses.replace(attachment, text=text)
 
     def _attached(self, path: Path, counted, exact: bool) -> None:
         if counted.exception() is not None:

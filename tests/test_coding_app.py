@@ -357,3 +357,26 @@ async def test_a_command_that_leaves_a_background_process_ends_with_its_shell(tm
             break
         await asyncio.sleep(0.1)
     assert not alive(pid)
+
+
+async def test_an_attached_file_is_sent_as_it_is_at_send_time(fake_app, tmp_path, monkeypatch):
+    """The text read at /add was sent whatever happened to the file since: edited in another editor, or gone,
+    without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edited.py").write_text("old = 1\n")
+    (tmp_path / "gone.txt").write_text("vanish\n")
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/add edited.py")
+        app.run_command("/add gone.txt")
+        await wait_until(pilot, lambda: len(app.attachments) == 2)
+        (tmp_path / "edited.py").write_text("new = 2\n")
+        (tmp_path / "gone.txt").unlink()
+        await send(pilot, app, "look")
+        await wait_until(pilot, lambda: any(m.role == "user" for m in app.store.messages(app.chat_id)))
+        sent = [m for m in app.store.messages(app.chat_id) if m.role == "user"][-1].content
+        assert "new = 2" in sent and "old = 1" not in sent
+        assert "vanish" in sent  # gone: what was attached still goes, and it is said
+        await wait_until(pilot, lambda: notified(app, "changed since it was attached"))
+        await wait_until(pilot, lambda: notified(app, "no such file"))
