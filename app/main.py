@@ -827,7 +827,8 @@ class MoeApp(CodingCommands, App):
         if not entries:
             self.notice(f"no chat or message contains {arg!r}")
             return
-        self.push_screen(ChatPicker(f"{len(entries)} matches for {arg!r}", entries), self.open_pick)
+        count = f"{len(entries)} match" + ("" if len(entries) == 1 else "es")
+        self.push_screen(ChatPicker(f"{count} for {arg!r}", entries), self.open_pick)
 
     def open_pick(self, pick: Pick | None) -> None:
         """Open the chat picked in a list; a search hit also brings its message into view."""

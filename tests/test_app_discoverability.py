@@ -224,7 +224,7 @@ async def test_chats_is_a_picker_and_search_shows_the_match_and_jumps_to_it(fake
         app.run_command("/search haystack")
         await wait_until(pilot, lambda: picker_open(app))
         options = app.screen.query_one(OptionList)
-        assert options.option_count == 1
+        assert options.option_count == 1 and app.screen.heading == "1 match for 'haystack'"
         assert "the haystack answer" in str(options.get_option_at_index(0).prompt)
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.chat_id == needle.id)
