@@ -304,6 +304,16 @@ def test_one_choice_and_no_logprobs_are_refused_only_when_asked_otherwise(server
     assert logprobs.json()["error"]["param"] == "logprobs" and "not supported" in logprobs.json()["error"]["message"]
 
 
+def test_unknown_paths_and_methods_get_json_errors(server):
+    """Starlette answered them in plain text ('Not Found'), which SDKs cannot read."""
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("DELETE", "/v1/models", 405)):
+        r = httpx.request(method, server.url + path)
+        assert r.status_code == status and r.json()["error"]["message"], (method, path)
+    r = httpx.get(server.url + "/v1/messages")
+    assert r.status_code == 405 and r.json()["type"] == "error" and "POST" in r.headers["allow"]
+
+
 def test_prompt_longer_than_context_and_oversized_body(server):
     long = [{"role": "user", "content": "word " * 2000}]
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": long, "max_tokens": 10})

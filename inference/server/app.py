@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import NamedTuple
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -523,7 +524,15 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         yield
         runner.stop()  # in-flight streams end with their final events
 
-    return Starlette(routes=[
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's own errors (no such path, a method the path does not take) in the API's error format,
+        not plain text: SDKs read the JSON."""
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.url.path} does not take {request.method}"}.get(exc.status_code, exc.detail)
+        return JSONResponse(error_body(request.url.path, exc.status_code, message), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    return Starlette(exception_handlers={HTTPException: http_error}, routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
         Route("/v1/models", models),
