@@ -50,7 +50,7 @@ def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Te
     if budget is None:
         return Text("context: counting...", style="dim")
     approx = "" if budget.exact else "≈" if unicode else "~"
-    total = f" {approx}{budget.used:,}" + (f"/{budget.context:,}" if budget.context else "")
+    total = f" {approx}{budget.used:,}/" + (f"{budget.context:,}" if budget.context else "?")
     reply = min(budget.reply, budget.room) if budget.context else budget.reply
     parts = (("system", budget.system), ("files", budget.files), ("chat", budget.history), ("reply", reply))
     dot = " · " if unicode else " - "
@@ -65,6 +65,14 @@ def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Te
         else:
             dropped = "the oldest turns will be dropped" if budget.history else "the reply will be cut short"
         warning = f"{dot}{budget.over:,} over: {dropped}"
+    if not budget.context:  # said in full where it fits; "/?" says it where it does not
+        unknown = f"{dot}context window unknown"
+        room = width - len("context ")
+        numbers = next((f + unknown for f in forms if len(f + unknown) <= room),
+                       next((f for f in forms if len(f) <= room), forms[-1]))
+        line = Text("context ", no_wrap=True, overflow="ellipsis", end="")
+        line.append(numbers.lstrip(), style="dim")
+        return line
     room = width - len("context ") - len(warning)
     numbers = next((f for f in forms if len(f) + MIN_BAR <= room), forms[-1])
     line = Text("context ", no_wrap=True, overflow="ellipsis", end="")
@@ -85,8 +93,6 @@ def render(budget: ContextBudget | None, width: int, unicode: bool = True) -> Te
     line.append(numbers)
     if warning:
         line.append(warning, style="bold yellow")
-    elif not budget.context:
-        line.append(" · context window unknown", style="dim")
     return line
 
 

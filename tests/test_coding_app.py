@@ -380,3 +380,15 @@ async def test_an_attached_file_is_sent_as_it_is_at_send_time(fake_app, tmp_path
         assert "vanish" in sent  # gone: what was attached still goes, and it is said
         await wait_until(pilot, lambda: notified(app, "changed since it was attached"))
         await wait_until(pilot, lambda: notified(app, "no such file"))
+
+
+def test_the_context_gauge_of_an_unknown_window_is_never_cut_mid_word():
+    """From a server that does not say its window, the gauge ended '... r 512 · context' in a narrow chat."""
+    from moe_tui.app.context_gauge import ContextBudget, render
+
+    budget = ContextBudget(context=0, system=154, files=0, history=1_234, reply=512, exact=False)
+    for width in (30, 40, 48, 60, 80, 120):
+        line = render(budget, width)
+        line.truncate(width - 2)  # the widget's padding
+        assert line.plain.rstrip().endswith(("unknown", "512", "?")), (width, line.plain)
+    assert "context window unknown" in render(budget, 120).plain
