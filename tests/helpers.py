@@ -73,8 +73,9 @@ def reply_shown(app) -> bool:
 
 
 def dialog_open(app) -> bool:
-    """A yes/no question is on screen and mounted, so its y/n keys reach it."""
-    return isinstance(app.screen, ConfirmScreen) and app.screen.is_mounted
+    """A yes/no question is on screen, mounted and armed (past the moment it ignores keys typed ahead), so its
+    y/n keys answer it."""
+    return isinstance(app.screen, ConfirmScreen) and app.screen.is_mounted and app.screen.armed
 
 
 def dialog_closed(app) -> bool:

@@ -378,3 +378,21 @@ async def test_a_long_question_wraps_so_all_of_it_shows(fake_app):
         await pilot.pause()
         dialog = [row.split("█")[1] for row in screen_rows(app) if row.count("█") >= 2]
         assert "Go on to the diff?" in " ".join(" ".join(dialog).split())
+
+
+async def test_keys_typed_ahead_do_not_answer_a_question_that_just_opened(fake_app):
+    """Typing on while a command's question opened: the 'y' of '.py' answered Yes."""
+    from moe_tui.app.widgets.confirm import ARM_DELAY, ConfirmScreen
+
+    app = fake_app()
+    answers = []
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.push_screen(ConfirmScreen("Write outside the project?"), answers.append)
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen.is_mounted)
+        await pilot.press("y")  # at once: typed ahead, before anyone could read the question
+        await pilot.pause()
+        assert answers == [] and isinstance(app.screen, ConfirmScreen)
+        await pilot.pause(ARM_DELAY)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: answers == [True])

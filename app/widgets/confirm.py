@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.syntax import Syntax
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -11,6 +13,7 @@ from textual.widgets import Button, Label, Static
 
 from ..sanitize import terminal_safe
 
+ARM_DELAY = 0.4  # seconds a question ignores keys and clicks after it opens: what was typed ahead is not an answer
 MAX_DIFF_LINES = 400  # highlighting is slow (a megabyte of diff held the UI for seconds): the rest is counted
 
 
@@ -42,6 +45,16 @@ class ConfirmScreen(ModalScreen[bool]):
         super().__init__()
         self.question = question
         self.diff = diff
+        self.opened = time.monotonic()
+
+    def on_mount(self) -> None:
+        self.opened = time.monotonic()
+
+    @property
+    def armed(self) -> bool:
+        """Keys answer it: ARM_DELAY has passed since it opened (the 'y' of '.py', typed on while a command's
+        question opened, answered Yes)."""
+        return time.monotonic() - self.opened >= ARM_DELAY
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -55,7 +68,9 @@ class ConfirmScreen(ModalScreen[bool]):
                 yield Button("No (n)", variant="primary", id="no")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
+        if self.armed:
+            self.dismiss(event.button.id == "yes")
 
     def action_answer(self, answer: bool) -> None:
-        self.dismiss(answer)
+        if self.armed:
+            self.dismiss(answer)
