@@ -12,7 +12,7 @@ import pytest
 from moe_tui.app.textual_compat import notifications
 from moe_tui.app.widgets.chat import PromptInput
 
-from ..helpers import replies, send, wait_until
+from ..helpers import dialog_open, replies, send, wait_until
 
 SIZE = (120, 40)
 REPLY_WITH_CODE = "Here:\n```python\ndef a():\n    return 1\n```"
@@ -65,10 +65,8 @@ async def test_bad_paths_in_commands_are_a_notice(make_app, tmp_path, monkeypatc
         assert not (project / "adir" / "a").exists() and app.attachments == []
         # A path holding Rich markup, shown in the overwrite question and the diff: drawn as written.
         await send(pilot, app, "/save 1 [/]x.py")
-        await pilot.pause(0.2)
-        from moe_tui.app.widgets.confirm import ConfirmScreen
-
-        assert isinstance(app.screen, ConfirmScreen) and "[/]x.py" in app.screen.question
+        await wait_until(pilot, lambda: dialog_open(app))
+        assert "[/]x.py" in app.screen.question
         await pilot.press("y")
         await pilot.pause(0.1)
         assert app.is_running and (project / "[" / "]x.py").read_text() == "def a():\n    return 1\n"
@@ -117,20 +115,20 @@ async def test_a_bare_enter_or_escape_answers_no(make_app):
         for key in ("enter", "escape"):
             answers = []
             app.push_screen(ConfirmScreen("Overwrite everything?", "-old\n+new\n"), answers.append)
-            await pilot.pause(0.1)
+            await wait_until(pilot, lambda: dialog_open(app))
             await pilot.press(key)
             await pilot.pause(0.1)
             assert answers == [False], key
             assert not isinstance(app.screen, ConfirmScreen)
         answers = []
         app.push_screen(ConfirmScreen("Overwrite everything?"), answers.append)
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: dialog_open(app))
         await pilot.press("y")
         await pilot.pause(0.1)
         assert answers == [True]
         answers = []
         app.push_screen(ConfirmScreen("Overwrite everything?"), answers.append)
-        await pilot.pause(0.1)
+        await wait_until(pilot, lambda: dialog_open(app))
         app.screen.query_one("#yes").focus()  # chosen on purpose: Enter on Yes is a yes
         await pilot.press("enter")
         await pilot.pause(0.1)
@@ -175,7 +173,6 @@ class FifoWatch:
 
 async def test_save_onto_a_huge_file_asks_without_a_diff(make_app, tmp_path, monkeypatch):
     from moe_tui.app import coding
-    from moe_tui.app.widgets.confirm import ConfirmScreen
 
     project = tmp_path / "project"
     project.mkdir()
@@ -196,7 +193,7 @@ async def test_save_onto_a_huge_file_asks_without_a_diff(make_app, tmp_path, mon
     async def steps(pilot) -> None:
         app.store.add_message(app.chat_id, "assistant", REPLY_WITH_CODE)
         await send(pilot, app, "/save 1 big.py")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=10)
+        await wait_until(pilot, lambda: dialog_open(app), timeout=10)
         assert app.screen.diff == "" and "MB" in app.screen.question
         await pilot.press("y")
         await wait_until(pilot, lambda: big.stat().st_size < 100, timeout=10)

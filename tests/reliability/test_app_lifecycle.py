@@ -10,10 +10,9 @@ import time
 from moe_tui.app.main import MoeApp
 from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.chat import PromptInput
-from moe_tui.app.widgets.confirm import ConfirmScreen
 from moe_tui.app.worker import EngineSpec
 
-from ..helpers import notified, send, wait_until, watched
+from ..helpers import dialog_open, notified, send, wait_until, watched
 
 
 async def test_no_message_is_taken_once_the_model_failed_to_load(tmp_path, monkeypatch):
@@ -34,7 +33,7 @@ async def test_export_over_an_existing_file_asks_first(make_app, tmp_path, monke
     app = make_app(inference_process=False)
     async with app.run_test(size=(120, 40)) as pilot:
         app.run_command("/export md notes.md")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen.is_mounted)
+        await wait_until(pilot, lambda: dialog_open(app))
         await pilot.press("enter")  # the default answer is No
         await wait_until(pilot, lambda: notified(app, "not exported"))
         assert (tmp_path / "notes.md").read_text() == "mine"
