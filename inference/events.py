@@ -96,7 +96,9 @@ class ModelInfo:
                          expert_bytes=layout.expert_bytes, dense_bytes=layout.dense_bytes,
                          context_length=engine.context_length,
                          max_token_bytes=getattr(engine, "max_token_bytes", 64),
-                         vocab_size=int(engine.config.get("vocab_size", 0)), tool_parser=tool_parser,
+                         vocab_size=int(engine.config.get("vocab_size")
+                                        or (engine.config.get("text_config") or {}).get("vocab_size") or 0),
+                         tool_parser=tool_parser,
                          no_tool_calling=no_tool_calling)
 
 

@@ -141,12 +141,18 @@ class Penalties:
         nothing to do: mlx-lm then keeps no token record)."""
         if not (self.presence or self.frequency or self.bias):
             return []
-        bias_ids = mx.array(list(self.bias), dtype=mx.int32) if self.bias else None
-        bias_values = mx.array(list(self.bias.values()), dtype=mx.float32) if self.bias else None
+        bias: list[tuple[mx.array, mx.array] | None] = [None]  # (ids, values), made on the first call
 
         def process(tokens: mx.array, logits: mx.array) -> mx.array:
-            if bias_ids is not None:
-                logits = logits.at[:, bias_ids].add(bias_values.astype(logits.dtype))
+            if self.bias and bias[0] is None:
+                # Ids past the logits are left out: MLX does not check scatter indices (out of bounds it
+                # corrupts memory). The server refuses them; this guards every other caller.
+                inside = [(t, b) for t, b in self.bias.items() if 0 <= t < logits.shape[-1]]
+                bias[0] = (mx.array([t for t, _ in inside], dtype=mx.int32),
+                           mx.array([b for _, b in inside], dtype=mx.float32)) if inside else ()
+            if bias[0]:
+                ids, values = bias[0]
+                logits = logits.at[:, ids].add(values.astype(logits.dtype))
             generated = tokens[prompt_tokens:]
             if generated.size and (self.presence or self.frequency):
                 counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[generated].add(1)
@@ -191,7 +197,15 @@ def generate(model: Any, tokenizer: Any, prompt_cache: PromptCache, tokens: list
     if seed is not None:
         mx.random.seed(seed % (1 << 64))  # OpenAI seeds are signed 64-bit
     reuse = prompt_cache.reuse(tokens)
-    sampler = make_sampler(**sampling(temperature, top_p, top_k))
+    settings, made = sampling(temperature, top_p, top_k), []
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        if not made:  # top_k at or above the vocabulary leaves every token (mlx-lm refuses it): made at first use
+            if settings["top_k"] >= logprobs.shape[-1]:
+                settings["top_k"] = 0
+            made.append(make_sampler(**settings))
+        return made[0](logprobs)
+
     if sampled is not None:
         choose, count = sampler, itertools.count(1)
 

@@ -131,6 +131,11 @@ def test_top_k_is_honoured_by_both_apis(server, oai, claude):
     assert claude_one.content[0].text == claude_greedy.content[0].text
     bad = httpx.post(server.url + "/v1/messages", json={"model": "x", "messages": MSG, "max_tokens": 4, "top_k": -2})
     assert bad.status_code == 400
+    # At or above the vocabulary (512 here) top_k leaves every token, as "no limit" (mlx-lm raised: a 500).
+    wide = [oai.chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=1.0, seed=4,
+                                        extra_body=extra).choices[0].message.content
+            for extra in ({"top_k": 512}, {"top_k": 100000}, {})]
+    assert wide[0] == wide[1] == wide[2]
 
 
 def test_logit_bias_and_penalties_are_honoured(server, oai):
@@ -148,7 +153,7 @@ def test_logit_bias_and_penalties_are_honoured(server, oai):
         text = reply(logit_bias={str(token): 3}, **penalty)
         assert text.startswith(tokenizer.decode([token])) and text != tokenizer.decode([token] * 8), penalty
     for bad in ({"logit_bias": {"x": 1}}, {"logit_bias": {"5": 101}}, {"logit_bias": {"100000": 1}},
-                {"presence_penalty": 3}, {"frequency_penalty": "a"}):
+                {"logit_bias": {"9" * 30: 1}}, {"presence_penalty": 3}, {"frequency_penalty": "a"}):
         r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] in bad, bad
 

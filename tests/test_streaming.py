@@ -164,3 +164,14 @@ def test_decode_speed_is_not_reported_for_a_single_token(engine):
     done = run(engine, PROMPT, max_tokens=1)[1]
     assert done.decode_tps == 0.0  # its clock starts after prefill: ~1/0
     assert 0 < run(engine, PROMPT, max_tokens=6)[1].decode_tps < 1e5
+
+
+def test_a_logit_bias_outside_the_logits_is_left_out_not_written_out_of_bounds():
+    """MLX does not check scatter indices: id 20 on 8 logits corrupted the heap, a huge one crashed the server."""
+    import mlx.core as mx
+    from moe_tui.inference.generation import Penalties
+
+    logits = mx.zeros((1, 8))
+    (process,) = Penalties(bias={20: 5.0, 2_000_000: 1.0, 3: 2.0}).processors(0)
+    out = process(mx.array([1, 2]), logits)
+    assert out.tolist() == [[0, 0, 0, 2.0, 0, 0, 0, 0]]

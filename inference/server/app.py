@@ -145,7 +145,9 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return error_for(request, f"prompt has {len(prompt)} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
         vocab = runner.vocab_size
-        if vocab and any(token >= vocab for token, _ in chat.logit_bias):
+        if chat.logit_bias and not vocab:
+            return error_for(request, "logit_bias: this model's vocabulary size is unknown", 400, "logit_bias")
+        if any(token >= vocab for token, _ in chat.logit_bias):
             return error_for(request, f"logit_bias: token ids must be below {vocab} (the model's vocabulary)", 400,
                              "logit_bias")
         generate = Generate(prompt, chat.max_tokens, chat.temperature, chat.top_p, chat.top_k, tuple(chat.stop),

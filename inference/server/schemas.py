@@ -110,7 +110,7 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
                          "logit_bias")
     bias = []
     for key, number in value.items():
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 9):
             raise BadRequest(f"'logit_bias': {key!r} is not a token id", "logit_bias")
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not -100 <= number <= 100:
             raise BadRequest(f"'logit_bias': the bias of {key} must be a number from -100 to 100", "logit_bias")
