@@ -30,8 +30,9 @@ class RunResult:
     timed_out: bool = False
     cut_bytes: int = 0
     """Bytes of output left out of the middle."""
-    background_stopped: bool = False
-    """The shell exited leaving processes it started in the background (holding its output): they were stopped."""
+    background: str = ""
+    """The shell exited leaving processes it started in the background on its output: "stopped", or "running"
+    (they left its process group, e.g. setsid, so stopping the group did not reach them)."""
 
     @property
     def status_text(self) -> str:
@@ -41,7 +42,9 @@ class RunResult:
             return "stopped"
         status = (f"killed by signal {-self.exit_status}" if self.exit_status < 0
                   else f"exit status {self.exit_status}")
-        return status + ("; what it left running in the background was stopped" if self.background_stopped else "")
+        left = {"stopped": "; what it left running in the background was stopped",
+                "running": "; what it left in the background is still running (outside its process group)"}
+        return status + left.get(self.background, "")
 
     @property
     def label(self) -> str:
@@ -95,6 +98,7 @@ async def run_shell(command: str, cwd: str, timeout: float = RUN_TIMEOUT) -> Run
     reading = asyncio.ensure_future(read())
     timed_out = background = False
     exited_at = None
+    left = ""
     try:
         while not (process.returncode is not None and reading.done()):
             now = time.monotonic()
@@ -106,17 +110,29 @@ async def run_shell(command: str, cwd: str, timeout: float = RUN_TIMEOUT) -> Run
             if now - started >= timeout:
                 timed_out = True
                 break
-            await asyncio.wait({reading}, timeout=POLL)
+            await _pause(reading)
         seconds = time.monotonic() - started
         if timed_out or background:
             await _stop(process, reading)
+        if background:
+            left = "stopped" if reading.done() else "running"
+        if not reading.done():  # what holds the output escaped the group: let go of our end (asyncio has no
+            process._transport.close()  # public call for it; left open, the pipe outlived the event loop)
     except asyncio.CancelledError:
         await asyncio.shield(_stop(process, reading))
         raise
     finally:
         reading.cancel()
     return RunResult(command, output.text(), None if timed_out else process.returncode, seconds, timed_out,
-                     output.cut, background_stopped=background)
+                     output.cut, left)
+
+
+async def _pause(reading: asyncio.Future) -> None:
+    """POLL seconds, or less if the output ends meanwhile (a done `reading` would return at once: a spin)."""
+    if reading.done():
+        await asyncio.sleep(POLL)
+    else:
+        await asyncio.wait({reading}, timeout=POLL)
 
 
 async def _stop(process: asyncio.subprocess.Process, reading: asyncio.Future) -> None:
@@ -131,7 +147,7 @@ async def _stop(process: asyncio.subprocess.Process, reading: asyncio.Future) ->
         while time.monotonic() < deadline:
             if process.returncode is not None and reading.done():
                 return
-            await asyncio.wait({reading}, timeout=POLL)
+            await _pause(reading)
 
 
 async def git_diff(cwd: str) -> tuple[RunResult | None, str]:

@@ -392,3 +392,23 @@ def test_the_context_gauge_of_an_unknown_window_is_never_cut_mid_word():
         line.truncate(width - 2)  # the widget's padding
         assert line.plain.rstrip().endswith(("unknown", "512", "?")), (width, line.plain)
     assert "context window unknown" in render(budget, 120).plain
+
+
+async def test_a_command_that_closes_its_output_is_waited_for_without_spinning(tmp_path):
+    """With the output closed and the shell still running, the wait loop returned at once every turn: a core at
+    100% until the shell ended (the app's inference thread shares the process)."""
+    import time
+
+    cpu, wall = time.process_time(), time.monotonic()
+    result = await runner.run_shell("exec >/dev/null 2>&1; sleep 1.5", str(tmp_path), timeout=20)
+    assert result.exit_status == 0 and time.monotonic() - wall >= 1.4
+    assert time.process_time() - cpu < 0.5
+
+
+async def test_a_background_process_that_left_the_group_is_said_to_run_on(tmp_path):
+    """`setsid sleep 3 & echo hi`: the status said it was stopped while it ran on."""
+    if shutil.which("setsid") is None:
+        pytest.skip("needs setsid")
+    result = await runner.run_shell("setsid sleep 2 & echo hi", str(tmp_path), timeout=20)
+    assert "hi" in result.output and "stopped" not in result.status_text
+    assert "still running" in result.status_text
