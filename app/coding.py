@@ -160,8 +160,10 @@ def code_blocks(markdown: str) -> list[tuple[str, str]]:
 
 def reply_code_blocks(markdown: str) -> tuple[list[tuple[str, str]], bool]:
     """A reply's code blocks, the one it ended inside (cut short) included as the last, and whether it did."""
-    closed = close_open_fence(markdown)
-    return code_blocks(closed), closed != markdown
+    blocks = code_blocks(close_open_fence(markdown))
+    # Cut only if closing the fence made a block: one opened indented (in a list item) is no block of
+    # code_blocks' either way, and the mark must not land on the last whole one.
+    return blocks, len(blocks) > len(code_blocks(markdown))
 
 
 def number_code_blocks(markdown: str) -> str:

@@ -160,3 +160,11 @@ def test_files_the_app_creates_are_not_executable(tmp_path):
     existing.chmod(0o755)
     coding.write_text_file(existing, "echo new\n")  # a file that exists keeps its mode
     assert existing.stat().st_mode & 0o777 == 0o755 and existing.read_text() == "echo new\n"
+
+
+def test_a_reply_cut_inside_an_indented_fence_does_not_mark_a_whole_block_cut():
+    """The cut mark went to the last block the fence pattern found (a whole one): /apply 1 refused it."""
+    blocks, cut = coding.reply_code_blocks("```py\na = 1\n```\n\n1. Then run:\n   ```sh\n   pytest -q")
+    assert blocks == [("py", "a = 1")] and not cut
+    blocks, cut = coding.reply_code_blocks("```py\na = 1\n```\n\n```sh\npytest -q")
+    assert blocks == [("py", "a = 1"), ("sh", "pytest -q")] and cut
