@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from moe_tui.app.commands import COMMANDS
 from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView, PromptInput
@@ -390,6 +392,7 @@ async def test_keys_typed_ahead_do_not_answer_a_question_that_just_opened(fake_a
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.push_screen(ConfirmScreen("Write outside the project?"), answers.append)
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen.is_mounted)
+        app.screen.opened = time.monotonic()  # as if it had just opened, however long the wait above took
         await pilot.press("y")  # at once: typed ahead, before anyone could read the question
         await pilot.pause()
         assert answers == [] and isinstance(app.screen, ConfirmScreen)

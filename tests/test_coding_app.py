@@ -320,7 +320,7 @@ async def test_adding_a_missing_file_outside_the_project_says_so_without_asking(
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         app.run_command(f"/add {tmp_path / 'nowhere.txt'}")
         await wait_until(pilot, lambda: notified(app, "no such file"))
-        assert not dialog_open(app) and not app.attachments  # no "is outside ... Attach it?" first
+        assert dialog_closed(app) and not app.attachments  # no "is outside ... Attach it?" first
 
 
 def test_the_context_gauge_says_when_dropping_turns_cannot_help():

@@ -428,7 +428,7 @@ def test_ctrl_c_with_a_stats_stream_open_exits_at_once_without_a_traceback(tmp_p
                 if events == 2:
                     started = time.monotonic()
                     proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) in (130, -signal.SIGINT)
+        assert proc.wait(timeout=30) == 130  # not killed by the SIGINT uvicorn raises again
         assert time.monotonic() - started < 5  # not uvicorn's 10 s graceful timeout
         output = proc.stdout.read().decode()
         assert "Finished server process" in output and "Traceback" not in output, output[-2000:]

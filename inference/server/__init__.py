@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -167,7 +168,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame) -> None:
-                runner.stop()  # end running generations now, so their streams close with a final event
+                # End running generations now, so their streams close with a final event. On a thread: this
+                # runs in a signal handler, between two bytecodes of the main thread, which may hold a lock
+                # that stop() takes (the miss-curve waiters').
+                threading.Thread(target=runner.stop, name="moe-stop", daemon=True).start()
                 super().handle_exit(sig, frame)
 
             async def startup(self, sockets: list[socket.socket] | None = None) -> None:
