@@ -578,6 +578,23 @@ class MoeApp(CodingCommands, App):
         else:
             self.action_show_help_panel()
 
+    def action_show_help_panel(self) -> None:
+        super().action_show_help_panel()
+        self.call_after_refresh(self.refit)  # the panel takes columns from the chat and the cache panel
+
+    def action_hide_help_panel(self) -> None:
+        super().action_hide_help_panel()
+        self.call_after_refresh(self.refit)
+
+    def refit(self, tries: int = 10) -> None:
+        """Fit the chat and the cache panel to the columns the keys panel (F1) leaves them."""
+        panels = self.screen.query("HelpPanel")
+        taken = panels.first().outer_size.width if panels else 0
+        if panels and not taken and tries:  # mounted, not laid out yet
+            self.call_after_refresh(self.refit, tries - 1)
+            return
+        self.fit_width(self.size.width - taken, keys=bool(panels))
+
     def action_toggle_side(self) -> None:
         main = self.query_one("#main")
         if not main.has_class("narrow"):
@@ -588,10 +605,13 @@ class MoeApp(CodingCommands, App):
 
     def on_resize(self, event: events.Resize) -> None:
         self.fit_width(event.size.width)
+        if self.screen.query("HelpPanel"):
+            self.call_after_refresh(self.refit)  # its width follows the terminal's
 
-    def fit_width(self, width: int) -> None:
+    def fit_width(self, width: int, keys: bool = False) -> None:
         """Below NARROW_WIDTH columns the chat and the cache panel do not both fit: the panel hides itself
-        (F2 shows it in place of the chat), and says so once each time the terminal becomes narrow."""
+        (F2 shows it in place of the chat), and says so once each time the terminal becomes narrow (`keys`:
+        the keys panel takes the other columns)."""
         main = self.query_one("#main")
         main.set_class(width >= WIDE_WIDTH, "wide")
         narrow = width < NARROW_WIDTH
@@ -599,7 +619,8 @@ class MoeApp(CodingCommands, App):
             return
         main.set_class(narrow, "narrow")
         if narrow:
-            self.notice(f"narrow terminal ({width} columns): cache panel hidden; F2 shows it (in place of the chat)")
+            where = "beside the keys (F1 hides them)" if keys else f"narrow terminal ({width} columns)"
+            self.notice(f"{where}: cache panel hidden; F2 shows it (in place of the chat)")
         elif main.has_class("panel-only"):
             main.remove_class("panel-only")
             self.query_one(PromptInput).focus()

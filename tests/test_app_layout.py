@@ -139,3 +139,22 @@ async def test_the_dashboard_keeps_its_height_while_its_numbers_grow(fake_app, s
         app.post_message(SnapshotReady(grown, {"lru": 0.612, "belady": 0.781}))
         await pilot.pause(0.2)
         assert heights() == before
+
+
+async def test_the_keys_panel_does_not_cover_the_chat(fake_app):
+    """F1's panel took the right third, and the chat and the cache panel kept their widths beneath it: the
+    chat's lines were cut at its edge."""
+    from textual.widgets import HelpPanel
+
+    app = fake_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: bool(app.screen.query(HelpPanel)) and app.query_one("#main").has_class("narrow"))
+        await pilot.pause()
+        panel = app.screen.query_one(HelpPanel)
+        assert app.query_one("#chat").region.right <= panel.region.x
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: not app.screen.query(HelpPanel))
+        await wait_until(pilot, lambda: not app.query_one("#main").has_class("narrow"))
+        assert app.query_one("#side").region.width > 0
