@@ -150,7 +150,8 @@ async def test_the_keys_panel_does_not_cover_the_chat(fake_app):
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await pilot.press("f1")
-        await wait_until(pilot, lambda: bool(app.screen.query(HelpPanel)) and app.query_one("#main").has_class("narrow"))
+        await wait_until(pilot, lambda: bool(app.screen.query(HelpPanel))
+                         and app.query_one("#main").has_class("narrow"))
         await pilot.pause()
         panel = app.screen.query_one(HelpPanel)
         assert app.query_one("#chat").region.right <= panel.region.x
