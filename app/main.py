@@ -44,7 +44,7 @@ from .messages import (
 from .palette import MoeCommands
 from .reply import Reply
 from .sanitize import markup_safe, terminal_safe
-from .settings import Settings, remember
+from .settings import MAX_TEMPERATURE, Settings, remember
 from .store import ChatStore, DataDirLock
 from .textual_compat import add_line_filter
 from .themes import VARIABLE_DEFAULTS, load_themes
@@ -109,7 +109,6 @@ class FailSoftStore:
             self.app.store_failed(exc, "the reply (it stays on screen)")
 
 
-MAX_TEMPERATURE = 2.0  # as the OpenAI API: beyond it sampling is noise
 STORE_NOTICE_INTERVAL = 10.0  # seconds: a reply saved every second must not stack a notice a second
 
 # Messages of a chat kept on screen (older ones load on request): a layout pass, on each mount and each
@@ -220,9 +219,13 @@ class MoeApp(CodingCommands, App):
         for name, (theme, gradient) in load_themes().items():
             self.register_theme(theme)
             self.theme_gradients[name] = gradient
+        if self.settings.theme not in self.theme_gradients:
+            self.notice(f"theme {self.settings.theme!r} (config.toml) is not one of "
+                        f"{', '.join(sorted(self.theme_gradients))}: moe-dark instead", "warning")
         self.apply_theme(self.settings.theme if self.settings.theme in self.theme_gradients else "moe-dark")
         if self.settings.keymap:
             self.set_keymap(self.settings.keymap)
+            self.call_after_refresh(self.check_keymap)
         if not self.settings.unicode():
             add_line_filter(self, AsciiFilter())
         self.title = terminal_safe(Path(self.spec.model).name or self.spec.model)
@@ -570,6 +573,18 @@ class MoeApp(CodingCommands, App):
         """Scroll the chat a page (from the prompt too)."""
         box = self.query_one("#messages", VerticalScroll)
         box.scroll_page_up(animate=False) if direction < 0 else box.scroll_page_down(animate=False)
+
+    def check_keymap(self) -> None:
+        """Say which [keymap] entries name no binding of the app (they would be ignored without a word)."""
+        from .widgets.confirm import ConfirmScreen
+
+        classes = {type(self), ConfirmScreen} | {type(node) for node in self.screen.walk_children()}
+        known = {binding.id for cls in classes for klass in cls.__mro__ for binding in getattr(klass, "BINDINGS", ())
+                 if isinstance(binding, Binding) and binding.id}
+        unknown = sorted(set(self.settings.keymap) - known)
+        if unknown:
+            self.notice(f"[keymap] in config.toml: no binding {', '.join(unknown)}; the app's: "
+                        f"{', '.join(sorted(known))}", "warning")
 
     def action_toggle_keys(self) -> None:
         """The keys of the focused pane and what it is for (Textual's help panel), or hide them."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import re
 import tempfile
@@ -105,6 +104,7 @@ def remember(key: str, value: Any, path: Path | None = None) -> None:
 
 
 _GLYPHS = ("auto", "unicode", "ascii")
+MAX_TEMPERATURE = 2.0  # as the OpenAI API (and /temp, moe generate --temperature): beyond it sampling is noise
 
 
 def _checked(key: str, value: Any) -> Any:
@@ -143,8 +143,8 @@ def _checked(key: str, value: Any) -> Any:
         raise bad("between 0.1 and 30 (times a second)")
     if key == "max_tokens" and value < 1:
         raise bad(">= 1")
-    if key == "temperature" and not (math.isfinite(value) and value >= 0):
-        raise bad("finite and >= 0")
+    if key == "temperature" and not 0 <= value <= MAX_TEMPERATURE:  # NaN fails this too
+        raise bad(f"from 0 to {MAX_TEMPERATURE:g}")
     return value
 
 

@@ -399,3 +399,14 @@ async def test_keys_typed_ahead_do_not_answer_a_question_that_just_opened(fake_a
         await pilot.pause(ARM_DELAY)
         await pilot.press("y")
         await wait_until(pilot, lambda: answers == [True])
+
+
+async def test_a_theme_or_key_binding_the_app_does_not_have_is_said_at_start(fake_app):
+    """theme = "nope" started in the dark theme without a word, and a keymap entry for a binding that does not
+    exist was ignored as silently."""
+    app = fake_app(theme="nope", keymap={"app.nonexistent": "ctrl+y", "app.new_chat": "ctrl+b"})
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await wait_until(pilot, lambda: notified(app, "theme 'nope'"))
+        await wait_until(pilot, lambda: notified(app, "no binding app.nonexistent; "))  # app.new_chat is one
+        assert app.theme == "moe-dark"
