@@ -464,6 +464,8 @@ class MoeApp(CodingCommands, App):
             self.render_in_place_of(reply.view, view, reply.view.content_size.width, self.current_theme.dark)
         if event.error:
             self.notice(f"generation failed: {event.error}", "error")
+            # Kept in the chat too: the toast goes after a few seconds, and the reply only says "(failed)".
+            self.add_view(MessageView("notice", f"The reply failed: {event.error}"))
         elif status in ("complete", "truncated"):
             self.mention_edits(event.text)
         self.refresh_context()

@@ -221,6 +221,20 @@ async def test_full_context_drops_oldest_turns_with_notice(make_app):
         assert 0 < app.last_done.prompt_tokens <= 150
 
 
+async def test_a_message_too_long_for_the_context_says_why_in_the_chat(make_app):
+    """The reply showed '(failed)' alone; the numbers were in a toast that went after 4 s."""
+    from moe_tui.app.widgets.chat import MessageView
+
+    app = make_app(inference_process=False, max_tokens=50, coding_prompt=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.backend.session.engine.config["max_position_embeddings"] = 200
+        await send(pilot, app, "word " * 400)
+        await wait_until(pilot, lambda: any("even without older turns" in v.text for v in app.query(MessageView)
+                                            if v.has_class("notice")), timeout=20)
+        assert replies(app)[-1].status == "failed"
+
+
 async def test_keymap_from_settings_and_palette_prefill(make_app):
     app = make_app(keymap={"app.new_chat": "ctrl+b"})
     async with app.run_test(size=(120, 40)) as pilot:
