@@ -210,7 +210,8 @@ class MoeApp(CodingCommands, App):
                 with ChatScroll(id="messages"):
                     yield EarlierMessages()
                 yield CompletionList(id="completions")
-                yield PromptInput(id="prompt")
+                yield PromptInput(id="prompt", placeholder="Message the model · / commands · @path attaches a file "
+                                  "· F1 keys")
                 yield ContextGauge(unicode=self.settings.unicode(), id="context")
             yield Dashboard(HeatmapStyle(unicode=self.settings.unicode()), unicode=self.settings.unicode(), id="side")
         yield Footer(compact=True)
@@ -812,6 +813,9 @@ class MoeApp(CodingCommands, App):
         self.backend.configure(request)
 
     def cmd_theme(self, arg: str) -> None:
+        if not arg:
+            self.usage("theme", f"theme: {self.settings.theme}; themes: {', '.join(self.theme_gradients)}")
+            return
         if arg not in self.theme_gradients:
             self.notice(f"unknown theme {arg!r}; themes: {', '.join(self.theme_gradients)}", "error")
             return

@@ -410,3 +410,14 @@ async def test_a_theme_or_key_binding_the_app_does_not_have_is_said_at_start(fak
         await wait_until(pilot, lambda: notified(app, "theme 'nope'"))
         await wait_until(pilot, lambda: notified(app, "no binding app.nonexistent; "))  # app.new_chat is one
         assert app.theme == "moe-dark"
+
+
+async def test_the_prompt_says_what_to_do_and_theme_alone_says_the_current_one(fake_app):
+    """A first start showed an empty prompt and nothing else; /theme alone said "unknown theme ''"."""
+    app = fake_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        assert "/" in app.query_one(PromptInput).placeholder and "F1" in app.query_one(PromptInput).placeholder
+        app.run_command("/theme")
+        await wait_until(pilot, lambda: notified(app, "theme: moe-dark"))
+        assert not notified(app, "unknown theme")
