@@ -666,7 +666,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(with_command(list(sys.argv[1:] if argv is None else argv), parser.commands))
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that left (| head) is seen here, not at exit as a traceback
+        return status
+    except BrokenPipeError:  # the reader of our output left: the rest goes nowhere, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except KeyboardInterrupt:  # Ctrl+C: what was under way stops (a server shuts down first); no traceback
         print(file=sys.stderr)
         return 130

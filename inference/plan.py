@@ -282,4 +282,7 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"not a size: {text!r} (e.g. 16G, 512M)")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise ValueError(f"a memory size must be above 0, not {text!r}")
+    return size

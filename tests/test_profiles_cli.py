@@ -202,6 +202,21 @@ def test_bad_option_values_are_usage_errors(argv, expected, tmp_path, capsys):
     assert expected in capsys.readouterr().err
 
 
+def test_plan_refuses_no_memory_and_a_closed_pipe_is_no_traceback(tmp_path):
+    """`moe plan --memory 0` planned for 0 bytes; `moe plan | head -3` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from moe_tui.app.cli import main
+
+    assert main(["plan", "--memory", "0"]) == 2
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "plan"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader leaves before the plan is written, as `| head` does after its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_capacity_text():
     from moe_tui.app.commands import parse_capacity
 
