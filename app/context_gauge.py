@@ -33,8 +33,9 @@ class ContextBudget:
 
     @property
     def over(self) -> int:
-        """Tokens beyond the window once the reply's budget is added (0 when it fits or is unknown)."""
-        return max(0, self.used + self.reply - self.context) if self.context else 0
+        """Tokens beyond the window once the reply's budget is added (0 when it fits or is unknown). As the
+        session fits a chat, a budget over half the window reserves half of it."""
+        return max(0, self.used + min(self.reply, self.context // 2) - self.context) if self.context else 0
 
     @property
     def room(self) -> int:

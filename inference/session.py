@@ -354,7 +354,8 @@ class Session:
 
     def _fit(self, job: Job, tools: Sequence[dict] | None = None, opening: int = 0) -> tuple[list[int], int, int]:
         """The prompt's token ids (the chat template given `tools`), how many oldest messages were dropped to fit
-        the context, and the reply's token budget (shortened when even the newest turns leave less room than
+        the context (to leave the reply max_tokens, or half the window if that is less), and the reply's token
+        budget (shortened when even the newest turns leave less room than
         max_tokens, or where `opening` tokens forced after the prompt leave less).
 
         Raises:
@@ -368,10 +369,11 @@ class Session:
 
         tokens = encode(messages)
         context = self.engine.context_length
-        limit = context - request.max_tokens - opening
+        # Turns are dropped to leave the reply its budget, but never more than half the window: a budget near
+        # or over the window would drop every older turn of every chat. The reply may still use all the rest.
+        limit = context - min(request.max_tokens, context // 2) - opening
         if not request.fit_context or len(tokens) <= limit or not messages or not isinstance(messages[0], dict):
-            room = context - len(tokens) - opening if opening else request.max_tokens
-            return tokens, 0, max(1, min(request.max_tokens, room))
+            return tokens, 0, max(1, min(request.max_tokens, context - len(tokens) - opening))
         messages = list(messages)
         dropped = 0
         while len(tokens) > limit:

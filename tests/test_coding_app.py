@@ -331,6 +331,8 @@ def test_the_context_gauge_says_when_dropping_turns_cannot_help():
     assert "/drop" in line and "oldest turns" not in line
     line = render(ContextBudget(system=183, files=400, history=1_600, reply=512, context=2048), 160).plain
     assert "oldest turns will be dropped" in line
+    # A reply budget over half the window reserves half of it, as the session does when it drops turns.
+    assert ContextBudget(system=183, files=0, history=82, reply=100_000, context=2048).over == 0
 
 
 async def test_a_command_that_leaves_a_background_process_ends_with_its_shell(tmp_path):

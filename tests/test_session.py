@@ -172,6 +172,20 @@ def test_a_message_too_long_for_the_context_fails_with_the_numbers(started, capl
     assert "Traceback" not in caplog.text
 
 
+def test_a_reply_budget_over_half_the_window_does_not_drop_the_turns_that_fit(started):
+    """max_tokens = 100000 in config.toml on a 2048-token model dropped every older turn of every chat (it made
+    room for the whole budget), and the gauge said so for good."""
+    session, sink = started()
+    session.engine.config["max_position_embeddings"] = 256
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "and now?"}]
+    session.submit(Generate(history, max_tokens=100_000, fit_context=True, temperature=0.0))
+    started_event = sink.until(JobStarted)[-1]
+    assert started_event.dropped_messages == 0  # the turns fit in half the window: kept
+    assert started_event.max_tokens == 256 - started_event.prompt_tokens  # the reply may use all the rest
+    sink.until(JobDone)
+
+
 def test_a_long_prompt_reports_progress(started):
     session, sink = started()
     session.submit(Generate([5 + (i * 7) % 300 for i in range(1100)], max_tokens=2, temperature=0.0))
