@@ -191,10 +191,15 @@ def cmd_generate(args) -> int:
     if room < 1:
         raise ModelLoadError(f"the prompt takes {len(prompt)} tokens, over the context of {engine.context_length} "
                              "tokens; give a shorter prompt" + (" or a larger --context" if args.context else ""))
-    for event in engine.stream(prompt, max_tokens=min(args.max_tokens, room), temperature=args.temperature):
+    budget = min(args.max_tokens, room)
+    for event in engine.stream(prompt, max_tokens=budget, temperature=args.temperature):
         if isinstance(event, GenerationDone):
+            if not event.text.endswith("\n"):
+                print(flush=True)  # the reply's line ends on stdout, also when it goes to a file
             snap = engine.snapshot()
-            print(f"\n[{event.generated_tokens} tokens, prefill {event.prefill_tps:.1f} tok/s, decode "
+            ended = (" (end of the model's reply)" if event.finish_reason == "stop" else
+                     f" (stopped at {'--max-tokens' if budget == args.max_tokens else 'the context'})")
+            print(f"[{event.generated_tokens} tokens{ended}, prefill {event.prefill_tps:.1f} tok/s, decode "
                   f"{event.decode_tps:.1f} tok/s, hit rate {snap.hit_rate:.1%}, {snap.bytes_read / 2**20:.1f} MiB "
                   f"of experts read]", file=sys.stderr)
         else:

@@ -80,8 +80,11 @@ def test_cli_generate_and_info(checkpoint, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["capacity"] == 4 and info["num_experts"] == 8
     assert main(["generate", path, "--prompt", "def f():", "--max-tokens", "6"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "tokens" in err and "hit rate" in err
+    # The reply ends its line on stdout (redirected to a file it had no final newline), and the stats line
+    # says how it ended.
+    assert out.endswith("\n") and ("stopped at --max-tokens" in err or "end of the model's reply" in err)
 
 
 def test_cli_generate_keeps_to_the_context(checkpoint, capsys):
