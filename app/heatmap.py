@@ -117,6 +117,13 @@ def columns_for(num_experts: int, view: View, style: HeatmapStyle) -> tuple[int,
     return per, max(cols, 0)
 
 
+def last_first_expert(num_experts: int, view: View, style: HeatmapStyle, per: int) -> int:
+    """The largest first expert that still fills the view at `per` experts a column (0 when all fit)."""
+    cell = 1 if style.unicode else 2
+    room = max((view.width - LABEL_WIDTH - RATE_WIDTH) // cell, 1)
+    return max(num_experts - per * room, 0)
+
+
 def cell_width(num_experts: int, view: View, style: HeatmapStyle) -> int:
     """Terminal cells per column: more than one when few columns leave room (16 experts at 80 columns)."""
     narrow = 1 if style.unicode else 2

@@ -159,3 +159,19 @@ async def test_the_keys_panel_does_not_cover_the_chat(fake_app):
         await wait_until(pilot, lambda: not app.screen.query(HelpPanel))
         await wait_until(pilot, lambda: not app.query_one("#main").has_class("narrow"))
         assert app.query_one("#side").region.width > 0
+
+
+async def test_panning_and_zooming_the_heatmap_keep_it_full(fake_app):
+    """With all 16 experts in view, ] still scrolled (to '# 8 10 12 14', the right half blank), and zooming out
+    after a scroll kept the offset: each - showed fewer experts."""
+    app = fake_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        heatmap = app.query_one(HeatmapView)
+        heatmap.focus()
+        await pilot.press("right_square_bracket")
+        assert heatmap.first_expert == 0  # everything is in view: nothing to scroll to
+        await pilot.press("plus", "plus", "plus", "right_square_bracket", "right_square_bracket")
+        assert heatmap.first_expert > 0
+        await pilot.press("minus", "minus", "minus")
+        assert heatmap.first_expert == 0  # zoomed out to all of them: the view starts at expert 0 again

@@ -166,7 +166,9 @@ show below the map. Tab: the miss curve, then the chat.
         per, _ = renderer.columns_for(self.snapshot.num_experts, self._view(), self.heat_style)
         per = max(1, per // 2) if direction > 0 else per * 2
         self.experts_per_column = per
-        self.first_expert = min(self.first_expert, max(self.snapshot.num_experts - per, 0))
+        # Zoomed out, the view stays full: it starts earlier where the experts after it no longer fill it.
+        self.first_expert = min(self.first_expert, renderer.last_first_expert(
+            self.snapshot.num_experts, self._view(), self.heat_style, per))
         self._rebuild()
 
     def action_pan(self, direction: int) -> None:
@@ -174,7 +176,8 @@ show below the map. Tab: the miss curve, then the chat.
             return
         per, cols = renderer.columns_for(self.snapshot.num_experts, self._view(), self.heat_style)
         step = max(per * max(cols // 2, 1), 1)
-        self.first_expert = min(max(self.first_expert + direction * step, 0), max(self.snapshot.num_experts - 1, 0))
+        last = renderer.last_first_expert(self.snapshot.num_experts, self._view(), self.heat_style, per)
+        self.first_expert = min(max(self.first_expert + direction * step, 0), last)  # never past a full view
         self._rebuild()
 
     def action_toggle_half(self) -> None:
