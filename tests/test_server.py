@@ -366,24 +366,31 @@ def test_api_key_required_off_loopback_and_enforced(tmp_path):
         live.close()
 
 
+def serve_process(model: Path, *args: str) -> tuple[subprocess.Popen, int]:
+    """`moe serve MODEL` in its own process (signals reach it as a user's would), once /health answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "serve", str(model), "--port", str(port),
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("server did not start")
+        time.sleep(0.2)
+
+
 def test_sigterm_ends_streams_with_a_final_event(tmp_path):
     from moe_tui.inference.synthetic import make_checkpoint
 
     model = make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=4096)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "serve", str(model), "--port", str(port),
-                             "--capacity", "1.0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, port = serve_process(model, "--capacity", "1.0")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.2)
         lines = []
         body = {"model": "m", "max_tokens": 3000, "messages": MSG, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/messages", json=body, timeout=60) as r:
@@ -407,27 +414,16 @@ def test_ctrl_c_with_a_stats_stream_open_exits_at_once_without_a_traceback(tmp_p
     from moe_tui.inference.synthetic import make_checkpoint
 
     model = make_checkpoint(tmp_path / "m", "olmoe")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moe_tui.app.cli", "serve", str(model), "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, port = serve_process(model)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.2)
         events = 0
         with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/stats/stream", params={"hz": 5}, timeout=30) as r:
             for line in r.iter_lines():  # ends cleanly when the server closes it
-                events += line.startswith("data: ")
-                if events == 2:
-                    started = time.monotonic()
-                    proc.send_signal(signal.SIGINT)
+                if line.startswith("data: "):
+                    events += 1
+                    if events == 2:  # once: a second Ctrl+C is uvicorn's force quit
+                        started = time.monotonic()
+                        proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 130  # not killed by the SIGINT uvicorn raises again
         assert time.monotonic() - started < 5  # not uvicorn's 10 s graceful timeout
         output = proc.stdout.read().decode()
