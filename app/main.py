@@ -210,8 +210,8 @@ class MoeApp(CodingCommands, App):
                 with ChatScroll(id="messages"):
                     yield EarlierMessages()
                 yield CompletionList(id="completions")
-                yield PromptInput(id="prompt", placeholder="Message the model · / commands · @path attaches a file "
-                                  "· F1 keys")
+                # Whole in the chat's 40 columns at 80x24 (longer, "F1 keys" was cut off there).
+                yield PromptInput(id="prompt", placeholder="Message · / commands · @path · F1 keys")
                 yield ContextGauge(unicode=self.settings.unicode(), id="context")
             yield Dashboard(HeatmapStyle(unicode=self.settings.unicode()), unicode=self.settings.unicode(), id="side")
         yield Footer(compact=True)
