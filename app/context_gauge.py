@@ -9,6 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from moe_tui.inference.events import reply_reserve
 from rich.text import Text
 from textual.widgets import Static
 
@@ -33,9 +34,9 @@ class ContextBudget:
 
     @property
     def over(self) -> int:
-        """Tokens beyond the window once the reply's budget is added (0 when it fits or is unknown). As the
-        session fits a chat, a budget over half the window reserves half of it."""
-        return max(0, self.used + min(self.reply, self.context // 2) - self.context) if self.context else 0
+        """Tokens beyond the window once the reply's reserve is added, as the session fits a chat (0 when it
+        fits or is unknown)."""
+        return max(0, self.used + reply_reserve(self.reply, self.context) - self.context) if self.context else 0
 
     @property
     def room(self) -> int:

@@ -15,6 +15,13 @@ from .telemetry import CacheSnapshot, GenerationDone
 # ---------------------------------------------------------------- requests
 
 
+def reply_reserve(max_tokens: int, context: int) -> int:
+    """Tokens of the context window kept for the reply when a chat is fitted (Generate.fit_context): its
+    max_tokens, but never more than half the window (a budget near or over the window would drop every older
+    turn of every chat). The reply may still use all the room the kept turns leave."""
+    return min(max_tokens, context // 2)
+
+
 @dataclass(frozen=True)
 class Generate:
     """One reply to generate. `tag` is the caller's own (e.g. a chat id), echoed in every event of the job."""

@@ -40,6 +40,7 @@ from .events import (
     Tokenize,
     ToolCall,
     ToolCalled,
+    reply_reserve,
 )
 from .oracle import sampled_layers
 from .prompts import encode_messages
@@ -354,7 +355,7 @@ class Session:
 
     def _fit(self, job: Job, tools: Sequence[dict] | None = None, opening: int = 0) -> tuple[list[int], int, int]:
         """The prompt's token ids (the chat template given `tools`), how many oldest messages were dropped to fit
-        the context (to leave the reply max_tokens, or half the window if that is less), and the reply's token
+        the context (to leave the reply its `reply_reserve`), and the reply's token
         budget (shortened when even the newest turns leave less room than
         max_tokens, or where `opening` tokens forced after the prompt leave less).
 
@@ -369,9 +370,7 @@ class Session:
 
         tokens = encode(messages)
         context = self.engine.context_length
-        # Turns are dropped to leave the reply its budget, but never more than half the window: a budget near
-        # or over the window would drop every older turn of every chat. The reply may still use all the rest.
-        limit = context - min(request.max_tokens, context // 2) - opening
+        limit = context - reply_reserve(request.max_tokens, context) - opening
         if not request.fit_context or len(tokens) <= limit or not messages or not isinstance(messages[0], dict):
             return tokens, 0, max(1, min(request.max_tokens, context - len(tokens) - opening))
         messages = list(messages)
