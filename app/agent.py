@@ -130,7 +130,7 @@ class Tools:
 
     async def list_files(self, path: str = ".", pattern: str = "") -> str:
         root = (self.cwd / path).resolve()
-        if not root.is_relative_to(self.cwd.resolve()) or not root.is_dir():
+        if self._outside(path) or not root.is_dir():
             return f"error: {path}: not a folder of the project"
         found = []
         for folder, dirs, files in os.walk(root):

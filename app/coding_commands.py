@@ -43,11 +43,10 @@ class CodingCommands:
             except ValueError:
                 self.notice(f"/apply takes a code block number, not {arg!r}", "error")
                 return None
-            blocks, cut = coding.reply_code_blocks(reply or "")
-            if not 1 <= number <= len(blocks):
-                self.notice(f"the last reply has {len(blocks)} code block(s); give a number from 1", "error")
+            block = self.code_block(arg)  # None (and the notice) when the reply has no such block
+            if block is None:
                 return None
-            if cut and number == len(blocks):
+            if block[1]:  # the reply ended inside it
                 self.notice(f"code block {number} was cut short (the reply ended inside it): nothing to apply; "
                             "/save it to keep what there is", "warning")
                 return None

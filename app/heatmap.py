@@ -108,10 +108,14 @@ def mark_color_on(background: Color) -> str:
     return "#000000" if luminance > 0.179 else "#ffffff"
 
 
+def _room(view: View, style: HeatmapStyle) -> int:
+    """Columns the view has for experts at their narrowest."""
+    return max((view.width - LABEL_WIDTH - RATE_WIDTH) // (1 if style.unicode else 2), 1)
+
+
 def columns_for(num_experts: int, view: View, style: HeatmapStyle) -> tuple[int, int]:
     """(experts per column, number of columns) for this view."""
-    cell = 1 if style.unicode else 2
-    room = max((view.width - LABEL_WIDTH - RATE_WIDTH) // cell, 1)
+    room = _room(view, style)
     per = view.experts_per_column or max(1, math.ceil((num_experts - view.first_expert) / room))
     cols = min(room, math.ceil((num_experts - view.first_expert) / per))
     return per, max(cols, 0)
@@ -119,9 +123,7 @@ def columns_for(num_experts: int, view: View, style: HeatmapStyle) -> tuple[int,
 
 def last_first_expert(num_experts: int, view: View, style: HeatmapStyle, per: int) -> int:
     """The largest first expert that still fills the view at `per` experts a column (0 when all fit)."""
-    cell = 1 if style.unicode else 2
-    room = max((view.width - LABEL_WIDTH - RATE_WIDTH) // cell, 1)
-    return max(num_experts - per * room, 0)
+    return max(num_experts - per * _room(view, style), 0)
 
 
 def cell_width(num_experts: int, view: View, style: HeatmapStyle) -> int:

@@ -622,9 +622,10 @@ class MoeApp(CodingCommands, App):
         self.query_one(HeatmapView if main.has_class("panel-only") else PromptInput).focus()
 
     def on_resize(self, event: events.Resize) -> None:
-        self.fit_width(event.size.width)
         if self.screen.query("HelpPanel"):
-            self.call_after_refresh(self.refit)  # its width follows the terminal's
+            self.call_after_refresh(self.refit)  # the keys panel's width follows the terminal's: fit after it
+        else:
+            self.fit_width(event.size.width)
 
     def fit_width(self, width: int, keys: bool = False) -> None:
         """Below NARROW_WIDTH columns the chat and the cache panel do not both fit: the panel hides itself

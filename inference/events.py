@@ -97,14 +97,15 @@ class ModelInfo:
 
     @staticmethod
     def of(engine: Any, tool_parser: str = "", no_tool_calling: str = "") -> ModelInfo:
+        from .plan import config_int
+
         layout = engine.layout
         return ModelInfo(model=engine.name, model_type=layout.model_type, num_layers=layout.num_layers,
                          moe_layers=layout.moe_layers, num_experts=layout.num_experts, top_k=layout.top_k,
                          expert_bytes=layout.expert_bytes, dense_bytes=layout.dense_bytes,
                          context_length=engine.context_length,
                          max_token_bytes=getattr(engine, "max_token_bytes", 64),
-                         vocab_size=int(engine.config.get("vocab_size")
-                                        or (engine.config.get("text_config") or {}).get("vocab_size") or 0),
+                         vocab_size=config_int(engine.config, ("vocab_size",)),
                          tool_parser=tool_parser,
                          no_tool_calling=no_tool_calling)
 

@@ -88,7 +88,8 @@ def _hub_model(repo: str) -> tuple[dict, list[tuple[str, str, tuple[int, ...], i
     return config, tensors
 
 
-def _first_int(config: dict, keys) -> int:
+def config_int(config: dict, keys) -> int:
+    """The first positive integer among `keys` in a model's config, or in its text_config (0 when none)."""
     for source in (config, config.get("text_config") or {}):
         for k in keys:
             if isinstance(source.get(k), int) and source[k] > 0:
@@ -167,8 +168,8 @@ def make_plan(source: Path | str, memory: int | None = None, context: int | None
         files, tensors = _local_tensors(Path(source))
     else:
         config, tensors = _hub_model(source)
-    num_experts = _first_int(config, NUM_EXPERTS_KEYS)
-    top_k = _first_int(config, TOP_K_KEYS)
+    num_experts = config_int(config, NUM_EXPERTS_KEYS)
+    top_k = config_int(config, TOP_K_KEYS)
     if not num_experts or not top_k:
         raise ModelLoadError(f"{source}: config.json names no experts per layer / top-k: not a mixture-of-experts "
                              "model")
