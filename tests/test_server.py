@@ -432,6 +432,19 @@ def test_ctrl_c_with_a_stats_stream_open_exits_at_once_without_a_traceback(tmp_p
         proc.kill()
 
 
+def slow_replays(engine, seconds: float) -> threading.Event:
+    """Make each capacity's miss-curve replay take `seconds` longer; the event is set when one starts."""
+    real, replaying = engine.hit_rates_vs_optimum, threading.Event()
+
+    def slow(*args, **kwargs):
+        replaying.set()
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    engine.hit_rates_vs_optimum = slow
+    return replaying
+
+
 def test_a_miss_curve_waiting_when_the_server_stops_is_answered_at_once(tmp_path):
     from moe_tui.inference.synthetic import make_checkpoint
 
@@ -439,15 +452,7 @@ def test_a_miss_curve_waiting_when_the_server_stops_is_answered_at_once(tmp_path
     try:
         reply = {"messages": MSG, "max_tokens": 8, "temperature": 0}
         assert httpx.post(live.url + "/v1/chat/completions", json=reply, timeout=60).status_code == 200
-        engine = live.runner.engine
-        real, replaying = engine.hit_rates_vs_optimum, threading.Event()
-
-        def slow(*args, **kwargs):
-            replaying.set()
-            time.sleep(1.0)
-            return real(*args, **kwargs)
-
-        engine.hit_rates_vs_optimum = slow
+        replaying = slow_replays(live.runner.engine, 1.0)
         with ThreadPoolExecutor(1) as pool:
             curve = pool.submit(httpx.get, live.url + "/v1/stats/miss-curve", params={"capacities": "1,2,3,4,5"},
                                 timeout=60)
@@ -581,15 +586,7 @@ def test_the_miss_curve_is_the_engines_replay_and_a_reply_goes_first(tmp_path):
             assert r.status_code == 400 and r.json()["error"]["message"], bad
 
         # A slow replay (made slow here) holds neither the event loop nor a reply that comes meanwhile.
-        replaying = threading.Event()
-        real = engine.hit_rates_vs_optimum
-
-        def slow(*args, **kwargs):
-            replaying.set()
-            time.sleep(0.5)
-            return real(*args, **kwargs)
-
-        engine.hit_rates_vs_optimum = slow
+        replaying = slow_replays(engine, 0.5)
         with ThreadPoolExecutor(1) as pool:
             curve = pool.submit(httpx.get, url, params={"capacities": "1,2,3,4,5,6,7,8"}, timeout=60)
             assert replaying.wait(30)
