@@ -135,14 +135,16 @@ def ensure_local(model: str) -> str:
     if path.exists() or model.count("/") != 1 or model.startswith(("/", ".", "~")):
         return model  # a path, not a repo id: the engine reports a missing folder clearly
     from huggingface_hub import snapshot_download
+    from moe_tui.inference.loading import check_hub_reachable, hub_offline
 
     try:
         return snapshot_download(model, local_files_only=True, allow_patterns=HUB_PATTERNS)
     except Exception:  # noqa: BLE001 - not (fully) cached: try the network below
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub_offline():
         raise ModelLoadError(f"{model}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; "
                              f"download it with network access first (`hf download {model}`)")
+    check_hub_reachable(model)
     print(f"moe: downloading {model} from the Hugging Face hub...", file=sys.stderr)
     try:
         return snapshot_download(model, allow_patterns=HUB_PATTERNS)

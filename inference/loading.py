@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,54 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     repo = str(path_or_repo)
     if repo.count("/") != 1 or repo.startswith(("/", ".", "~")):
         raise ModelLoadError(f"{repo}: no such folder, and not a Hugging Face repo id (owner/name)")
-    try:
-        from huggingface_hub import snapshot_download
+    cached = cached_snapshot(repo)
+    if cached is None:
+        raise ModelLoadError(f"{repo}: not in the local Hugging Face cache; download it first "
+                             f"(`hf download {repo}`) or pass a local folder")
+    return cached
 
+
+def cached_snapshot(repo: str) -> Path | None:
+    """A Hugging Face repo's folder in the local hub cache, or None when it is not there (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
         return Path(snapshot_download(repo, local_files_only=True))
-    except Exception as exc:  # noqa: BLE001 - hub raises several types for "not cached"
-        raise ModelLoadError(
-            f"{repo}: not in the local Hugging Face cache; download it first "
-            f"(`hf download {repo}`) or pass a local folder"
-        ) from exc
+    except Exception:  # noqa: BLE001 - hub raises several types for "not cached"
+        return None
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set: the hub is not to be asked."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
+
+
+def check_hub_reachable(repo: str) -> None:
+    """Fail at once when the Hugging Face hub's host name does not resolve, as without a network:
+    huggingface_hub retries a failed lookup five times, about 24 s, before it gives up. Behind a proxy, which
+    resolves names itself, nothing is checked.
+
+    Raises:
+        ModelLoadError: the host name does not resolve.
+    """
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return
+    host = urlsplit(constants.ENDPOINT).hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
+        raise ModelLoadError(f"{repo}: not in the local Hugging Face cache, and the hub ({host}) cannot be "
+                             f"reached: {reason}. Connect to the network, or pass a local folder") from exc
 
 
 def check_model_folder(path_or_repo: str | Path) -> Path:

@@ -74,6 +74,10 @@ def _hub_model(repo: str) -> tuple[dict, list[tuple[str, str, tuple[int, ...], i
     headers come by HTTP range requests)."""
     from huggingface_hub import get_safetensors_metadata, hf_hub_download
 
+    from .loading import check_hub_reachable, hub_offline
+
+    if not hub_offline():
+        check_hub_reachable(repo)
     try:
         config = json.loads(Path(hf_hub_download(repo, "config.json")).read_text())
         meta = get_safetensors_metadata(repo)
@@ -159,13 +163,16 @@ def make_plan(source: Path | str, memory: int | None = None, context: int | None
             `measure`).
         float32_compute: half-precision weights held as float32 (MLX's CPU backend); default: this machine.
     """
-    from .loading import context_length
+    from .loading import cached_snapshot, context_length
     from .telemetry import available_memory
 
     files: list[Path] = []
     if isinstance(source, Path) or Path(source).exists():
         config = _config(Path(source))
         files, tensors = _local_tensors(Path(source))
+    elif (cached := cached_snapshot(str(source))) is not None and weight_files(cached):  # downloaded before
+        config = _config(cached)
+        files, tensors = _local_tensors(cached)
     else:
         config, tensors = _hub_model(source)
     num_experts = config_int(config, NUM_EXPERTS_KEYS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from moe_tui.inference import Engine, expert_cache
+from moe_tui.inference import Engine, expert_cache, loading
 from moe_tui.inference.errors import ModelLoadError
 from moe_tui.inference.loading import context_length
 from moe_tui.inference.plan import (
@@ -153,6 +153,7 @@ def test_plan_of_a_hub_repo_reads_headers_only(checkpoint, monkeypatch):
     meta = SafetensorsRepoMetadata(metadata=None, sharded=False, weight_map={}, files_metadata=files)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", lambda repo: meta)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(path / name))
+    monkeypatch.setattr(loading, "check_hub_reachable", lambda repo: None)  # CI resolves no host names
     remote = make_plan("owner/some-moe", memory=1 << 30, measure=False, float32_compute=True)
     local = make_plan(path, memory=1 << 30, measure=False, float32_compute=True)
     assert (remote.dense_bytes, remote.expert_bytes, remote.capacity) == (local.dense_bytes, local.expert_bytes,
@@ -172,3 +173,57 @@ def test_a_named_capacity_may_use_all_available_memory(checkpoint, monkeypatch):
     assert Engine.load(path, context=16).capacity == 3  # automatic: 60%
     with pytest.raises(ModelLoadError, match="use capacity <= 6"):
         Engine.load(path, capacity=7, context=16)
+
+
+def _no_network(monkeypatch) -> list:
+    """Name lookups fail as without a network; the hub's downloads are recorded instead of made."""
+    import socket
+
+    import huggingface_hub
+
+    def no_lookup(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    asked = []
+
+    def download(repo, *args, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise FileNotFoundError(repo)  # not in the local cache
+        asked.append(repo)
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    return asked
+
+
+def test_a_hub_repo_without_a_network_fails_at_once(monkeypatch, capsys):
+    """Offline, `moe plan owner/name` and `moe run owner/name` waited out huggingface_hub's five retries of a
+    name lookup that had failed (24 s) before they said so."""
+    from moe_tui.app.cli import ensure_local, main
+
+    asked = _no_network(monkeypatch)
+    assert main(["plan", "owner/some-moe", "--no-measure"]) == 2
+    err = capsys.readouterr().err
+    assert "owner/some-moe" in err and "cannot be reached" in err and "Name or service not known" in err
+    with pytest.raises(ModelLoadError, match="cannot be reached"):
+        ensure_local("owner/some-moe")
+    assert asked == []  # the hub was never asked
+
+
+def test_plan_of_a_repo_in_the_local_hub_cache_reads_it_there(checkpoint, monkeypatch, capsys):
+    """A repo id downloaded before is planned from its files, as a folder, without the network."""
+    import huggingface_hub
+
+    path = checkpoint("qwen3_moe")
+    asked = _no_network(monkeypatch)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, local_files_only=False, **kwargs:
+                        str(path) if local_files_only else asked.append(repo))
+    remote = make_plan("owner/some-moe", memory=1 << 30, measure=False, float32_compute=True)
+    local = make_plan(path, memory=1 << 30, measure=False, float32_compute=True)
+    assert (remote.dense_bytes, remote.expert_bytes, remote.capacity) == (local.dense_bytes, local.expert_bytes,
+                                                                          local.capacity)
+    assert asked == []
