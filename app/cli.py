@@ -179,7 +179,12 @@ def cmd_info(args) -> int:
             "cache_bytes": engine.cache_bytes(), "all_experts_bytes": layout.all_experts_bytes,
             # `moe pack`: the expert records misses are read from, or why records there are not used
             "expert_records": str(engine.experts.pack) if engine.experts.pack else None,
-            "expert_records_note": engine.experts.pack_note or None}
+            "expert_records_note": engine.experts.pack_note or None,
+            # what the other flags set: the policy, reads ahead (auto: while they pay), KV cache, context, pins
+            "policy": engine.policy,
+            "reads_ahead": {None: "auto", True: "on", False: "off"}[engine.experts.prefetch],
+            "kv_bits": engine.kv_bits, "context_length": engine.context_length,
+            "pinned_experts": int(engine.snapshot().pinned.sum())}
     print(json.dumps(info, indent=2))
     return 0
 

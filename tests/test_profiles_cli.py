@@ -79,6 +79,13 @@ def test_cli_generate_and_info(checkpoint, capsys):
     assert main(["info", path, "--capacity", "50%"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["capacity"] == 4 and info["num_experts"] == 8
+    # Every flag `moe info` takes shows in what it prints (policy, reads ahead, KV bits, context and pins were
+    # accepted and then not shown).
+    assert (info["policy"], info["reads_ahead"], info["kv_bits"]) == ("markov", "auto", None)
+    assert info["pinned_experts"] == 0 and info["context_length"] > 0
+    assert main(["info", path, "--capacity", "50%", "--policy", "lru", "--no-prefetch", "--context", "32"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["policy"], info["reads_ahead"], info["context_length"]) == ("lru", "off", 32)
     assert main(["generate", path, "--prompt", "def f():", "--max-tokens", "6"]) == 0
     out, err = capsys.readouterr()
     assert "tokens" in err and "hit rate" in err
