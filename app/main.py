@@ -528,7 +528,7 @@ class MoeApp(CodingCommands, App):
         after = users[-1] if users else -1
         replaced = [m for m in stored if m.status == "replaced" and m.id > after]
         if not replaced:
-            self.notice("no earlier version of the last reply to restore (Ctrl+R keeps one each time)")
+            self.notice("no earlier version of the last reply to restore (regenerating keeps one each time)")
             return
         current = [m for m in stored if m.role == "assistant" and m.status != "replaced" and m.id > after]
         for m in current:
@@ -1178,7 +1178,7 @@ def _view_role(role: str, status: str) -> str:
 
 
 MARKS = {"cancelled": "cancelled", "partial": "interrupted", "failed": "failed",
-         "replaced": "set aside by Ctrl+R: not part of the conversation; /restore brings it back",
+         "replaced": "set aside when regenerated: not part of the conversation; /restore brings it back",
          "truncated": "cut short: the reply reached its length limit (max_tokens)"}
 
 

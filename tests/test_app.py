@@ -74,6 +74,10 @@ async def test_regenerate_sets_the_last_reply_aside_and_restore_brings_it_back(m
         await wait_until(pilot, lambda: replies(app)[-1].id != first.id and not app.generating)
         old, new = replies(app)
         assert old.id == first.id and old.status == "replaced" and finished(new)
+        # The mark names no key: the regenerate key may be remapped ([keymap] app.regenerate).
+        view = app.query(MessageView)[1]  # the user's message, the reply set aside, the new one
+        shown = " ".join(" ".join(view.render_line(y).text.split()) for y in range(view.content_size.height))
+        assert "(set aside when regenerated" in shown and "Ctrl+R" not in shown
         assert [m["content"] for m in app.history() if m["role"] == "assistant"] == [new.content]
         app.run_command("/restore")
         await wait_until(pilot, lambda: replies(app)[0].status == "complete")
