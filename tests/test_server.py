@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -428,6 +429,29 @@ def test_ctrl_c_with_a_stats_stream_open_exits_at_once_without_a_traceback(tmp_p
         assert time.monotonic() - started < 5  # not uvicorn's 10 s graceful timeout
         output = proc.stdout.read().decode()
         assert "Finished server process" in output and "Traceback" not in output, output[-2000:]
+    finally:
+        proc.kill()
+
+
+def test_a_second_ctrl_c_quits_at_once_without_tracebacks(tmp_path):
+    """Ctrl+C twice (uvicorn's force quit) printed a traceback for each open request and one for the lifespan."""
+    from moe_tui.inference.synthetic import make_checkpoint
+
+    model = make_checkpoint(tmp_path / "m", "olmoe", max_position_embeddings=4096)
+    proc, port = serve_process(model, "--capacity", "1.0")
+    try:
+        body = {"model": "m", "max_tokens": 3000, "messages": MSG, "stream": True}
+        with contextlib.suppress(httpx.TransportError), httpx.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/messages", json=body, timeout=30) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n == 8:
+                    proc.send_signal(signal.SIGINT)
+                    time.sleep(0.05)  # the first one handled: the server is shutting down
+                    proc.send_signal(signal.SIGINT)
+                    break
+        assert proc.wait(timeout=30) == 130
+        output = proc.stdout.read().decode()
+        assert "Forced quit" in output and "Traceback" not in output, output[-3000:]
     finally:
         proc.kill()
 

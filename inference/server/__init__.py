@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 from collections.abc import Iterable, Sequence
@@ -168,6 +169,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8080, api_key: str | 
 
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame) -> None:
+                if self.should_exit and sig == signal.SIGINT:
+                    # A second Ctrl+C: uvicorn quits without waiting for what is still open, and cancelling
+                    # that logged a traceback per request and one for the lifespan. Cut off on purpose: said
+                    # once, then no more.
+                    log = logging.getLogger("uvicorn.error")
+                    log.warning("Forced quit: open requests cut off")
+                    log.disabled = True
                 # End running generations now, so their streams close with a final event. On a thread: this
                 # runs in a signal handler, between two bytecodes of the main thread, which may hold a lock
                 # that stop() takes (the miss-curve waiters').
