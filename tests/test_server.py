@@ -287,6 +287,11 @@ def test_disconnect_mid_stream_cancels_and_server_keeps_serving(server, oai):
     ("/v1/messages", {"model": "x", "messages": MSG}, 400, "type"),
     ("/v1/messages", {"model": "x", "messages": MSG, "max_tokens": 5, "bogus": 1}, 400, "type"),
     ("/v1/messages", {"model": "x", "messages": [{"role": "system", "content": "x"}], "max_tokens": 5}, 400, "type"),
+    # Structured output was answered with plain text, as if asked for nothing.
+    ("/v1/messages", {"model": "x", "messages": MSG, "max_tokens": 5,
+                      "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, 400, "type"),
+    ("/v1/messages/count_tokens", {"model": "x", "messages": "hi"}, 400, "type"),
+    ("/tokenize", {"model": "x"}, 400, "error"),
 ])
 def test_bad_input_gets_each_apis_error_format(server, path, body, status, field):
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
@@ -297,6 +302,51 @@ def test_bad_input_gets_each_apis_error_format(server, path, body, status, field
         assert data["error"]["type"] == "invalid_request_error" and data["error"]["message"]
     else:
         assert data["type"] == "error" and data["error"]["type"] == "invalid_request_error"
+
+
+def test_the_model_list_says_the_context_window_and_a_model_can_be_retrieved(server, oai):
+    """`moe attach` could not learn the context window (so it never dropped old turns, and one long message broke
+    the chat for good), and the SDKs' models.retrieve got a 404."""
+    (entry,) = oai.models.list().data
+    assert entry.id == "tiny" and entry.model_extra["max_model_len"] == 512  # vLLM's field
+    assert oai.models.retrieve("tiny").model_extra["max_model_len"] == 512
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
+        oai.models.retrieve("other")
+
+
+def test_token_counts_are_the_prompts_a_reply_sees(server, oai, claude):
+    """vLLM's POST /tokenize and Anthropic's POST /v1/messages/count_tokens (404 before): the counts a reply's
+    usage reports for the same messages."""
+    chat = [{"role": "system", "content": "Be brief."}, *MSG]
+    counted = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": chat,
+                                                          "add_generation_prompt": True}).json()
+    reply = oai.chat.completions.create(model="tiny", messages=chat, max_tokens=1)
+    assert counted["count"] == len(counted["tokens"]) == reply.usage.prompt_tokens
+    assert counted["max_model_len"] == 512
+    counted = claude.messages.count_tokens(model="tiny", system="Be brief.", messages=MSG)
+    reply = claude.messages.create(model="tiny", system="Be brief.", messages=MSG, max_tokens=1)
+    assert counted.input_tokens == reply.usage.input_tokens
+
+
+def test_max_tokens_left_out_lets_the_reply_take_the_rest_of_the_context(server):
+    """Left out, max_tokens was 512 (at most the cap): a long prompt got a 400 naming a max_tokens the client
+    never sent. Now the reply may take what the prompt leaves (OpenAI's and vLLM's default), up to the cap."""
+    words = 40
+    while True:  # a prompt longer than the context minus the cap (512 - 256), with room for a reply
+        messages = [{"role": "user", "content": "word " * words}]
+        count = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["count"]
+        if count > 300:
+            break
+        words += 40
+    assert count < 500
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == count and usage["total_tokens"] <= 512
+    messages = [{"role": "user", "content": "word " * (words * 3)}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages})
+    assert r.status_code == 400 and "no room for a reply" in r.json()["error"]["message"]
+    assert "max_tokens" not in r.json()["error"]["message"]
 
 
 def test_one_choice_and_no_logprobs_are_refused_only_when_asked_otherwise(server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -110,7 +111,10 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return error_for(request, f"the inference thread has {state}; restart the server", 503)
         return None
 
-    async def prepare(request: Request, parse, call_id_prefix: str) -> Prepared | JSONResponse:
+    async def tokenized(request: Request, parse, generating: bool = True
+                        ) -> tuple[ChatRequest, list[int]] | JSONResponse:
+        """The request parsed and its prompt's token ids, or the error to answer. `generating`: a prompt
+        certainly over the context with its reply is refused before it is tokenized."""
         if not authorized(request):
             return error_for(request, "invalid or missing API key", 401)
         if (problem := engine_or_error(request)) is not None:
@@ -124,11 +128,12 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 return error_for(request, f"model {config.model_name!r} does not support tool calling: "
                                  f"{runner.tool_format}", 400, "tools")
             size = sum(len(m["content"].encode()) for m in chat.messages)
-            if context and size > (context - chat.max_tokens) * runner.max_token_bytes:
+            reply = chat.max_tokens if chat.max_tokens_given else 1
+            if generating and context and size > (context - reply) * runner.max_token_bytes:
                 # Certainly over the context: refused without spending the inference thread on tokenizing it.
+                with_reply = f"with max_tokens {chat.max_tokens} " if chat.max_tokens_given else ""
                 return error_for(request, f"the messages take {size} bytes, at least {size // runner.max_token_bytes} "
-                                 f"tokens: with max_tokens {chat.max_tokens} over the context window of {context} "
-                                 "tokens", 400, "messages")
+                                 f"tokens: {with_reply}over the context window of {context} tokens", 400, "messages")
             # On the session's thread, not this event loop.
             tools_offered = chat.template_tools
             prompt = await (runner.tokenize(chat.messages, tools_offered) if tools_offered
@@ -141,9 +146,23 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return error_for(request, "client disconnected", 499)
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
             return error_for(request, f"could not build the prompt: {exc}", 400)
+        return chat, prompt
+
+    async def prepare(request: Request, parse, call_id_prefix: str) -> Prepared | JSONResponse:
+        parsed = await tokenized(request, parse)
+        if isinstance(parsed, Response):
+            return parsed
+        chat, prompt = parsed
+        context = runner.context_length
+        if context and not chat.max_tokens_given:  # left out: what the prompt leaves of the context, up to the cap
+            if len(prompt) >= context:
+                return error_for(request, f"prompt has {len(prompt)} tokens: no room for a reply in the context "
+                                 f"window of {context} tokens", 400, "messages")
+            chat = dataclasses.replace(chat, max_tokens=min(chat.max_tokens, context - len(prompt)))
         if context and len(prompt) + chat.max_tokens > context:
             return error_for(request, f"prompt has {len(prompt)} tokens and max_tokens is {chat.max_tokens}: "
                              f"together over the context window of {context} tokens", 400, "messages")
+        tools_offered = chat.template_tools
         vocab = runner.vocab_size
         if chat.logit_bias and not vocab:
             return error_for(request, "logit_bias: this model's vocabulary size is unknown", 400, "logit_bias")
@@ -455,11 +474,43 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ---- models, health, stats
+    def model_entry() -> dict:
+        entry = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "moe-tui"}
+        if runner.context_length:  # vLLM's name for the context window, which clients already read
+            entry["max_model_len"] = runner.context_length
+        return entry
+
     async def models(request: Request) -> Response:
         if not authorized(request):
             return openai_error("invalid or missing API key", 401, kind="authentication_error")
-        return JSONResponse({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": 0, "owned_by": "moe-tui"}]})
+        return JSONResponse({"object": "list", "data": [model_entry()]})
+
+    async def model(request: Request) -> Response:
+        if not authorized(request):
+            return openai_error("invalid or missing API key", 401, kind="authentication_error")
+        name = request.path_params["name"]
+        if name != config.model_name:
+            return openai_error(f"the model {name!r} does not exist: this server serves {config.model_name!r}", 404,
+                                "model")
+        return JSONResponse(model_entry())
+
+    async def tokenize(request: Request) -> Response:
+        """vLLM's POST /tokenize for chat messages: the prompt's token count as a reply would see it (the chat
+        template with the assistant's turn opened, `tools` given to it)."""
+        parsed = await tokenized(request, lambda body, cap: parse_openai(_counted(body, VLLM_TOKENIZE_FIELDS), cap),
+                                 generating=False)
+        if isinstance(parsed, Response):
+            return parsed
+        _, prompt = parsed
+        return JSONResponse({"count": len(prompt), "max_model_len": runner.context_length or None,
+                             "tokens": prompt})
+
+    async def count_tokens(request: Request) -> Response:
+        """Anthropic's POST /v1/messages/count_tokens."""
+        parsed = await tokenized(request, lambda body, cap: parse_anthropic(_counted(body), cap), generating=False)
+        if isinstance(parsed, Response):
+            return parsed
+        return JSONResponse({"input_tokens": len(parsed[1])})
 
     async def health(request: Request) -> Response:
         state = runner.state
@@ -537,7 +588,10 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
     return Starlette(exception_handlers={HTTPException: http_error}, routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
         Route("/v1/models", models),
+        Route("/v1/models/{name:path}", model),
         Route("/health", health),
         Route("/v1/stats", stats),
         Route("/v1/stats/stream", stats_stream),
@@ -545,6 +599,18 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         Route("/metrics", metrics),
         Route("/openapi.json", openapi_doc),
     ], lifespan=lifespan)
+
+
+# vLLM's /tokenize options that do not change a chat prompt's count here (the assistant's turn is always opened).
+VLLM_TOKENIZE_FIELDS = ("add_generation_prompt", "add_special_tokens", "return_token_strs", "continue_final_message")
+
+
+def _counted(body, extra: tuple[str, ...] = ()):
+    """A token-count request as its API's generation request: no reply is made, so no max_tokens is needed."""
+    if not isinstance(body, dict):
+        return body  # the parser says what is wrong
+    dropped = ("max_tokens", "max_completion_tokens", "stream", *extra)
+    return {k: v for k, v in body.items() if k not in dropped} | {"max_tokens": 1}
 
 
 def sse(data: dict) -> str:

@@ -17,7 +17,7 @@ def anthropic_body(message: str, kind: str = "invalid_request_error") -> dict:
 
 def error_body(path: str, status: int, message: str, param: str | None = None) -> dict:
     """The error in the format of the API `path` belongs to (Anthropic for /v1/messages, else OpenAI)."""
-    if path == "/v1/messages":
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return anthropic_body(message, ANTHROPIC_KINDS.get(status, "invalid_request_error"))
     kind = OPENAI_KINDS.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
     return openai_body(message, kind, param)

@@ -34,6 +34,7 @@ class ChatRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias -100..100)
     tool_choice: str = "auto"  # "auto", "none", "required" (Anthropic "any") or "named"
     tool_name: str | None = None  # the named tool
+    max_tokens_given: bool = True  # False: OpenAI's max_tokens left out, the reply may take the context's rest
 
     @property
     def template_tools(self) -> list[dict] | None:
@@ -154,7 +155,8 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
             parsed.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
     _one_choice_no_logprobs(body)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _int({"max_tokens": limit}, "max_tokens", min(512, max_tokens_cap), 1, max_tokens_cap)
+    # Left out: as OpenAI and vLLM, the reply may take what the prompt leaves of the context (up to the cap).
+    max_tokens = _int({"max_tokens": limit}, "max_tokens", max_tokens_cap, 1, max_tokens_cap)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
@@ -166,6 +168,7 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
         logit_bias=_logit_bias(body.get("logit_bias")), stop=_stops(body.get("stop"), "stop"),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1), stream=_bool(body, "stream"),
         include_usage=bool(options.get("include_usage")), tools=tools, tool_choice=tool_choice, tool_name=tool_name,
+        max_tokens_given=limit is not None,
     )
 
 
@@ -184,6 +187,10 @@ def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
         raise BadRequest(f"{unknown[0]}: Extra inputs are not permitted", unknown[0])
     if body.get("max_tokens") is None:
         raise BadRequest("max_tokens: Field required (an integer)", "max_tokens")
+    output = body.get("output_config")
+    if isinstance(output, dict) and output.get("format") is not None:  # structured output: a promise not kept
+        raise BadRequest("output_config.format: structured output (a JSON schema) is not supported by this server",
+                         "output_config")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: must be a non-empty list", "messages")
@@ -500,7 +507,22 @@ def openapi(max_tokens_cap: int) -> dict:
                 "summary": "Anthropic messages", "requestBody": {"required": True, "content": {
                     "application/json": {"schema": messages_body}}},
                 "responses": {"200": ok_json, "400": error, "401": error, "413": error, "429": error}}},
-            "/v1/models": get("models served"),
+            "/v1/messages/count_tokens": {"post": {
+                "summary": "Anthropic: the prompt's tokens (input_tokens) for a messages request without max_tokens",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    **messages_body, "required": ["messages"]}}}},
+                "responses": {"200": ok_json, "400": error, "401": error, "413": error}}},
+            "/tokenize": {"post": {
+                "summary": "vLLM: the prompt's token ids and count for chat messages (the assistant's turn opened), "
+                           "and the context window (max_model_len)",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["messages"], "properties": {
+                        "model": {"type": "string"}, "messages": chat_body["properties"]["messages"],
+                        "tools": chat_body["properties"]["tools"]}}}}},
+                "responses": {"200": ok_json, "400": error, "401": error, "413": error}}},
+            "/v1/models": get("models served, each with its context window (max_model_len)"),
+            "/v1/models/{name}": {**get("the model served, if it is `name`"), "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]},
             "/health": get("liveness and queue depth"),
             "/v1/stats": get("the current expert-cache snapshot"),
             "/v1/stats/stream": {"get": {"summary": "snapshots as server-sent events", "parameters": [
