@@ -81,6 +81,16 @@ class EngineNotice(WorkerMessage):
         self.severity = severity
 
 
+def context_notice(dropped: int, max_tokens: int, requested: int) -> EngineNotice | None:
+    """What fitting a chat to the context window did to a reply's prompt and budget, if anything."""
+    notes = []
+    if dropped:
+        notes.append(f"dropped the {dropped} oldest message(s) from the prompt")
+    if max_tokens < requested:
+        notes.append(f"the reply can take at most {max_tokens} tokens")
+    return EngineNotice("context window full: " + "; ".join(notes), "warning") if notes else None
+
+
 class PrefillProgress(WorkerMessage):
     """How far the reply's prompt has been read (a long prompt takes a while before its first token)."""
 

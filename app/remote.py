@@ -11,11 +11,11 @@ import queue
 import socket
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 import httpx
-from moe_tui.inference.events import Configure, Generate, MissCurveRequest
+from moe_tui.inference.events import Configure, ContextOverflow, Generate, MissCurveRequest, fit_messages
 from moe_tui.inference.telemetry import CacheSnapshot, GenerationDone
 
 from .backend import Capabilities, estimated_tokens
@@ -29,6 +29,7 @@ from .messages import (
     ReplyChunk,
     ReplyDone,
     SnapshotReady,
+    context_notice,
 )
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI
@@ -86,6 +87,8 @@ class RemoteWorker(threading.Thread):
         # figure at the snapshot's capacity, as the local session sends with its snapshots.
         self._curve: tuple[tuple[int, ...], dict[str, tuple[float, ...]]] | None = None
         self._trace_length = 0
+        self.context_length = 0  # the model's window, where /v1/models says it (max_model_len, as vLLM does)
+        self._counter: ThreadPoolExecutor | None = None  # the UI's token counts by /tokenize, where the server has it
 
     # ---- the Backend contract (called from the UI thread)
     def submit(self, request: Generate) -> None:
@@ -101,10 +104,45 @@ class RemoteWorker(threading.Thread):
     def miss_curve(self, request: MissCurveRequest) -> None:
         self._curve_requests.put(request)
 
-    def count_tokens(self, text: str) -> Future:
-        return estimated_tokens(text)
+    def count_tokens(self, text: str | list[dict]) -> Future:
+        if self._counter is None:
+            return estimated_tokens(text)
+        return self._counter.submit(self._count, text)
+
+    def _count(self, text: str | list[dict]) -> int:
+        """Tokens of a text, or of chat messages as the chat template makes them, by the server's /tokenize;
+        estimated when that fails."""
+        if self._counter is None:
+            return estimated_tokens(text).result()
+        body = {"model": self.model, **({"prompt": text} if isinstance(text, str) else {"messages": list(text)})}
+        try:
+            r = self.client.post("/tokenize", json=body)
+            count = r.json().get("count") if r.status_code == 200 else None
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                return count
+        except (httpx.HTTPError, ValueError, RecursionError, AttributeError):
+            pass
+        return estimated_tokens(text).result()
+
+    def _fit(self, request: Generate) -> tuple[list[dict], int] | None:
+        """The request's messages fitted to the server's context window where it is known (the oldest turns
+        dropped, said), and the reply's budget; None when even the last message does not fit (said)."""
+        messages = list(request.messages)
+        if not (self.context_length and request.fit_context and messages and isinstance(messages[0], dict)):
+            return messages, request.max_tokens
+        try:
+            _, kept, dropped, budget = fit_messages(messages, self._count, self.context_length, request.max_tokens,
+                                                    size=lambda n: n)
+        except ContextOverflow as exc:
+            self.app.post_message(ReplyDone(request.tag, "", None, str(exc)))
+            return None
+        if (notice := context_notice(dropped, budget, request.max_tokens)) is not None:
+            self.app.post_message(notice)
+        return kept, budget
 
     def stop(self) -> None:
+        if self._counter is not None:
+            self._counter.shutdown(wait=False, cancel_futures=True)
         self._stopping.set()
         self._cancel.set()
         self._interrupt()
@@ -149,10 +187,14 @@ class RemoteWorker(threading.Thread):
                 self.app.post_message(EngineFailed(f"{self.base_url}: the server lists no models; pass --model"))
                 return
             self.model = names[0]
+        self.context_length = _context_length(models.json(), self.model)
+        if self.context_length and self._can_count():
+            self._counter = ThreadPoolExecutor(1, thread_name_prefix="moe-remote-count")
+            self.capabilities = replace(self.capabilities, exact_token_counts=True)
         telemetry = self.want_telemetry and self._has_telemetry()
         self.app.post_message(EngineReady(EngineInfo(
             model=f"{self.model} @ {self.base_url}", model_type="remote", num_layers=0, moe_layers=(),
-            num_experts=0, top_k=0, expert_bytes=0, dense_bytes=0, context_length=0)))
+            num_experts=0, top_k=0, expert_bytes=0, dense_bytes=0, context_length=self.context_length)))
         watch = self._stream_stats if telemetry else self._heartbeat
         threading.Thread(target=watch, name="moe-remote-watch", daemon=True).start()
         if telemetry:
@@ -174,6 +216,16 @@ class RemoteWorker(threading.Thread):
                 self.app.post_message(EngineNotice("capacity, mode and policy are set where the server runs "
                                                    "(moe serve --capacity/--mode/--policy)", "warning"))
         self.client.close()
+
+    def _can_count(self) -> bool:
+        """The server counts chat tokens (POST /tokenize, as `moe serve` and vLLM do)."""
+        try:
+            r = self.client.post("/tokenize", json={"model": self.model,
+                                                    "messages": [{"role": "user", "content": "hello"}]})
+            count = r.json().get("count") if r.status_code == 200 else None
+            return isinstance(count, int) and not isinstance(count, bool)
+        except Exception:  # noqa: BLE001 - unreachable, or junk: estimates, as before
+            return False
 
     def _has_telemetry(self) -> bool:
         try:
@@ -285,7 +337,11 @@ class RemoteWorker(threading.Thread):
 
     def _generate(self, request: Generate) -> None:
         self._cancel.clear()
-        body = {"model": self.model, "messages": request.messages, "max_tokens": request.max_tokens,
+        fitted = self._fit(request)
+        if fitted is None:
+            return
+        messages, max_tokens = fitted
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                 "temperature": request.temperature, "top_p": request.top_p, "stream": True,
                 "stream_options": {"include_usage": True}}
         text, pending, last_post = "", "", time.monotonic()
@@ -414,6 +470,19 @@ def _object(value, what: str) -> dict:
 
 def _int(value, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _context_length(data, model: str | None) -> int:
+    """The context window /v1/models gives for `model` (vLLM's `max_model_len`; some servers say
+    `context_length` or `context_window`), or 0."""
+    models = data.get("data") if isinstance(data, dict) else None
+    for entry in models if isinstance(models, list) else ():
+        if isinstance(entry, dict) and entry.get("id") == model:
+            for key in ("max_model_len", "context_length", "context_window"):
+                value = entry.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+    return 0
 
 
 def _model_names(data) -> list[str]:

@@ -43,6 +43,7 @@ from .messages import (
     ReplyChunk,
     ReplyDone,
     SnapshotReady,
+    context_notice,
 )
 
 CHUNK_INTERVAL = 0.2  # seconds between text chunks posted to the UI (5 a second: each costs a repaint)
@@ -88,12 +89,7 @@ def to_message(event: Event, replies: dict[Any, str]):
         replies.pop(event.tag, None)
         return ReplyDone(event.tag, event.text, None, event.error)
     if isinstance(event, JobStarted):
-        notes = []
-        if event.dropped_messages:
-            notes.append(f"dropped the {event.dropped_messages} oldest message(s) from the prompt")
-        if event.max_tokens < event.requested_max_tokens:
-            notes.append(f"the reply can take at most {event.max_tokens} tokens")
-        return EngineNotice("context window full: " + "; ".join(notes), "warning") if notes else None
+        return context_notice(event.dropped_messages, event.max_tokens, event.requested_max_tokens)
     if isinstance(event, Progress):
         return PrefillProgress(event.tag, event.done, event.total, event.seconds)
     if isinstance(event, Snapshot):

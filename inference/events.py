@@ -6,7 +6,7 @@ Events cross threads and, for the app's child-process placement, a pipe: each is
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,44 @@ def reply_reserve(max_tokens: int, context: int) -> int:
     max_tokens, but never more than half the window (a budget near or over the window would drop every older
     turn of every chat). The reply may still use all the room the kept turns leave."""
     return min(max_tokens, context // 2)
+
+
+MIN_REPLY = 32  # tokens: a prompt leaving less room than this in the context window is refused
+
+
+class ContextOverflow(ValueError):
+    """The prompt does not fit the model's context window even with every older turn dropped."""
+
+
+def fit_messages(messages: Sequence[dict], encode: Callable[[list[dict]], Any], context: int, max_tokens: int,
+                 opening: int = 0, size: Callable[[Any], int] = len, encoded: Any = None
+                 ) -> tuple[Any, list[dict], int, int]:
+    """Chat messages fitted to the context window: the oldest turns dropped (never the system prompt or the last
+    message) until the prompt leaves the reply its `reply_reserve` (and `opening` tokens forced after the
+    prompt). Returns the prompt as `encode` makes it (`size` of it: its tokens; `encoded`: the whole chat's,
+    made already), the messages kept, how many were dropped, and the reply's token budget (max_tokens, or
+    less where even the newest turns leave less room).
+
+    Raises:
+        ContextOverflow: the last message alone leaves less than MIN_REPLY tokens.
+    """
+    messages = list(messages)
+    prompt = encode(messages) if encoded is None else encoded
+    limit = context - reply_reserve(max_tokens, context) - opening
+    dropped = 0
+    while size(prompt) > limit:
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            break  # never the system prompt or the last message
+        del messages[first]
+        dropped += 1
+        prompt = encode(messages)
+    room = context - size(prompt) - opening
+    if room < min(MIN_REPLY, max_tokens):
+        raise ContextOverflow(f"the prompt takes {size(prompt)} tokens even without older turns, leaving "
+                              f"{max(room, 0)} of the context window's {context} for the reply: shorten the "
+                              "message or its attachments")
+    return prompt, messages, dropped, min(max_tokens, room)
 
 
 @dataclass(frozen=True)

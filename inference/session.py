@@ -23,6 +23,7 @@ from typing import Any
 from .errors import ModelLoadError
 from .events import (
     Configure,
+    ContextOverflow,
     Delta,
     Event,
     Generate,
@@ -40,6 +41,7 @@ from .events import (
     Tokenize,
     ToolCall,
     ToolCalled,
+    fit_messages,
     reply_reserve,
 )
 from .oracle import sampled_layers
@@ -48,16 +50,11 @@ from .telemetry import CacheSnapshot, GenerationDone
 from .tools import ToolCallSplitter, ToolFormat, forced_opening, tool_format
 
 log = logging.getLogger("moe_tui.session")
-MIN_REPLY = 32  # tokens: a prompt leaving less room than this in the context window is refused
 OPTIMUM_WINDOW = 1024  # the idle optimum replay covers the last this-many steps of each layer's trace
 
 
 class QueueFull(Exception):
     """Too many jobs waiting; a server answers 429."""
-
-
-class ContextOverflow(ValueError):
-    """The prompt does not fit the model's context window even with every older turn dropped."""
 
 
 class SessionClosed(Exception):
@@ -373,21 +370,9 @@ class Session:
         limit = context - reply_reserve(request.max_tokens, context) - opening
         if not request.fit_context or len(tokens) <= limit or not messages or not isinstance(messages[0], dict):
             return tokens, 0, max(1, min(request.max_tokens, context - len(tokens) - opening))
-        messages = list(messages)
-        dropped = 0
-        while len(tokens) > limit:
-            first = 1 if messages[0]["role"] == "system" else 0
-            if len(messages) - first <= 1:
-                break  # never the system prompt or the last message
-            del messages[first]
-            dropped += 1
-            tokens = encode(messages)
-        room = context - len(tokens) - opening
-        if room < min(MIN_REPLY, request.max_tokens):
-            raise ContextOverflow(f"the prompt takes {len(tokens)} tokens even without older turns, leaving "
-                                  f"{max(room, 0)} of the context window's {context} for the reply: shorten the "
-                                  "message or its attachments")
-        return tokens, dropped, min(request.max_tokens, room)
+        tokens, _, dropped, budget = fit_messages(messages, encode, context, request.max_tokens, opening,
+                                                  encoded=tokens)
+        return tokens, dropped, budget
 
     def _splitter(self, request: Generate) -> tuple[ToolCallSplitter | None, str]:
         """For a job offered tools: what splits its reply into text and calls, and the text its reply is made to

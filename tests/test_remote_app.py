@@ -116,6 +116,26 @@ async def test_openai_compatible_server_without_telemetry(live, tmp_path, monkey
         await wait_until(pilot, lambda: notified(app, "set where the server runs"))
 
 
+async def test_attach_fits_chats_to_the_servers_context_window(live, tmp_path, monkeypatch):
+    """`moe attach` knew no context window: a message over it failed (fair), and so did every later one, the
+    failed message being sent again each time. Now the window comes from /v1/models and counts from /tokenize:
+    the app drops the oldest turns as it does locally, and refuses a message that cannot fit with the reason."""
+    app = remote_app(tmp_path, monkeypatch, live.url, telemetry=True)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        assert app.context_length == 1024 and app.backend.capabilities.exact_token_counts
+        await send(pilot, app, "def add(a, b):")
+        await wait_until(pilot, lambda: replies(app) and finished(replies(app)[-1]))
+        await send(pilot, app, "word " * 1500)  # over the window alone
+        await wait_until(pilot, lambda: len(replies(app)) == 2 and not app.generating)
+        assert replies(app)[-1].status == "failed"
+        await wait_until(pilot, lambda: notified(app, "even without older turns"))
+        await send(pilot, app, "hello")
+        await wait_until(pilot, lambda: len(replies(app)) == 3 and not app.generating)
+        assert finished(replies(app)[-1]), replies(app)[-1].status
+        await wait_until(pilot, lambda: notified(app, "oldest message(s) from the prompt"))
+
+
 async def test_unreachable_server_is_reported(tmp_path, monkeypatch):
     app = remote_app(tmp_path, monkeypatch, "http://127.0.0.1:9", telemetry=False)
     async with app.run_test(size=(120, 40)) as pilot:

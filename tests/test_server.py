@@ -323,6 +323,8 @@ def test_token_counts_are_the_prompts_a_reply_sees(server, oai, claude):
     reply = oai.chat.completions.create(model="tiny", messages=chat, max_tokens=1)
     assert counted["count"] == len(counted["tokens"]) == reply.usage.prompt_tokens
     assert counted["max_model_len"] == 512
+    text = httpx.post(server.url + "/tokenize", json={"prompt": "def add(a, b):"}).json()  # a text as it is
+    assert 0 < text["count"] == len(text["tokens"]) < counted["count"]
     counted = claude.messages.count_tokens(model="tiny", system="Be brief.", messages=MSG)
     reply = claude.messages.create(model="tiny", system="Be brief.", messages=MSG, max_tokens=1)
     assert counted.input_tokens == reply.usage.input_tokens

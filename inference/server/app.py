@@ -495,13 +495,27 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
         return JSONResponse(model_entry())
 
     async def tokenize(request: Request) -> Response:
-        """vLLM's POST /tokenize for chat messages: the prompt's token count as a reply would see it (the chat
-        template with the assistant's turn opened, `tools` given to it)."""
-        parsed = await tokenized(request, lambda body, cap: parse_openai(_counted(body, VLLM_TOKENIZE_FIELDS), cap),
-                                 generating=False)
+        """vLLM's POST /tokenize: chat `messages` counted as a reply would see them (the chat template with the
+        assistant's turn opened, `tools` given to it), or a `prompt` text as it is."""
+        text: list[str] = []
+
+        def parse(body, cap):
+            if isinstance(body, dict) and "messages" not in body and "prompt" in body:
+                if not isinstance(body["prompt"], str):
+                    raise BadRequest("'prompt' must be a string", "prompt")
+                text.append(body["prompt"])
+                body = {"messages": [{"role": "user", "content": body["prompt"]}]}  # checked as a message would be
+            return parse_openai(_counted(body, VLLM_TOKENIZE_FIELDS + ("prompt",)), cap)
+
+        parsed = await tokenized(request, parse, generating=False)
         if isinstance(parsed, Response):
             return parsed
-        _, prompt = parsed
+        prompt = parsed[1]
+        if text:
+            try:
+                prompt = await runner.tokenize(text[0])
+            except SessionClosed:
+                return error_for(request, "the server is shutting down", 503)
         return JSONResponse({"count": len(prompt), "max_model_len": runner.context_length or None,
                              "tokens": prompt})
 
