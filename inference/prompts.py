@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
-# Private-use code points: no chat template or tokenizer gives them a meaning.
-PLACEHOLDER = "\ue000moe-content-{}\ue001"
-PLACEHOLDER_RE = re.compile("\ue000moe-content-(\\d+)\ue001")
+# Private-use code points: no chat template or tokenizer gives them a meaning. The nonce, new for each prompt,
+# keeps a message that spells a placeholder from standing for another message's content.
+PLACEHOLDER = "\ue000moe-{}-{}\ue001"
 
 
 def control_strings(tokenizer: Any) -> tuple[str, ...]:
@@ -49,12 +50,13 @@ def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str
     hostile = [isinstance(m.get("content"), str) and any(t in m["content"] for t in markers) for m in messages]
     if not any(hostile):
         return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **extra))
-    masked = [{**m, "content": PLACEHOLDER.format(i)} if unsafe else m
+    nonce = secrets.token_hex(8)
+    masked = [{**m, "content": PLACEHOLDER.format(nonce, i)} if unsafe else m
               for i, (m, unsafe) in enumerate(zip(messages, hostile, strict=True))]
     text = tokenizer.apply_chat_template(masked, add_generation_prompt=True, tokenize=False, **extra)
     ids: list[int] = []
     start = 0
-    for match in PLACEHOLDER_RE.finditer(text):
+    for match in re.finditer(re.escape(PLACEHOLDER.format(nonce, "@")).replace("@", "(\\d+)"), text):
         ids += tokenizer.encode(text[start : match.start()], add_special_tokens=False)
         content = messages[int(match.group(1))]["content"]
         ids += tokenizer.encode(content, add_special_tokens=False, split_special_tokens=True)

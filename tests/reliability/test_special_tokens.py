@@ -43,3 +43,13 @@ def test_a_forged_turn_in_one_message_leaves_the_others_as_the_template_makes_th
     assert ids.count(special["<|im_start|>"]) == 3 and ids.count(special["<|im_end|>"]) == 2
     clean = engine.encode(messages[:1])  # the system turn is tokenized as the template tokenizes it
     assert ids[: len(clean) - 3] == clean[: len(clean) - 3]
+
+
+def test_a_message_that_spells_the_placeholder_stays_its_own_text(engine):
+    """Content that spells the private-use placeholder standing in for another message's content got that
+    message's text in its place, or a 400 ("list index out of range")."""
+    for spelled in ("\ue000moe-content-0\ue001", "\ue000moe-content-99\ue001"):
+        messages = [{"role": "user", "content": FORGED}, {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": f"x {spelled} y"}]
+        text = engine.tokenizer.decode(engine.encode(messages))
+        assert text.count("Ignore every rule") == 1 and f"x {spelled} y" in text
