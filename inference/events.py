@@ -100,6 +100,7 @@ class Tokenize:
 
     prompt: str | Sequence[dict]
     tools: Sequence[dict] | None = None
+    continue_final: bool = False  # chat messages whose last one (an assistant prefill) the reply goes on from
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ def control_strings(tokenizer: Any) -> tuple[str, ...]:
 
 
 def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str, ...] | None = None,
-                    tools: Sequence[dict] | None = None) -> list[int]:
+                    tools: Sequence[dict] | None = None, continue_final: bool = False) -> list[int]:
     """Token ids of `messages` with the generation prompt appended (and `tools`, if given, for the chat
-    template to list).
+    template to list). `continue_final`: the last message is the start of the reply (an assistant prefill):
+    the prompt ends with its text, where the model goes on, instead of with the generation prompt.
 
     Where no message contains the text of an added token, this is exactly the chat template's own
     tokenization (as stock mlx-lm does it). Otherwise the template is rendered with each message's
@@ -48,12 +49,19 @@ def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str
             raise ValueError(f"{where} contain the special-token text {found!r}")
     extra = {} if tools is None else {"tools": list(tools)}
     hostile = [isinstance(m.get("content"), str) and any(t in m["content"] for t in markers) for m in messages]
+    if continue_final:  # the template closes the turn: its text is cut after the last message's placeholder
+        hostile[-1] = True
     if not any(hostile):
         return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **extra))
     nonce = secrets.token_hex(8)
     masked = [{**m, "content": PLACEHOLDER.format(nonce, i)} if unsafe else m
               for i, (m, unsafe) in enumerate(zip(messages, hostile, strict=True))]
-    text = tokenizer.apply_chat_template(masked, add_generation_prompt=True, tokenize=False, **extra)
+    text = tokenizer.apply_chat_template(masked, add_generation_prompt=not continue_final, tokenize=False, **extra)
+    if continue_final:
+        last = PLACEHOLDER.format(nonce, len(messages) - 1)
+        if last not in text:
+            raise ValueError("the chat template leaves out the final assistant message: it cannot be continued")
+        text = text[: text.rindex(last) + len(last)]
     ids: list[int] = []
     start = 0
     for match in re.finditer(re.escape(PLACEHOLDER.format(nonce, "@")).replace("@", "(\\d+)"), text):

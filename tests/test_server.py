@@ -351,6 +351,23 @@ def test_max_tokens_left_out_lets_the_reply_take_the_rest_of_the_context(server)
     assert "max_tokens" not in r.json()["error"]["message"]
 
 
+def test_an_anthropic_assistant_prefill_is_continued(server, claude):
+    """A final assistant message is where the reply goes on (Anthropic's prefill): the server closed it as a
+    finished turn and opened a new one, so the model started over."""
+    from moe_tui.inference.prompts import encode_messages
+
+    tokenizer = server.runner.session.engine.tokenizer
+    messages = [*MSG, {"role": "assistant", "content": "    return a"}]
+    expected = encode_messages(tokenizer, messages, continue_final=True)
+    assert tokenizer.decode(expected).endswith("    return a")  # the prompt ends with the prefill's own text
+    reply = claude.messages.create(model="tiny", messages=messages, max_tokens=2)
+    assert reply.usage.input_tokens == len(expected)
+    assert claude.messages.count_tokens(model="tiny", messages=messages).input_tokens == len(expected)
+    r = httpx.post(server.url + "/v1/messages", json={"model": "x", "max_tokens": 2, "messages": [
+        *MSG, {"role": "assistant", "content": "    return a "}]})
+    assert r.status_code == 400 and "trailing whitespace" in r.json()["error"]["message"]
+
+
 def test_one_choice_and_no_logprobs_are_refused_only_when_asked_otherwise(server):
     ok = httpx.post(server.url + "/v1/chat/completions", json={
         "messages": MSG, "max_tokens": 2, "n": 1, "logprobs": False, "top_logprobs": None,
@@ -602,9 +619,9 @@ def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(server, mon
     tokenized = []
     real = server.runner.tokenize
 
-    async def counting(prompt):
+    async def counting(prompt, *args):
         tokenized.append(1)
-        return await real(prompt)
+        return await real(prompt, *args)
 
     monkeypatch.setattr(server.runner, "tokenize", counting)
     huge = [{"role": "user", "content": "x" * 800_000}]

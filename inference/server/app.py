@@ -135,9 +135,7 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 return error_for(request, f"the messages take {size} bytes, at least {size // runner.max_token_bytes} "
                                  f"tokens: {with_reply}over the context window of {context} tokens", 400, "messages")
             # On the session's thread, not this event loop.
-            tools_offered = chat.template_tools
-            prompt = await (runner.tokenize(chat.messages, tools_offered) if tools_offered
-                            else runner.tokenize(chat.messages))
+            prompt = await runner.tokenize(chat.messages, chat.template_tools, chat.continue_final)
         except BadRequest as exc:
             return error_for(request, str(exc), exc.status, exc.param)
         except SessionClosed:

@@ -107,10 +107,10 @@ class EngineRunner:
     def start(self) -> None:
         self.session.start()
 
-    async def tokenize(self, prompt, tools: list[dict] | None = None) -> list[int]:
-        """The prompt's token ids (`tools` given to the chat template), computed on the session's thread (the
-        event loop keeps serving)."""
-        return await asyncio.wrap_future(self.session.tokenize(Tokenize(prompt, tools)))
+    async def tokenize(self, prompt, tools: list[dict] | None = None, continue_final: bool = False) -> list[int]:
+        """The prompt's token ids (`tools` given to the chat template; `continue_final`: the reply goes on from
+        the last message), computed on the session's thread (the event loop keeps serving)."""
+        return await asyncio.wrap_future(self.session.tokenize(Tokenize(prompt, tools, continue_final)))
 
     def submit(self, request: Generate) -> ServerJob:
         """Queue a generation whose events arrive on the returned job's queue.

@@ -35,6 +35,7 @@ class ChatRequest:
     tool_choice: str = "auto"  # "auto", "none", "required" (Anthropic "any") or "named"
     tool_name: str | None = None  # the named tool
     max_tokens_given: bool = True  # False: OpenAI's max_tokens left out, the reply may take the context's rest
+    continue_final: bool = False  # the last message is the reply's start (Anthropic's assistant prefill)
 
     @property
     def template_tools(self) -> list[dict] | None:
@@ -211,8 +212,20 @@ def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
             parsed += _anthropic_tool_turn(m["role"], content, i, names, call_ids)
         else:
             parsed.append({"role": m["role"], "content": _text(content, f"messages.{i}.content")})
+    last = parsed[-1]
+    prefill = last["role"] == "assistant" and not last.get("tool_calls")  # the reply goes on from its text
+    if prefill:
+        if last["content"] != last["content"].rstrip():  # as Anthropic's API: the model would go on oddly
+            raise BadRequest(f"messages.{len(messages) - 1}: final assistant content cannot end with trailing "
+                             "whitespace", f"messages.{len(messages) - 1}")
+        if not last["content"]:
+            parsed.pop()  # nothing to go on from: an ordinary reply
+            prefill = False
+        elif tool_choice in ("required", "named"):
+            raise BadRequest("tool_choice: a reply forced to call a tool cannot go on from a final assistant "
+                             "message", "tool_choice")
     return ChatRequest(
-        messages=parsed, max_tokens=_int(body, "max_tokens", None, 1, max_tokens_cap),
+        messages=parsed, max_tokens=_int(body, "max_tokens", None, 1, max_tokens_cap), continue_final=prefill,
         temperature=_number(body, "temperature", 1.0, 0.0, 1.0), top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         top_k=_int(body, "top_k", 0, 0, 2**31 - 1),
         stop=_stops(body.get("stop_sequences"), "stop_sequences"), seed=None, stream=_bool(body, "stream"),
