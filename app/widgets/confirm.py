@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
-from ..sanitize import terminal_safe
+from ..sanitize import revealed
 
 ARM_DELAY = 0.4  # seconds a question ignores keys and clicks after it opens: what was typed ahead is not an answer
 MAX_DIFF_LINES = 400  # highlighting is slow (a megabyte of diff held the UI for seconds): the rest is counted
@@ -59,10 +59,11 @@ class ConfirmScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical():
             # Not markup: a path like `[/]x.py` raised MarkupError. Rich keeps ESC, so a file's OSC 52 would act.
-            yield Label(terminal_safe(self.question), markup=False)
+            # Revealed, not terminal_safe: what is approved is shown whole, escape sequences' insides too.
+            yield Label(revealed(self.question), markup=False)
             if self.diff:
                 with VerticalScroll():
-                    yield Static(Syntax(terminal_safe(shown_diff(self.diff)), "diff", word_wrap=True))
+                    yield Static(Syntax(revealed(shown_diff(self.diff)), "diff", word_wrap=True))
             with Horizontal():
                 yield Button("Yes (y)", variant="warning", id="yes")
                 yield Button("No (n)", variant="primary", id="no")
