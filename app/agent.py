@@ -146,8 +146,8 @@ class Tools:
     async def search_files(self, text: str, path: str = ".") -> str:
         hits = []
         for relative in (await self.list_files(path)).splitlines():
-            try:
-                content = coding.read_text_file(self.cwd / relative)
+            try:  # through the same containment as read_file: a link out of the project is not read
+                content = coding.read_text_file(self._path(relative))
             except coding.PathError:
                 continue
             hits += [f"{relative}:{n}: {line.strip()[:200]}" for n, line in enumerate(content.splitlines(), 1)

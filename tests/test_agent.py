@@ -297,3 +297,21 @@ async def test_a_read_outside_the_project_is_refused_without_asking(tmp_path):
         assert "outside the project folder" in step.result and asked == [], name
     step = await tools.call("read_file", {"path": "inside.py"})
     assert step.result == "x = 1\n" and len(asked) == 1  # inside: asked, as before
+
+
+async def test_search_files_does_not_follow_a_link_out_of_the_project(tmp_path):
+    """read_file refused a symlink to /etc/passwd; search_files read it and gave its lines back."""
+    from moe_tui.app.agent import Tools
+
+    project, secret = tmp_path / "proj", tmp_path / "secret.txt"
+    project.mkdir()
+    secret.write_text("root:x:0:0:root\n")
+    (project / "outside_link").symlink_to(secret)
+    (project / "inside.py").write_text("root = 1\n")
+
+    async def ask(question: str, diff: str) -> bool:
+        return True
+
+    tools = Tools(project, ask, reads_allowed=True, record_apply=lambda written: None)
+    step = await tools.call("search_files", {"text": "root"})
+    assert "inside.py:1: root = 1" in step.result and "root:x" not in step.result
