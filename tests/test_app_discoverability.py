@@ -382,6 +382,31 @@ async def test_a_long_question_wraps_so_all_of_it_shows(fake_app):
         assert "Go on to the diff?" in " ".join(" ".join(dialog).split())
 
 
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)])
+async def test_a_long_diff_leaves_the_buttons_on_screen_and_scrolls_to_its_end(fake_app, size):
+    """A 60-line new file's /apply question filled the screen: no Yes/No buttons, and the diff stopped
+    scrolling before its end, so its last lines could not be seen before answering."""
+    from moe_tui.app.widgets.confirm import ConfirmScreen
+    from textual.containers import VerticalScroll
+
+    app = fake_app()
+    diff = "--- /dev/null\n+++ b/gen.py\n" + "".join(f"+def g{i}(x):\n+    return x\n" for i in range(30))
+    async with app.run_test(size=size) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.push_screen(ConfirmScreen("Apply 1 edit(s) to gen.py?", diff))
+        await wait_until(pilot, lambda: dialog_open(app))
+        await pilot.pause()
+        screen = app.screen.region
+        for button in ("#yes", "#no"):
+            assert screen.contains_region(app.screen.query_one(button).region), button
+        scroll = app.screen.query_one(VerticalScroll)
+        assert screen.contains_region(scroll.region) and scroll.max_scroll_y > 0
+        scroll.scroll_end(animate=False)
+        await pilot.pause()
+        shown = "\n".join(screen_rows(app)[scroll.region.y:scroll.region.bottom])
+        assert "+def g29(x):" in shown  # the last function of the diff
+
+
 async def test_keys_typed_ahead_do_not_answer_a_question_that_just_opened(fake_app):
     """Typing on while a command's question opened: the 'y' of '.py' answered Yes."""
     from moe_tui.app.widgets.confirm import ARM_DELAY, ConfirmScreen

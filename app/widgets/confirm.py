@@ -68,6 +68,21 @@ class ConfirmScreen(ModalScreen[bool]):
                 yield Button("Yes (y)", variant="warning", id="yes")
                 yield Button("No (n)", variant="primary", id="no")
 
+    def on_resize(self) -> None:
+        self.call_after_refresh(self.fit_diff)
+
+    def fit_diff(self) -> None:
+        """The diff gets the rows the box has left once the question and the buttons are shown: a long diff
+        pushed the buttons off the screen and could not be scrolled to its end."""
+        if not self.diff or not self.is_mounted:
+            return
+        box, scroll = self.query_one(Vertical), self.query_one(VerticalScroll)
+        around = box.styles.gutter.height + self.query_one(Label).outer_size.height
+        around += self.query_one(Horizontal).outer_size.height
+        room = max(3, int(self.size.height * 0.9) - around)
+        if scroll.styles.max_height is None or scroll.styles.max_height.value != room:
+            scroll.styles.max_height = room
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if self.armed:
             self.dismiss(event.button.id == "yes")
