@@ -102,7 +102,13 @@ def looks_like_path(text: str, strict: bool = True) -> bool:
 
 
 def _info_path(info: str) -> str | None:
-    """A path named in a fence's info string: ```python app/x.py, ```app/x.py, ```python:app/x.py."""
+    """A path named in a fence's info string: ```python app/x.py, ```app/x.py, ```python:app/x.py, and after a
+    language a path with spaces (```python pkg/new module.py, ```python "my file.py")."""
+    parts = info.split(None, 1)
+    if len(parts) == 2 and parts[0].lower() in LANGUAGE_NAMES:
+        rest = parts[1].strip().strip("\"'`")
+        if " " in rest and looks_like_path(rest.replace(" ", "_")):
+            return rest
     for word in re.split(r"[\s:]+", info.strip()):
         word = word.removeprefix("path=").removeprefix("file=").strip("\"'`")
         if looks_like_path(word, strict=False):
@@ -198,7 +204,15 @@ def _reindent(lines: list[str], model_first: str, file_first: str) -> list[str]:
 
 
 def new_text(edit: Edit, old: str | None) -> str:
-    """The file's text after `edit`; EditError when a SEARCH is not found."""
+    """The file's text after `edit`, in the file's own line endings (a file whose every line ends in CRLF
+    keeps CRLF); EditError when a SEARCH is not found."""
+    crlf = old is not None and old.count("\r\n") == old.count("\n") > 0
+    if crlf:
+        return _edited(edit, old.replace("\r\n", "\n")).replace("\n", "\r\n")
+    return _edited(edit, old)
+
+
+def _edited(edit: Edit, old: str | None) -> str:
     if edit.content is not None:
         return edit.content
     text = old

@@ -168,3 +168,28 @@ def test_a_reply_cut_inside_an_indented_fence_does_not_mark_a_whole_block_cut():
     assert blocks == [("py", "a = 1")] and not cut
     blocks, cut = coding.reply_code_blocks("```py\na = 1\n```\n\n```sh\npytest -q")
     assert blocks == [("py", "a = 1"), ("sh", "pytest -q")] and cut
+
+
+def test_a_crlf_file_keeps_its_line_endings(tmp_path):
+    """/apply on a CRLF file wrote the replaced lines with LF: mixed line endings."""
+    (tmp_path / "crlf.py").write_bytes(b'print("windows")\r\nx = 1\r\ny = 2\r\n')
+    (tmp_path / "whole.py").write_bytes(b"a = 1\r\n")
+    found, problems = edits.parse_edits(
+        "```python crlf.py\n<<<<<<< SEARCH\nx = 1\n=======\nx = 10\nz = 3\n>>>>>>> REPLACE\n```\n"
+        "```python whole.py\na = 2\nb = 3\n```\n")
+    changes, problems = edits.plan(found, tmp_path, {})
+    assert problems == []
+    edits.write_changes(changes)
+    assert (tmp_path / "crlf.py").read_bytes() == b'print("windows")\r\nx = 10\r\nz = 3\r\ny = 2\r\n'
+    assert (tmp_path / "whole.py").read_bytes() == b"a = 2\r\nb = 3\r\n"
+    assert [line for line in changes[0].diff.splitlines() if line.startswith(("+", "-"))][2:] == ["-x = 1",
+                                                                                                  "+x = 10", "+z = 3"]
+
+
+@pytest.mark.parametrize("info, path", [("python ünïcode modül.py", "ünïcode modül.py"),
+                                        ("python pkg/new module.py", "pkg/new module.py"),
+                                        ('python "my file.py"', "my file.py"), ("python app/x.py", "app/x.py")])
+def test_a_path_with_spaces_in_the_info_string_is_read_whole(info, path):
+    """`python pkg/new module.py` was read as pkg/new, and /apply created that file."""
+    found, _ = edits.parse_edits(f"```{info}\nx = 1\n```\n")
+    assert [e.path_text for e in found] == [path]
