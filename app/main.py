@@ -1014,7 +1014,9 @@ class MoeApp(CodingCommands, App):
         self.add_view(MessageView("notice", "\n".join(lines)))
 
     def last_reply(self) -> str | None:
-        replies = [m for m in self.store.messages(self.chat_id) if m.role == "assistant" and m.content]
+        """The last reply in the conversation (not one set aside by regenerating or /restore)."""
+        replies = [m for m in self.store.messages(self.chat_id)
+                   if m.role == "assistant" and m.content and m.status != "replaced"]
         return replies[-1].content if replies else None
 
     def code_block(self, number: str) -> tuple[str, bool] | None:

@@ -83,6 +83,8 @@ async def test_regenerate_sets_the_last_reply_aside_and_restore_brings_it_back(m
         await wait_until(pilot, lambda: replies(app)[0].status == "complete")
         assert replies(app)[1].status == "replaced"
         assert [m["content"] for m in app.history() if m["role"] == "assistant"] == [first.content]
+        # /apply, /edits, /save, /copy act on the reply in the conversation, not the newer one set aside.
+        assert app.last_reply() == first.content != replies(app)[1].content
 
 
 async def test_session_survives_restart(make_app):
