@@ -356,27 +356,30 @@ class MoeApp(CodingCommands, App):
             return
         if self.generating:
             self.notice("a reply is still streaming: Esc cancels it", "warning")
-            self.query_one(PromptInput).text = event.text
+            self.put_back(event.text)
             return
         if self.engine_down is not None:
             self.notice(f"no reply can be generated: {self.engine_down}; restart moe (your text is kept)", "error")
-            self.query_one(PromptInput).text = event.text
+            self.put_back(event.text)
             return
         try:
             resolved = {p: coding.resolve(p, self.cwd) for p in coding.mentions(text)}
         except coding.PathError as exc:  # not sent: the user fixes the @path and sends again
             self.notice(str(exc), "error")
-            self.query_one(PromptInput).text = event.text
+            self.put_back(event.text)
             return
         mentioned = [p for p, (path, _) in resolved.items() if path.is_file()]  # a missing one is a @decorator
         outside = [p for p in mentioned if resolved[p][1]]
 
         def proceed(allow_outside: bool | None = True) -> None:
+            before = list(self.attachments)
             attached = [self.attach(p) for p in mentioned if allow_outside or p not in outside]
             if all(attached):
                 self.send(text)
             else:  # a file named in the message could not go with it (notice given): the user decides
-                self.query_one(PromptInput).text = event.text
+                self.attachments = before  # its other @files go with it or not at all
+                self.refresh_context()
+                self.put_back(event.text)
 
         if outside:
             self.push_screen(ConfirmScreen(f"Attach files outside {self.cwd}? {', '.join(outside)}"), proceed)
@@ -385,7 +388,7 @@ class MoeApp(CodingCommands, App):
 
     def send(self, typed: str) -> None:
         if self.editing is not None and not self.replace_edited():
-            self.query_one(PromptInput).text = typed
+            self.put_back(typed)
             return
         self.attachments = [self.as_it_is_now(a) for a in self.attachments]
         text = "\n\n".join([a.as_prompt() for a in self.attachments] + [typed])
@@ -393,7 +396,7 @@ class MoeApp(CodingCommands, App):
             message_id = self.store.add_message(self.chat_id, "user", text)
         except sqlite3.Error as exc:  # not sent: the text goes back to the prompt, the attachments stay
             self.store_failed(exc, "your message (it is back in the prompt)")
-            self.query_one(PromptInput).text = typed
+            self.put_back(typed)
             return
         self.attachments = []
         try:
@@ -747,10 +750,14 @@ class MoeApp(CodingCommands, App):
     # ---- slash commands
     def prefill(self, text: str) -> None:
         """Put a command that needs an argument into the prompt for the user to finish."""
+        self.put_back(text)
+        self.query_one(PromptInput).focus()
+
+    def put_back(self, text: str) -> None:
+        """`text` into the prompt, the cursor at its end: what is typed next goes after it, not in front."""
         prompt = self.query_one(PromptInput)
         prompt.text = text
         prompt.move_cursor(prompt.document.end)
-        prompt.focus()
 
     @store_writes
     def run_command(self, line: str) -> None:
@@ -979,6 +986,8 @@ class MoeApp(CodingCommands, App):
         return dataclasses.replace(attachment, text=text)
 
     def _attached(self, path: Path, counted, exact: bool) -> None:
+        if not any(a.path == path for a in self.attachments):
+            return  # sent already (an @path in the message) or dropped meanwhile: nothing goes with the next one
         if counted.exception() is not None:
             self.notice(f"attached {path}; its token count is unknown ({counted.exception()})", "warning")
             return

@@ -414,3 +414,22 @@ async def test_a_background_process_that_left_the_group_is_said_to_run_on(tmp_pa
     result = await runner.run_shell("setsid sleep 2 & echo hi", str(tmp_path), timeout=20)
     assert "hi" in result.output and "stopped" not in result.status_text
     assert "still running" in result.status_text
+
+
+async def test_a_refused_send_keeps_the_cursor_at_the_end_and_attaches_nothing(fake_app, tmp_path, monkeypatch):
+    """A message naming a file over the attachment limit is refused (fair): the text went back into the prompt
+    with the cursor at its start, so what was typed next went in front of it, and the message's other @files
+    stayed attached to the next message."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "big.py").write_text("x = 1\n" * (coding.MAX_ATTACHMENT_BYTES // 6 + 10))
+    (tmp_path / "small.py").write_text("y = 2\n")
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "review @small.py and @big.py")
+        await wait_until(pilot, lambda: notified(app, "big.py"))
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == "review @small.py and @big.py" and app.attachments == []
+        await pilot.press("!")
+        assert prompt.text == "review @small.py and @big.py!"
+        assert not any(m.role == "user" for m in app.store.messages(app.chat_id))
