@@ -55,12 +55,22 @@ class AttachmentError(PathError):
     """A file cannot be attached; the message says why."""
 
 
+def unquoted(path_text: str) -> str:
+    """A path as typed for a shell: one pair of surrounding quotes taken off, or its escaped spaces unescaped."""
+    text = path_text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text.replace("\\ ", " ")
+
+
 def resolve(path_text: str, cwd: Path) -> tuple[Path, bool]:
     """(absolute path, whether it lies outside `cwd`) for a path that is missing or a regular file.
 
     Raises PathError for what would otherwise surface as a traceback or a hang later: an unknown `~user`, a
     name too long for the file system, a directory, and anything not a regular file (a FIFO would block the
-    UI thread as soon as it is opened, so it is refused from its stat, never opened)."""
+    UI thread as soon as it is opened, so it is refused from its stat, never opened). A path typed as a shell
+    would take it, in quotes or with its spaces escaped (`"my file.py"`, `my\\ file.py`), names the file."""
+    path_text = unquoted(path_text)
     try:
         path = Path(path_text).expanduser()
     except RuntimeError:  # pathlib's only word for "~name: no such user" (or no home directory at all)

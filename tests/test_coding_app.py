@@ -433,3 +433,10 @@ async def test_a_refused_send_keeps_the_cursor_at_the_end_and_attaches_nothing(f
         await pilot.press("!")
         assert prompt.text == "review @small.py and @big.py!"
         assert not any(m.role == "user" for m in app.store.messages(app.chat_id))
+
+
+@pytest.mark.parametrize("typed", ['"my file.py"', "'my file.py'", "my\\ file.py", "my file.py"])
+def test_a_path_typed_with_quotes_or_escaped_spaces_names_the_file(tmp_path, typed):
+    """`/save 1 "my file.py"` wrote a file named with the quotes, and `/add "my file.py"` found no such file."""
+    (tmp_path / "my file.py").write_text("x = 1\n")
+    assert coding.resolve(typed, tmp_path) == ((tmp_path / "my file.py").resolve(), False)
