@@ -39,12 +39,25 @@ class Attachment:
         return f"File `{self.path}`:\n{fence}{LANGUAGES.get(self.path.suffix, '')}\n{self.text}\n{fence}"
 
 
+# One attachment at the start of a stored message, as Attachment.as_prompt wrote it, and the blank line after it.
+_ATTACHED = re.compile(r"(?:File `(?P<path>[^`\n]+)`|(?P<label>Output of `[^\n]*)):\n(?P<fence>`{3,4})[^\n`]*\n"
+                       r"(?P<text>.*?)\n(?P=fence)\n\n", re.S)
+
+
+def split_message(message: str, cwd: Path) -> tuple[list[Attachment], str]:
+    """A stored user message as it was sent: the files and command outputs attached before it (as_prompt;
+    an output's path is `cwd`, as /run's) and what the user typed."""
+    attachments, at = [], 0
+    while (match := _ATTACHED.match(message, at)) is not None:
+        label = match["label"] or ""
+        attachments.append(Attachment(cwd if label else Path(match["path"]), match["text"], 0, label))
+        at = match.end()
+    return attachments, message[at:]
+
+
 def typed_part(message: str) -> str:
     """What the user typed of a stored message: the attached files put before it (as_prompt) left out."""
-    if not message.startswith(("File `", "Output of `")):
-        return message
-    end = max(message.rfind("\n```\n\n"), message.rfind("\n````\n\n"))
-    return message[message.index("\n\n", end + 1) + 2:] if end >= 0 else message
+    return split_message(message, Path("."))[1]
 
 
 class PathError(Exception):

@@ -183,6 +183,7 @@ class MoeApp(CodingCommands, App):
         self.reply: Reply | None = None  # the reply streaming now, if any
         self.engine_down: str | None = None  # why no reply can be generated (load failed, engine stopped)
         self.editing: int | None = None  # id of the user message Ctrl+E took back into the prompt, if any
+        self._before_edit: list[coding.Attachment] = []  # the attachments before Ctrl+E added the message's
         self.disconnected: str | None = None  # why the remote server does not answer, while it does not
         self.context_length = 0
         self.model_info: EngineInfo | None = None  # the loaded model's (or the server's), once ready
@@ -503,6 +504,8 @@ class MoeApp(CodingCommands, App):
             pass
         elif self.editing is not None:
             self.editing = None
+            self.attachments = self._before_edit
+            self.refresh_context()
             self.query_one(PromptInput).text = ""
             self.notice("edit dropped: your message and its reply are unchanged")
         elif self.screen.query("HelpPanel"):
@@ -552,11 +555,20 @@ class MoeApp(CodingCommands, App):
             self.notice("no message to edit yet", "warning")
             return
         self.editing = users[-1].id
-        prompt = self.query_one(PromptInput)
-        prompt.text = users[-1].content
-        prompt.move_cursor(prompt.document.end)
-        prompt.focus()
-        self.notice("editing your last message: Enter replaces it and its reply; Esc keeps them")
+        # What it was sent with goes back to the attachments, not into the prompt's text (sent again with them,
+        # the files went twice); files are read again at send time, as any attachment.
+        attached, typed = coding.split_message(users[-1].content, self.cwd)
+        self._before_edit = list(self.attachments)
+        pending = {a.name for a in self.attachments}
+        for attachment in attached:
+            if attachment.name not in pending:
+                self.attachments.append(attachment)
+                deliver(self, self.backend.count_tokens(attachment.text),
+                        lambda counted, a=attachment: self._counted(a, counted))
+        self.put_back(typed)
+        self.query_one(PromptInput).focus()
+        again = f" ({len(attached)} attachment(s) with it again: /files)" if attached else ""
+        self.notice(f"editing your last message{again}: Enter replaces it and its reply; Esc keeps them")
 
     def replace_edited(self) -> bool:
         """Delete the message being edited and everything after it (the edited text is being sent)."""
@@ -984,6 +996,13 @@ class MoeApp(CodingCommands, App):
             return attachment
         self.notice(f"{attachment.path} changed since it was attached: its text now is sent")
         return dataclasses.replace(attachment, text=text)
+
+    def _counted(self, attachment: coding.Attachment, counted) -> None:
+        """An attachment's token count, once it is known, if it is still attached (no notice)."""
+        if counted.exception() is None:
+            self.attachments = [dataclasses.replace(a, tokens=counted.result()) if a is attachment else a
+                                for a in self.attachments]
+            self.refresh_context()
 
     def _attached(self, path: Path, counted, exact: bool) -> None:
         if not any(a.path == path for a in self.attachments):

@@ -440,3 +440,29 @@ def test_a_path_typed_with_quotes_or_escaped_spaces_names_the_file(tmp_path, typ
     """`/save 1 "my file.py"` wrote a file named with the quotes, and `/add "my file.py"` found no such file."""
     (tmp_path / "my file.py").write_text("x = 1\n")
     assert coding.resolve(typed, tmp_path) == ((tmp_path / "my file.py").resolve(), False)
+
+
+async def test_editing_a_message_sent_with_files_puts_them_back_as_attachments(tmp_path, monkeypatch):
+    """Ctrl+E put the whole stored message, files included, into the prompt: sent again, each file went twice
+    (the inline copy as it was then)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "calc.py").write_text("def mean(xs):\n    return sum(xs) / len(xs)\n")
+    app = scripted_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "check @calc.py")
+        await wait_until(pilot, lambda: replies(app) and not app.generating)
+        await pilot.press("ctrl+e")
+        prompt = app.query_one(PromptInput)
+        assert prompt.text == "check @calc.py"
+        assert [a.path.name for a in app.attachments] == ["calc.py"]
+        await pilot.press("escape")  # the edit dropped: nothing stays attached for the next message
+        assert app.attachments == [] and prompt.text == ""
+        await pilot.press("ctrl+e")
+        (tmp_path / "calc.py").write_text("def mean(xs):\n    return sum(xs) / max(len(xs), 1)\n")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: [m.role for m in app.store.messages(app.chat_id)][-1:] == ["assistant"]
+                         and not app.generating)
+        sent = [m for m in app.store.messages(app.chat_id) if m.role == "user"]
+        assert len(sent) == 1 and sent[0].content.count("def mean") == 1 and "max(len(xs), 1)" in sent[0].content
