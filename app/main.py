@@ -319,9 +319,13 @@ class MoeApp(CodingCommands, App):
             view.add_class("trimmed")
             view.remove()
 
-    def history(self) -> list[dict]:
+    def system_prompt(self) -> str:
+        """The system prompt the chat is sent with: its own, else the built-in coding prompt (settings)."""
         chat = self.store.chat(self.chat_id)
-        system = chat.system_prompt or (edits.CODING_PROMPT if self.settings.coding_prompt else "")
+        return chat.system_prompt or (edits.CODING_PROMPT if self.settings.coding_prompt else "")
+
+    def history(self) -> list[dict]:
+        system = self.system_prompt()
         messages = [{"role": "system", "content": system}] if system else []
         messages += [{"role": m.role, "content": m.content} for m in self.store.messages(self.chat_id)
                      if m.role in ("user", "assistant") and m.content and m.status != "replaced"]
@@ -1150,7 +1154,8 @@ class MoeApp(CodingCommands, App):
         if kind not in ("md", "json") or not target.strip():
             self.notice("usage: /export md|json PATH", "error")
             return
-        text = self.store.export_markdown(self.chat_id) if kind == "md" else self.store.export_json(self.chat_id)
+        export = self.store.export_markdown if kind == "md" else self.store.export_json
+        text = export(self.chat_id, system=self.system_prompt())
         try:
             path, outside = coding.resolve(target.strip(), self.cwd)  # anywhere the user says, but a regular file
         except coding.PathError as exc:

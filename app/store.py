@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .sanitize import revealed
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks here; two apps on one data dir are not caught
@@ -286,20 +288,26 @@ class ChatStore:
         self.db.execute("UPDATE applied_edits SET undone=? WHERE id=?", (time.time(), apply_id))
 
     # ---- export
-    def export_markdown(self, chat_id: int) -> str:
+    def export_markdown(self, chat_id: int, system: str | None = None) -> str:
+        """The chat as Markdown to read, every control character as its visible picture (`cat` of the file
+        must not act on what a reply or an attached file carried). `system`: the prompt the chat was sent
+        with, where it is not the chat's own (the built-in coding prompt)."""
         chat = self.chat(chat_id)
-        parts = [f"# {chat.title}\n"]
-        if chat.system_prompt:
-            parts.append(f"**system**: {chat.system_prompt}\n")
+        system = chat.system_prompt if system is None else system
+        parts = [f"# {revealed(chat.title)}\n"]
+        if system:
+            parts.append(f"**system**: {revealed(system)}\n")
         for m in self.messages(chat_id):
             note = "" if m.status == "complete" else f" ({m.status})"
-            parts.append(f"## {m.role}{note}\n\n{m.content}\n")
+            parts.append(f"## {m.role}{note}\n\n{revealed(m.content)}\n")
         return "\n".join(parts)
 
-    def export_json(self, chat_id: int) -> str:
+    def export_json(self, chat_id: int, system: str | None = None) -> str:
+        """The chat as data, as stored (JSON escapes control characters itself)."""
         chat = self.chat(chat_id)
         return json.dumps({
-            "title": chat.title, "model": chat.model, "system_prompt": chat.system_prompt,
+            "title": chat.title, "model": chat.model,
+            "system_prompt": chat.system_prompt if system is None else system,
             "settings": chat.settings,
             "messages": [{"role": m.role, "content": m.content, "status": m.status} for m in self.messages(chat_id)],
         }, indent=2)

@@ -128,3 +128,17 @@ def test_v1_failing_half_way_creates_no_tables(tmp_path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == 0
     assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")} == {"messages"}
     db.close()
+
+
+def test_a_markdown_export_holds_no_escape_sequence_and_names_the_prompt_used(tmp_path):
+    """`cat export.md` acted on what a reply or a file had carried (a title change, a clipboard write), and the
+    exports left out the built-in coding prompt the chat was sent with."""
+    store = ChatStore(tmp_path / "c.db")
+    chat = store.create_chat(title="t\x1b]0;pwned\x07")
+    store.add_message(chat.id, "user", "look \x1b]52;c;cHduZWQ=\x07 here")
+    md = store.export_markdown(chat.id, system="You are a coding assistant.")
+    assert "\x1b" not in md and "\x07" not in md and "␛]52;c;cHduZWQ=␇" in md
+    assert "You are a coding assistant." in md
+    data = json.loads(store.export_json(chat.id, system="You are a coding assistant."))
+    assert data["system_prompt"] == "You are a coding assistant."
+    assert data["messages"][0]["content"] == "look \x1b]52;c;cHduZWQ=\x07 here"  # data: as it was
