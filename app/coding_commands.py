@@ -195,7 +195,10 @@ class CodingCommands:
         lines = result.output.rstrip("\n").splitlines()
         shown = "\n".join(lines[-SHOWN_OUTPUT_LINES:])
         hidden = len(lines) - SHOWN_OUTPUT_LINES
-        more = f"({hidden} earlier lines not shown here)\n" if hidden > 0 else ""
+        notes = [f"{hidden} earlier lines of it not shown here"] if hidden > 0 else []
+        if result.cut_bytes:  # the kept start and end do not hold these: say so, not only the kept lines' count
+            notes.append(f"{result.cut_bytes:,} bytes cut from the output's middle, for the model too")
+        more = f"({'; '.join(notes)})\n" if notes else ""
         fence = "````" if "```" in shown else "```"
         self.add_view(MessageView("notice", f"**$ {what or result.command}**: {result.status_text}, "
                                             f"{result.seconds:.1f} s; the output goes with your next message "

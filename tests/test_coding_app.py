@@ -466,3 +466,15 @@ async def test_editing_a_message_sent_with_files_puts_them_back_as_attachments(t
                          and not app.generating)
         sent = [m for m in app.store.messages(app.chat_id) if m.role == "user"]
         assert len(sent) == 1 and sent[0].content.count("def mean") == 1 and "max(len(xs), 1)" in sent[0].content
+
+
+async def test_a_long_outputs_notice_says_what_was_cut_from_its_middle(fake_app, tmp_path, monkeypatch):
+    """`/run seq 1 200000` said "(5343 earlier lines not shown here)": the kept lines, not the 199,000 before."""
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/run seq 1 200000")
+        await answer(pilot, app, "y")
+        await wait_until(pilot, lambda: app.attachments, timeout=20)
+        await wait_until(pilot, lambda: "bytes cut from the output's middle" in notices(app))
