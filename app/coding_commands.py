@@ -15,8 +15,9 @@ from textual.worker import Worker
 from . import coding, edits, runner
 from .context_gauge import ContextBudget, ContextGauge, count, deliver
 from .messages import ReplyDone
+from .sanitize import terminal_safe
 from .store import AppliedFile
-from .widgets.chat import MessageView
+from .widgets.chat import MessageView, PromptInput
 from .widgets.confirm import ConfirmScreen
 
 SHOWN_OUTPUT_LINES = 30  # of a command's output, shown in the chat (all of it, capped, goes to the model)
@@ -170,7 +171,13 @@ class CodingCommands:
         # A worker on the app's loop: the command's output is read as it comes, the UI never waits on it.
         self.running_command = self.run_worker(self._run_command(command), group="command", exit_on_error=False)
 
+    def working(self, what: str = "") -> None:
+        """Say under the prompt, for as long as it lasts, what runs in the background (the toast saying it goes
+        after a few seconds; a command waiting on an editor gave no sign at all); "" when it has ended."""
+        self.query_one(PromptInput).border_subtitle = terminal_safe(f"{what} · Esc stops it") if what else ""
+
     async def _run_command(self, command: str) -> None:
+        self.working(f"running: {coding.shorten(command, 60)}")
         try:
             result = await runner.run_shell(command, str(self.cwd), timeout=runner.RUN_TIMEOUT)
         except asyncio.CancelledError:
@@ -179,6 +186,8 @@ class CodingCommands:
         except OSError as exc:
             self.notice(f"could not run {command}: {exc}", "error")
             return
+        finally:
+            self.working()
         self.show_output(result)
 
     def cancel_command(self) -> bool:
@@ -351,6 +360,7 @@ class CodingCommands:
         max_tokens = int(settings.get("max_tokens", self.settings.max_tokens))
         temperature = float(settings.get("temperature", self.settings.temperature))
         self.notice("the agent is working (Esc stops it)")
+        self.working("the agent is working")
         try:
             if not backend.capabilities.remote:
                 model = agent.session_model(self.agent_generate, max_tokens, temperature)
@@ -371,6 +381,8 @@ class CodingCommands:
         except Exception as exc:  # noqa: BLE001 - a bug or a server's nonsense: said, not a silent dead worker
             self.notice(f"agent failed: {type(exc).__name__}: {exc}", "error")
             return
+        finally:
+            self.working()
         message_id = self.store.add_message(chat_id, "assistant", answer)
         if chat_id == self.chat_id:
             self.add_view(MessageView("assistant", answer, message_id, markdown=coding.number_code_blocks(answer)))

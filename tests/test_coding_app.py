@@ -15,7 +15,18 @@ from moe_tui.app.settings import Settings
 from moe_tui.app.widgets.chat import MessageView, PromptInput
 from moe_tui.app.worker import EngineSpec
 
-from tests.helpers import FakeWorker, dialog_closed, dialog_open, finished, notified, replies, send, wait_until, watched
+from tests.helpers import (
+    FakeWorker,
+    dialog_closed,
+    dialog_open,
+    finished,
+    notified,
+    replies,
+    screen_rows,
+    send,
+    wait_until,
+    watched,
+)
 
 EDIT_REPLY = """Use the helper:
 
@@ -478,3 +489,19 @@ async def test_a_long_outputs_notice_says_what_was_cut_from_its_middle(fake_app,
         await answer(pilot, app, "y")
         await wait_until(pilot, lambda: app.attachments, timeout=20)
         await wait_until(pilot, lambda: "bytes cut from the output's middle" in notices(app))
+
+
+async def test_a_running_command_is_shown_under_the_prompt_until_it_ends(fake_app, tmp_path, monkeypatch):
+    """`/run sleep 15` (or a command waiting on an editor) gave no sign after its toast went, about 5 s."""
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/run sleep 30")
+        await answer(pilot, app, "y")
+        prompt = app.query_one(PromptInput)
+        await wait_until(pilot, lambda: "running: sleep 30 · Esc stops it" in str(prompt.border_subtitle))
+        await pilot.pause()
+        assert any("running: sleep 30 · Esc stops it" in row for row in screen_rows(app))  # drawn, not only set
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not prompt.border_subtitle, timeout=10)
