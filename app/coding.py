@@ -13,7 +13,7 @@ from pathlib import Path
 MAX_ATTACHMENT_BYTES = 256 * 1024
 MAX_DIFF_BYTES = 1024 * 1024  # a file over this is overwritten after a plain question: no diff on the UI thread
 FENCE = re.compile(r"^(`{3,}|~{3,})([^\n`]*)\n(.*?)^\1[ \t]*$", re.S | re.M)
-MENTION = re.compile(r"(?<![\w@])@([\w./~+-]+)")
+MENTION = re.compile(r'(?<![\w@])@(?:"([^"\n]+)"|([\w./~+-]+))')  # @path, or @"a path with spaces"
 LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".rs": "rust", ".go": "go", ".c": "c",
              ".h": "c", ".cpp": "cpp", ".java": "java", ".sh": "bash", ".md": "markdown", ".toml": "toml",
              ".json": "json", ".yaml": "yaml", ".yml": "yaml", ".html": "html", ".css": "css", ".sql": "sql"}
@@ -173,7 +173,7 @@ def write_text_file(path: Path, text: str) -> None:
 
 def mentions(message: str) -> list[str]:
     """`@path` mentions in a message (emails and decorators like @property are skipped by the caller)."""
-    return MENTION.findall(message)
+    return [quoted or bare for quoted, bare in MENTION.findall(message)]
 
 
 def code_blocks(markdown: str) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ MAX_PATHS = 50  # entries listed from one directory (a huge one is not read to i
 MAX_SCANNED = 2000
 _MENTION_AT_CURSOR = re.compile(r"(?:^|(?<=\s))@([\w./~+-]*)$")  # the characters coding.MENTION accepts
 _PATH_COMMAND = re.compile(r"^/(?:add|drop)\s+(\S*)$")
+_BARE_PATH = re.compile(r"[\w./~+-]+")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class Completion:
     """"command" or "path"."""
     word: str
     """What is typed of it so far."""
+    mention: bool = False
+    """A path after `@` in a message (its candidates take mention_form)."""
 
 
 def completion_at(line_before_cursor: str, first_line: bool) -> Completion | None:
@@ -40,8 +43,16 @@ def completion_at(line_before_cursor: str, first_line: bool) -> Completion | Non
     if first_line and (match := _PATH_COMMAND.match(line_before_cursor)):
         return Completion(match.start(1), "path", match.group(1))
     if match := _MENTION_AT_CURSOR.search(line_before_cursor):
-        return Completion(match.start(1), "path", match.group(1))
+        return Completion(match.start(1), "path", match.group(1), mention=True)
     return None
+
+
+def mention_form(candidate: Candidate) -> Candidate:
+    """A path completed after `@` in the form a mention can hold: in quotes where it has other characters than
+    a bare @path takes (a space), so that the completed file is attached, not sent as text."""
+    if _BARE_PATH.fullmatch(candidate.insert):
+        return candidate
+    return Candidate(f'"{candidate.insert}"', candidate.label)
 
 
 def command_candidates(word: str) -> list[Candidate]:

@@ -374,6 +374,9 @@ class MoeApp(CodingCommands, App):
             self.put_back(event.text)
             return
         mentioned = [p for p, (path, _) in resolved.items() if path.is_file()]  # a missing one is a @decorator
+        missing = [p for p, (path, _) in resolved.items() if not path.exists() and edits.looks_like_path(p)]
+        if missing:  # @utlis.py, a typo: said, and the message goes as typed
+            self.notice(f"no such file: {', '.join(missing)} (sent as text, not attached)", "warning")
         outside = [p for p in mentioned if resolved[p][1]]
 
         def proceed(allow_outside: bool | None = True) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from moe_tui.app import coding
 from moe_tui.app.commands import COMMANDS
 from moe_tui.app.widgets.chat import NOTICE_LABEL, MessageView, PromptInput
 from moe_tui.app.widgets.completion import CompletionList
@@ -273,6 +274,26 @@ async def test_slash_commands_and_at_paths_complete_with_tab(fake_app, tmp_path,
         await wait_until(pilot, lambda: menu.shown and [c.insert for c in menu.candidates] == ["alps/inner.txt"])
         await pilot.press("tab")
         assert prompt.text == "see @alpha.py and @alps/inner.txt"
+
+
+async def test_an_at_path_with_a_space_completes_to_a_mention_that_attaches_it(fake_app, tmp_path, monkeypatch):
+    """Tab completed `@ün` to `@ünïcode modül.py`, which no mention takes: the message went without the file,
+    and a mistyped `@utlis.py` went the same way, both without a word."""
+    (tmp_path / "ünïcode modül.py").write_text("x = 1\n")
+    monkeypatch.chdir(tmp_path)
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        prompt, menu = app.query_one(PromptInput), app.query_one(CompletionList)
+        prompt.focus()
+        await pilot.press(*"look at @ün")
+        await wait_until(pilot, lambda: menu.shown)
+        await pilot.press("tab")
+        assert prompt.text == 'look at @"ünïcode modül.py"'
+        assert coding.mentions(prompt.text) == ["ünïcode modül.py"]  # what a send attaches
+        prompt.text = "see @utlis.py"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: notified(app, "no such file: utlis.py"))
 
 
 async def test_tab_typed_before_the_list_shows_still_completes(fake_app, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from textual import work
 from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option
 
-from ..completion import Candidate, Completion, command_candidates, completion_at, path_candidates
+from ..completion import Candidate, Completion, command_candidates, completion_at, mention_form, path_candidates
 from ..sanitize import terminal_safe
 
 
@@ -65,6 +65,8 @@ class CompletionList(OptionList, can_focus=False):
     def offer(self, prompt: TextArea, wanted: Completion, candidates: list[Candidate]) -> None:
         if wanted != wanted_at(prompt):  # typed on meanwhile
             return
+        if wanted.mention:
+            candidates = [mention_form(c) for c in candidates]
         candidates = [c for c in candidates if c.insert.rstrip() != wanted.word]  # what is typed already
         self.show(wanted, candidates) if candidates else self.hide()
 
