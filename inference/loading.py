@@ -218,6 +218,11 @@ def _open_tokenizer(path: Path, config: dict) -> Any:
         raise ModelLoadError(f"{path}: the tokenizer cannot be loaded ({type(exc).__name__}: {exc}); "
                              "re-download the tokenizer files") from exc
     _check_chat_template(path, tokenizer)
+    # The engine holds prompts to the context itself and says so; transformers' own warning at the tokenizer's
+    # model_max_length ("... will result in indexing errors") only misled a server's log.
+    inner = getattr(tokenizer, "_tokenizer", None)
+    if inner is not None and hasattr(inner, "model_max_length"):
+        inner.model_max_length = 1 << 60
     return tokenizer
 
 

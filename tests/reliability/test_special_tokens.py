@@ -63,3 +63,14 @@ def test_an_assistant_prefill_is_where_the_prompt_ends(engine):
         ids = encode_messages(engine.tokenizer, messages, continue_final=True)
         assert engine.tokenizer.decode(ids).endswith("<|im_start|>assistant\n" + prefill)
         assert ids.count(special_ids(engine)["<|im_end|>"]) == 1  # the user's turn's only
+
+
+def test_a_prompt_over_the_tokenizers_length_logs_no_misleading_warning(engine, caplog, monkeypatch):
+    """transformers warned "Token indices sequence length is longer than the specified maximum ... will result in
+    indexing errors" on every over-context request a server refused anyway, as if something had gone wrong."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)  # its own handler: seen here too
+    ids = engine.encode("word " * 3000)
+    assert len(ids) > 2048
+    assert "Token indices sequence length" not in caplog.text
