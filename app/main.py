@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import json
 import math
+import os
 import signal
 import sqlite3
 import time
@@ -164,6 +166,7 @@ class MoeApp(CodingCommands, App):
         self.spec = spec
         self.settings = settings
         store_path = store_path or settings.resolved_data_dir() / "chats.sqlite3"
+        self.draft_path = store_path.parent / "draft.json"  # what was typed and attached, not sent, at quit
         self.lock = DataDirLock(store_path)
         self.lock.acquire()  # StoreInUse when another app has these chats open: the CLI prints it
         try:
@@ -234,6 +237,7 @@ class MoeApp(CodingCommands, App):
         self.sub_title = "loading model..."
         chats = self.store.chats()
         self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
+        self.restore_draft()
         # Anchored: while the reader is at the newest rows, the chat stays there as a reply grows, inside
         # the same layout pass (a scroll_end after each growth was a second pass). Scrolling up releases
         # the anchor; scrolling back to the bottom restores it.
@@ -256,6 +260,57 @@ class MoeApp(CodingCommands, App):
                 loop.add_signal_handler(sig, self.exit)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such support
                 pass
+
+    def exit(self, *args, **kwargs) -> None:
+        self.save_draft()
+        super().exit(*args, **kwargs)
+
+    def save_draft(self) -> None:
+        """What is typed in the prompt and attached, not sent, kept for the next start: quitting lost it without
+        a word (a long test run's output too). An edit of a sent message is not kept: quitting drops it, as Esc
+        does."""
+        try:
+            text = self.query_one(PromptInput).text
+        except NoMatches:
+            return
+        attachments = [{"path": str(a.path), "label": a.label, "text": a.text if a.label else None}
+                       for a in self.attachments]
+        try:
+            if self.editing is not None or (not text.strip() and not attachments):
+                self.draft_path.unlink(missing_ok=True)
+                return
+            partial = self.draft_path.with_suffix(".json.part")
+            partial.write_text(json.dumps({"chat_id": self.chat_id, "text": text, "attachments": attachments}))
+            os.replace(partial, self.draft_path)
+        except OSError:  # a full disk or a read-only data folder: the draft is lost, as it was before
+            pass
+
+    def restore_draft(self) -> None:
+        """The draft kept at the last quit, back in the prompt and the attachments (files as they are now)."""
+        try:
+            draft = json.loads(self.draft_path.read_text())
+            self.draft_path.unlink()
+        except (OSError, ValueError):
+            return
+        if not isinstance(draft, dict) or not isinstance(draft.get("text"), str):
+            return
+        chat_id = draft.get("chat_id")
+        if isinstance(chat_id, int) and chat_id != self.chat_id and any(c.id == chat_id for c in self.store.chats()):
+            self.open_chat(chat_id)
+        restored = 0
+        for item in draft.get("attachments") or []:
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+                continue
+            if item.get("label") and isinstance(item.get("text"), str):  # a command's output: as it was
+                self.attachments.append(coding.Attachment(self.cwd, item["text"], 0, str(item["label"])))
+                deliver(self, self.backend.count_tokens(item["text"]),
+                        lambda counted, a=self.attachments[-1]: self._counted(a, counted))
+                restored += 1
+            elif self.attach(item["path"]):  # a file: read again (one gone is said)
+                restored += 1
+        self.put_back(draft["text"])
+        with_files = f" and {restored} attachment(s)" if restored else ""
+        self.notice(f"your unsent message{with_files} from the last session are back")
 
     def on_unmount(self) -> None:
         hold_full_collections(False)
@@ -934,6 +989,7 @@ class MoeApp(CodingCommands, App):
         self.store.delete_chat(self.chat_id)
         chats = self.store.chats()
         self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
+        self.restore_draft()
 
     def cmd_system(self, arg: str) -> None:
         current = self.store.chat(self.chat_id).system_prompt

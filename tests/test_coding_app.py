@@ -505,3 +505,31 @@ async def test_a_running_command_is_shown_under_the_prompt_until_it_ends(fake_ap
         assert any("running: sleep 30 · Esc stops it" in row for row in screen_rows(app))  # drawn, not only set
         await pilot.press("escape")
         await wait_until(pilot, lambda: not prompt.border_subtitle, timeout=10)
+
+
+async def test_what_was_typed_and_attached_but_not_sent_is_back_after_a_restart(fake_app, tmp_path, monkeypatch):
+    """Quitting with a half-typed message, a file and a command's output attached lost all three."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "calc.py").write_text("x = 1\n")
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/add calc.py")
+        app.run_command("/run echo pending-output")
+        await answer(pilot, app, "y")
+        await wait_until(pilot, lambda: len(app.attachments) == 2, timeout=10)
+        app.query_one(PromptInput).text = "half typed draft"
+        app.exit()
+    again = fake_app()
+    async with again.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: len(again.attachments) == 2)
+        assert again.query_one(PromptInput).text == "half typed draft"
+        assert [a.path.name for a in again.attachments if not a.label] == ["calc.py"]
+        assert "pending-output" in [a for a in again.attachments if a.label][0].text
+        await wait_until(pilot, lambda: notified(again, "unsent message and 2 attachment(s)"))
+        again.query_one(PromptInput).text = ""
+        again.attachments = []
+    third = fake_app()  # nothing left to bring back: nothing is
+    async with third.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: third.last_snapshot is not None)
+        assert third.query_one(PromptInput).text == "" and third.attachments == []
