@@ -945,9 +945,13 @@ class MoeApp(CodingCommands, App):
         found = {chat_id for chat_id, _, _ in hits}
         entries = [(Pick(c.id), Text(f"{c.id:>4}  ") + Text(terminal_safe(c.title), style="bold")
                     + Text("  (title)", style="dim")) for c in self.store.chats(arg) if c.id not in found]
-        entries += [(Pick(chat_id, message_id), Text(f"{chat_id:>4}  ") + Text(terminal_safe(titles[chat_id])[:30],
-                                                                             style="bold") + Text("  ")
-                     + snippet(content, arg)) for chat_id, message_id, content in hits]
+        width = ChatPicker.row_width(self.size.width)  # each snippet centred on its match in what the row shows
+
+        def hit(chat_id: int, content: str) -> Text:
+            head = Text(f"{chat_id:>4}  ") + Text(terminal_safe(titles[chat_id])[:30], style="bold") + Text("  ")
+            return head + snippet(content, arg, max(4, (width - len(head) - len(arg) - 2) // 2))
+
+        entries += [(Pick(chat_id, message_id), hit(chat_id, content)) for chat_id, message_id, content in hits]
         if not entries:
             self.notice(f"no chat or message contains {arg!r}")
             return

@@ -207,6 +207,20 @@ def picker_open(app) -> bool:
     return isinstance(app.screen, ChatPicker) and isinstance(app.focused, OptionList)
 
 
+async def test_a_search_hit_deep_in_a_message_shows_the_match_at_80_columns(fake_app):
+    """The snippet kept 40 characters before the match, and the row was cut at the box's width: at 80 columns
+    the row ended just before the match ("…def mu…")."""
+    app = fake_app()
+    chat = app.store.create_chat(title="a chat with a rather long title, thirty")
+    app.store.add_message(chat.id, "assistant", "word " * 40 + "def multiply(a, b): return a * b " + "tail " * 20)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command("/search multiply")
+        await wait_until(pilot, lambda: picker_open(app))
+        await pilot.pause()
+        assert "def multiply" in str(app.screen.query_one(OptionList).get_option_at_index(0).prompt)
+
+
 async def test_chats_is_a_picker_and_search_shows_the_match_and_jumps_to_it(fake_app):
     app = fake_app()
     needle = app.store.create_chat(title="needle chat")

@@ -60,11 +60,16 @@ class ChatPicker(ModalScreen[Pick | None]):
         self.entries = entries
         self.highlighted = highlighted
 
+    @staticmethod
+    def row_width(screen_width: int) -> int:
+        """Cells an entry's row has: one row each (a wrapped snippet reads as two entries), the box's width
+        less its frame."""
+        return max(min(screen_width * 9 // 10, 120) - 6, 20)
+
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(Text(terminal_safe(self.heading) + "  (arrows move, Enter opens, Esc closes)"))
-            # One row each (a wrapped snippet reads as two entries): the box's width less its frame.
-            width = max(min(self.app.size.width * 9 // 10, 120) - 6, 20)
+            width = self.row_width(self.app.size.width)
             yield OptionList(*[Option(one_row(label, width), id=str(i)) for i, (_, label) in enumerate(self.entries)])
 
     def on_mount(self) -> None:
