@@ -330,6 +330,42 @@ def test_token_counts_are_the_prompts_a_reply_sees(server, oai, claude):
     assert counted.input_tokens == reply.usage.input_tokens
 
 
+def test_token_counts_run_beside_the_inference_thread_and_are_bounded(server, monkeypatch):
+    """Counts were tokenized on the inference thread between two tokens of a reply, without limit: one client
+    looping over 1 MiB counts stalled every reply (a 40-token stream went from 0.22 s to 4.6 s)."""
+    from moe_tui.inference.server import runner as runner_module
+
+    started, release = threading.Event(), threading.Event()
+    real = server.runner._count_now
+
+    def slow(request):
+        started.set()
+        release.wait(30)
+        return real(request)
+
+    monkeypatch.setattr(server.runner, "_count_now", slow)
+    counting = threading.Thread(target=httpx.post, args=(server.url + "/tokenize",),
+                                kwargs={"json": {"messages": MSG}, "timeout": 60})
+    counting.start()
+    try:
+        assert started.wait(10)
+        # The count holds its own thread, not the inference thread: a reply is made meanwhile.
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        monkeypatch.setattr(runner_module, "MAX_COUNTS", 1)  # the one under way is all there may be
+        r = httpx.post(server.url + "/v1/messages/count_tokens", json={"model": "x", "messages": MSG})
+        assert r.status_code == 429 and r.json()["type"] == "error" and r.headers["retry-after"]
+    finally:
+        release.set()
+        counting.join(30)
+    for body in ({"model": "x", "max_tokens": 4, "messages": [{"role": "assistant", "content": ""}]},):
+        r = httpx.post(server.url + "/v1/messages", json=body)  # nothing left to reply to: 400, not a 500
+        assert r.status_code == 400 and "nothing to reply to" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 3,
+                                                               "max_completion_tokens": None})
+    assert r.json()["usage"]["completion_tokens"] <= 3  # a null max_completion_tokens leaves max_tokens
+
+
 def test_max_tokens_left_out_lets_the_reply_take_the_rest_of_the_context(server):
     """Left out, max_tokens was 512 (at most the cap): a long prompt got a 400 naming a max_tokens the client
     never sent. Now the reply may take what the prompt leaves (OpenAI's and vLLM's default), up to the cap."""

@@ -111,10 +111,11 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
             return error_for(request, f"the inference thread has {state}; restart the server", 503)
         return None
 
-    async def tokenized(request: Request, parse, generating: bool = True
+    async def tokenized(request: Request, parse, generating: bool = True, raw: list[str] | None = None
                         ) -> tuple[ChatRequest, list[int]] | JSONResponse:
-        """The request parsed and its prompt's token ids, or the error to answer. `generating`: a prompt
-        certainly over the context with its reply is refused before it is tokenized."""
+        """The request parsed and its prompt's token ids, or the error to answer. `generating`: tokenized on the
+        inference thread (the ids go to it), a prompt certainly over the context with its reply refused first;
+        else only counted (`runner.count`). `raw`: filled by `parse` with a text to count as it is."""
         if not authorized(request):
             return error_for(request, "invalid or missing API key", 401)
         if (problem := engine_or_error(request)) is not None:
@@ -134,10 +135,16 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 with_reply = f"with max_tokens {chat.max_tokens} " if chat.max_tokens_given else ""
                 return error_for(request, f"the messages take {size} bytes, at least {size // runner.max_token_bytes} "
                                  f"tokens: {with_reply}over the context window of {context} tokens", 400, "messages")
-            # On the session's thread, not this event loop.
-            prompt = await runner.tokenize(chat.messages, chat.template_tools, chat.continue_final)
+            if generating:  # on the session's thread, not this event loop
+                prompt = await runner.tokenize(chat.messages, chat.template_tools, chat.continue_final)
+            else:
+                prompt = await runner.count(raw[0] if raw else chat.messages, chat.template_tools,
+                                            chat.continue_final)
         except BadRequest as exc:
             return error_for(request, str(exc), exc.status, exc.param)
+        except QueueFull:
+            return error_for(request, "the server is busy: too many token counts under way", 429,
+                             headers={"Retry-After": "1"})
         except SessionClosed:
             return error_for(request, "the server is shutting down", 503)
         except ClientDisconnect:
@@ -505,15 +512,10 @@ def build_app(runner: EngineRunner, config: ServerConfig) -> Starlette:
                 body = {"messages": [{"role": "user", "content": body["prompt"]}]}  # checked as a message would be
             return parse_openai(_counted(body, VLLM_TOKENIZE_FIELDS + ("prompt",)), cap)
 
-        parsed = await tokenized(request, parse, generating=False)
+        parsed = await tokenized(request, parse, generating=False, raw=text)
         if isinstance(parsed, Response):
             return parsed
         prompt = parsed[1]
-        if text:
-            try:
-                prompt = await runner.tokenize(text[0])
-            except SessionClosed:
-                return error_for(request, "the server is shutting down", 503)
         return JSONResponse({"count": len(prompt), "max_model_len": runner.context_length or None,
                              "tokens": prompt})
 

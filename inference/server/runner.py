@@ -7,18 +7,23 @@ routes every event of a job to that job's queue, thread-safely.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event, Generate, Notice, Tokenize
+from ..prompts import control_strings, encode_messages
 from ..session import QueueFull, Session, SessionClosed
 from ..telemetry import CacheSnapshot
 from ..tools import ToolFormat
 from .miss_curve import MissCurves
 
 SNAPSHOT_INTERVAL = 0.25  # seconds between snapshots kept for the stats endpoints
+MAX_COUNTS = 4  # token counts (/tokenize, count_tokens) under way or waiting at once; beyond: 429
 
 __all__ = ["EngineRunner", "QueueFull", "ServerJob", "SessionClosed"]
 
@@ -43,6 +48,10 @@ class EngineRunner:
                                max_queue=max_queue, tool_parser=tool_parser)
         self.ready = self.session.ready
         self.miss_curves = MissCurves(self.session)
+        self._counter = ThreadPoolExecutor(1, thread_name_prefix="moe-count")
+        self._counts = 0
+        self._count_tokenizer: Any = None  # a copy of the model's: a fast tokenizer must not be used by two threads
+        self._count_lock = threading.Lock()
 
     def _on_event(self, event: Event) -> None:
         """Events that belong to no job (readiness, snapshots, notices): the stats endpoints read the session;
@@ -112,6 +121,34 @@ class EngineRunner:
         the last message), computed on the session's thread (the event loop keeps serving)."""
         return await asyncio.wrap_future(self.session.tokenize(Tokenize(prompt, tools, continue_final)))
 
+    async def count(self, prompt, tools: list[dict] | None = None, continue_final: bool = False) -> list[int]:
+        """The token ids of a prompt only counted (/tokenize, count_tokens), as `tokenize` makes them, on a thread
+        of its own with a copy of the tokenizer: counting never waits for the inference thread nor holds it (a
+        client looping over 1 MiB counts stalled every reply between two tokens).
+
+        Raises:
+            QueueFull: MAX_COUNTS counts are under way or waiting already.
+        """
+        if self._counts >= MAX_COUNTS:
+            raise QueueFull(f"{MAX_COUNTS} token counts are under way")
+        self._counts += 1
+        try:
+            request = Tokenize(prompt, tools, continue_final)
+            return await asyncio.get_running_loop().run_in_executor(self._counter, self._count_now, request)
+        finally:
+            self._counts -= 1
+
+    def _count_now(self, request: Tokenize) -> list[int]:
+        with self._count_lock:
+            if self._count_tokenizer is None:
+                tokenizer = copy.deepcopy(self.session.engine.tokenizer)
+                self._count_tokenizer = (tokenizer, control_strings(tokenizer))
+        tokenizer, markers = self._count_tokenizer
+        if isinstance(request.prompt, str):
+            return list(tokenizer.encode(request.prompt))
+        return encode_messages(tokenizer, list(request.prompt), markers, tools=request.tools,
+                               continue_final=request.continue_final)
+
     def submit(self, request: Generate) -> ServerJob:
         """Queue a generation whose events arrive on the returned job's queue.
 
@@ -139,6 +176,7 @@ class EngineRunner:
         requests still waiting (SessionClosed: the replays queued will not run), then exit."""
         self.session.stop()
         self.miss_curves.close()
+        self._counter.shutdown(wait=False, cancel_futures=True)
 
     def join(self, timeout: float | None = None) -> None:
         self.session.join(timeout)

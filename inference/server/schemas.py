@@ -155,7 +155,9 @@ def parse_openai(body: Any, max_tokens_cap: int) -> ChatRequest:
         else:
             parsed.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
     _one_choice_no_logprobs(body)
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")
+    if limit is None:  # absent or null: max_tokens, if given
+        limit = body.get("max_tokens")
     # Left out: as OpenAI and vLLM, the reply may take what the prompt leaves of the context (up to the cap).
     max_tokens = _int({"max_tokens": limit}, "max_tokens", max_tokens_cap, 1, max_tokens_cap)
     options = body.get("stream_options") or {}
@@ -221,6 +223,8 @@ def parse_anthropic(body: Any, max_tokens_cap: int) -> ChatRequest:
         if not last["content"]:
             parsed.pop()  # nothing to go on from: an ordinary reply
             prefill = False
+            if not any(m["role"] != "system" for m in parsed):
+                raise BadRequest("messages: an empty assistant message alone leaves nothing to reply to", "messages")
         elif tool_choice in ("required", "named"):
             raise BadRequest("tool_choice: a reply forced to call a tool cannot go on from a final assistant "
                              "message", "tool_choice")
@@ -529,9 +533,10 @@ def openapi(max_tokens_cap: int) -> dict:
                 "summary": "vLLM: the prompt's token ids and count for chat messages (the assistant's turn opened), "
                            "and the context window (max_model_len)",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["messages"], "properties": {
+                    "type": "object", "properties": {
                         "model": {"type": "string"}, "messages": chat_body["properties"]["messages"],
-                        "tools": chat_body["properties"]["tools"]}}}}},
+                        "tools": chat_body["properties"]["tools"],
+                        "prompt": {"type": "string", "description": "a text counted as it is (no messages)"}}}}}},
                 "responses": {"200": ok_json, "400": error, "401": error, "413": error}}},
             "/v1/models": get("models served, each with its context window (max_model_len)"),
             "/v1/models/{name}": {**get("the model served, if it is `name`"), "parameters": [
