@@ -45,13 +45,22 @@ def fit_messages(messages: Sequence[dict], encode: Callable[[list[dict]], Any], 
     prompt = encode(messages) if encoded is None else encoded
     limit = context - reply_reserve(max_tokens, context) - opening
     dropped = 0
-    while size(prompt) > limit:
-        first = 1 if messages[0]["role"] == "system" else 0
-        if len(messages) - first <= 1:
-            break  # never the system prompt or the last message
-        del messages[first]
-        dropped += 1
-        prompt = encode(messages)
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    most = len(messages) - first - 1  # never the system prompt or the last message
+    if size(prompt) > limit and most > 0:
+        # The fewest oldest messages to drop, by bisection (dropping more never makes a prompt longer): a few
+        # encodings, not one per message (each is a request to a server's /tokenize for a remote chat).
+        low, high = 1, most
+        found: tuple[int, Any] | None = None
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = encode(messages[:first] + messages[first + middle:])
+            if size(candidate) <= limit:
+                found, high = (middle, candidate), middle - 1
+            else:
+                low = middle + 1
+        dropped, prompt = found if found is not None else (most, encode(messages[:first] + messages[-1:]))
+        messages = messages[:first] + messages[first + dropped:]
     room = context - size(prompt) - opening
     if room < min(MIN_REPLY, max_tokens):
         raise ContextOverflow(f"the prompt takes {size(prompt)} tokens even without older turns, leaving "

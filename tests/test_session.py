@@ -262,3 +262,27 @@ def test_belady_is_replayed_again_at_a_new_capacity(started):
             assert snap.optimum == expected
             break
     assert expected is not None
+
+
+def test_fitting_a_long_chat_drops_the_fewest_oldest_turns_in_a_few_encodings():
+    """The remote worker fitted a 200-message chat with one /tokenize request per dropped turn (188 requests
+    before every reply, found in review): the fewest turns to drop are now found by bisection."""
+    from moe_tui.inference.events import ContextOverflow, fit_messages
+
+    chat = [{"role": "system", "content": "s" * 10}] + [{"role": "user" if i % 2 == 0 else "assistant",
+                                                         "content": "x" * (10 + i % 7)} for i in range(200)]
+    calls = []
+
+    def encode(messages):
+        calls.append(1)
+        return "".join(m["content"] for m in messages)  # one token per character
+
+    for context in (300, 700, 2000, 5000):
+        calls.clear()
+        prompt, kept, dropped, budget = fit_messages(chat, encode, context, 64)
+        assert len(calls) <= 10  # the whole chat, then about log2(200) candidates
+        linear = next(d for d in range(200) if len(encode(chat[:1] + chat[1 + d:])) <= context - 64)
+        assert dropped == linear and kept == chat[:1] + chat[1 + dropped:] and prompt == encode(kept)
+        assert budget == min(64, context - len(prompt))
+    with pytest.raises(ContextOverflow):
+        fit_messages([{"role": "user", "content": "x" * 500}], encode, 300, 64)
