@@ -185,6 +185,6 @@ async def test_a_confirm_dialog_hides_nothing_inside_an_escape_sequence():
         await pilot.pause()
         screen = pilot.app.screen
         question = str(screen.query_one(Label).render())
-        shown = screen.query_one(VerticalScroll).query_one(Static)
+        shown = next(w for w in screen.query_one(VerticalScroll).query(Static) if not isinstance(w, Label))
         diff = assert_inert(shown.render_lines(shown.size.region))
         assert "touch /tmp/PWNED" in question and "import os" in diff

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from rich.syntax import Syntax
@@ -15,6 +16,15 @@ from ..sanitize import revealed
 
 ARM_DELAY = 0.4  # seconds a question ignores keys and clicks after it opens: what was typed ahead is not an answer
 MAX_DIFF_LINES = 400  # highlighting is slow (a megabyte of diff held the UI for seconds): the rest is counted
+
+
+def shown_question(question: str) -> str:
+    """The question with each run of blank lines shown as one line that counts them: a command padded with
+    newlines hid its end below the box."""
+    def counted(match: re.Match) -> str:
+        return f"\n⋯ {match.group(0).count(chr(10)) - 1} blank lines ⋯\n"
+
+    return re.sub(r"\n(?:[ \t]*\n){2,}", counted, question)
 
 
 def shown_diff(diff: str) -> str:
@@ -37,6 +47,7 @@ class ConfirmScreen(ModalScreen[bool]):
                                background: $surface; }
     ConfirmScreen Label { width: 1fr; }  /* wraps: a long path must not hide the end of the question */
     ConfirmScreen VerticalScroll { height: auto; max-height: 24; }
+    ConfirmScreen VerticalScroll > Label { margin-bottom: 1; }
     ConfirmScreen Horizontal { height: auto; align: right middle; }
     ConfirmScreen Button { margin-left: 2; }
     """
@@ -59,10 +70,12 @@ class ConfirmScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with Vertical():
             # Not markup: a path like `[/]x.py` raised MarkupError. Rich keeps ESC, so a file's OSC 52 would act.
-            # Revealed, not terminal_safe: what is approved is shown whole, escape sequences' insides too.
-            yield Label(revealed(self.question), markup=False)
-            if self.diff:
-                with VerticalScroll():
+            # Revealed, not terminal_safe: what is approved is shown whole, escape sequences' insides too. The
+            # question scrolls with the diff: a long one (a command of many lines) must not push the end of
+            # either, or the buttons, off the box.
+            with VerticalScroll():
+                yield Label(revealed(shown_question(self.question)), markup=False)
+                if self.diff:
                     yield Static(Syntax(revealed(shown_diff(self.diff)), "diff", word_wrap=True))
             with Horizontal():
                 yield Button("Yes (y)", variant="warning", id="yes")
@@ -72,13 +85,12 @@ class ConfirmScreen(ModalScreen[bool]):
         self.call_after_refresh(self.fit_diff)
 
     def fit_diff(self) -> None:
-        """The diff gets the rows the box has left once the question and the buttons are shown: a long diff
+        """The question and the diff get the rows the box has left once the buttons are shown: a long diff
         pushed the buttons off the screen and could not be scrolled to its end."""
-        if not self.diff or not self.is_mounted:
+        if not self.is_mounted:
             return
         box, scroll = self.query_one(Vertical), self.query_one(VerticalScroll)
-        around = box.styles.gutter.height + self.query_one(Label).outer_size.height
-        around += self.query_one(Horizontal).outer_size.height
+        around = box.styles.gutter.height + self.query_one(Horizontal).outer_size.height
         room = max(3, int(self.size.height * 0.9) - around)
         if scroll.styles.max_height is None or scroll.styles.max_height.value != room:
             scroll.styles.max_height = room
