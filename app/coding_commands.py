@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from moe_tui.inference.events import Generate
+from rich.text import Text
 from textual.worker import Worker
 
 from . import coding, edits, runner
@@ -174,7 +175,8 @@ class CodingCommands:
     def working(self, what: str = "") -> None:
         """Say under the prompt, for as long as it lasts, what runs in the background (the toast saying it goes
         after a few seconds; a command waiting on an editor gave no sign at all); "" when it has ended."""
-        self.query_one(PromptInput).border_subtitle = terminal_safe(f"{what} · Esc stops it") if what else ""
+        # Text, not a str: a str is markup, and a command's `[/]` raised MarkupError in the worker (found in review).
+        self.query_one(PromptInput).border_subtitle = Text(terminal_safe(f"{what} · Esc stops it")) if what else ""
 
     async def _run_command(self, command: str) -> None:
         self.working(f"running: {coding.shorten(command, 60)}")
