@@ -33,14 +33,15 @@ class Attachment:
         return self.label or str(self.path)
 
     def as_prompt(self) -> str:
-        fence = "```" if "```" not in self.text else "````"
+        # Longer than any run of backticks in the text: the text cannot close it (split_message reads it back).
+        fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", self.text)), default=0) + 1)
         if self.label:
             return f"{self.label}:\n{fence}\n{self.text}\n{fence}"
         return f"File `{self.path}`:\n{fence}{LANGUAGES.get(self.path.suffix, '')}\n{self.text}\n{fence}"
 
 
 # One attachment at the start of a stored message, as Attachment.as_prompt wrote it, and the blank line after it.
-_ATTACHED = re.compile(r"(?:File `(?P<path>[^`\n]+)`|(?P<label>Output of `[^\n]*)):\n(?P<fence>`{3,4})[^\n`]*\n"
+_ATTACHED = re.compile(r"(?:File `(?P<path>[^`\n]+)`|(?P<label>Output of `[^\n]*)):\n(?P<fence>`{3,})[^\n`]*\n"
                        r"(?P<text>.*?)\n(?P=fence)\n\n", re.S)
 
 

@@ -298,7 +298,7 @@ def unified_diff(old: str | None, new: str, path: Path) -> str:
     return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
 
 
-_ATTACHED = re.compile(r"^File `(.+?)`:\n(`{3,4})[^\n]*\n(.*?)\n\2$", re.S | re.M)
+_ATTACHED = re.compile(r"^File `(.+?)`:\n(`{3,})[^\n]*\n(.*?)\n\2$", re.S | re.M)
 
 
 def attached_files(user_messages: list[str]) -> dict[Path, str]:

@@ -616,13 +616,18 @@ class MoeApp(CodingCommands, App):
         if not users:
             self.notice("no message to edit yet", "warning")
             return
-        self.editing = users[-1].id
         # What it was sent with goes back to the attachments, not into the prompt's text (sent again with them,
         # the files went twice); files are read again at send time, as any attachment.
         attached, typed = coding.split_message(users[-1].content, self.cwd)
-        self._before_edit = list(self.attachments)
+        if self.editing is None:  # a second Ctrl+E keeps what was attached before the first (Esc restores it)
+            self._before_edit = list(self.attachments)
+        self.editing = users[-1].id
         pending = {a.name for a in self.attachments}
         for attachment in attached:
+            if not attachment.label and not self._inside_project(attachment.path):
+                # Not read again at send time: the text as it was sent (it may be text the user pasted, and a
+                # file outside the project is read only after a question).
+                attachment = dataclasses.replace(attachment, label=f"File `{attachment.path}`")
             if attachment.name not in pending:
                 self.attachments.append(attachment)
                 deliver(self, self.backend.count_tokens(attachment.text),
@@ -631,6 +636,12 @@ class MoeApp(CodingCommands, App):
         self.query_one(PromptInput).focus()
         again = f" ({len(attached)} attachment(s) with it again: /files)" if attached else ""
         self.notice(f"editing your last message{again}: Enter replaces it and its reply; Esc keeps them")
+
+    def _inside_project(self, path: Path) -> bool:
+        try:
+            return not coding.resolve(str(path), self.cwd)[1]
+        except coding.PathError:
+            return False
 
     def replace_edited(self) -> bool:
         """Delete the message being edited and everything after it (the edited text is being sent)."""

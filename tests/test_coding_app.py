@@ -468,6 +468,7 @@ async def test_editing_a_message_sent_with_files_puts_them_back_as_attachments(t
         prompt = app.query_one(PromptInput)
         assert prompt.text == "check @calc.py"
         assert [a.path.name for a in app.attachments] == ["calc.py"]
+        await pilot.press("ctrl+e")  # again: Esc still gives back what was attached before the first
         await pilot.press("escape")  # the edit dropped: nothing stays attached for the next message
         assert app.attachments == [] and prompt.text == ""
         await pilot.press("ctrl+e")
@@ -532,3 +533,33 @@ async def test_what_was_typed_and_attached_but_not_sent_is_back_after_a_restart(
     async with third.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: third.last_snapshot is not None)
         assert third.query_one(PromptInput).text == "" and third.attachments == []
+
+
+def test_a_file_with_longer_fences_is_read_back_whole_from_its_message(tmp_path):
+    """A README with a 4-backtick block was cut at that block when Ctrl+E read the message back: the rest of
+    the file went into the prompt as typed text (found in review)."""
+    text = "# docs\n````markdown\n```python\nx = 1\n```\n````\n\nmore docs\n"
+    message = coding.Attachment(tmp_path / "README.md", text, 0).as_prompt() + "\n\nfix the readme"
+    attached, typed = coding.split_message(message, tmp_path)
+    assert typed == "fix the readme" and [a.text for a in attached] == [text]
+
+
+async def test_editing_a_message_does_not_read_a_file_outside_the_project_again(tmp_path, monkeypatch):
+    """A `File `PATH`:` block at the start of a message was read again from disk at the edit's send, outside
+    the project and without a question (found in review)."""
+    project, secret = tmp_path / "proj", tmp_path / "secret.txt"
+    project.mkdir()
+    secret.write_text("TOP SECRET\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    app = scripted_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, f"File `{secret}`:\n```\n(example)\n```\n\nwhat does this mean?")
+        await wait_until(pilot, lambda: replies(app) and not app.generating)
+        await pilot.press("ctrl+e")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(replies(app)) == 1 and not app.generating
+                         and [m.role for m in app.store.messages(app.chat_id)][-1] == "assistant")
+        sent = [m for m in app.store.messages(app.chat_id) if m.role == "user"][-1].content
+        assert "TOP SECRET" not in sent and "(example)" in sent
