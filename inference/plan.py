@@ -92,6 +92,20 @@ def _hub_model(repo: str) -> tuple[dict, list[tuple[str, str, tuple[int, ...], i
     return config, tensors
 
 
+def _whole_snapshot(repo: str) -> Path | None:
+    """A repo's folder in the local hub cache when its config and every weight file are there (a plan through
+    the hub caches config.json alone; a download may have stopped half-way)."""
+    from .loading import cached_snapshot
+
+    cached = cached_snapshot(repo)
+    if cached is None or not (cached / "config.json").is_file():
+        return None
+    try:
+        return cached if weight_files(cached) else None
+    except ModelLoadError:  # shards missing
+        return None
+
+
 def config_int(config: dict, keys) -> int:
     """The first positive integer among `keys` in a model's config, or in its text_config (0 when none)."""
     for source in (config, config.get("text_config") or {}):
@@ -163,14 +177,14 @@ def make_plan(source: Path | str, memory: int | None = None, context: int | None
             `measure`).
         float32_compute: half-precision weights held as float32 (MLX's CPU backend); default: this machine.
     """
-    from .loading import cached_snapshot, context_length
+    from .loading import context_length
     from .telemetry import available_memory
 
     files: list[Path] = []
     if isinstance(source, Path) or Path(source).exists():
         config = _config(Path(source))
         files, tensors = _local_tensors(Path(source))
-    elif (cached := cached_snapshot(str(source))) is not None and weight_files(cached):  # downloaded before
+    elif (cached := _whole_snapshot(str(source))) is not None:  # downloaded before
         config = _config(cached)
         files, tensors = _local_tensors(cached)
     else:

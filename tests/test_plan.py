@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from moe_tui.inference import Engine, expert_cache, loading
+from moe_tui.inference import plan as plan_module
 from moe_tui.inference.errors import ModelLoadError
 from moe_tui.inference.loading import context_length
 from moe_tui.inference.plan import (
@@ -16,6 +19,7 @@ from moe_tui.inference.plan import (
     measure_read_bandwidth,
     parse_size,
 )
+from moe_tui.inference.safetensors_io import read_header, weight_files
 
 
 @pytest.mark.parametrize("arch,quant,layout", [("qwen3_moe", None, "stacked"), ("mixtral", 4, "stacked"),
@@ -227,3 +231,25 @@ def test_plan_of_a_repo_in_the_local_hub_cache_reads_it_there(checkpoint, monkey
     assert (remote.dense_bytes, remote.expert_bytes, remote.capacity) == (local.dense_bytes, local.expert_bytes,
                                                                           local.capacity)
     assert asked == []
+
+
+def test_plan_of_a_repo_whose_cache_holds_only_its_config_asks_the_hub(checkpoint, monkeypatch, tmp_path):
+    """A first `moe plan owner/name` caches config.json alone; the second found that folder and failed with "no
+    model*.safetensors files" instead of asking the hub again (found in review)."""
+    import huggingface_hub
+
+    path = checkpoint("qwen3_moe")
+    partial = tmp_path / "snapshot"
+    partial.mkdir()
+    (partial / "config.json").write_text((path / "config.json").read_text())
+    asked = []
+    tensors = [(n, i.dtype, tuple(i.shape), i.nbytes) for f in weight_files(path) for n, i in read_header(f).items()]
+
+    def hub_model(repo):
+        asked.append(repo)
+        return json.loads((path / "config.json").read_text()), tensors
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, local_files_only=False, **kw: str(partial))
+    monkeypatch.setattr(plan_module, "_hub_model", hub_model)
+    remote = make_plan("owner/some-moe", memory=1 << 30, measure=False, float32_compute=True)
+    assert asked == ["owner/some-moe"] and remote.capacity > 0
