@@ -107,7 +107,11 @@ def _info_path(info: str) -> str | None:
     parts = info.split(None, 1)
     if len(parts) == 2 and parts[0].lower() in LANGUAGE_NAMES:
         rest = parts[1].strip().strip("\"'`")
-        if " " in rest and looks_like_path(rest.replace(" ", "_")):
+        first = rest.split()[0] if rest.split() else ""
+        # Spaces inside the path: its first word names no file of its own, and the whole ends in a known suffix
+        # (`python app/x.py updated` is app/x.py and words about it).
+        if (" " in rest and Path(first).suffix.lower() not in SUFFIXES
+                and Path(rest).suffix.lower() in SUFFIXES and looks_like_path(rest.replace(" ", "_"))):
             return rest
     for word in re.split(r"[\s:]+", info.strip()):
         word = word.removeprefix("path=").removeprefix("file=").strip("\"'`")

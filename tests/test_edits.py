@@ -188,7 +188,11 @@ def test_a_crlf_file_keeps_its_line_endings(tmp_path):
 
 @pytest.mark.parametrize("info, path", [("python ünïcode modül.py", "ünïcode modül.py"),
                                         ("python pkg/new module.py", "pkg/new module.py"),
-                                        ('python "my file.py"', "my file.py"), ("python app/x.py", "app/x.py")])
+                                        ('python "my file.py"', "my file.py"), ("python app/x.py", "app/x.py"),
+                                        # a path, then words about it (found in review)
+                                        ("python app/x.py updated", "app/x.py"),
+                                        ("python src/app.py - updated version", "src/app.py"),
+                                        ("diff a/b.py b/b.py", "a/b.py")])
 def test_a_path_with_spaces_in_the_info_string_is_read_whole(info, path):
     """`python pkg/new module.py` was read as pkg/new, and /apply created that file."""
     found, _ = edits.parse_edits(f"```{info}\nx = 1\n```\n")
