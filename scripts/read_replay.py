@@ -2,6 +2,7 @@
 the disk's sequential read is the reads' pattern, and how much the engine around them.
 
     python scripts/read_replay.py --model /var/tmp/moe-offload-q4b [--capacity 0.25] [--tokens 64] [--replays 2]
+        [--busy 2 [--busy-kind spin|copy]]
 
 A child loads the model at --capacity (as root on Linux, in a memory cgroup limited as `moe bench --offload`
 limits it, so reads come from the disk), runs one pass to fill the cache, then logs every direct read of a
@@ -9,7 +10,8 @@ second pass (prompt and --tokens decoded): start, duration, file, offset, size, 
 replays those reads from the same number of threads, each read at its logged start time (later if the
 thread's previous read has not ended), the page cache dropped first, and prints per-read times and the
 bandwidth while at least one read is in flight, for the engine and for each replay, beside the files' cold
-sequential read (`moe bench`'s figure). Linux only (O_DIRECT, posix_fadvise). Uses the model's expert
+sequential read (`moe bench`'s figure). With --busy N, the replays again with N processes keeping CPUs busy
+meanwhile, as the engine's own decoding and widening do. Linux only (O_DIRECT, posix_fadvise). Uses the model's expert
 records (`moe pack`) where they are in their default place, as the engine would.
 """
 
@@ -111,6 +113,10 @@ def main() -> None:
     ob.add_limited_args(parser)
     parser.add_argument("--tokens", type=int, default=64, help="decoded in the logged pass")
     parser.add_argument("--replays", type=int, default=2)
+    parser.add_argument("--busy", type=int, default=0,
+                        help="also replay with this many processes keeping CPUs busy (as MLX and the widening do)")
+    parser.add_argument("--busy-kind", choices=("spin", "copy"), default="spin",
+                        help="spin: a Python loop; copy: numpy copying 64 MiB buffers (memory bandwidth too)")
     parser.add_argument("--log", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -138,6 +144,20 @@ def main() -> None:
           f"{len(reads)} reads of {statistics.median(r[4] for r in reads) / 2**10:.0f} KiB (median)")
     rows = [("engine", [(r[0], r[0] + r[1], r[4]) for r in reads])]
     rows += [(f"replay {i + 1}", replay(reads)) for i in range(args.replays)]
+    if args.busy:
+        import subprocess
+
+        work = ("while True: pass" if args.busy_kind == "spin" else
+                "import numpy as np\na = np.ones(1 << 24, np.float32)\nb = np.empty_like(a)\n"
+                "while True: np.copyto(b, a)")
+        hogs = [subprocess.Popen([sys.executable, "-c", work]) for _ in range(args.busy)]
+        try:
+            time.sleep(0.5)  # running
+            rows += [(f"busy {i + 1}", replay(reads)) for i in range(args.replays)]
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
     for name, spans in rows:
         seconds, bandwidth = busy(spans)
         times = [b - a for a, b, _ in spans]
