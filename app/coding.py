@@ -26,6 +26,8 @@ class Attachment:
     tokens: int
     label: str = ""
     """For a command's output (/run, /diff): how it is introduced, e.g. "Output of `make` (exit status 0)"."""
+    frozen: bool = False
+    """Sent as it is, not read again at send time (a file outside the project that Ctrl+E took back)."""
 
     @property
     def name(self) -> str:

@@ -186,7 +186,9 @@ class MoeApp(CodingCommands, App):
         self.reply: Reply | None = None  # the reply streaming now, if any
         self.engine_down: str | None = None  # why no reply can be generated (load failed, engine stopped)
         self.editing: int | None = None  # id of the user message Ctrl+E took back into the prompt, if any
-        self._before_edit: list[coding.Attachment] = []  # the attachments before Ctrl+E added the message's
+        # What the prompt held and what was attached before Ctrl+E took the last message back: Esc (and quitting)
+        # give them back.
+        self._before_edit: tuple[str, list[coding.Attachment]] = ("", [])
         self.disconnected: str | None = None  # why the remote server does not answer, while it does not
         self.context_length = 0
         self.model_info: EngineInfo | None = None  # the loaded model's (or the server's), once ready
@@ -268,15 +270,18 @@ class MoeApp(CodingCommands, App):
     def save_draft(self) -> None:
         """What is typed in the prompt and attached, not sent, kept for the next start: quitting lost it without
         a word (a long test run's output too). An edit of a sent message is not kept: quitting drops it, as Esc
-        does."""
+        does, and keeps what was typed and attached before it."""
         try:
             text = self.query_one(PromptInput).text
         except NoMatches:
             return
-        attachments = [{"path": str(a.path), "label": a.label, "text": a.text if a.label else None}
-                       for a in self.attachments]
+        kept = self.attachments
+        if self.editing is not None:  # the edit is dropped, as Esc drops it: what was there before it is kept
+            text, kept = self._before_edit
+        attachments = [{"path": str(a.path), "label": a.label, "text": a.text if a.label or a.frozen else None,
+                        "frozen": a.frozen} for a in kept]
         try:
-            if self.editing is not None or (not text.strip() and not attachments):
+            if not text.strip() and not attachments:
                 self.draft_path.unlink(missing_ok=True)
                 return
             partial = self.draft_path.with_suffix(".json.part")
@@ -301,16 +306,18 @@ class MoeApp(CodingCommands, App):
         for item in draft.get("attachments") or []:
             if not isinstance(item, dict) or not isinstance(item.get("path"), str):
                 continue
-            if item.get("label") and isinstance(item.get("text"), str):  # a command's output: as it was
-                self.attachments.append(coding.Attachment(self.cwd, item["text"], 0, str(item["label"])))
+            if (item.get("label") or item.get("frozen")) and isinstance(item.get("text"), str):  # as it was
+                label = str(item.get("label") or "")
+                self.attachments.append(coding.Attachment(self.cwd if label else Path(item["path"]), item["text"], 0,
+                                                          label, frozen=bool(item.get("frozen"))))
                 deliver(self, self.backend.count_tokens(item["text"]),
                         lambda counted, a=self.attachments[-1]: self._counted(a, counted))
                 restored += 1
             elif self.attach(item["path"]):  # a file: read again (one gone is said)
                 restored += 1
         self.put_back(draft["text"])
-        with_files = f" and {restored} attachment(s)" if restored else ""
-        self.notice(f"your unsent message{with_files} from the last session are back")
+        with_files = f" (and {restored} attachment(s))" if restored else ""
+        self.notice(f"your unsent message from the last session{with_files} is back")
 
     def on_unmount(self) -> None:
         hold_full_collections(False)
@@ -566,10 +573,10 @@ class MoeApp(CodingCommands, App):
             pass
         elif self.editing is not None:
             self.editing = None
-            self.attachments = self._before_edit
+            self.put_back(self._before_edit[0])
+            self.attachments = list(self._before_edit[1])
             self.refresh_context()
-            self.query_one(PromptInput).text = ""
-            self.notice("edit dropped: your message and its reply are unchanged")
+            self.notice("edit dropped: your message and its reply are unchanged, the prompt as it was")
         elif self.screen.query("HelpPanel"):
             self.action_hide_help_panel()
 
@@ -619,15 +626,17 @@ class MoeApp(CodingCommands, App):
         # What it was sent with goes back to the attachments, not into the prompt's text (sent again with them,
         # the files went twice); files are read again at send time, as any attachment.
         attached, typed = coding.split_message(users[-1].content, self.cwd)
-        if self.editing is None:  # a second Ctrl+E keeps what was attached before the first (Esc restores it)
-            self._before_edit = list(self.attachments)
+        if self.editing is not None:  # what was typed into the edit stays
+            self.notice("already editing your last message: Enter sends it, Esc drops the edit")
+            return
+        self._before_edit = (self.query_one(PromptInput).text, list(self.attachments))
         self.editing = users[-1].id
         pending = {a.name for a in self.attachments}
         for attachment in attached:
             if not attachment.label and not self._inside_project(attachment.path):
                 # Not read again at send time: the text as it was sent (it may be text the user pasted, and a
                 # file outside the project is read only after a question).
-                attachment = dataclasses.replace(attachment, label=f"File `{attachment.path}`")
+                attachment = dataclasses.replace(attachment, frozen=True)
             if attachment.name not in pending:
                 self.attachments.append(attachment)
                 deliver(self, self.backend.count_tokens(attachment.text),
@@ -635,7 +644,7 @@ class MoeApp(CodingCommands, App):
         self.put_back(typed)
         self.query_one(PromptInput).focus()
         again = f" ({len(attached)} attachment(s) with it again: /files)" if attached else ""
-        self.notice(f"editing your last message{again}: Enter replaces it and its reply; Esc keeps them")
+        self.notice(f"editing your last message{again}: Enter replaces it and its reply; Esc drops the edit")
 
     def _inside_project(self, path: Path) -> bool:
         try:
@@ -1063,7 +1072,7 @@ class MoeApp(CodingCommands, App):
     def as_it_is_now(self, attachment: coding.Attachment) -> coding.Attachment:
         """An attached file as it is when the message is sent: read again if it changed since it was attached
         (said); one that is gone or cannot be read any more keeps the text attached (said too)."""
-        if attachment.label:  # a command's output: as it was
+        if attachment.label or attachment.frozen:  # a command's output, or a file taken back by Ctrl+E: as it was
             return attachment
         try:
             text = coding.read_text_file(attachment.path)

@@ -468,7 +468,9 @@ async def test_editing_a_message_sent_with_files_puts_them_back_as_attachments(t
         prompt = app.query_one(PromptInput)
         assert prompt.text == "check @calc.py"
         assert [a.path.name for a in app.attachments] == ["calc.py"]
-        await pilot.press("ctrl+e")  # again: Esc still gives back what was attached before the first
+        prompt.insert(" now")
+        await pilot.press("ctrl+e")  # again: what was typed into the edit stays
+        assert prompt.text == "check @calc.py now"
         await pilot.press("escape")  # the edit dropped: nothing stays attached for the next message
         assert app.attachments == [] and prompt.text == ""
         await pilot.press("ctrl+e")
@@ -526,7 +528,7 @@ async def test_what_was_typed_and_attached_but_not_sent_is_back_after_a_restart(
         assert again.query_one(PromptInput).text == "half typed draft"
         assert [a.path.name for a in again.attachments if not a.label] == ["calc.py"]
         assert "pending-output" in [a for a in again.attachments if a.label][0].text
-        await wait_until(pilot, lambda: notified(again, "unsent message and 2 attachment(s)"))
+        await wait_until(pilot, lambda: notified(again, "from the last session (and 2 attachment(s)) is back"))
         again.query_one(PromptInput).text = ""
         again.attachments = []
     third = fake_app()  # nothing left to bring back: nothing is
@@ -563,3 +565,30 @@ async def test_editing_a_message_does_not_read_a_file_outside_the_project_again(
                          and [m.role for m in app.store.messages(app.chat_id)][-1] == "assistant")
         sent = [m for m in app.store.messages(app.chat_id) if m.role == "user"][-1].content
         assert "TOP SECRET" not in sent and "(example)" in sent
+
+
+async def test_dropping_an_edit_gives_back_what_was_typed_before_it(tmp_path, monkeypatch):
+    """Esc in an edit, or quitting during one, lost the draft typed before Ctrl+E (its attachments came back,
+    its words did not)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "app.py").write_text("x = 1\n")
+    app = scripted_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "hi")
+        await wait_until(pilot, lambda: replies(app) and not app.generating)
+        app.run_command("/add app.py")
+        prompt = app.query_one(PromptInput)
+        prompt.text = "draft two"
+        await pilot.press("ctrl+e")
+        assert prompt.text == "hi"
+        await pilot.press("escape")
+        assert prompt.text == "draft two" and [a.path.name for a in app.attachments] == ["app.py"]
+        await pilot.press("ctrl+e")
+        prompt.insert(" EDITED")
+        app.exit()  # quitting drops the edit as Esc does, and keeps the draft from before it
+    again = scripted_app(tmp_path)
+    async with again.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: again.query_one(PromptInput).text == "draft two")
+        await wait_until(pilot, lambda: [a.path.name for a in again.attachments] == ["app.py"])
