@@ -39,7 +39,12 @@ class ConfirmScreen(ModalScreen[bool]):
 
     # No is the default: it has the focus, so a bare Enter (typed on, from the prompt) answers No, as does
     # Enter with the focus on the diff; Yes takes `y` or Enter on its button.
-    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape,enter", "answer(False)", "no")]
+    BINDINGS = [Binding("y", "answer(True)", "yes"), Binding("n,escape,enter", "answer(False)", "no"),
+                # The question and its diff scroll with the keys at once (they went to the chat behind the box,
+                # and the box scrolled only after Tab had moved the focus into it).
+                *(Binding(key, f"scroll_box('{how}')", show=False) for key, how in (
+                    ("up", "up"), ("down", "down"), ("pageup", "page_up"), ("pagedown", "page_down"),
+                    ("home", "home"), ("end", "end")))]
     AUTO_FOCUS = "#no"
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
@@ -94,6 +99,9 @@ class ConfirmScreen(ModalScreen[bool]):
         room = max(3, int(self.size.height * 0.9) - around)
         if scroll.styles.max_height is None or scroll.styles.max_height.value != room:
             scroll.styles.max_height = room
+
+    def action_scroll_box(self, how: str) -> None:
+        getattr(self.query_one(VerticalScroll), f"scroll_{how}")(animate=False)
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if self.armed:
