@@ -13,7 +13,8 @@ from pathlib import Path
 MAX_ATTACHMENT_BYTES = 256 * 1024
 MAX_DIFF_BYTES = 1024 * 1024  # a file over this is overwritten after a plain question: no diff on the UI thread
 FENCE = re.compile(r"^(`{3,}|~{3,})([^\n`]*)\n(.*?)^\1[ \t]*$", re.S | re.M)
-MENTION = re.compile(r'(?<![\w@])@(?:"([^"\n]+)"|([\w./~+-]+))')  # @path, or @"a path with spaces"
+# @path, @"a path with spaces" or @a\ path\ with\ spaces (resolve() takes the quotes and backslashes off)
+MENTION = re.compile(r'(?<![\w@])@(?:"([^"\n]+)"|((?:[\w./~+-]|\\ )+))')
 LANGUAGES = {".py": "python", ".js": "javascript", ".ts": "typescript", ".rs": "rust", ".go": "go", ".c": "c",
              ".h": "c", ".cpp": "cpp", ".java": "java", ".sh": "bash", ".md": "markdown", ".toml": "toml",
              ".json": "json", ".yaml": "yaml", ".yml": "yaml", ".html": "html", ".css": "css", ".sql": "sql"}

@@ -305,6 +305,7 @@ async def test_an_at_path_with_a_space_completes_to_a_mention_that_attaches_it(f
         await pilot.press("tab")
         assert prompt.text == 'look at @"ünïcode modül.py"'
         assert coding.mentions(prompt.text) == ["ünïcode modül.py"]  # what a send attaches
+        assert coding.mentions("read @sub/sp\\ ace.py now") == ["sub/sp\\ ace.py"]  # as /add takes it
         prompt.text = "see @utlis.py"
         await pilot.press("enter")
         await wait_until(pilot, lambda: notified(app, "no such file: utlis.py"))
