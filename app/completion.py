@@ -12,6 +12,7 @@ from .commands import COMMANDS
 MAX_PATHS = 50  # entries listed from one directory (a huge one is not read to its end)
 MAX_SCANNED = 2000
 _MENTION_AT_CURSOR = re.compile(r"(?:^|(?<=\s))@([\w./~+-]*)$")  # the characters coding.MENTION accepts
+_QUOTED_AT_CURSOR = re.compile(r'(?:^|(?<=\s))@"([^"\n]*)$')  # @"a path with spaces, not closed yet
 _PATH_COMMAND = re.compile(r"^/(?:add|drop)\s+(\S*)$")
 _BARE_PATH = re.compile(r"[\w./~+-]+")
 
@@ -34,6 +35,13 @@ class Completion:
     """What is typed of it so far."""
     mention: bool = False
     """A path after `@` in a message (its candidates take mention_form)."""
+    quoted: bool = False
+    """After `@"`: the completion starts at the quote, and its candidates keep one."""
+
+    @property
+    def typed(self) -> str:
+        """What the completion replaces: the word, and its opening quote."""
+        return f'"{self.word}' if self.quoted else self.word
 
 
 def completion_at(line_before_cursor: str, first_line: bool) -> Completion | None:
@@ -44,15 +52,19 @@ def completion_at(line_before_cursor: str, first_line: bool) -> Completion | Non
         return Completion(match.start(1), "path", match.group(1))
     if match := _MENTION_AT_CURSOR.search(line_before_cursor):
         return Completion(match.start(1), "path", match.group(1), mention=True)
+    if match := _QUOTED_AT_CURSOR.search(line_before_cursor):
+        return Completion(match.start(1) - 1, "path", match.group(1), mention=True, quoted=True)
     return None
 
 
-def mention_form(candidate: Candidate) -> Candidate:
+def mention_form(candidate: Candidate, quoted: bool = False) -> Candidate:
     """A path completed after `@` in the form a mention can hold: in quotes where it has other characters than
-    a bare @path takes (a space), so that the completed file is attached, not sent as text."""
-    if _BARE_PATH.fullmatch(candidate.insert):
+    a bare @path takes (a space), or where the user opened one, so that the completed file is attached, not
+    sent as text. A folder's quote stays open, for the completion to go on inside it."""
+    if not quoted and _BARE_PATH.fullmatch(candidate.insert):
         return candidate
-    return Candidate(f'"{candidate.insert}"', candidate.label)
+    close = "" if candidate.insert.endswith("/") else '"'
+    return Candidate(f'"{candidate.insert}{close}', candidate.label)
 
 
 def command_candidates(word: str) -> list[Candidate]:

@@ -306,6 +306,19 @@ async def test_an_at_path_with_a_space_completes_to_a_mention_that_attaches_it(f
         assert prompt.text == 'look at @"ünïcode modül.py"'
         assert coding.mentions(prompt.text) == ["ünïcode modül.py"]  # what a send attaches
         assert coding.mentions("read @sub/sp\\ ace.py now") == ["sub/sp\\ ace.py"]  # as /add takes it
+        # Inside quotes, and into a folder with a space: the quote stays open until a file is chosen.
+        (tmp_path / "my dir").mkdir()
+        (tmp_path / "my dir" / "inner file.py").write_text("y = 2\n")
+        for typed, completed in (('see @"ünï', 'see @"ünïcode modül.py"'), ("see @my", 'see @"my dir/'),
+                                 ('see @"my dir/in', 'see @"my dir/inner file.py"')):
+            prompt.text = ""
+            await pilot.pause()
+            await pilot.press(*typed)
+            await wait_until(pilot, lambda: menu.shown)
+            await pilot.press("tab")
+            assert prompt.text == completed and app.focused is prompt
+        await pilot.pause()
+        assert not menu.shown  # a file chosen and its quote closed: nothing more to list
         prompt.text = "see @utlis.py"
         await pilot.press("enter")
         await wait_until(pilot, lambda: notified(app, "no such file: utlis.py"))

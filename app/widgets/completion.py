@@ -66,8 +66,8 @@ class CompletionList(OptionList, can_focus=False):
         if wanted != wanted_at(prompt):  # typed on meanwhile
             return
         if wanted.mention:
-            candidates = [mention_form(c) for c in candidates]
-        candidates = [c for c in candidates if c.insert.rstrip() != wanted.word]  # what is typed already
+            candidates = [mention_form(c, wanted.quoted) for c in candidates]
+        candidates = [c for c in candidates if c.insert.rstrip() != wanted.typed]  # what is typed already
         self.show(wanted, candidates) if candidates else self.hide()
 
     def show(self, completion: Completion, candidates: list[Candidate]) -> None:
