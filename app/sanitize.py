@@ -22,7 +22,7 @@ _SEQUENCE = re.compile(
 
 # Every character a terminal may act on: C0 but tab and newline, DEL, C1. Text without one (nearly every
 # streamed chunk) is returned as it is after this one scan.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 # Controls left after the sequences are removed, made visible. C0 and DEL as Unicode control pictures
 # (U+2400 + code, DEL U+2421): one cell each, and unlike a `\x1b` escape they cannot be mistaken for the
@@ -32,6 +32,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _VISIBLE = {code: chr(0x2400 + code) for code in range(0x20) if code not in (0x09, 0x0A)}
 _VISIBLE[0x7F] = "\u2421"
 _VISIBLE.update({code: REMOVED + chr(code - 0x40) for code in range(0x80, 0xA0)})
+# Bidirectional embeddings, overrides and isolates: a terminal that reorders text would show `rm x‮txt.py` as
+# something else than what runs ("Trojan Source"). Named, as they have no picture.
+_VISIBLE.update({code: f"[U+{code:04X}]" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 
 
 def terminal_safe(text: str) -> str:

@@ -188,3 +188,13 @@ async def test_a_confirm_dialog_hides_nothing_inside_an_escape_sequence():
         shown = next(w for w in screen.query_one(VerticalScroll).query(Static) if not isinstance(w, Label))
         diff = assert_inert(shown.render_lines(shown.size.region))
         assert "touch /tmp/PWNED" in question and "import os" in diff
+
+
+def test_bidirectional_overrides_are_named_not_obeyed():
+    """U+202E (right-to-left override) went through: a terminal that reorders text would show a command or a
+    file name otherwise than it is."""
+    from moe_tui.app.sanitize import revealed
+
+    text = "rm -rf ./\u202etxt.py"
+    assert terminal_safe(text) == revealed(text) == "rm -rf ./[U+202E]txt.py"
+    assert terminal_safe("\u2066isolated\u2069") == "[U+2066]isolated[U+2069]"
