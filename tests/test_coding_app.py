@@ -70,6 +70,13 @@ def scripted_app(tmp_path, **settings) -> MoeApp:
                           worker_factory=ScriptedWorker))
 
 
+def scripted_app_in(tmp_path, monkeypatch, **settings) -> MoeApp:
+    """A scripted app working in `tmp_path` (its folder, its config)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
+    return scripted_app(tmp_path, **settings)
+
+
 def notices(app) -> str:
     return "\n".join(v.text for v in app.query(MessageView) if v.role == "notice")
 
@@ -456,10 +463,8 @@ def test_a_path_typed_with_quotes_or_escaped_spaces_names_the_file(tmp_path, typ
 async def test_editing_a_message_sent_with_files_puts_them_back_as_attachments(tmp_path, monkeypatch):
     """Ctrl+E put the whole stored message, files included, into the prompt: sent again, each file went twice
     (the inline copy as it was then)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
     (tmp_path / "calc.py").write_text("def mean(xs):\n    return sum(xs) / len(xs)\n")
-    app = scripted_app(tmp_path)
+    app = scripted_app_in(tmp_path, monkeypatch)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "check @calc.py")
@@ -570,10 +575,8 @@ async def test_editing_a_message_does_not_read_a_file_outside_the_project_again(
 async def test_dropping_an_edit_gives_back_what_was_typed_before_it(tmp_path, monkeypatch):
     """Esc in an edit, or quitting during one, lost the draft typed before Ctrl+E (its attachments came back,
     its words did not)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MOE_CONFIG", str(tmp_path / "config.toml"))
     (tmp_path / "app.py").write_text("x = 1\n")
-    app = scripted_app(tmp_path)
+    app = scripted_app_in(tmp_path, monkeypatch)
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.last_snapshot is not None)
         await send(pilot, app, "hi")
