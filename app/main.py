@@ -268,9 +268,9 @@ class MoeApp(CodingCommands, App):
         super().exit(*args, **kwargs)
 
     def save_draft(self) -> None:
-        """What is typed in the prompt and attached, not sent, kept for the next start: quitting lost it without
-        a word (a long test run's output too). An edit of a sent message is not kept: quitting drops it, as Esc
-        does, and keeps what was typed and attached before it."""
+        """The chat the app is in, and what is typed in the prompt and attached, not sent, kept for the next
+        start: quitting lost it without a word (a long test run's output too). An edit of a sent message is not
+        kept: quitting drops it, as Esc does, and keeps what was typed and attached before it."""
         try:
             text = self.query_one(PromptInput).text
         except NoMatches:
@@ -280,10 +280,9 @@ class MoeApp(CodingCommands, App):
             text, kept = self._before_edit
         attachments = [{"path": str(a.path), "label": a.label, "text": a.text if a.label or a.frozen else None,
                         "frozen": a.frozen} for a in kept]
+        if not text.strip() and not attachments:
+            text = ""  # nothing to bring back but the chat it was in
         try:
-            if not text.strip() and not attachments:
-                self.draft_path.unlink(missing_ok=True)
-                return
             partial = self.draft_path.with_suffix(".json.part")
             partial.write_text(json.dumps({"chat_id": self.chat_id, "text": text, "attachments": attachments}))
             os.replace(partial, self.draft_path)
@@ -291,7 +290,9 @@ class MoeApp(CodingCommands, App):
             pass
 
     def restore_draft(self) -> None:
-        """The draft kept at the last quit, back in the prompt and the attachments (files as they are now)."""
+        """The chat the app was in at the last quit, and the draft kept then, back in the prompt and the
+        attachments (files as they are now). The most recently updated chat opened instead, not the one the
+        user had been in."""
         try:
             draft = json.loads(self.draft_path.read_text())
             self.draft_path.unlink()
@@ -302,6 +303,8 @@ class MoeApp(CodingCommands, App):
         chat_id = draft.get("chat_id")
         if isinstance(chat_id, int) and chat_id != self.chat_id and any(c.id == chat_id for c in self.store.chats()):
             self.open_chat(chat_id)
+        if not draft["text"] and not draft.get("attachments"):
+            return
         restored = 0
         for item in draft.get("attachments") or []:
             if not isinstance(item, dict) or not isinstance(item.get("path"), str):

@@ -536,10 +536,17 @@ async def test_what_was_typed_and_attached_but_not_sent_is_back_after_a_restart(
         await wait_until(pilot, lambda: notified(again, "from the last session (and 2 attachment(s)) is back"))
         again.query_one(PromptInput).text = ""
         again.attachments = []
-    third = fake_app()  # nothing left to bring back: nothing is
+        first_chat = again.chat_id
+        again.run_command("/new")
+        again.store.add_message(first_chat, "user", "a later message")  # the first chat is now the latest
+        await wait_until(pilot, lambda: again.chat_id != first_chat)
+        left_in = again.chat_id
+        again.exit()
+    third = fake_app()  # nothing left to bring back: nothing is, but the app opens the chat it was left in
     async with third.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: third.last_snapshot is not None)
         assert third.query_one(PromptInput).text == "" and third.attachments == []
+        assert third.chat_id == left_in
 
 
 def test_a_file_with_longer_fences_is_read_back_whole_from_its_message(tmp_path):
