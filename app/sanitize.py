@@ -59,6 +59,21 @@ def revealed(text: str) -> str:
     return text.replace("\r\n", "\n").translate(_VISIBLE)
 
 
+_FENCED = re.compile(r"^(`{3,}|~{3,})[^\n`]*\n.*?^\1[ \t]*$", re.S | re.M)
+
+
+def markdown_safe(markdown: str) -> str:
+    """A reply's Markdown for the chat: terminal_safe, but its code blocks revealed, since /save, /copy and
+    /apply take them as they are (one ␛ for a whole sequence hid what they would write)."""
+    if _CONTROL.search(markdown) is None:
+        return markdown
+    parts, at = [], 0
+    for match in _FENCED.finditer(markdown):
+        parts += [terminal_safe(markdown[at:match.start()]), revealed(match.group(0))]
+        at = match.end()
+    return "".join(parts) + terminal_safe(markdown[at:])
+
+
 def markup_safe(text: str) -> str:
     """`text` terminal-safe and escaped for a Textual markup string (Label, Static, App.notify), so a path
     like `[/]x.py` shows as written instead of raising MarkupError or styling what follows.

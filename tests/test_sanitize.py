@@ -134,7 +134,8 @@ async def test_a_message_draws_a_hostile_reply_inert_and_keeps_the_text_it_recei
         view = app.query_one(MessageView)
         shown = assert_inert(rows(view))
         assert REMOVED in shown and "print('hi')" in shown and "Last line" in shown
-        assert PAYLOAD not in shown and "pwned" not in shown
+        assert "pwned" not in shown  # prose: one ␛ per sequence
+        assert f"␛]52;c;{PAYLOAD}␇" in shown and "␛[2J␛[31m" in shown  # a code block: all of it, as /save takes it
         assert view.text == REPLY  # sanitized when drawn, stored as received
 
 
@@ -198,3 +199,14 @@ def test_bidirectional_overrides_are_named_not_obeyed():
     text = "rm -rf ./\u202etxt.py"
     assert terminal_safe(text) == revealed(text) == "rm -rf ./[U+202E]txt.py"
     assert terminal_safe("\u2066isolated\u2069") == "[U+2066]isolated[U+2069]"
+
+
+def test_a_replys_code_blocks_show_whole_escape_sequences_in_the_chat():
+    """The chat showed `BANNER = "␛\\ ␛RED␛ ␛\\"` for a block that /save would write with a title change and a
+    clipboard write in it: a code block shows every character of a sequence, the prose one ␛ each."""
+    from moe_tui.app.sanitize import markdown_safe
+
+    reply = f"Here \x1b[31mred\x1b[0m.\n\n```python\nBANNER = \"{OSC52}\"\n```\n"
+    shown = markdown_safe(reply)
+    assert shown.startswith("Here ␛red␛.") and f'BANNER = "␛]52;c;{PAYLOAD}␇"' in shown
+    assert markdown_safe(shown) == shown  # idempotent: nothing left to act on

@@ -18,7 +18,7 @@ from textual.widget import Widget
 from textual.widgets import Button, TextArea
 
 from ..history import PromptHistory
-from ..sanitize import terminal_safe
+from ..sanitize import markdown_safe, terminal_safe
 from ..textual_compat import OnePassResize
 from .completion import CompletionList
 from .rows import StyledRows
@@ -102,7 +102,7 @@ class MessageView(OnePassResize, StyledRows, Widget):
         """Render the rows for this width and theme now; safe off the UI thread before the view is mounted
         (a long reply's Markdown is slow to render: done on the UI thread, keys would wait)."""
         # Rich keeps ESC in its segments: a reply's OSC 52 would write the clipboard on every redraw.
-        markdown = RichMarkdown(terminal_safe(self.markdown), code_theme="monokai" if dark else "default",
+        markdown = RichMarkdown(markdown_safe(self.markdown), code_theme="monokai" if dark else "default",
                                 hyperlinks=False)
         lines = console.render_lines(markdown, console.options.update_width(max(width, 1)), pad=False)
         while lines and not lines[0]:  # Rich starts a list with an empty row; the margin spaces messages
