@@ -106,6 +106,9 @@ def _info_path(info: str) -> str | None:
     language a path with spaces (```python pkg/new module.py, ```python "my file.py")."""
     parts = info.split(None, 1)
     if len(parts) == 2 and parts[0].lower() in LANGUAGE_NAMES:
+        quoted = re.match(r"""\s*(["'`])([^"'`\n]+)\1""", parts[1])
+        if quoted and looks_like_path(quoted.group(2).replace(" ", "_"), strict=False):
+            return quoted.group(2)  # `python "my file.py" updated`: the quoted path, whatever follows
         rest = parts[1].strip().strip("\"'`")
         first = rest.split()[0] if rest.split() else ""
         # Spaces inside the path: its first word names no file of its own, and the whole ends in a known suffix

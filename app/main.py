@@ -333,8 +333,8 @@ class MoeApp(CodingCommands, App):
     def open_chat(self, chat_id: int, show: int | None = None) -> None:
         """Show chat `chat_id` at its end, or at message `show` (a search hit)."""
         self.leave_reply()
-        if chat_id != self.chat_id:
-            self.editing = None
+        if chat_id != self.chat_id and self.editing is not None:  # the edit belongs to the chat being left
+            self.drop_edit()
         self.chat_id = chat_id
         box = self.query_one("#messages", VerticalScroll)
         box.remove_children("MessageView, StreamingReply")
@@ -460,7 +460,8 @@ class MoeApp(CodingCommands, App):
             proceed()
 
     def send(self, typed: str) -> None:
-        if self.editing is not None and not self.replace_edited():
+        edited = self.editing is not None
+        if edited and not self.replace_edited():
             self.put_back(typed)
             return
         self.attachments = [self.as_it_is_now(a) for a in self.attachments]
@@ -472,6 +473,8 @@ class MoeApp(CodingCommands, App):
             self.put_back(typed)
             return
         self.attachments = []
+        if edited:  # what was typed and attached before Ctrl+E, back for the next message
+            self.restore_before_edit()
         try:
             if self.store.chat(self.chat_id).title == "New chat":
                 self.store.update_chat(self.chat_id, title=typed.splitlines()[0][:60])
@@ -575,10 +578,7 @@ class MoeApp(CodingCommands, App):
         elif self.cancel_command():
             pass
         elif self.editing is not None:
-            self.editing = None
-            self.put_back(self._before_edit[0])
-            self.attachments = list(self._before_edit[1])
-            self.refresh_context()
+            self.drop_edit()
             self.notice("edit dropped: your message and its reply are unchanged, the prompt as it was")
         elif self.screen.query("HelpPanel"):
             self.action_hide_help_panel()
@@ -622,6 +622,8 @@ class MoeApp(CodingCommands, App):
         if self.generating:
             self.notice("a reply is still streaming: Esc cancels it first", "warning")
             return
+        if len(self.screen_stack) > 1:  # a question is open: its answer may send what the prompt held
+            return
         users = [m for m in self.store.messages(self.chat_id) if m.role == "user"]
         if not users:
             self.notice("no message to edit yet", "warning")
@@ -634,7 +636,8 @@ class MoeApp(CodingCommands, App):
             return
         self._before_edit = (self.query_one(PromptInput).text, list(self.attachments))
         self.editing = users[-1].id
-        pending = {a.name for a in self.attachments}
+        self.attachments = []  # the edit goes with its own files; the draft's come back after it (or on Esc)
+        pending: set[str] = set()
         for attachment in attached:
             if not attachment.label and not self._inside_project(attachment.path):
                 # Not read again at send time: the text as it was sent (it may be text the user pasted, and a
@@ -655,6 +658,23 @@ class MoeApp(CodingCommands, App):
         except coding.PathError:
             return False
 
+    def drop_edit(self) -> None:
+        """Leave the edit Ctrl+E began: the prompt and the attachments as they were before it."""
+        self.editing = None
+        self.restore_before_edit()
+
+    def restore_before_edit(self) -> None:
+        """What was typed and attached before Ctrl+E, back in the prompt and the attachments (their token
+        counts taken again where they had none yet: a count that came during the edit found them gone)."""
+        text, before = self._before_edit
+        self.put_back(text)
+        self.attachments = list(before)
+        for attachment in before:
+            if not attachment.tokens:
+                deliver(self, self.backend.count_tokens(attachment.text),
+                        lambda counted, a=attachment: self._counted(a, counted))
+        self.refresh_context()
+
     def replace_edited(self) -> bool:
         """Delete the message being edited and everything after it (the edited text is being sent)."""
         edited, self.editing = self.editing, None
@@ -673,7 +693,10 @@ class MoeApp(CodingCommands, App):
         self.open_chat(self.store.create_chat(model=self.spec.model).id)  # a streaming reply is cancelled
 
     def action_page_chat(self, direction: int) -> None:
-        """Scroll the chat a page (from the prompt too)."""
+        """Scroll the chat a page (from the prompt too); under a question, the question's text and diff."""
+        if isinstance(self.screen, ConfirmScreen):
+            self.screen.action_scroll_box("page_up" if direction < 0 else "page_down")
+            return
         box = self.query_one("#messages", VerticalScroll)
         box.scroll_page_up(animate=False) if direction < 0 else box.scroll_page_down(animate=False)
 

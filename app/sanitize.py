@@ -34,7 +34,8 @@ _VISIBLE[0x7F] = "\u2421"
 _VISIBLE.update({code: REMOVED + chr(code - 0x40) for code in range(0x80, 0xA0)})
 # Bidirectional embeddings, overrides and isolates: a terminal that reorders text would show `rm x‮txt.py` as
 # something else than what runs ("Trojan Source"). Named, as they have no picture.
-_VISIBLE.update({code: f"[U+{code:04X}]" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+# In angle quotes, not brackets: the chat renders Markdown, and `[U+202E](https://...)` would become a link.
+_VISIBLE.update({code: f"‹U+{code:04X}›" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 
 
 def terminal_safe(text: str) -> str:

@@ -602,3 +602,39 @@ async def test_dropping_an_edit_gives_back_what_was_typed_before_it(tmp_path, mo
     async with again.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: again.query_one(PromptInput).text == "draft two")
         await wait_until(pilot, lambda: [a.path.name for a in again.attachments] == ["app.py"])
+
+
+async def test_an_edit_sent_or_left_for_another_chat_gives_back_the_draft_from_before_it(tmp_path, monkeypatch):
+    """Found in review: sending an edit lost the draft typed before Ctrl+E and sent the draft's files inside the
+    edited message; Ctrl+N during an edit carried the edit into the new chat and lost the draft; Ctrl+E under
+    an open question made its Yes send the prompt as the edit, deleting the exchange before it."""
+    (tmp_path / "app.py").write_text("x = 1\n")
+    (tmp_path.parent / "out.txt").write_text("outside\n")
+    app = scripted_app_in(tmp_path, monkeypatch)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        await send(pilot, app, "first question")
+        await wait_until(pilot, lambda: replies(app) and not app.generating)
+        app.run_command("/add app.py")
+        prompt = app.query_one(PromptInput)
+        prompt.text = "long draft two"
+        await pilot.press("ctrl+e")
+        assert prompt.text == "first question" and app.attachments == []
+        prompt.text = "first question, edited"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(replies(app)) == 1 and not app.generating
+                         and [m.role for m in app.store.messages(app.chat_id)][-1] == "assistant")
+        sent = [m.content for m in app.store.messages(app.chat_id) if m.role == "user"]
+        assert sent == ["first question, edited"]  # the draft's file did not go with the edit
+        assert prompt.text == "long draft two" and [a.path.name for a in app.attachments] == ["app.py"]
+        await pilot.press("ctrl+e")
+        await pilot.press("ctrl+n")  # another chat: the edit stays behind, the draft comes back
+        await wait_until(pilot, lambda: not app.store.messages(app.chat_id))
+        assert app.editing is None and prompt.text == "long draft two"
+        assert [a.path.name for a in app.attachments] == ["app.py"]
+        app.attachments = []
+        await send(pilot, app, "look @../out.txt")  # asks first: outside the project
+        await wait_until(pilot, lambda: dialog_open(app))
+        await pilot.press("ctrl+e")  # under the question: nothing
+        assert app.editing is None
+        await pilot.press("n")

@@ -192,7 +192,8 @@ def test_a_crlf_file_keeps_its_line_endings(tmp_path):
                                         # a path, then words about it (found in review)
                                         ("python app/x.py updated", "app/x.py"),
                                         ("python src/app.py - updated version", "src/app.py"),
-                                        ("diff a/b.py b/b.py", "a/b.py")])
+                                        ("diff a/b.py b/b.py", "a/b.py"),
+                                        ('python "my file.py" updated', "my file.py")])
 def test_a_path_with_spaces_in_the_info_string_is_read_whole(info, path):
     """`python pkg/new module.py` was read as pkg/new, and /apply created that file."""
     found, _ = edits.parse_edits(f"```{info}\nx = 1\n```\n")

@@ -197,8 +197,8 @@ def test_bidirectional_overrides_are_named_not_obeyed():
     from moe_tui.app.sanitize import revealed
 
     text = "rm -rf ./\u202etxt.py"
-    assert terminal_safe(text) == revealed(text) == "rm -rf ./[U+202E]txt.py"
-    assert terminal_safe("\u2066isolated\u2069") == "[U+2066]isolated[U+2069]"
+    assert terminal_safe(text) == revealed(text) == "rm -rf ./‹U+202E›txt.py"
+    assert terminal_safe("\u2066isolated\u2069") == "‹U+2066›isolated‹U+2069›"
 
 
 def test_a_replys_code_blocks_show_whole_escape_sequences_in_the_chat():
