@@ -278,8 +278,11 @@ class MoeApp(CodingCommands, App):
         kept = self.attachments
         if self.editing is not None:  # the edit is dropped, as Esc drops it: what was there before it is kept
             text, kept = self._before_edit
-        attachments = [{"path": str(a.path), "label": a.label, "text": a.text if a.label or a.frozen else None,
-                        "frozen": a.frozen} for a in kept]
+        # A file outside the project is kept as it was attached (the question before reading it was answered for
+        # that text), not read again at the next start.
+        frozen = [a.frozen or (not a.label and not self._inside_project(a.path)) for a in kept]
+        attachments = [{"path": str(a.path), "label": a.label, "text": a.text if a.label or ice else None,
+                        "frozen": ice} for a, ice in zip(kept, frozen, strict=True)]
         if not text.strip() and not attachments:
             text = ""  # nothing to bring back but the chat it was in
         try:

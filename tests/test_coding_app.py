@@ -638,3 +638,25 @@ async def test_an_edit_sent_or_left_for_another_chat_gives_back_the_draft_from_b
         await pilot.press("ctrl+e")  # under the question: nothing
         assert app.editing is None
         await pilot.press("n")
+
+
+async def test_a_draft_file_outside_the_project_comes_back_as_it_was_attached(fake_app, tmp_path, monkeypatch):
+    """Found in review: a file outside the project in the draft was read again at the next start, without the
+    question it had been attached after."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("as attached\n")
+    app = fake_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.last_snapshot is not None)
+        app.run_command(f"/add {outside}")
+        await answer(pilot, app, "y")  # outside the project: asked first
+        await wait_until(pilot, lambda: app.attachments)
+        app.exit()
+    outside.write_text("changed since\n")
+    again = fake_app()
+    async with again.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: again.attachments)
+        assert [a.text for a in again.attachments] == ["as attached\n"] and again.attachments[0].frozen
