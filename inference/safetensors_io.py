@@ -8,6 +8,7 @@ import json
 import math
 import mmap
 import os
+import re
 import stat
 import struct
 import sys
@@ -227,7 +228,17 @@ def weight_files(model_dir: Path) -> list[Path]:
         return [model_dir / n for n in names]
     if not globbed:
         raise ModelLoadError(f"{model_dir}: no model*.safetensors files; is this an MLX/HF model folder?")
+    # No index (yet): shards named model-00001-of-00003.safetensors still say how many there must be.
+    counts = {int(m.group(1)) for p in globbed if (m := _SHARD_NAME.fullmatch(p.name))}
+    for count in counts:
+        expected = {f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)}
+        missing = sorted(expected - {p.name for p in globbed})
+        if missing:
+            raise ModelLoadError(f"{model_dir}: shard(s) {', '.join(missing)} are missing; finish the download")
     return globbed
+
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-(\d{5})\.safetensors")
 
 
 def _index_shards(index_path: Path) -> list[str]:

@@ -71,6 +71,11 @@ def test_missing_shard(tmp_path):
     next(path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(ModelLoadError, match="missing; finish the download"):
         Engine.load(path)
+    # Before the index has come down too: the shards' names say how many there must be (a half-downloaded
+    # folder passed as whole; found in review).
+    (path / "model.safetensors.index.json").unlink()
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors are missing"):
+        Engine.load(path)
 
 
 def test_truncated_file(tmp_path):
