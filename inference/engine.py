@@ -19,7 +19,7 @@ from .expert_cache import MODES, ExpertCache, ModelLayout
 from .generation import Penalties, PromptCache, Speed, generate
 from .loading import context_length, kv_group_size, open_checkpoint, resolve_model_path
 from .plan import DEFAULT_CONTEXT, kv_bytes_per_token
-from .prompts import control_strings, encode_messages, max_token_bytes
+from .prompts import control_strings, encode_prompt, max_token_bytes
 from .telemetry import CacheSnapshot, GenerationDone, TokenDelta
 
 __all__ = ["MODES", "Engine", "ModelLayout", "resolve_model_path"]
@@ -184,15 +184,11 @@ class Engine:
     # ---------------------------------------------------------------- generation
 
     def encode(self, messages_or_prompt: str | Sequence[dict] | Sequence[int],
-               tools: Sequence[dict] | None = None) -> list[int]:
+               tools: Sequence[dict] | None = None, continue_final: bool = False) -> list[int]:
         """Token ids of a raw string, chat messages (with the chat template, given `tools` if any; special-token
-        text inside a message stays text) or ids as they are."""
-        if isinstance(messages_or_prompt, str):
-            return list(self.tokenizer.encode(messages_or_prompt))
-        items = list(messages_or_prompt)
-        if items and isinstance(items[0], dict):
-            return encode_messages(self.tokenizer, items, self._control_strings, tools=tools)
-        return [int(t) for t in items]
+        text inside a message stays text; `continue_final`: the reply goes on from the last message) or ids as
+        they are."""
+        return encode_prompt(self.tokenizer, messages_or_prompt, self._control_strings, tools, continue_final)
 
     def reset_prompt_cache(self) -> None:
         """Forget the KV cache kept across turns (the next prompt is prefilled in full)."""

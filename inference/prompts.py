@@ -73,6 +73,19 @@ def encode_messages(tokenizer: Any, messages: Sequence[dict], markers: tuple[str
     return ids
 
 
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[dict] | Sequence[int], markers: tuple[str, ...],
+                  tools: Sequence[dict] | None = None, continue_final: bool = False) -> list[int]:
+    """Token ids of a raw string, chat messages (encode_messages: the chat template, given `tools`; special-token
+    text inside a message stays text; `continue_final`: the reply goes on from the last message) or ids as they
+    are. `markers`: the tokenizer's control_strings."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    items = list(prompt)
+    if items and isinstance(items[0], dict):
+        return encode_messages(tokenizer, items, markers, tools=tools, continue_final=continue_final)
+    return [int(t) for t in items]
+
+
 def max_token_bytes(tokenizer: Any) -> int:
     """An upper bound on the UTF-8 bytes one token stands for: a text of B bytes takes at least
     B / this many tokens, which rules out a prompt far over the context without tokenizing it.

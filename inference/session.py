@@ -45,7 +45,6 @@ from .events import (
     reply_reserve,
 )
 from .oracle import sampled_layers
-from .prompts import encode_messages
 from .telemetry import CacheSnapshot, GenerationDone
 from .tools import ToolCallSplitter, ToolFormat, forced_opening, tool_format
 
@@ -323,11 +322,7 @@ class Session:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                if request.tools is None and not request.continue_final:
-                    future.set_result(self.engine.encode(request.prompt))
-                else:
-                    future.set_result(encode_messages(self.engine.tokenizer, list(request.prompt), tools=request.tools,
-                                                      continue_final=request.continue_final))
+                future.set_result(self.engine.encode(request.prompt, request.tools, request.continue_final))
             except Exception as exc:  # noqa: BLE001 - e.g. a chat template refusing a role order
                 future.set_exception(exc)
 

@@ -127,7 +127,7 @@ def test_tokenize_runs_on_the_session_thread_even_mid_reply(started):
     sink.until(Delta)
     seen = []
     real = session.engine.encode
-    session.engine.encode = lambda prompt: seen.append(threading.current_thread().name) or real(prompt)
+    session.engine.encode = lambda prompt, *args: seen.append(threading.current_thread().name) or real(prompt, *args)
     assert len(session.tokenize(Tokenize(PROMPT)).result(10)) > 0
     assert seen == ["moe-inference"] and session.current is not None  # answered while the reply ran
     session.cancel()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event, Generate, Notice, Tokenize
-from ..prompts import control_strings, encode_messages
+from ..prompts import control_strings, encode_prompt
 from ..session import QueueFull, Session, SessionClosed
 from ..telemetry import CacheSnapshot
 from ..tools import ToolFormat
@@ -144,10 +144,7 @@ class EngineRunner:
                 tokenizer = copy.deepcopy(self.session.engine.tokenizer)
                 self._count_tokenizer = (tokenizer, control_strings(tokenizer))
         tokenizer, markers = self._count_tokenizer
-        if isinstance(request.prompt, str):
-            return list(tokenizer.encode(request.prompt))
-        return encode_messages(tokenizer, list(request.prompt), markers, tools=request.tools,
-                               continue_final=request.continue_final)
+        return encode_prompt(tokenizer, request.prompt, markers, request.tools, request.continue_final)
 
     def submit(self, request: Generate) -> ServerJob:
         """Queue a generation whose events arrive on the returned job's queue.
