@@ -111,18 +111,19 @@ class RemoteWorker(threading.Thread):
 
     def _count(self, text: str | list[dict]) -> int:
         """Tokens of a text, or of chat messages as the chat template makes them, by the server's /tokenize;
-        estimated when that fails."""
-        if self._counter is None:
-            return estimated_tokens(text).result()
+        estimated when the server has none or it fails."""
+        counted = self._server_count(text) if self._counter is not None else None
+        return counted if counted is not None else estimated_tokens(text).result()
+
+    def _server_count(self, text: str | list[dict]) -> int | None:
+        """The server's /tokenize count of a text or chat messages; None when it gives none."""
         body = {"model": self.model, **({"prompt": text} if isinstance(text, str) else {"messages": list(text)})}
         try:
             r = self.client.post("/tokenize", json=body)
             count = r.json().get("count") if r.status_code == 200 else None
-            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-                return count
-        except (httpx.HTTPError, ValueError, RecursionError, AttributeError):
-            pass
-        return estimated_tokens(text).result()
+        except (httpx.HTTPError, ValueError, RecursionError, AttributeError):  # unreachable, or junk
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
 
     def _fit(self, request: Generate) -> tuple[list[dict], int] | None:
         """The request's messages fitted to the server's context window where it is known (the oldest turns
@@ -188,7 +189,8 @@ class RemoteWorker(threading.Thread):
                 return
             self.model = names[0]
         self.context_length = _context_length(models.json(), self.model)
-        if self.context_length and self._can_count():
+        # The server counts chat tokens (POST /tokenize, as `moe serve` and vLLM do): exact counts, else estimates.
+        if self.context_length and self._server_count([{"role": "user", "content": "hello"}]) is not None:
             self._counter = ThreadPoolExecutor(1, thread_name_prefix="moe-remote-count")
             self.capabilities = replace(self.capabilities, exact_token_counts=True)
         telemetry = self.want_telemetry and self._has_telemetry()
@@ -216,16 +218,6 @@ class RemoteWorker(threading.Thread):
                 self.app.post_message(EngineNotice("capacity, mode and policy are set where the server runs "
                                                    "(moe serve --capacity/--mode/--policy)", "warning"))
         self.client.close()
-
-    def _can_count(self) -> bool:
-        """The server counts chat tokens (POST /tokenize, as `moe serve` and vLLM do)."""
-        try:
-            r = self.client.post("/tokenize", json={"model": self.model,
-                                                    "messages": [{"role": "user", "content": "hello"}]})
-            count = r.json().get("count") if r.status_code == 200 else None
-            return isinstance(count, int) and not isinstance(count, bool)
-        except Exception:  # noqa: BLE001 - unreachable, or junk: estimates, as before
-            return False
 
     def _has_telemetry(self) -> bool:
         try:
