@@ -14,7 +14,7 @@ from rich.text import Text
 from textual.worker import Worker
 
 from . import coding, edits, runner
-from .context_gauge import ContextBudget, ContextGauge, count, deliver
+from .context_gauge import ContextBudget, ContextGauge, count
 from .messages import ReplyDone
 from .sanitize import terminal_safe
 from .store import AppliedFile
@@ -222,14 +222,7 @@ class CodingCommands:
         attachment = coding.Attachment(self.cwd, text, 0, result.label)
         self.attachments.append(attachment)
         self.refresh_context()
-
-        def counted(future) -> None:
-            if future.exception() is None:
-                self.attachments = [dataclasses.replace(a, tokens=future.result()) if a is attachment else a
-                                    for a in self.attachments]
-                self.refresh_context()
-
-        deliver(self, self.backend.count_tokens(text), counted)
+        self.count_attachment(attachment)
 
     def cmd_diff(self, arg: str) -> None:
         async def diff() -> None:

@@ -316,8 +316,7 @@ class MoeApp(CodingCommands, App):
                 label = str(item.get("label") or "")
                 self.attachments.append(coding.Attachment(self.cwd if label else Path(item["path"]), item["text"], 0,
                                                           label, frozen=bool(item.get("frozen"))))
-                deliver(self, self.backend.count_tokens(item["text"]),
-                        lambda counted, a=self.attachments[-1]: self._counted(a, counted))
+                self.count_attachment(self.attachments[-1])
                 restored += 1
             elif self.attach(item["path"]):  # a file: read again (one gone is said)
                 restored += 1
@@ -631,25 +630,22 @@ class MoeApp(CodingCommands, App):
         if not users:
             self.notice("no message to edit yet", "warning")
             return
-        # What it was sent with goes back to the attachments, not into the prompt's text (sent again with them,
-        # the files went twice); files are read again at send time, as any attachment.
-        attached, typed = coding.split_message(users[-1].content, self.cwd)
         if self.editing is not None:  # what was typed into the edit stays
             self.notice("already editing your last message: Enter sends it, Esc drops the edit")
             return
+        # What it was sent with goes back to the attachments, not into the prompt's text (sent again with them,
+        # the files went twice); files are read again at send time, as any attachment.
+        attached, typed = coding.split_message(users[-1].content, self.cwd)
         self._before_edit = (self.query_one(PromptInput).text, list(self.attachments))
         self.editing = users[-1].id
         self.attachments = []  # the edit goes with its own files; the draft's come back after it (or on Esc)
-        pending: set[str] = set()
         for attachment in attached:
             if not attachment.label and not self._inside_project(attachment.path):
                 # Not read again at send time: the text as it was sent (it may be text the user pasted, and a
                 # file outside the project is read only after a question).
                 attachment = dataclasses.replace(attachment, frozen=True)
-            if attachment.name not in pending:
-                self.attachments.append(attachment)
-                deliver(self, self.backend.count_tokens(attachment.text),
-                        lambda counted, a=attachment: self._counted(a, counted))
+            self.attachments.append(attachment)
+            self.count_attachment(attachment)
         self.put_back(typed)
         self.query_one(PromptInput).focus()
         again = f" ({len(attached)} attachment(s) with it again: /files)" if attached else ""
@@ -674,8 +670,7 @@ class MoeApp(CodingCommands, App):
         self.attachments = list(before)
         for attachment in before:
             if not attachment.tokens:
-                deliver(self, self.backend.count_tokens(attachment.text),
-                        lambda counted, a=attachment: self._counted(a, counted))
+                self.count_attachment(attachment)
         self.refresh_context()
 
     def replace_edited(self) -> bool:
@@ -1042,7 +1037,6 @@ class MoeApp(CodingCommands, App):
         self.store.delete_chat(self.chat_id)
         chats = self.store.chats()
         self.open_chat(chats[0].id if chats else self.store.create_chat(model=self.spec.model).id)
-        self.restore_draft()
 
     def cmd_system(self, arg: str) -> None:
         current = self.store.chat(self.chat_id).system_prompt
@@ -1113,8 +1107,12 @@ class MoeApp(CodingCommands, App):
         self.notice(f"{attachment.path} changed since it was attached: its text now is sent")
         return dataclasses.replace(attachment, text=text)
 
+    def count_attachment(self, attachment: coding.Attachment) -> None:
+        """Count an attachment's tokens (on the inference thread, or estimated for a server); the count reaches
+        it if it is still attached then, without a notice."""
+        deliver(self, self.backend.count_tokens(attachment.text), lambda counted: self._counted(attachment, counted))
+
     def _counted(self, attachment: coding.Attachment, counted) -> None:
-        """An attachment's token count, once it is known, if it is still attached (no notice)."""
         if counted.exception() is None:
             self.attachments = [dataclasses.replace(a, tokens=counted.result()) if a is attachment else a
                                 for a in self.attachments]
