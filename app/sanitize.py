@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from .coding import FENCE
+
 # Shown in place of each complete escape sequence: the user sees that something was removed, and an
 # OSC 52 clipboard payload or an SGR colour code does not fill the screen with its bytes.
 REMOVED = "\u241b"  # ␛ SYMBOL FOR ESCAPE
@@ -60,16 +62,13 @@ def revealed(text: str) -> str:
     return text.replace("\r\n", "\n").translate(_VISIBLE)
 
 
-_FENCED = re.compile(r"^(`{3,}|~{3,})[^\n`]*\n.*?^\1[ \t]*$", re.S | re.M)
-
-
 def markdown_safe(markdown: str) -> str:
     """A reply's Markdown for the chat: terminal_safe, but its code blocks revealed, since /save, /copy and
     /apply take them as they are (one ␛ for a whole sequence hid what they would write)."""
     if _CONTROL.search(markdown) is None:
         return markdown
     parts, at = [], 0
-    for match in _FENCED.finditer(markdown):
+    for match in FENCE.finditer(markdown):
         parts += [terminal_safe(markdown[at:match.start()]), revealed(match.group(0))]
         at = match.end()
     return "".join(parts) + terminal_safe(markdown[at:])
