@@ -101,9 +101,10 @@ def _whole_snapshot(repo: str) -> Path | None:
     if cached is None or not (cached / "config.json").is_file():
         return None
     try:
-        return cached if weight_files(cached) else None
-    except ModelLoadError:  # shards missing
+        weight_files(cached)  # raises where none are there or shards are missing
+    except ModelLoadError:
         return None
+    return cached
 
 
 def config_int(config: dict, keys) -> int:
